@@ -1,0 +1,94 @@
+"""Prompt → text-encoder embeddings, including prompts longer than the encoder's window.
+
+- BERT text encoders (Taiyi Chinese) read 512 positions, as the checkpoint was trained: prompts are
+  padded to ``tokenizer.model_max_length`` exactly as stock diffusers does, so outputs match it.
+  A prompt longer than 510 tokens is truncated with a warning naming how many tokens were dropped.
+- CLIP text encoders (77 positions) split a long prompt into chunks of 75 tokens, each encoded
+  with its own start/end tokens, and concatenate the chunk embeddings along the sequence axis (the
+  convention of AUTOMATIC1111 and ComfyUI): nothing is dropped. The negative prompt is padded with
+  empty chunks to the same length. Prompts that fit one window are encoded exactly as diffusers does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("taiyi")
+
+
+def is_bert(text_encoder) -> bool:
+    return getattr(text_encoder.config, "model_type", "") == "bert"
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+
+def _window(tokenizer) -> int:
+    return tokenizer.model_max_length - 2  # room left for [CLS]/[SEP] or <|startoftext|>/<|endoftext|>
+
+
+def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Each text → (n_chunks, 77, D) embeddings of 75-token chunks."""
+    tok, enc = sd.tokenizer, sd.text_encoder
+    window, length = _window(tok), tok.model_max_length
+    out = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False, truncation=False).input_ids
+        chunks = [ids[i : i + window] for i in range(0, max(len(ids), 1), window)]
+        rows = [[tok.bos_token_id, *c, tok.eos_token_id] + [tok.pad_token_id] * (length - len(c) - 2) for c in chunks]
+        with torch.no_grad():
+            hidden = enc(torch.tensor(rows, device=device))[0]  # (n_chunks, 77, D)
+        out.append(hidden.to(dtype=enc.dtype))
+    return out
+
+
+def encode_prompts(
+    sd, prompts: list[str], negative_prompts: list[str], device: torch.device, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode a batch of prompts (one per image) and their negatives.
+
+    Args:
+        sd: a diffusers Stable Diffusion pipeline (its tokenizer and text encoder are used).
+        prompts: one prompt per image, already normalised.
+        negative_prompts: same length as ``prompts``.
+        device: where the embeddings go.
+        guidance: classifier-free guidance scale; at ≤ 1 no negative embeddings are needed.
+
+    Returns:
+        ``(prompt_embeds, negative_embeds)``, each (B, L, D); ``negative_embeds`` is None without CFG.
+    """
+    do_cfg = guidance > 1.0
+    tok = sd.tokenizer
+    window = _window(tok)
+    counts = {t: _token_count(tok, t) for t in set(prompts) | (set(negative_prompts) if do_cfg else set())}
+    too_long = {t: n for t, n in counts.items() if n > window}
+    if not too_long or is_bert(sd.text_encoder):
+        for text, n in too_long.items():
+            logger.warning(
+                "prompt is %d tokens but the text encoder reads %d; the last %d were dropped: %r",
+                n,
+                window,
+                n - window,
+                text[:40] + "…",
+            )
+        # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
+        embeds, negative = sd.encode_prompt(
+            prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
+        )
+        return embeds, negative
+    # CLIP with a long prompt: chunks of 75 tokens, every row padded to the same chunk count.
+    texts = prompts + (negative_prompts if do_cfg else [])
+    encoded = _encode_chunked(sd, texts, device)
+    n_chunks = max(e.shape[0] for e in encoded)
+    empty = _encode_chunked(sd, [""], device)[0]
+    rows = []
+    for e in encoded:
+        pad = empty.expand(n_chunks - e.shape[0], -1, -1)
+        rows.append(torch.cat([e, pad]).reshape(1, -1, e.shape[-1]))  # (1, n_chunks*77, D)
+    stacked = torch.cat(rows)
+    if do_cfg:
+        return stacked[: len(prompts)], stacked[len(prompts) :]
+    return stacked, None

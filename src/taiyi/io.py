@@ -1,0 +1,123 @@
+"""Reading user images and writing outputs atomically (temporary name, then rename)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidInputError, OutputError
+
+MAX_INPUT_PIXELS = 4096 * 4096  # larger inputs are refused rather than decoded (decompression bombs)
+
+
+def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """Open an image file fully, converted to ``mode``; one-line errors for anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{what} {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_INPUT_PIXELS:
+                raise InvalidInputError(f"{what} {path} is {im.width}x{im.height}; the largest accepted is 4096x4096")
+            im.load()
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{what} {path} is not a readable image ({type(exc).__name__})") from exc
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A crash or a full disk leaves either the old file or nothing, never a partial file.
+
+    Raises:
+        OutputError: the folder is missing, the file exists and ``overwrite`` is False, or the disk is full.
+    """
+    path = Path(path)
+    check_output_file(path, overwrite=overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if a file appeared meanwhile: never clobber without --overwrite
+            os.unlink(tmp)
+    except FileExistsError as exc:
+        _unlink_quietly(tmp)
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it") from exc
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"disk full while writing {path}; nothing was written") from exc
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def check_output_file(path: Path, *, overwrite: bool = False) -> None:
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name ending in .png")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, *, pnginfo=None, overwrite: bool = False) -> Path:
+    """Encode ``image`` as PNG (with its text chunks) and write it atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
+    return atomic_write_bytes(path, buffer.getvalue(), overwrite=overwrite)
+
+
+_NUMBERED = re.compile(r"^(\d{5})-")
+
+
+def next_index(folder: Path) -> int:
+    """Next free counter for ``NNNNN-<seed>.png`` names in ``folder`` (A1111's outputs convention)."""
+    used = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(used, default=-1) + 1
+
+
+def output_paths(output: str | os.PathLike | None, seeds: list[int], *, default_dir: str = "outputs") -> list[Path]:
+    """Where the images of one run go.
+
+    - ``None``: ``outputs/NNNNN-<seed>.png`` (the folder is created; names never collide);
+    - an existing folder (or a path ending in ``/``): the same numbered names inside it;
+    - a ``.png`` file name: that file for one image, ``<stem>-<i>.png`` for several.
+    """
+    if output is None:
+        folder = Path(default_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        text = os.fspath(output)
+        folder = Path(text)
+        if not (folder.is_dir() or text.endswith(("/", os.sep))):
+            path = Path(text)
+            if path.suffix.lower() != ".png":
+                raise OutputError(f"output {path} must end in .png (or be an existing folder)")
+            if len(seeds) == 1:
+                return [path]
+            return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(seeds))]
+        if not folder.is_dir():
+            raise OutputError(f"output folder {folder} does not exist; create it first")
+    start = next_index(folder)
+    return [folder / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]

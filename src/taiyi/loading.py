@@ -1,0 +1,208 @@
+"""Loading Taiyi-format (diffusers layout) Stable Diffusion folders into diffusers pipelines.
+
+Checks run before anything heavy is read, so that a broken folder gives one line saying which
+part is wrong: missing ``model_index.json``, a missing component folder, pickled weights without an
+explicit opt-in, or a corrupt safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidInputError, ModelLoadError
+
+logger = logging.getLogger("taiyi")
+
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "safety_checker")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def limit_threads() -> None:
+    """Keep torch's intra-op threads at or below the usable cores: more oversubscribes and is slower."""
+    if torch.get_num_threads() > cpu_count():
+        torch.set_num_threads(cpu_count())
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"`` picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidInputError("device mps was asked for but is not available; use --device cpu")
+    return dev
+
+
+def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``"auto"``: float16 on GPUs, float32 on CPU (half precision on CPU is slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+def read_model_index(folder: Path) -> dict:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{index_path} is not valid JSON ({exc}); the download may be incomplete") from exc
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_path} does not describe a pipeline")
+    return index
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header and check the file is as long as the header says (a truncated download fails here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if keys:
+                f.get_slice(keys[-1])
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != path.stat().st_size:
+            raise ValueError(f"{path.stat().st_size} bytes on disk, header expects {8 + header_len + end}")
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is corrupt ({str(exc).splitlines()[0] if str(exc) else exc!r}); download it again"
+        ) from exc
+
+
+def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pickle: bool = False) -> dict:
+    """Validate a pipeline folder before loading; return its model index.
+
+    Args:
+        folder: a diffusers pipeline folder.
+        variant: weights variant that will be loaded (``"fp16"``) or None.
+        allow_pickle: accept pickled ``.bin``/``.ckpt`` weights when no safetensors file exists.
+    """
+    index = read_model_index(folder)
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise ModelLoadError(f"component {name!r} listed in model_index.json is missing from {folder}")
+        if name not in WEIGHT_COMPONENTS:
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        safetensors = [p for p in files if p.name.endswith(".safetensors")]
+        if variant:
+            chosen = [p for p in safetensors if p.name.endswith(f".{variant}.safetensors")]
+            safetensors = chosen or [p for p in safetensors if ".fp16." not in p.name]
+        pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+        if safetensors:
+            for path in safetensors:
+                _check_safetensors(path)
+        elif pickled:
+            if not allow_pickle:
+                raise ModelLoadError(
+                    f"{pickled[0]} holds pickled weights, which can run code when loaded; convert the model to "
+                    "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
+                )
+        else:
+            raise ModelLoadError(f"component {name!r} in {folder} has no weights file")
+    return index
+
+
+def has_variant(folder: Path, variant: str) -> bool:
+    unet = folder / "unet"
+    return unet.is_dir() and any(p.name.endswith(f".{variant}.safetensors") for p in unet.iterdir())
+
+
+def _legacy_feature_extractor(folder: Path, index: dict):
+    """Published checkpoints name ``CLIPFeatureExtractor``, which transformers 5 removed; load the
+    same preprocessing config with the image processor that replaced it."""
+    spec = index.get("feature_extractor")
+    if not (isinstance(spec, list) and spec[0] == "transformers"):
+        return None
+    import transformers
+
+    if hasattr(transformers, spec[1]):
+        return None
+    from transformers import CLIPImageProcessor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+
+
+def load_stable_diffusion(
+    folder: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    safety_checker: bool = True,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+):
+    """Load a Taiyi / SD v1 folder as a ``diffusers.StableDiffusionPipeline`` on ``device`` in ``dtype``.
+
+    Raises:
+        ModelLoadError: with one line naming the broken part.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenization import check_tokenizer
+
+    if variant is None and dtype in (torch.float16, torch.bfloat16) and has_variant(folder, "fp16"):
+        variant = "fp16"  # half-size files, same weights
+    index = check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
+    kwargs: dict = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
+    if variant:
+        kwargs["variant"] = variant
+    if not safety_checker:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        legacy = _legacy_feature_extractor(folder, index)
+        if legacy is not None:
+            kwargs["feature_extractor"] = legacy
+    try:
+        sd = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the pipeline in {folder}: {message}") from exc
+    for required in ("unet", "vae", "text_encoder", "tokenizer"):
+        if getattr(sd, required, None) is None:
+            raise ModelLoadError(f"{folder} has no {required}; it is not a text-to-image pipeline")
+    check_tokenizer(sd.tokenizer, sd.text_encoder, where=str(folder))
+    sd.set_progress_bar_config(disable=True)
+    return sd.to(device)

@@ -1,0 +1,137 @@
+"""Model names and where they come from: short names, hub ids resolved offline, local folders."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # short name accepted by --model
+    repo_id: str  # Hugging Face hub id
+    kind: str  # "sd" (text-to-image pipeline) or "clip" (text tower)
+    description: str
+    guidance: float | None = None  # the model card's recommended CFG scale
+
+
+KNOWN_MODELS: dict[str, ModelInfo] = {
+    m.name: m
+    for m in [
+        ModelInfo(
+            "taiyi-zh",
+            "IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-v0.1",
+            "sd",
+            "Chinese SD v1 (BERT text encoder)",
+            7.5,
+        ),
+        ModelInfo(
+            "taiyi-zh-en",
+            "IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-EN-v0.1",
+            "sd",
+            "Chinese-English SD v1 (CLIP text encoder)",
+            10.0,
+        ),
+        ModelInfo("taiyi-clip-b32", "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese", "clip", "RoBERTa-base + ViT-B/32"),
+        ModelInfo(
+            "taiyi-clip-l14", "IDEA-CCNL/Taiyi-CLIP-Roberta-large-326M-Chinese", "clip", "RoBERTa-large + ViT-L/14"
+        ),
+        ModelInfo(
+            "taiyi-clip-vitl", "IDEA-CCNL/Taiyi-CLIP-RoBERTa-102M-ViT-L-Chinese", "clip", "RoBERTa-base + ViT-L/14"
+        ),
+        ModelInfo(
+            "taiyi-clip-vith", "IDEA-CCNL/Taiyi-CLIP-RoBERTa-326M-ViT-H-Chinese", "clip", "RoBERTa-large + ViT-H/14"
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "taiyi-zh"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set now (huggingface_hub reads it only once, at import)."""
+    from huggingface_hub import constants
+
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> str:
+    """The hub cache folder as the environment says now (``HF_HUB_CACHE`` > ``HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of ``repo_id`` in the hub cache, or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
+    """Turn what the user passed as ``--model`` into a local folder.
+
+    Args:
+        model: a short name (``taiyi-zh``), a hub id (``IDEA-CCNL/...``) or a local folder.
+
+    Returns:
+        ``(folder, display_name)``; the display name is what image metadata records.
+
+    Raises:
+        ModelLoadError: the folder does not exist, or a hub id is neither cached nor downloadable.
+    """
+    text = os.fspath(model).strip()
+    if not text:
+        raise ModelLoadError(
+            "no model given; pass --model with a folder, a hub id or one of: " + ", ".join(KNOWN_MODELS)
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{text} is a file, not a model folder; pass the folder that holds model_index.json")
+        return path, text
+    info = KNOWN_MODELS.get(text.lower())
+    repo_id = info.repo_id if info else text
+    if not _HUB_ID.match(repo_id) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model folder {text} does not exist (and it is not a hub id or one of: {', '.join(KNOWN_MODELS)})"
+        )
+    snapshot = cached_snapshot(repo_id)
+    if snapshot is not None:
+        return snapshot, repo_id
+    if hub_offline():
+        raise ModelLoadError(
+            f"{repo_id} is not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; "
+            f"download it once with network access (hf download {repo_id}) or pass a local folder"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir())), repo_id
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not download {repo_id}: {first}") from exc
+
+
+def list_models() -> list[tuple[ModelInfo, Path | None]]:
+    """Every known short name with its cached snapshot folder (None when not available offline)."""
+    return [(info, cached_snapshot(info.repo_id)) for info in KNOWN_MODELS.values()]

@@ -1,0 +1,538 @@
+"""Text-to-image, image-to-image and inpainting on Taiyi-format Stable Diffusion checkpoints.
+
+:func:`load_pipeline` returns a :class:`TaiyiPipeline`, which drives stock diffusers pipelines
+(``StableDiffusionPipeline``, ``...Img2ImgPipeline``, ``...InpaintPipeline``, sharing one set of
+weights) and adds what the Chinese models need: prompt normalisation, encoders of either kind with
+long prompts, validated arguments, per-image seeds and the generation parameters of every image.
+
+Seeds: image ``i`` of a run started at seed ``S`` is drawn from its own CPU generator seeded
+``S + i``, so it equals a single-image run with seed ``S + i`` (the same noise on every device).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .encoding import encode_prompts
+from .errors import InvalidInputError
+from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
+from .metadata import GenerationParameters, pnginfo
+from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
+from .prompts import check_prompt, normalize_prompt
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_spec
+
+logger = logging.getLogger("taiyi")
+
+MAX_SIDE = 2048  # pixels; larger sizes are refused (documented in the README)
+MIN_SIDE = 64
+MAX_STEPS = 1000  # the models' training timesteps: more steps cannot add anything
+MAX_IMAGES = 64
+MAX_SEED = 2**63 - 1
+DEFAULT_STEPS = 25
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
+
+
+@dataclass
+class GenerationResult:
+    """Images of one call with the parameters that reproduce each."""
+
+    images: list[Image.Image]
+    parameters: list[GenerationParameters]
+    nsfw: list[bool] = field(default_factory=list)
+
+    def save(self, output: str | os.PathLike | None = None, *, overwrite: bool = False, grid: bool = False):
+        """Write every image as PNG with its ``parameters`` chunk (atomically); return the paths.
+
+        Args:
+            output: a ``.png`` path, an existing folder, or None for ``outputs/``.
+            overwrite: replace existing files instead of refusing.
+            grid: also write all images tiled into one ``<name>-grid.png``.
+        """
+        from .io import output_paths, save_png
+
+        paths = output_paths(output, [p.seed for p in self.parameters])
+        for image, params, path in zip(self.images, self.parameters, paths, strict=True):
+            save_png(image, path, pnginfo=pnginfo(params), overwrite=overwrite)
+        if grid and len(self.images) > 1:
+            first = paths[0]
+            grid_path = first.with_name(f"{first.stem}-grid.png")
+            save_png(make_grid(self.images), grid_path, pnginfo=pnginfo(self.parameters[0]), overwrite=overwrite)
+            paths.append(grid_path)
+        return paths
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (all of one size) into a near-square grid."""
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _check_range(name: str, value, low, high, hint: str = "") -> None:
+    if not (low <= value <= high):
+        raise InvalidInputError(f"{name} must be between {low} and {high}, not {value}{hint}")
+
+
+def validate_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise InvalidInputError(f"{name} {value} is not a multiple of 8; try {max(8, round(value / 8) * 8)}")
+        _check_range(name, value, MIN_SIDE, MAX_SIDE)
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    """The per-image seeds of a run: ``S, S+1, ...``; a random ``S`` when none is given."""
+    if seed is None:
+        seed = secrets.randbelow(2**32)
+    _check_range("seed", seed, 0, MAX_SEED - n)
+    return [seed + i for i in range(n)]
+
+
+def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
+    """Blend weights (H, W) in [0, 1]: 0 everywhere outside the mask, softened inward near its edge."""
+    binary = (np.asarray(mask.convert("L"), dtype=np.float32) >= 128).astype(np.float32)
+    if radius <= 0:
+        return binary
+    blurred = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)))
+    return binary * blurred.astype(np.float32) / 255.0
+
+
+class TaiyiPipeline:
+    """A loaded Stable Diffusion model (Chinese, bilingual or English text encoder) on one device.
+
+    Prefer :func:`load_pipeline` to constructing this directly. ``sd`` is the stock
+    ``diffusers.StableDiffusionPipeline`` holding the weights; edit and inpaint pipelines share them.
+    """
+
+    def __init__(self, sd, *, model: str, device: torch.device, dtype: torch.dtype):
+        self.sd = sd
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self._base_scheduler_config = dict(sd.scheduler.config)
+
+    @property
+    def default_size(self) -> int:
+        return self.sd.unet.config.sample_size * self.sd.vae_scale_factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.sd.unet.config.in_channels == 9
+
+    def _params(
+        self,
+        prompt: str,
+        negative: str,
+        steps: int,
+        guidance: float,
+        scheduler: str,
+        normalize: bool,
+        width: int,
+        height: int,
+        strength: float | None,
+        seeds: list[int],
+    ) -> list[GenerationParameters]:
+        base = GenerationParameters(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=steps,
+            scheduler=scheduler,
+            guidance=guidance,
+            width=width,
+            height=height,
+            model=self.model,
+            strength=strength,
+            batch_size=len(seeds),
+            dtype=str(self.dtype).removeprefix("torch."),
+            normalize=normalize,
+        )
+        return [replace(base, seed=s, batch_pos=i) for i, s in enumerate(seeds)]
+
+    def _prepare(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        *,
+        steps: int,
+        guidance: float,
+        scheduler: str,
+        num_images: int,
+        normalize: bool,
+    ) -> tuple[list[str], list[str]]:
+        _check_range("steps", steps, 1, MAX_STEPS)
+        if not guidance >= 0:
+            raise InvalidInputError(f"guidance must be 0 or more, not {guidance} (7.5 is usual; 1 turns it off)")
+        _check_range("guidance", guidance, 0, 100)
+        _check_range("num_images", num_images, 1, MAX_IMAGES)
+        scheduler_spec(scheduler)
+        text = normalize_prompt(prompt) if normalize else prompt
+        check_prompt(text)
+        negative = negative_prompt or ""
+        negative = normalize_prompt(negative) if normalize else negative
+        return [text] * num_images, [negative] * num_images
+
+    def _run(self, sd, *, prompts, negatives, steps, guidance, scheduler, seeds, progress, **kwargs):
+        limit_threads()
+        sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
+        embeds, negative_embeds = encode_prompts(sd, prompts, negatives, self.device, guidance)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        callback = None
+        if progress is not None:
+            total = None
+
+            def callback(pipe, i, t, cb_kwargs):  # noqa: ARG001 (diffusers' signature)
+                progress(i + 1, pipe._num_timesteps if total is None else total)
+                return cb_kwargs
+
+        with torch.inference_mode():
+            out = sd(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative_embeds,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                callback_on_step_end=callback,
+                **kwargs,
+            )
+        nsfw = [bool(x) for x in (out.nsfw_content_detected or [False] * len(out.images))]
+        for i, (image, flagged) in enumerate(zip(out.images, nsfw, strict=True)):
+            if flagged:
+                logger.warning(
+                    "image %d (seed %d) was blanked by the checkpoint's safety checker; pass --no-safety-checker "
+                    "(safety_checker=False) to keep it",
+                    i,
+                    seeds[i],
+                )
+            elif not np.asarray(image).any():
+                logger.warning(
+                    "image %d (seed %d) is entirely black: in float16 the VAE can overflow; try --dtype float32 "
+                    "or bfloat16",
+                    i,
+                    seeds[i],
+                )
+        return out.images, nsfw
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        normalize: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Text-to-image.
+
+        Args:
+            prompt: Chinese, English or mixed description of the image.
+            negative_prompt: what to steer away from.
+            steps: denoising steps (1–1000).
+            guidance: classifier-free guidance scale (≥ 0; ≤ 1 disables it); None takes the model's default.
+            seed: seed of the first image; image ``i`` uses ``seed + i``. None picks one at random.
+            num_images: images to draw in one batch.
+            width: multiple of 8 in [64, 2048]; None takes the model's native size. Same for ``height``.
+            scheduler: one of :data:`taiyi.schedulers.SCHEDULERS`.
+            normalize: apply :func:`taiyi.prompts.normalize_prompt` to prompt and negative prompt.
+            progress: called with ``(step, total)`` after every denoising step.
+        """
+        guidance = self.default_guidance if guidance is None else guidance
+        width, height = width or self.default_size, height or self.default_size
+        validate_size(width, height)
+        prompts, negatives = self._prepare(
+            prompt,
+            negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            num_images=num_images,
+            normalize=normalize,
+        )
+        seeds = seeds_for(seed, num_images)
+        images, nsfw = self._run(
+            self.sd,
+            prompts=prompts,
+            negatives=negatives,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seeds=seeds,
+            progress=progress,
+            width=width,
+            height=height,
+        )
+        params = self._params(
+            prompt, negative_prompt or "", steps, guidance, scheduler, normalize, width, height, None, seeds
+        )
+        return GenerationResult(images, params, nsfw)
+
+    @property
+    def default_guidance(self) -> float:
+        info = next((m for m in KNOWN_MODELS.values() if m.repo_id == self.model or m.name == self.model), None)
+        return info.guidance if info and info.guidance else 7.5
+
+    def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
+        from .io import load_image
+
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        image = image.convert("RGB")
+        width = width or max(MIN_SIDE, image.width // 8 * 8)
+        height = height or max(MIN_SIDE, image.height // 8 * 8)
+        validate_size(width, height)
+        return image, width, height
+
+    def edit(
+        self,
+        image: Image.Image | str | os.PathLike,
+        prompt: str,
+        *,
+        strength: float = 0.6,
+        negative_prompt: str | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        normalize: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Image-to-image: redraw ``image`` following ``prompt``.
+
+        Args:
+            image: the picture to edit (PIL image or path); resized to ``width``×``height`` (default:
+                its own size rounded down to a multiple of 8).
+            strength: in (0, 1]; how much is redrawn (1 ignores the input). ``int(steps * strength)``
+                steps are run.
+            Other arguments as :meth:`generate`.
+        """
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        _check_strength(strength, steps)
+        guidance = self.default_guidance if guidance is None else guidance
+        prompts, negatives = self._prepare(
+            prompt,
+            negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            num_images=num_images,
+            normalize=normalize,
+        )
+        image, width, height = self._init_image(image, width, height)
+        seeds = seeds_for(seed, num_images)
+        pipe = StableDiffusionImg2ImgPipeline(**self.sd.components)
+        pipe.set_progress_bar_config(disable=True)
+        init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+        images, nsfw = self._run(
+            pipe,
+            prompts=prompts,
+            negatives=negatives,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seeds=seeds,
+            progress=progress,
+            image=init,
+            strength=strength,
+        )
+        params = self._params(
+            prompt, negative_prompt or "", steps, guidance, scheduler, normalize, width, height, strength, seeds
+        )
+        return GenerationResult(images, params, nsfw)
+
+    def inpaint(
+        self,
+        image: Image.Image | str | os.PathLike,
+        mask: Image.Image | str | os.PathLike,
+        prompt: str,
+        *,
+        strength: float = 1.0,
+        feather: float = 4.0,
+        negative_prompt: str | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        normalize: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Redraw the white part of ``mask`` following ``prompt``; everything else is kept.
+
+        Works with 9-channel inpainting UNets and with ordinary 4-channel ones (latents outside the
+        mask are re-blended from the input at every step). The result is pasted over the original
+        through the mask, feathered ``feather`` pixels inward, so pixels outside the mask are the
+        input's own. The output has the input's size (processing happens at a multiple of 8).
+
+        Args:
+            image: the picture to edit.
+            mask: same size as ``image``; white (≥ 128) = redraw, black = keep.
+            strength: in (0, 1]; 1 redraws the masked area from noise.
+            feather: blur radius in pixels of the paste-back edge (inside the mask only).
+            Other arguments as :meth:`generate`.
+        """
+        from diffusers import StableDiffusionInpaintPipeline
+
+        from .io import load_image
+
+        _check_strength(strength, steps)
+        if feather < 0:
+            raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
+        guidance = self.default_guidance if guidance is None else guidance
+        prompts, negatives = self._prepare(
+            prompt,
+            negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            num_images=num_images,
+            normalize=normalize,
+        )
+        image, width, height = self._init_image(image, None, None)
+        if not isinstance(mask, Image.Image):
+            mask = load_image(mask, mode="L", what="mask")
+        mask = mask.convert("L")
+        if mask.size != image.size:
+            raise InvalidInputError(
+                f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
+            )
+        seeds = seeds_for(seed, num_images)
+        pipe = StableDiffusionInpaintPipeline(**self.sd.components)
+        pipe.set_progress_bar_config(disable=True)
+        size = (width, height)
+        work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
+        work_mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
+        raw, nsfw = self._run(
+            pipe,
+            prompts=prompts,
+            negatives=negatives,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seeds=seeds,
+            progress=progress,
+            image=work_image,
+            mask_image=work_mask,
+            strength=strength,
+            width=width,
+            height=height,
+        )
+        alpha = feather_mask(mask, feather)[..., None]  # (H, W, 1), 0 outside the mask
+        original = np.asarray(image, dtype=np.float32)
+        images = []
+        for generated in raw:
+            if generated.size != image.size:
+                generated = generated.resize(image.size, Image.LANCZOS)
+            blended = original * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
+            images.append(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)))
+        params = self._params(
+            prompt,
+            negative_prompt or "",
+            steps,
+            guidance,
+            scheduler,
+            normalize,
+            image.width,
+            image.height,
+            strength,
+            seeds,
+        )
+        return GenerationResult(images, params, nsfw)
+
+    def rerender(self, params: GenerationParameters, *, progress: ProgressCallback | None = None) -> GenerationResult:
+        """Draw again the text-to-image picture ``params`` describes (bit-identical on the same machine).
+
+        An image that was number ``batch_pos`` of a batch is re-drawn within the same batch, since a
+        batched UNet call may round differently from a single one.
+        """
+        if params.strength is not None:
+            raise InvalidInputError(
+                "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "
+                "the source image instead"
+            )
+        if not params.scheduler:
+            raise InvalidInputError(f"sampler {params.extras.get('Sampler')!r} is not one taiyi can run")
+        result = self.generate(
+            params.prompt,
+            negative_prompt=params.negative_prompt,
+            steps=params.steps,
+            guidance=params.guidance,
+            seed=params.seed - params.batch_pos,
+            num_images=params.batch_size,
+            width=params.width,
+            height=params.height,
+            scheduler=params.scheduler,
+            normalize=params.normalize,
+            progress=progress,
+        )
+        i = params.batch_pos
+        return GenerationResult([result.images[i]], [result.parameters[i]], result.nsfw[i : i + 1])
+
+
+def _check_strength(strength: float, steps: int) -> None:
+    if not (0 < strength <= 1):
+        raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
+    if int(steps * strength) < 1:
+        raise InvalidInputError(f"strength {strength} × {steps} steps leaves no denoising step; raise either")
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    safety_checker: bool = True,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+) -> TaiyiPipeline:
+    """Load a Taiyi-format Stable Diffusion model.
+
+    Args:
+        model: a short name (``taiyi-zh``, ``taiyi-zh-en``; see ``taiyi models``), a hub id resolved
+            through the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``), or a local diffusers folder.
+        device: ``"auto"``/None (cuda, then mps, then cpu), or an explicit torch device.
+        dtype: ``"auto"``/None (float16 on GPU, float32 on CPU), ``float32``, ``float16``, ``bfloat16``.
+            Half precision loads the checkpoint's ``fp16`` variant files when it has them.
+        safety_checker: keep the checkpoint's safety checker (if it has one); images it flags are
+            blanked and a warning says so.
+        allow_pickle: accept pickled (``.bin``) weights; refused by default since loading them can run code.
+        variant: force a weights variant (e.g. ``"fp16"``).
+
+    Raises:
+        ModelLoadError: one line naming what is missing or broken.
+    """
+    folder, name = resolve_model(model if model is not None else DEFAULT_MODEL)
+    dev = select_device(device)
+    torch_dtype = select_dtype(dtype, dev)
+    limit_threads()
+    sd = load_stable_diffusion(
+        Path(folder),
+        device=dev,
+        dtype=torch_dtype,
+        safety_checker=safety_checker,
+        allow_pickle=allow_pickle,
+        variant=variant,
+    )
+    return TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype)

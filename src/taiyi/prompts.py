@@ -1,0 +1,294 @@
+"""Chinese prompt normalisation.
+
+Taiyi's Chinese models read prompts through a Chinese BERT tokenizer (the chinese-roberta-wwm-ext
+vocabulary) and were trained on ordinary Chinese text, which writes full-width punctuation between
+Chinese characters: to that tokenizer ``,`` (token 117) and ``，`` (token 8024) are different
+words. The bilingual model's CLIP tokenizer, for its part, reads English best when it is plain
+ASCII. So every prompt and negative prompt is normalised the same way before it is tokenised.
+
+Normalisation is on by default; switch it off with ``--no-normalize`` on the command line or
+``normalize=False`` in the Python API, and the prompt is used exactly as typed.
+
+The rules, in the order they are applied:
+
+1. **Clean-up.** Control characters and invisible zero-width characters (U+200B, U+2060, BOM)
+   are removed, the text is put in Unicode NFC form, every run of whitespace (spaces, tabs,
+   newlines, the ideographic space U+3000) becomes one ASCII space, and leading and trailing
+   spaces are dropped.
+2. **Traditional to Simplified Chinese** with OpenCC ``t2s`` (飛流直下三千尺 → 飞流直下三千尺).
+   :func:`normalize_prompt` can skip this step with ``to_simplified=False``.
+3. **Full-width letters and digits become ASCII** (ＳＤ１．５ → SD1.5), so English words and
+   numbers are plain ASCII. The full-width full stop ``．`` is read as ``.``.
+4. **Punctuation follows the text on its left.** A comma, full stop, colon, semicolon, question
+   or exclamation mark, typed in either width (``, ，  . 。  : ：  ; ；  ? ？  ! ！``), takes the
+   width of the script before it. Its left neighbour is the nearest character that is not a
+   space, one of these marks, or a closing bracket or quote, so ``什么?!`` → ``什么？！`` and
+   ``（水彩）,风景`` → ``（水彩），风景``:
+
+   - after a Chinese character (a Han ideograph) it becomes full-width ``，。：；？！``;
+   - after a letter or digit of an alphabetic script (Latin, Greek, Cyrillic …) it becomes
+     half-width ``, . : ; ? !`` followed by one space when more text follows;
+   - after anything else (the start of the prompt, kana, emoji …) it is left as typed.
+
+   Some marks are never changed: ``.``, ``,`` and ``:`` (and ``：``) directly between two digits
+   (3.5, 1,000, 12:30); a ``.`` inside a token, that is directly after a non-space character and
+   directly before an ASCII letter or digit (v1.5, e.g., example.com, 山水.jpg); two or more
+   periods in a row (an ellipsis, ``...``); and anything inside a URL with a scheme
+   (``https://…``). The enumeration comma ``、`` always stays.
+
+   Full-width parentheses ``（…）`` become ASCII ``(…)`` when what they enclose contains a Latin
+   letter and no Chinese, Japanese or Korean character (``（oil painting）`` → ``(oil
+   painting)``); all other brackets are left as typed.
+5. **Spacing around punctuation.** There is no space directly before or after a full-width
+   punctuation mark (``，。：；？！、（）【】「」『』《》〈〉〔〕``) and no space before a half-width
+   ``, . : ; ? !``. Other spaces are only collapsed, never added or removed: English words keep
+   the single space between them and are never joined or split, and a space typed between two
+   Chinese characters stays as a separator.
+
+Normalising twice gives the same text as normalising once.
+
+Examples::
+
+    >>> normalize_prompt("飛流直下三千尺,油畫")
+    '飞流直下三千尺，油画'
+    >>> normalize_prompt("小桥流水人家, Van Gogh style")
+    '小桥流水人家，Van Gogh style'
+    >>> normalize_prompt("a cat，sitting")
+    'a cat, sitting'
+    >>> normalize_prompt("ＳＤ 1.5 模型")
+    'SD 1.5 模型'
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from typing import TYPE_CHECKING, overload
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import opencc
+
+__all__ = ["check_prompt", "normalize_prompt", "normalize_prompts"]
+
+# Invisible format characters that users paste in from web pages; left in, they would split or glue
+# words for the tokenizer. ZWJ (U+200D) is kept because emoji sequences need it.
+_INVISIBLE = frozenset("\u200b\u2060\ufeff")
+
+# Ａ-Ｚ, ａ-ｚ, ０-９ and the full-width full stop sit exactly 0xFEE0 above their ASCII twins.
+_FULLWIDTH_TO_ASCII = {
+    code: code - 0xFEE0 for code in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B), 0xFF0E)
+}
+
+_TO_FULL = {",": "，", ".": "。", ":": "：", ";": "；", "?": "？", "!": "！"}
+_TO_HALF = {full: half for half, full in _TO_FULL.items()}
+_HALF_MARKS = frozenset(_TO_FULL)
+_MARKS = _HALF_MARKS | frozenset(_TO_HALF)
+_PERIODS = frozenset(".。")
+# Closing brackets and quotes are looked through when finding a mark's left neighbour. ASCII quotes
+# are ambiguous, but one directly before a mark is almost always closing.
+_CLOSERS = frozenset(")）]】」』》〉〕\"”'’")
+_FULLWIDTH_PUNCT = frozenset("，。：；？！、（）【】「」『』《》〈〉〔〕")
+
+_HAN_RE = re.compile(r"[\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+# Han, kana and Hangul: parentheses around any of these stay full-width.
+_CJK_SCRIPT_RE = re.compile(
+    r"[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+    r"\uf900-\ufaff\U00020000-\U0003134f]"
+)
+_LATIN_LETTER_RE = re.compile(r"[A-Za-z]")
+# Innermost pair only; _latin_parentheses repeats until nested pairs are done.
+_FULLWIDTH_PARENS_RE = re.compile(r"（([^（）]*)）")
+# A URL with a scheme runs to the next non-ASCII or space character; trailing punctuation belongs to
+# the sentence, not the URL (as in "see https://example.com.").
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[!-~]*")
+_URL_TRAILING = ".,:;?!'\")]"
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s_converter() -> opencc.OpenCC:
+    # Imported and built on first use: loading the dictionaries costs time that `import taiyi` should not pay.
+    import opencc
+
+    return opencc.OpenCC("t2s")
+
+
+def _is_han(ch: str) -> bool:
+    return _HAN_RE.match(ch) is not None
+
+
+def _is_alphabetic(ch: str) -> bool:
+    # Everything from U+2E80 up is CJK, symbols or emoji; below it, letters and digits belong to scripts that write
+    # half-width punctuation.
+    return ch.isalnum() and ord(ch) < 0x2E80
+
+
+def _is_digit(ch: str) -> bool:
+    return "0" <= ch <= "9"
+
+
+def _is_ascii_alnum(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def _clean(text: str) -> str:
+    # Whitespace control characters (tab, newline …) are kept here so that split() turns them into separators.
+    text = "".join(ch for ch in text if ch not in _INVISIBLE and (unicodedata.category(ch) != "Cc" or ch.isspace()))
+    # Folding before NFC lets a folded letter compose with a following combining mark in one go.
+    text = text.translate(_FULLWIDTH_TO_ASCII)
+    return unicodedata.normalize("NFC", text)
+
+
+def _latin_parentheses(text: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        content = match.group(1)
+        if _LATIN_LETTER_RE.search(content) and not _CJK_SCRIPT_RE.search(content):
+            return f"({content})"
+        return match.group(0)
+
+    # Repeat so that nested pairs are converted in one call, which keeps normalisation idempotent.
+    while True:
+        converted = _FULLWIDTH_PARENS_RE.sub(replace, text)
+        if converted == text:
+            return text
+        text = converted
+
+
+def _is_fixed_mark(text: str, i: int) -> bool:
+    """Whether the mark at ``text[i]`` is part of a number, token or ellipsis and must not be changed."""
+    ch = text[i]
+    prev = text[i - 1] if i > 0 else ""
+    nxt = text[i + 1] if i + 1 < len(text) else ""
+    if ch in ".,:：" and _is_digit(prev) and _is_digit(nxt):
+        return True
+    if ch == "." and prev and not prev.isspace() and _is_ascii_alnum(nxt):
+        return True
+    return ch in _PERIODS and (prev in _PERIODS or nxt in _PERIODS)
+
+
+def _left_script(text: str, i: int) -> str | None:
+    """The script, ``"han"`` or ``"alphabetic"``, of the left neighbour of the mark at ``text[i]``; None for others."""
+    j = i - 1
+    while j >= 0 and (text[j].isspace() or text[j] in _MARKS or text[j] in _CLOSERS):
+        j -= 1
+    if j < 0:
+        return None
+    if _is_han(text[j]):
+        return "han"
+    if _is_alphabetic(text[j]):
+        return "alphabetic"
+    return None
+
+
+def _wants_space_after(ch: str) -> bool:
+    # A mark, closing bracket or quote continues the punctuation run, and full-width punctuation never has a space
+    # beside it.
+    return not (ch.isspace() or ch in _MARKS or ch in _CLOSERS or ch in _FULLWIDTH_PUNCT)
+
+
+def _normalize_punctuation(text: str) -> str:
+    text = _latin_parentheses(text)
+    n = len(text)
+    protected = [False] * n
+    for match in _URL_RE.finditer(text):
+        end = match.start() + len(match.group().rstrip(_URL_TRAILING))
+        protected[match.start() : end] = [True] * (end - match.start())
+
+    chars = list(text)
+    spaced_after = [False] * n
+    for i, ch in enumerate(text):
+        if ch not in _MARKS or protected[i] or _is_fixed_mark(text, i):
+            continue
+        script = _left_script(text, i)
+        if script == "han":
+            chars[i] = _TO_FULL.get(ch, ch)
+        elif script == "alphabetic":
+            chars[i] = _TO_HALF.get(ch, ch)
+            spaced_after[i] = True
+
+    out: list[str] = []
+    for i, ch in enumerate(chars):
+        if ch == " ":
+            # Step 1 left single spaces with a non-space character on each side.
+            prev, nxt = chars[i - 1], chars[i + 1]
+            if prev in _FULLWIDTH_PUNCT or nxt in _FULLWIDTH_PUNCT or (nxt in _HALF_MARKS and not protected[i + 1]):
+                continue
+        out.append(ch)
+        if spaced_after[i] and i + 1 < n and _wants_space_after(chars[i + 1]):
+            out.append(" ")
+    return "".join(out)
+
+
+def normalize_prompt(text: str, *, to_simplified: bool = True) -> str:
+    """Normalise one Chinese, English or mixed prompt (or negative prompt) for tokenisation.
+
+    The rules are listed in the module documentation. The result is stable: normalising it again
+    returns it unchanged.
+
+    Args:
+        text: The prompt as typed by the user.
+        to_simplified: Convert Traditional Chinese to Simplified Chinese with OpenCC ``t2s``.
+
+    Returns:
+        The normalised prompt; an empty string stays empty.
+
+    Raises:
+        InvalidInputError: If ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
+    text = _clean(text)
+    if to_simplified:
+        # NFC again: the converter's output is not guaranteed to be in normal form.
+        text = unicodedata.normalize("NFC", _t2s_converter().convert(text))
+    text = " ".join(text.split())
+    return _normalize_punctuation(text)
+
+
+@overload
+def normalize_prompts(prompts: str, *, enabled: bool = True) -> str: ...
+@overload
+def normalize_prompts(prompts: list[str], *, enabled: bool = True) -> list[str]: ...
+@overload
+def normalize_prompts(prompts: None, *, enabled: bool = True) -> None: ...
+def normalize_prompts(prompts: str | list[str] | None, *, enabled: bool = True) -> str | list[str] | None:
+    """Normalise a prompt or a batch of prompts with :func:`normalize_prompt`, keeping the shape.
+
+    Args:
+        prompts: One prompt, a list of prompts, or None (no prompt, e.g. no negative prompt).
+        enabled: When False, ``prompts`` is returned as given (``--no-normalize`` / ``normalize=False``).
+
+    Returns:
+        A string for a string, a new list for a list, None for None.
+
+    Raises:
+        InvalidInputError: If ``prompts`` is not a string, a list of strings or None.
+    """
+    if not enabled or prompts is None:
+        return prompts
+    if isinstance(prompts, str):
+        return normalize_prompt(prompts)
+    if isinstance(prompts, list):
+        return [normalize_prompt(prompt) for prompt in prompts]
+    raise InvalidInputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+
+
+def check_prompt(text: str) -> str:
+    """Reject a prompt that says nothing: empty, or only whitespace and punctuation once normalised.
+
+    Args:
+        text: The prompt, normalised or not.
+
+    Returns:
+        ``text`` unchanged, so the call can wrap the value it checks.
+
+    Raises:
+        InvalidInputError: If the prompt is empty or not a string.
+    """
+    # Traditional or Simplified makes no difference to emptiness, so skip the OpenCC pass.
+    normalized = normalize_prompt(text, to_simplified=False)
+    if all(ch.isspace() or unicodedata.category(ch).startswith("P") for ch in normalized):
+        raise InvalidInputError("prompt is empty; give a description of the image, e.g. 小桥流水人家")
+    return text

@@ -1,0 +1,87 @@
+"""Sampler (scheduler) names: taiyi's short names, diffusers classes, and the names other SD tools use.
+
+The short names are what ``--scheduler`` accepts; the A1111 names are what the ``parameters`` PNG
+chunk records, so that other Stable Diffusion tools read our images and we read theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str  # taiyi's short name, e.g. "dpm++"
+    class_name: str  # diffusers class
+    a1111_sampler: str  # "Sampler:" value in the parameters chunk
+    a1111_schedule: str = "Automatic"  # "Schedule type:" value
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    spec.name: spec
+    for spec in [
+        SchedulerSpec(
+            "dpm++",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M",
+            kwargs={"algorithm_type": "dpmsolver++", "solver_order": 2},
+        ),
+        SchedulerSpec(
+            "dpm++-karras",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M",
+            "Karras",
+            kwargs={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        ),
+        SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler a"),
+        SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler"),
+        SchedulerSpec("ddim", "DDIMScheduler", "DDIM"),
+        SchedulerSpec("pndm", "PNDMScheduler", "PLMS"),
+        SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS"),
+        SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC"),
+    ]
+}
+
+DEFAULT_SCHEDULER = "dpm++"
+
+
+def scheduler_spec(name: str) -> SchedulerSpec:
+    """Look up a scheduler by its short name (case-insensitive)."""
+    spec = SCHEDULERS.get(name.strip().lower())
+    if spec is None:
+        raise InvalidInputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return spec
+
+
+def spec_from_a1111(sampler: str, schedule: str | None = None) -> SchedulerSpec:
+    """Find the scheduler an A1111-style ``Sampler:`` / ``Schedule type:`` pair names."""
+    # A1111 also writes "DPM++ 2M Karras" as a single sampler name in older versions.
+    sampler = sampler.strip()
+    if sampler.endswith(" Karras"):
+        sampler, schedule = sampler[: -len(" Karras")], "Karras"
+    schedule = (schedule or "Automatic").strip()
+    for spec in SCHEDULERS.values():
+        if spec.a1111_sampler == sampler and spec.a1111_schedule == schedule:
+            return spec
+    for spec in SCHEDULERS.values():  # schedule type we do not distinguish: take the sampler alone
+        if spec.a1111_sampler == sampler and spec.a1111_schedule == "Automatic":
+            return spec
+    raise InvalidInputError(f"sampler {sampler!r} is not one taiyi can run; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]):
+    """Build the diffusers scheduler ``name`` from a checkpoint's scheduler config.
+
+    Args:
+        name: taiyi short name (see :data:`SCHEDULERS`).
+        base_config: the checkpoint's ``scheduler_config.json`` contents (betas, timestep spacing...).
+    """
+    import diffusers
+
+    spec = scheduler_spec(name)
+    cls = getattr(diffusers, spec.class_name)
+    return cls.from_config(base_config, **spec.kwargs)
