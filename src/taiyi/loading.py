@@ -184,7 +184,7 @@ def load_stable_diffusion(
     if variant is None and dtype in (torch.float16, torch.bfloat16) and has_variant(folder, "fp16"):
         variant = "fp16"  # half-size files, same weights
     index = check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
-    kwargs: dict = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
+    kwargs: dict = {"dtype": dtype, "use_safetensors": None if allow_pickle else True}
     if variant:
         kwargs["variant"] = variant
     if not safety_checker:

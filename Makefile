@@ -1,0 +1,31 @@
+# Quick start targets (see README): `make demo` and `make test` each create .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_MODEL := .cache/tiny-zh
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build (a bare `torch` requirement can pull a multi-GB CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m taiyi.testing $(DEMO_MODEL)
+	$(BIN)/taiyi generate "小桥流水人家，水墨" --model $(DEMO_MODEL) --seed 42 --steps 10 --output demo.png --overwrite
+	$(BIN)/taiyi info demo.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) .cache demo.png outputs

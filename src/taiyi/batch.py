@@ -1,0 +1,140 @@
+"""Batch jobs: ``taiyi generate --prompts-file F`` (txt, jsonl or csv), resumable.
+
+- ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped.
+- ``.jsonl``: one JSON object per line with ``prompt`` and any of the per-row overrides below.
+- ``.csv``: a header row naming ``prompt`` and any overrides.
+
+Row ``r`` writes ``NNNNN.png`` (``NNNNN-i.png`` for several images) in the output folder; rows whose
+files all exist are skipped, so re-running a killed job finishes it. ``manifest.jsonl`` lists every
+row's files and parameters when the job ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+OVERRIDES = {
+    "negative_prompt": str,
+    "steps": int,
+    "guidance": float,
+    "seed": int,
+    "num_images": int,
+    "width": int,
+    "height": int,
+    "scheduler": str,
+}
+
+
+def _coerce(row: dict, where: str) -> dict:
+    unknown = set(row) - set(OVERRIDES) - {"prompt"}
+    if unknown:
+        raise InvalidInputError(
+            f"{where}: unknown column(s) {', '.join(sorted(unknown))}; allowed: prompt, " + ", ".join(OVERRIDES)
+        )
+    if not str(row.get("prompt") or "").strip():
+        raise InvalidInputError(f"{where}: no prompt")
+    out = {"prompt": str(row["prompt"])}
+    for key, kind in OVERRIDES.items():
+        value = row.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"{where}: {key} must be {kind.__name__}, not {value!r}") from exc
+    return out
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[dict]:
+    """Read a prompts file into rows of ``{"prompt": ..., <overrides>}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise InvalidInputError(f"prompts file {path} is not UTF-8 text") from exc
+    suffix = path.suffix.lower()
+    rows: list[dict] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise InvalidInputError(f"{path}:{n}: each line must be a JSON object with a prompt")
+            rows.append(_coerce(obj, f"{path}:{n}"))
+    elif suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise InvalidInputError(f"{path}: the first row must be a header naming a 'prompt' column")
+        for n, row in enumerate(reader, 2):
+            rows.append(_coerce({k: v for k, v in row.items() if k is not None}, f"{path}:{n}"))
+    else:
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                rows.append({"prompt": line.strip()})
+    if not rows:
+        raise InvalidInputError(f"prompts file {path} holds no prompts")
+    return rows
+
+
+def row_paths(out_dir: Path, index: int, num_images: int) -> list[Path]:
+    if num_images == 1:
+        return [out_dir / f"{index:05d}.png"]
+    return [out_dir / f"{index:05d}-{i}.png" for i in range(num_images)]
+
+
+def run_batch(
+    pipe, rows: list[dict], defaults: dict, out_dir: str | os.PathLike, *, overwrite: bool = False, on_row=None
+) -> dict:
+    """Generate every row into ``out_dir`` (created if missing), skipping rows already written.
+
+    Args:
+        pipe: a loaded :class:`taiyi.pipeline.TaiyiPipeline`.
+        rows: from :func:`read_prompts_file`.
+        defaults: keyword arguments of ``generate`` that rows may override.
+        out_dir: output folder.
+        overwrite: redo rows whose files exist.
+        on_row: called with the row index after each row (progress).
+
+    Returns:
+        ``{"written": n, "skipped": n}``.
+    """
+    from .io import atomic_write_bytes, save_png
+    from .metadata import pnginfo, read_parameters
+
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
+    out_dir.mkdir(exist_ok=True)
+    counts = {"written": 0, "skipped": 0}
+    manifest = []
+    for index, row in enumerate(rows):
+        kwargs = {**defaults, **row}
+        prompt = kwargs.pop("prompt")
+        paths = row_paths(out_dir, index, kwargs.get("num_images", 1))
+        if not overwrite and all(p.exists() for p in paths):
+            counts["skipped"] += 1
+            params = [read_parameters(p) for p in paths]
+        else:
+            result = pipe.generate(prompt, **kwargs)
+            for image, p, path in zip(result.images, result.parameters, paths, strict=True):
+                save_png(image, path, pnginfo=pnginfo(p), overwrite=True)
+            counts["written"] += 1
+            params = result.parameters
+        manifest.append({"row": index, "files": [p.name for p in paths], "parameters": [asdict(p) for p in params]})
+        if on_row is not None:
+            on_row(index)
+    lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
+    atomic_write_bytes(out_dir / "manifest.jsonl", lines.encode("utf-8"), overwrite=True)
+    return counts

@@ -1,0 +1,360 @@
+"""The ``taiyi`` command line. Every command has a Python API twin with the same behaviour.
+
+User mistakes end with one line on stderr (``taiyi: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
+
+from .errors import InvalidInputError, TaiyiError
+
+app = typer.Typer(
+    name="taiyi",
+    help="Chinese-native text-to-image: generate and edit images from Chinese prompts with Taiyi models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Options shared by generate / edit / inpaint (one definition each, used by every command).
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Short name, hub id or local folder.")]
+Negative = Annotated[str | None, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
+Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (1-1000).")]
+Guidance = Annotated[float | None, typer.Option("--guidance", "-g", help="CFG scale (default: the model's).")]
+Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Seed of the first image; image i uses seed+i.")]
+NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per prompt.")]
+Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]
+Height = Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8, 64-2048.")]
+Scheduler = Annotated[
+    str, typer.Option("--scheduler", help="dpm++, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc.")
+]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Output = Annotated[
+    str | None, typer.Option("--output", "-o", help="A .png file or an existing folder (default outputs/).")
+]
+Grid = Annotated[bool, typer.Option("--grid", help="Also write all images as one grid.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+NoSafety = Annotated[bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")]
+NoNormalize = Annotated[bool, typer.Option("--no-normalize", help="Use the prompt exactly as typed.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (can run code).")]
+
+DEFAULT_STEPS = 25  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
+DEFAULT_SCHEDULER = "dpm++"
+
+
+def _quiet_libraries() -> None:
+    """Silence the libraries' info chatter and their progress bars; taiyi draws its own."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class _Progress:
+    """A rich progress bar on stderr (silent when stderr is not a terminal)."""
+
+    def __init__(self, description: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.description = description
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+
+def _load(model, dtype, device, no_safety_checker, allow_pickle):
+    _quiet_libraries()
+    from .pipeline import load_pipeline
+
+    return load_pipeline(
+        model, device=device, dtype=dtype, safety_checker=not no_safety_checker, allow_pickle=allow_pickle
+    )
+
+
+def _precheck(output, overwrite, num_images) -> None:
+    """Refuse a bad --output before the model is loaded and the images are drawn."""
+    from .io import check_output_file, output_paths
+
+    if output is not None:
+        for path in output_paths(output, [0] * num_images):
+            check_output_file(path, overwrite=overwrite)
+
+
+def _save(result, output, overwrite, grid) -> None:
+    for path in result.save(output, overwrite=overwrite, grid=grid):
+        typer.echo(str(path))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="Chinese, English or mixed description.")] = None,
+    model: Model = None,
+    negative_prompt: Negative = None,
+    steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = None,
+    seed: Seed = None,
+    num_images: NumImages = 1,
+    width: Width = None,
+    height: Height = None,
+    scheduler: Scheduler = DEFAULT_SCHEDULER,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    output: Output = None,
+    grid: Grid = False,
+    overwrite: Overwrite = False,
+    no_safety_checker: NoSafety = False,
+    no_normalize: NoNormalize = False,
+    allow_pickle: AllowPickle = False,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="txt / jsonl / csv of prompts; output is a folder.")
+    ] = None,
+    from_image: Annotated[
+        Path | None, typer.Option("--from", help="Re-render the image whose parameters this PNG carries.")
+    ] = None,
+) -> None:
+    """Text to image."""
+    sources = [x is not None for x in (prompt, prompts_file, from_image)]
+    if sum(sources) != 1:
+        raise InvalidInputError("give exactly one of: a PROMPT, --prompts-file FILE, or --from IMAGE")
+    if from_image is not None:
+        from .metadata import read_parameters
+
+        params = read_parameters(from_image)
+        _precheck(output, overwrite, 1)
+        pipe = _load(model or params.model or None, params.dtype or dtype, device, no_safety_checker, allow_pickle)
+        with _Progress("rendering") as bar:
+            result = pipe.rerender(params, progress=bar)
+        _save(result, output, overwrite, grid=False)
+        return
+    settings = dict(
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        num_images=num_images,
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        normalize=not no_normalize,
+    )
+    if prompts_file is not None:
+        from .batch import read_prompts_file, run_batch
+
+        rows = read_prompts_file(prompts_file)
+        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+        out_dir = Path(output or "outputs/batch")
+        with _Progress("prompts") as bar:
+            counts = run_batch(
+                pipe, rows, settings, out_dir, overwrite=overwrite, on_row=lambda i: bar(i + 1, len(rows))
+            )
+        typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there")
+        return
+    _precheck(output, overwrite, num_images)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    with _Progress("generating") as bar:
+        result = pipe.generate(prompt, progress=bar, **settings)
+    _save(result, output, overwrite, grid)
+
+
+@app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="Image to edit.")],
+    prompt: Annotated[str, typer.Argument(help="What the edited image should show.")],
+    strength: Annotated[float, typer.Option("--strength", help="How much to redraw, in (0, 1].")] = 0.6,
+    model: Model = None,
+    negative_prompt: Negative = None,
+    steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = None,
+    seed: Seed = None,
+    num_images: NumImages = 1,
+    width: Width = None,
+    height: Height = None,
+    scheduler: Scheduler = DEFAULT_SCHEDULER,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    output: Output = None,
+    grid: Grid = False,
+    overwrite: Overwrite = False,
+    no_safety_checker: NoSafety = False,
+    no_normalize: NoNormalize = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Image to image: redraw IMAGE following a Chinese PROMPT."""
+    from .io import load_image
+
+    init = load_image(image)  # checked before the model is loaded: a typo fails fast
+    _precheck(output, overwrite, num_images)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    with _Progress("editing") as bar:
+        result = pipe.edit(
+            init,
+            prompt,
+            strength=strength,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            width=width,
+            height=height,
+            scheduler=scheduler,
+            normalize=not no_normalize,
+            progress=bar,
+        )
+    _save(result, output, overwrite, grid)
+
+
+@app.command()
+def inpaint(
+    image: Annotated[Path, typer.Argument(help="Image to edit.")],
+    mask: Annotated[Path, typer.Argument(help="Same size as IMAGE; white = redraw, black = keep.")],
+    prompt: Annotated[str, typer.Argument(help="What the masked area should show.")],
+    strength: Annotated[float, typer.Option("--strength", help="How much to redraw, in (0, 1].")] = 1.0,
+    feather: Annotated[float, typer.Option("--feather", help="Paste-back edge softness, pixels.")] = 4.0,
+    model: Model = None,
+    negative_prompt: Negative = None,
+    steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = None,
+    seed: Seed = None,
+    num_images: NumImages = 1,
+    scheduler: Scheduler = DEFAULT_SCHEDULER,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    output: Output = None,
+    grid: Grid = False,
+    overwrite: Overwrite = False,
+    no_safety_checker: NoSafety = False,
+    no_normalize: NoNormalize = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Inpainting: redraw the white part of MASK following a Chinese PROMPT; keep the rest."""
+    from .io import load_image
+
+    init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
+    _precheck(output, overwrite, num_images)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    with _Progress("inpainting") as bar:
+        result = pipe.inpaint(
+            init,
+            mask_image,
+            prompt,
+            strength=strength,
+            feather=feather,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            scheduler=scheduler,
+            normalize=not no_normalize,
+            progress=bar,
+        )
+    _save(result, output, overwrite, grid)
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="A PNG written by taiyi or another SD tool.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parsed parameters as JSON.")] = False,
+) -> None:
+    """Print the generation parameters an image carries."""
+    from dataclasses import asdict
+
+    from .metadata import read_parameters
+
+    params = read_parameters(image)
+    typer.echo(json.dumps(asdict(params), ensure_ascii=False, indent=2) if as_json else params.to_text())
+
+
+@app.command()
+def models() -> None:
+    """List the known short model names, their hub ids and whether each is available offline."""
+    from .models import list_models
+
+    rows = [(info.name, info.repo_id, info.kind, str(path) if path else "not cached") for info, path in list_models()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+
+
+class _LineHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"taiyi: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app and turns user errors into one line and exit status 2."""
+    logger = logging.getLogger("taiyi")
+    if not logger.handlers:
+        logger.addHandler(_LineHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        app(args=argv, prog_name="taiyi", standalone_mode=False)
+    except TaiyiError as exc:
+        print(f"taiyi: error: {exc}", file=sys.stderr)
+        return _exit(2, argv)
+    except click_exc.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
+        return _exit(0, argv)
+    except click_exc.UsageError as exc:
+        print(f"taiyi: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        return _exit(2, argv)
+    except typer.Exit as exc:
+        return _exit(exc.exit_code, argv)
+    except (typer.Abort, KeyboardInterrupt):
+        print("taiyi: interrupted", file=sys.stderr)
+        return _exit(130, argv)
+    return _exit(0, argv)
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
+    if argv is None:  # called as the console script
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

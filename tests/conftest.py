@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random checkpoints in the published Taiyi layouts, built once per session.
+
+The suite runs offline: ``HF_HUB_OFFLINE`` is set and ``HF_HOME`` points to an empty temporary
+folder before anything imports ``huggingface_hub`` (which reads both only once, at import).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="taiyi-tests-hf-home-")
+os.environ.pop("HF_HUB_CACHE", None)  # a cache named by the caller's shell would leak real models in
+
+import pytest  # noqa: E402
+
+from taiyi.testing import make_tiny_pipeline  # noqa: E402
+
+# The prompt of the comparisons with stock diffusers: normalisation leaves it unchanged.
+PROMPT = "小桥流水人家，油画"
+
+
+@pytest.fixture(scope="session")
+def tiny_zh(tmp_path_factory):
+    """Taiyi Chinese layout: BertModel + 21128-token BertTokenizer, safety checker, fp16 variant files."""
+    return make_tiny_pipeline(
+        tmp_path_factory.mktemp("ckpt") / "tiny-zh", text_encoder="bert", safety_checker=True, fp16_variant=True
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tmp_path_factory):
+    """Taiyi bilingual layout: CLIPTextModel + CLIP BPE tokenizer, no safety checker."""
+    return make_tiny_pipeline(tmp_path_factory.mktemp("ckpt") / "tiny-en", text_encoder="clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory):
+    """Chinese layout with a 9-channel inpainting UNet."""
+    return make_tiny_pipeline(tmp_path_factory.mktemp("ckpt") / "tiny-inpaint", text_encoder="bert", inpaint=True)
+
+
+@pytest.fixture(scope="session")
+def pipe_zh(tiny_zh):
+    """``tiny_zh`` loaded once without its safety checker (float32, cpu); tests must not modify it."""
+    from taiyi.pipeline import load_pipeline
+
+    return load_pipeline(tiny_zh, safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def pipe_en(tiny_en):
+    """``tiny_en`` loaded once (float32, cpu); tests must not modify it."""
+    from taiyi.pipeline import load_pipeline
+
+    return load_pipeline(tiny_en)
+
+
+@pytest.fixture
+def copy_checkpoint(tmp_path):
+    """``copy_checkpoint(folder)`` → a private copy of a checkpoint folder, for tests that break it."""
+
+    def copy(folder, name: str = "broken"):
+        return shutil.copytree(folder, tmp_path / name)
+
+    return copy

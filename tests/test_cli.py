@@ -1,0 +1,251 @@
+"""The `taiyi` command line: outputs, metadata round trips, batch jobs and every bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taiyi.cli import main
+from taiyi.metadata import read_parameters
+from taiyi.testing import populate_hf_cache
+
+FAST = ["--steps", "3"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture
+def noise_image(tmp_path) -> Path:
+    path = tmp_path / "input.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_generate_writes_png_with_parameters(capsys, tmp_path, tiny_zh):
+    out = tmp_path / "a.png"
+    code, stdout, _ = run(capsys, "generate", "小桥流水人家，水墨", "-m", tiny_zh, "--seed", 7, *FAST, "-o", out)
+    assert code == 0 and stdout.strip() == str(out)
+    params = read_parameters(out)
+    assert (params.prompt, params.seed, params.steps, params.scheduler) == ("小桥流水人家，水墨", 7, 3, "dpm++")
+    assert (params.width, params.height, params.dtype) == (64, 64, "float32")
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and stdout.startswith("小桥流水人家，水墨\nSteps: 3, Sampler: DPM++ 2M")
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    assert json.loads(stdout)["seed"] == 7
+
+
+def test_from_image_rerenders_bit_identical(capsys, tmp_path, tiny_zh):
+    code, _, _ = run(capsys, "generate", "山水", "-m", tiny_zh, "--seed", 3, "-k", 2, *FAST, "-o", tmp_path / "b.png")
+    assert code == 0
+    second = tmp_path / "b-1.png"
+    assert read_parameters(second).seed == 4 and read_parameters(second).batch_pos == 1
+    code, _, _ = run(capsys, "generate", "--from", second, "-o", tmp_path / "again.png")
+    assert code == 0
+    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(tmp_path / "again.png")))
+    # Image i of a batch at seed S equals a single run at seed S + i (within float rounding).
+    code, _, _ = run(capsys, "generate", "山水", "-m", tiny_zh, "--seed", 4, *FAST, "-o", tmp_path / "single.png")
+    batch = np.asarray(Image.open(second), dtype=int)
+    single = np.asarray(Image.open(tmp_path / "single.png"), dtype=int)
+    assert np.abs(batch - single).max() <= 1
+
+
+def test_default_output_folder_never_collides(capsys, tmp_path, tiny_zh, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert run(capsys, "generate", "夕阳", "-m", tiny_zh, "--seed", 1, *FAST)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["00000-1.png", "00001-1.png"]
+
+
+def test_grid_and_folder_output(capsys, tmp_path, tiny_zh):
+    code, stdout, _ = run(
+        capsys, "generate", "松树", "-m", tiny_zh, "-k", 3, "--seed", 0, *FAST, "-o", tmp_path, "--grid"
+    )
+    assert code == 0
+    paths = [Path(line) for line in stdout.split()]
+    assert len(paths) == 4 and Image.open(paths[-1]).size == (128, 128)
+
+
+def test_prompts_file_batch_is_resumable(capsys, tmp_path, tiny_zh):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "清晨的高山", "seed": 1}, {"prompt": "夜晚的湖泊", "seed": 2, "num_images": 2, "steps": 2}]
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "batch"
+    code, stdout, _ = run(capsys, "generate", "--prompts-file", prompts, "-m", tiny_zh, *FAST, "-o", out)
+    assert code == 0 and "2 written, 0 already there" in stdout
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001-0.png", "00001-1.png"]
+    assert read_parameters(out / "00001-1.png").seed == 3 and read_parameters(out / "00001-1.png").steps == 2
+    before = (out / "00000.png").stat().st_mtime_ns
+    (out / "00001-1.png").unlink()  # as if the job had been killed part-way
+    code, stdout, _ = run(capsys, "generate", "--prompts-file", prompts, "-m", tiny_zh, *FAST, "-o", out)
+    assert code == 0 and "1 written, 1 already there" in stdout
+    assert (out / "00000.png").stat().st_mtime_ns == before and (out / "00001-1.png").exists()
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["files"] for m in manifest] == [["00000.png"], ["00001-0.png", "00001-1.png"]]
+
+
+def test_prompts_file_txt_and_csv(capsys, tmp_path, tiny_zh):
+    txt = tmp_path / "p.txt"
+    txt.write_text("# comment\n小桥流水人家\n\n古道西风瘦马\n", encoding="utf-8")
+    assert run(capsys, "generate", "--prompts-file", txt, "-m", tiny_zh, *FAST, "-o", tmp_path / "t")[0] == 0
+    assert len(list((tmp_path / "t").glob("*.png"))) == 2
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt,seed,negative_prompt\n"山水,水墨",5,模糊\n', encoding="utf-8")
+    assert run(capsys, "generate", "--prompts-file", csv, "-m", tiny_zh, *FAST, "-o", tmp_path / "c")[0] == 0
+    params = read_parameters(tmp_path / "c" / "00000.png")
+    assert (params.prompt, params.seed, params.negative_prompt) == ("山水,水墨", 5, "模糊")
+
+
+def test_edit_and_inpaint(capsys, tmp_path, tiny_zh, noise_image):
+    out = tmp_path / "e.png"
+    code, _, _ = run(
+        capsys, "edit", noise_image, "水彩", "-m", tiny_zh, "--strength", 0.5, "--seed", 1, *FAST, "-o", out
+    )
+    assert code == 0 and read_parameters(out).strength == 0.5
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "i.png"
+    code, _, _ = run(capsys, "inpaint", noise_image, mask, "月亮", "-m", tiny_zh, "--seed", 1, *FAST, "-o", out)
+    assert code == 0
+    result, original = np.asarray(Image.open(out), dtype=int), np.asarray(Image.open(noise_image), dtype=int)
+    keep = m == 0
+    assert np.abs(result - original)[keep].max() <= 2
+    assert np.abs(result - original)[~keep].mean() > 10
+
+
+BAD_GENERATE = [
+    (["generate", ""], "prompt is empty"),
+    (["generate", " ，。 "], "prompt is empty"),
+    (["generate", "山", "--width", "65"], "multiple of 8"),
+    (["generate", "山", "--height", "4096"], "height must be between"),
+    (["generate", "山", "--steps", "0"], "steps must be between"),
+    (["generate", "山", "--steps", str(10**9)], "steps must be between"),
+    (["generate", "山", "--guidance", "-1"], "guidance"),
+    (["generate", "山", "-k", "0"], "num_images"),
+    (["generate", "山", "--scheduler", "heun"], "unknown scheduler"),
+    (["generate", "山", "--dtype", "int8"], "unknown dtype"),
+    (["generate", "山", "--seed", "-5"], "seed"),
+    (["generate"], "exactly one of"),
+    (["generate", "山", "--steps", "many"], "--steps"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD_GENERATE, ids=[" ".join(a[1:])[:30] for a, _ in BAD_GENERATE])
+def test_bad_generate_input(capsys, tmp_path, tiny_zh, argv, needle):
+    code, _, err = run(capsys, *argv, "-m", tiny_zh, "-o", tmp_path / "x.png")
+    assert_user_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_edit_input(capsys, tmp_path, tiny_zh, noise_image):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    small_mask = tmp_path / "small.png"
+    Image.new("L", (32, 32), 255).save(small_mask)
+    cases = [
+        (["edit", noise_image, "山", "--strength", "0"], "strength"),
+        (["edit", noise_image, "山", "--strength", "1.5"], "strength"),
+        (["edit", text, "山"], "not a readable image"),
+        (["edit", tmp_path / "missing.png", "山"], "does not exist"),
+        (["inpaint", noise_image, small_mask, "山"], "mask is 32x32"),
+        (["inpaint", noise_image, text, "山"], "not a readable image"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run(capsys, *argv, "-m", tiny_zh, *FAST, "-o", tmp_path / "out.png")
+        assert_user_error(code, err, needle)
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_bad_output_and_model(capsys, tmp_path, tiny_zh):
+    existing = tmp_path / "exists.png"
+    existing.write_bytes(b"keep me")
+    cases = [
+        (["-o", tmp_path / "missing" / "x.png"], "does not exist"),
+        (["-o", existing], "already exists"),
+        (["-o", tmp_path / "x.jpg"], "must end in .png"),
+        (["-m", tmp_path / "nope"], "does not exist"),
+        (["-m", tmp_path], "not a diffusers pipeline folder"),
+    ]
+    for extra, needle in cases:
+        argv = ["generate", "山", *FAST, *([] if "-m" in extra else ["-m", tiny_zh]), *extra]
+        code, _, err = run(capsys, *argv)
+        assert_user_error(code, err, needle)
+    assert existing.read_bytes() == b"keep me"
+    assert run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", existing, "--overwrite")[0] == 0
+    assert read_parameters(existing).prompt == "山"
+
+
+def test_bad_prompts_file(capsys, tmp_path, tiny_zh):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "山"}\n{"prompt": \n', encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--prompts-file", bad, "-m", tiny_zh, "-o", tmp_path / "o")
+    assert_user_error(code, err, "bad.jsonl:2", "not valid JSON")
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"prompt": "山", "stepz": 3}\n', encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--prompts-file", unknown, "-m", tiny_zh, "-o", tmp_path / "o")
+    assert_user_error(code, err, "stepz")
+    assert not (tmp_path / "o").exists()
+
+
+def test_disk_full_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
+    import taiyi.io
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(taiyi.io.os, "fsync", full)
+    code, _, err = run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "x.png")
+    assert_user_error(code, err, "disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _console(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("taiyi")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_hub_id_offline_from_cache_and_from_empty_cache(tmp_path, tiny_zh):
+    """`HF_HUB_OFFLINE=1 taiyi generate 小桥流水人家 --model IDEA-CCNL/...` through the real console script."""
+    repo = "IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-v0.1"
+    cache = tmp_path / "hub"
+    populate_hf_cache(cache, repo, tiny_zh)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    done = _console(["generate", "小桥流水人家", "--model", repo, *FAST, "-o", str(tmp_path / "hub.png")], env)
+    assert done.returncode == 0, done.stderr
+    assert read_parameters(tmp_path / "hub.png").model == repo
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    done = _console(["generate", "小桥流水人家", "--model", repo, "-o", str(tmp_path / "none.png")], env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "not in the Hugging Face cache" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "none.png").exists()
+
+
+def test_models_lists_short_names(capsys, tmp_path, tiny_zh, monkeypatch):
+    cache = tmp_path / "hub"
+    populate_hf_cache(cache, "IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-v0.1", tiny_zh)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    code, stdout, _ = run(capsys, "models")
+    lines = {line.split()[0]: line for line in stdout.splitlines()}
+    assert code == 0 and {"taiyi-zh", "taiyi-zh-en", "taiyi-clip-vith"} <= set(lines)
+    assert str(cache) in lines["taiyi-zh"] and "not cached" in lines["taiyi-zh-en"]
