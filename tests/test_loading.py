@@ -82,7 +82,7 @@ def test_loads_hub_id_and_short_name_from_the_offline_cache(hub_cache, tiny_zh, 
     assert pipe.model == ZH_REPO  # what image metadata records
     assert pipe.default_guidance == 7.5
     assert len(pipe.sd.tokenizer) == 21128
-    assert pipe.sd.unet.config._name_or_path == str(snapshot / "unet") or snapshot.is_dir()
+    assert (snapshot / "model_index.json").is_file()
     # Same checkpoint, same image as loading the folder directly.
     a = pipe.generate("小桥流水人家", steps=2, seed=3).images[0]
     b = pipe_zh.generate("小桥流水人家", steps=2, seed=3).images[0]
@@ -230,7 +230,9 @@ def tiny_pickled(tmp_path_factory):
 
 
 def test_pickled_weights_are_refused_without_allow_pickle(tiny_pickled):
-    assert not list(tiny_pickled.rglob("*.safetensors"))
+    # transformers 5 writes the text encoder as safetensors whatever it is told; unet and vae are pickled.
+    for component in ("unet", "vae"):
+        assert [p.suffix for p in (tiny_pickled / component).glob("*.*") if p.name != "config.json"] == [".bin"]
     with pytest.raises(ModelLoadError) as exc_info:
         load_pipeline(tiny_pickled)
     message = assert_one_line(exc_info)
