@@ -6,6 +6,7 @@ folder before anything imports ``huggingface_hub`` (which reads both only once, 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,9 +18,6 @@ os.environ.pop("HF_HUB_CACHE", None)  # a cache named by the caller's shell woul
 import pytest  # noqa: E402
 
 from taiyi.testing import make_tiny_pipeline  # noqa: E402
-
-# The prompt of the comparisons with stock diffusers: normalisation leaves it unchanged.
-PROMPT = "小桥流水人家，油画"
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +64,19 @@ def copy_checkpoint(tmp_path):
         return shutil.copytree(folder, tmp_path / name)
 
     return copy
+
+
+@pytest.fixture
+def log_warnings(caplog):
+    """``caplog`` that receives the WARNING records of ``taiyi`` and ``diffusers``, whatever an earlier test
+    (the in-process CLI, which stops ``taiyi`` propagating and quiets diffusers) did to those loggers."""
+    saved = []
+    for name in ("taiyi", "diffusers"):
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.propagate, logger.level))
+        logger.propagate = True
+        logger.setLevel(logging.WARNING)
+    yield caplog
+    for logger, propagate, level in saved:
+        logger.propagate = propagate
+        logger.setLevel(level)

@@ -136,10 +136,6 @@ def test_float32_ignores_the_fp16_variant_files(marked_fp16, tiny_zh):
     assert torch.equal(pipe.sd.unet.conv_in.bias, expected)
 
 
-@pytest.mark.xfail(
-    reason="src bug: check_pipeline_folder validates *.fp16.safetensors even when float32 weights are loaded",
-    strict=True,
-)
 def test_float32_loads_even_when_an_unused_fp16_file_is_truncated(tiny_zh, copy_checkpoint):
     folder = copy_checkpoint(tiny_zh)
     path = folder / UNET_FP16_FILE
@@ -266,18 +262,18 @@ def test_safety_checker_is_kept_when_present_and_dropped_on_request(tiny_zh, pip
     assert load_pipeline(tiny_zh, safety_checker=False).sd.safety_checker is None
 
 
-def test_flagged_image_is_blanked_with_a_warning(tiny_zh, caplog):
+def test_flagged_image_is_blanked_with_a_warning(tiny_zh, log_warnings):
     pipe = load_pipeline(tiny_zh)
     checker = pipe.sd.safety_checker
     with torch.no_grad():  # thresholds so low that every image is flagged
         checker.concept_embeds_weights.fill_(-1e4)
         checker.special_care_embeds_weights.fill_(-1e4)
-    with caplog.at_level(logging.WARNING, logger="taiyi"):
+    with log_warnings.at_level(logging.WARNING, logger="taiyi"):
         result = pipe.generate("小桥流水人家", steps=2, seed=1, num_images=2)
     assert result.nsfw == [True, True]
     for image in result.images:
         assert not np.asarray(image).any(), "a flagged image must be blank"
-    warnings = [r for r in caplog.records if r.name == "taiyi" and r.levelno == logging.WARNING]
+    warnings = [r for r in log_warnings.records if r.name == "taiyi" and r.levelno == logging.WARNING]
     assert len(warnings) == 2
     assert all("safety checker" in r.getMessage() for r in warnings)
     assert "seed 1" in warnings[0].getMessage() and "seed 2" in warnings[1].getMessage()

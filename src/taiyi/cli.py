@@ -327,10 +327,20 @@ class _LineHandler(logging.Handler):
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and turns user errors into one line and exit status 2."""
     logger = logging.getLogger("taiyi")
-    if not logger.handlers:
-        logger.addHandler(_LineHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    saved = (logger.level, logger.propagate)
+    handler = _LineHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        return _run_app(argv)
+    finally:  # leave logging as found: main() is also called in-process (tests, embedding apps)
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _run_app(argv: list[str] | None) -> int:
     try:
         app(args=argv, prog_name="taiyi", standalone_mode=False)
     except TaiyiError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -123,9 +122,14 @@ def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pic
             continue
         files = [p for p in sub.iterdir() if p.is_file()]
         safetensors = [p for p in files if p.name.endswith(".safetensors")]
+        # Check only the files that will be read: "model.fp16.safetensors" is the fp16 variant of
+        # "model.safetensors" (a dot in the stem marks a variant).
+        plain = [p for p in safetensors if "." not in p.name.removesuffix(".safetensors")]
         if variant:
-            chosen = [p for p in safetensors if p.name.endswith(f".{variant}.safetensors")]
-            safetensors = chosen or [p for p in safetensors if ".fp16." not in p.name]
+            chosen = [p for p in safetensors if f".{variant}" in p.name]
+            safetensors = chosen or plain
+        else:
+            safetensors = plain or safetensors
         pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
         if safetensors:
             for path in safetensors:
@@ -144,23 +148,6 @@ def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pic
 def has_variant(folder: Path, variant: str) -> bool:
     unet = folder / "unet"
     return unet.is_dir() and any(p.name.endswith(f".{variant}.safetensors") for p in unet.iterdir())
-
-
-def _legacy_feature_extractor(folder: Path, index: dict):
-    """Published checkpoints name ``CLIPFeatureExtractor``, which transformers 5 removed; load the
-    same preprocessing config with the image processor that replaced it."""
-    spec = index.get("feature_extractor")
-    if not (isinstance(spec, list) and spec[0] == "transformers"):
-        return None
-    import transformers
-
-    if hasattr(transformers, spec[1]):
-        return None
-    from transformers import CLIPImageProcessor
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
 
 
 def load_stable_diffusion(
@@ -183,23 +170,25 @@ def load_stable_diffusion(
 
     if variant is None and dtype in (torch.float16, torch.bfloat16) and has_variant(folder, "fp16"):
         variant = "fp16"  # half-size files, same weights
-    index = check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
+    # Old repos name CLIPFeatureExtractor (gone in transformers 5): diffusers substitutes CLIPImageProcessor.
+    check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
     kwargs: dict = {"dtype": dtype, "use_safetensors": None if allow_pickle else True}
     if variant:
         kwargs["variant"] = variant
     if not safety_checker:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
-        legacy = _legacy_feature_extractor(folder, index)
-        if legacy is not None:
-            kwargs["feature_extractor"] = legacy
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers warns that a BertModel is not the CLIPTextModel it expects: true, and intended here.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         sd = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
-    except ModelLoadError:
-        raise
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the pipeline in {folder}: {message}") from exc
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     for required in ("unet", "vae", "text_encoder", "tokenizer"):
         if getattr(sd, required, None) is None:
             raise ModelLoadError(f"{folder} has no {required}; it is not a text-to-image pipeline")

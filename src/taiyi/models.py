@@ -126,10 +126,14 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir())), repo_id
+        # Skip the formats a diffusers pipeline never reads (Flax, TF, ONNX, single-file checkpoints).
+        ignore = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ckpt", "*.pb"]
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), ignore_patterns=ignore)), repo_id
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not download {repo_id}: {first}") from exc
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ModelLoadError(
+            f"could not download {repo_id} ({first}); check the network, or pass a local folder"
+        ) from exc
 
 
 def list_models() -> list[tuple[ModelInfo, Path | None]]:

@@ -64,8 +64,9 @@ class GenerationResult:
         for image, params, path in zip(self.images, self.parameters, paths, strict=True):
             save_png(image, path, pnginfo=pnginfo(params), overwrite=overwrite)
         if grid and len(self.images) > 1:
-            first = paths[0]
-            grid_path = first.with_name(f"{first.stem}-grid.png")
+            named = output is not None and os.fspath(output).lower().endswith(".png")
+            base = Path(output) if named else paths[0]
+            grid_path = base.with_name(f"{base.stem}-grid.png")
             save_png(make_grid(self.images), grid_path, pnginfo=pnginfo(self.parameters[0]), overwrite=overwrite)
             paths.append(grid_path)
         return paths
@@ -82,16 +83,19 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
-def _check_range(name: str, value, low, high, hint: str = "") -> None:
-    if not (low <= value <= high):
-        raise InvalidInputError(f"{name} must be between {low} and {high}, not {value}{hint}")
+def _check_range(name: str, value, low, high) -> None:
+    """``low <= value <= high``; integer bounds also require an integer (a bool is not one)."""
+    if isinstance(low, int) and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidInputError(f"{name} must be a whole number, not {value!r}")
+    if not isinstance(value, int | float) or not (low <= value <= high):
+        raise InvalidInputError(f"{name} must be between {low} and {high}, not {value!r}")
 
 
 def validate_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
+        _check_range(name, value, MIN_SIDE, MAX_SIDE)
         if value % 8:
             raise InvalidInputError(f"{name} {value} is not a multiple of 8; try {max(8, round(value / 8) * 8)}")
-        _check_range(name, value, MIN_SIDE, MAX_SIDE)
 
 
 def seeds_for(seed: int | None, n: int) -> list[int]:
@@ -124,6 +128,7 @@ class TaiyiPipeline:
         self.device = device
         self.dtype = dtype
         self._base_scheduler_config = dict(sd.scheduler.config)
+        self._pipelines: dict[type, object] = {}
 
     @property
     def default_size(self) -> int:
@@ -132,6 +137,23 @@ class TaiyiPipeline:
     @property
     def is_inpainting_model(self) -> bool:
         return self.sd.unet.config.in_channels == 9
+
+    def _sub_pipeline(self, cls):
+        """An edit/inpaint pipeline sharing this pipeline's weights (built once per class)."""
+        if cls not in self._pipelines:
+            components = dict(self.sd.components)
+            # Without a checker, say so: diffusers would otherwise warn on every construction.
+            components["requires_safety_checker"] = components.get("safety_checker") is not None
+            pipe = cls(**components)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[cls] = pipe
+        return self._pipelines[cls]
+
+    def _require_plain_unet(self, task: str) -> None:
+        if self.is_inpainting_model:
+            raise InvalidInputError(
+                f"{self.model} is an inpainting model (9-channel UNet); it cannot run {task}, use taiyi inpaint"
+            )
 
     def _params(
         self,
@@ -174,9 +196,9 @@ class TaiyiPipeline:
         normalize: bool,
     ) -> tuple[list[str], list[str]]:
         _check_range("steps", steps, 1, MAX_STEPS)
-        if not guidance >= 0:
+        if isinstance(guidance, int | float) and guidance < 0:
             raise InvalidInputError(f"guidance must be 0 or more, not {guidance} (7.5 is usual; 1 turns it off)")
-        _check_range("guidance", guidance, 0, 100)
+        _check_range("guidance", guidance, 0.0, 100.0)
         _check_range("num_images", num_images, 1, MAX_IMAGES)
         scheduler_spec(scheduler)
         text = normalize_prompt(prompt) if normalize else prompt
@@ -255,6 +277,7 @@ class TaiyiPipeline:
             normalize: apply :func:`taiyi.prompts.normalize_prompt` to prompt and negative prompt.
             progress: called with ``(step, total)`` after every denoising step.
         """
+        self._require_plain_unet("text-to-image")
         guidance = self.default_guidance if guidance is None else guidance
         width, height = width or self.default_size, height or self.default_size
         validate_size(width, height)
@@ -329,6 +352,7 @@ class TaiyiPipeline:
         """
         from diffusers import StableDiffusionImg2ImgPipeline
 
+        self._require_plain_unet("image-to-image")
         _check_strength(strength, steps)
         guidance = self.default_guidance if guidance is None else guidance
         prompts, negatives = self._prepare(
@@ -342,8 +366,7 @@ class TaiyiPipeline:
         )
         image, width, height = self._init_image(image, width, height)
         seeds = seeds_for(seed, num_images)
-        pipe = StableDiffusionImg2ImgPipeline(**self.sd.components)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._sub_pipeline(StableDiffusionImg2ImgPipeline)
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
         images, nsfw = self._run(
             pipe,
@@ -419,8 +442,7 @@ class TaiyiPipeline:
                 f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
             )
         seeds = seeds_for(seed, num_images)
-        pipe = StableDiffusionInpaintPipeline(**self.sd.components)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._sub_pipeline(StableDiffusionInpaintPipeline)
         size = (width, height)
         work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
         work_mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
@@ -472,6 +494,8 @@ class TaiyiPipeline:
                 "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "
                 "the source image instead"
             )
+        if not 0 <= params.batch_pos < params.batch_size:
+            raise InvalidInputError(f"batch position {params.batch_pos} is outside a batch of {params.batch_size}")
         if not params.scheduler:
             raise InvalidInputError(f"sampler {params.extras.get('Sampler')!r} is not one taiyi can run")
         result = self.generate(

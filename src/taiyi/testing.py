@@ -218,6 +218,15 @@ def make_tiny_pipeline(
             out_dir, safe_serialization=safe_serialization, variant="fp16"
         )
     pipe.save_pretrained(out_dir, safe_serialization=safe_serialization)
+    if not safe_serialization:
+        # transformers 5 writes safetensors whatever it is told; pickle those weights as 2022 repos had them.
+        from safetensors.torch import load_file
+
+        for st in out_dir.glob("*/model*.safetensors"):
+            torch.save(
+                load_file(st), st.with_name(st.name.replace("model", "pytorch_model").replace(".safetensors", ".bin"))
+            )
+            st.unlink()
     _write_2022_layout(out_dir, components)
     # Lay the tokenizer folder out as the hub repo has it (transformers 5 writes only tokenizer.json).
     shutil.rmtree(tok_dir)
