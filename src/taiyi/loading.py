@@ -103,6 +103,41 @@ def _check_safetensors(path: Path) -> None:
         ) from exc
 
 
+def check_weights(folder: Path, *, variant: str | None = None, allow_pickle: bool = False, what: str = "") -> bool:
+    """Check the weights of one model folder before loading; return True when they are safetensors.
+
+    Args:
+        folder: a transformers / diffusers model folder (``config.json`` + weights).
+        variant: weights variant that will be loaded (``"fp16"``) or None.
+        allow_pickle: accept pickled ``.bin``/``.ckpt`` weights when no safetensors file exists.
+        what: how to name the folder in errors (default: its path).
+    """
+    what = what or str(folder)
+    files = [p for p in folder.iterdir() if p.is_file()]
+    safetensors = [p for p in files if p.name.endswith(".safetensors")]
+    # Check only the files that will be read: "model.fp16.safetensors" is the fp16 variant of
+    # "model.safetensors" (a dot in the stem marks a variant).
+    plain = [p for p in safetensors if "." not in p.name.removesuffix(".safetensors")]
+    if variant:
+        chosen = [p for p in safetensors if f".{variant}" in p.name]
+        safetensors = chosen or plain
+    else:
+        safetensors = plain or safetensors
+    pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+    if safetensors:
+        for path in safetensors:
+            _check_safetensors(path)
+        return True
+    if pickled:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{pickled[0]} holds pickled weights, which can run code when loaded; convert the model to "
+                "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
+            )
+        return False
+    raise ModelLoadError(f"{what} has no weights file")
+
+
 def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pickle: bool = False) -> dict:
     """Validate a pipeline folder before loading; return its model index.
 
@@ -118,30 +153,8 @@ def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pic
         sub = folder / name
         if not sub.is_dir():
             raise ModelLoadError(f"component {name!r} listed in model_index.json is missing from {folder}")
-        if name not in WEIGHT_COMPONENTS:
-            continue
-        files = [p for p in sub.iterdir() if p.is_file()]
-        safetensors = [p for p in files if p.name.endswith(".safetensors")]
-        # Check only the files that will be read: "model.fp16.safetensors" is the fp16 variant of
-        # "model.safetensors" (a dot in the stem marks a variant).
-        plain = [p for p in safetensors if "." not in p.name.removesuffix(".safetensors")]
-        if variant:
-            chosen = [p for p in safetensors if f".{variant}" in p.name]
-            safetensors = chosen or plain
-        else:
-            safetensors = plain or safetensors
-        pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
-        if safetensors:
-            for path in safetensors:
-                _check_safetensors(path)
-        elif pickled:
-            if not allow_pickle:
-                raise ModelLoadError(
-                    f"{pickled[0]} holds pickled weights, which can run code when loaded; convert the model to "
-                    "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
-                )
-        else:
-            raise ModelLoadError(f"component {name!r} in {folder} has no weights file")
+        if name in WEIGHT_COMPONENTS:
+            check_weights(sub, variant=variant, allow_pickle=allow_pickle, what=f"component {name!r} in {folder}")
     return index
 
 

@@ -17,6 +17,7 @@ class ModelInfo:
     kind: str  # "sd" (text-to-image pipeline) or "clip" (text tower)
     description: str
     guidance: float | None = None  # the model card's recommended CFG scale
+    image_tower: str | None = None  # CLIP text towers: the public CLIP image model they were aligned to
 
 
 KNOWN_MODELS: dict[str, ModelInfo] = {
@@ -36,15 +37,33 @@ KNOWN_MODELS: dict[str, ModelInfo] = {
             "Chinese-English SD v1 (CLIP text encoder)",
             10.0,
         ),
-        ModelInfo("taiyi-clip-b32", "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese", "clip", "RoBERTa-base + ViT-B/32"),
         ModelInfo(
-            "taiyi-clip-l14", "IDEA-CCNL/Taiyi-CLIP-Roberta-large-326M-Chinese", "clip", "RoBERTa-large + ViT-L/14"
+            "taiyi-clip-b32",
+            "IDEA-CCNL/Taiyi-CLIP-Roberta-102M-Chinese",
+            "clip",
+            "RoBERTa-base + ViT-B/32",
+            image_tower="openai/clip-vit-base-patch32",
         ),
         ModelInfo(
-            "taiyi-clip-vitl", "IDEA-CCNL/Taiyi-CLIP-RoBERTa-102M-ViT-L-Chinese", "clip", "RoBERTa-base + ViT-L/14"
+            "taiyi-clip-l14",
+            "IDEA-CCNL/Taiyi-CLIP-Roberta-large-326M-Chinese",
+            "clip",
+            "RoBERTa-large + ViT-L/14",
+            image_tower="openai/clip-vit-large-patch14",
         ),
         ModelInfo(
-            "taiyi-clip-vith", "IDEA-CCNL/Taiyi-CLIP-RoBERTa-326M-ViT-H-Chinese", "clip", "RoBERTa-large + ViT-H/14"
+            "taiyi-clip-vitl",
+            "IDEA-CCNL/Taiyi-CLIP-RoBERTa-102M-ViT-L-Chinese",
+            "clip",
+            "RoBERTa-base + ViT-L/14",
+            image_tower="openai/clip-vit-large-patch14",
+        ),
+        ModelInfo(
+            "taiyi-clip-vith",
+            "IDEA-CCNL/Taiyi-CLIP-RoBERTa-326M-ViT-H-Chinese",
+            "clip",
+            "RoBERTa-large + ViT-H/14",
+            image_tower="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         ),
     ]
 }

@@ -275,6 +275,68 @@ def _write_2022_layout(out_dir: Path, components: dict) -> None:
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def make_tiny_clip_image_tower(out_dir: str | Path, *, dim: int = 16, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random ``CLIPModel`` folder (the layout of openai/clip-vit-*) with its image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=dim,
+    )
+    model = CLIPModel(config).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def make_tiny_taiyi_clip_text(
+    out_dir: str | Path, *, head: str = "logits", dim: int = 16, seed: int = 0, safe_serialization: bool = True
+) -> Path:
+    """A tiny random Taiyi-CLIP text tower in the published layout.
+
+    Args:
+        head: ``"logits"`` — ``BertForSequenceClassification`` with ``num_labels=dim`` (Taiyi-CLIP-Roberta-102M
+            style); ``"pooler"`` — ``BertModel`` with hidden size ``dim`` (Taiyi-CLIP-RoBERTa-102M-ViT-L style).
+        dim: feature size; must equal the image tower's projection size.
+        safe_serialization: ``False`` writes ``pytorch_model.bin`` as the published repos do.
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    hidden = 32 if head == "logits" else dim
+    config = BertConfig(
+        vocab_size=21128,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=512,
+        num_labels=dim,
+    )
+    model = BertForSequenceClassification(config) if head == "logits" else BertModel(config)
+    model.eval().save_pretrained(out_dir, safe_serialization=True)
+    out_dir = Path(out_dir)
+    if not safe_serialization:
+        from safetensors.torch import load_file
+
+        st = out_dir / "model.safetensors"
+        torch.save(load_file(st), out_dir / "pytorch_model.bin")
+        st.unlink()
+    save_bert_tokenizer_folder(out_dir, max_length=512)
+    return out_dir
+
+
 def populate_hf_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, commit: str = "0" * 40) -> Path:
     """Copy a pipeline folder into a Hugging Face hub cache as if ``repo_id`` had been downloaded.
 

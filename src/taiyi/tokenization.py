@@ -44,6 +44,21 @@ def save_bert_tokenizer_folder(folder: str | Path, *, vocab: str | Path = VOCAB_
     return folder
 
 
+def save_tokenizer_as_folder(tokenizer, folder: str | Path, *, max_length: int = 512) -> Path:
+    """Write a loaded BERT tokenizer's vocabulary (id order) as a published-layout tokenizer folder."""
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError("tokenizer ids are not contiguous; cannot write vocab.txt")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".vocab.txt.tmp"
+    tmp.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    save_bert_tokenizer_folder(folder, vocab=tmp, max_length=max_length)
+    tmp.unlink()
+    return folder
+
+
 def load_chinese_tokenizer(folder: str | Path | None = None, *, max_length: int = 512):
     """Load a Chinese ``BertTokenizer`` from a folder, or the shipped 21128-token vocabulary."""
     from transformers import BertTokenizer

@@ -1,0 +1,462 @@
+"""Chinese CLIP: a Chinese BERT/RoBERTa text tower aligned to a (frozen) CLIP image tower.
+
+Loads every Taiyi-CLIP style unchanged (TAIYI.md §2):
+
+- ``BertForSequenceClassification`` whose ``.logits`` are the text feature (Taiyi-CLIP-Roberta-102M
+  / -large-326M), or ``BertModel`` whose pooler output is (Taiyi-CLIP-RoBERTa-102M-ViT-L / 326M-ViT-H);
+- paired with a Hugging Face CLIP image model (hub id or folder) — by default the one each Taiyi
+  text tower was aligned to.
+
+Similarity is the model cards' computation: tower features, L2-normalised, cosine × ``logit_scale.exp()``.
+
+taiyi's own format is one folder that ``ChineseCLIP.from_pretrained(dir)`` loads with no flags::
+
+    config.json        {"_class_name": "ChineseCLIP", "text_head": "logits"|"pooler", "logit_scale": ..., ...}
+    text_encoder/      transformers BertForSequenceClassification or BertModel (safetensors)
+    tokenizer/         BertTokenizer (vocab.txt)
+    image_encoder/     transformers CLIPVisionModelWithProjection (safetensors)
+    image_processor/   CLIPImageProcessor config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .errors import InvalidInputError, ModelLoadError
+
+logger = logging.getLogger("taiyi")
+
+CONFIG_NAME = "config.json"
+CLASS_NAME = "ChineseCLIP"
+TEXT_MAX_LENGTH = 77  # the Taiyi-CLIP training length (TAIYI.md §3)
+MAX_LOGIT_SCALE = 100.0
+
+# Zero-shot prompt templates: each label's embedding is the mean of its normalised template embeddings.
+ZH_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "一张{}的照片。",
+    "一张{}的图片。",
+    "{}的照片。",
+    "一幅{}的画。",
+    "一张模糊的{}的照片。",
+    "一张清晰的{}的照片。",
+    "一张{}的特写照片。",
+    "一张好看的{}的照片。",
+    "一张{}的黑白照片。",
+    "{}的图像。",
+    "这是{}。",
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def text_head_of(config) -> str:
+    """``"logits"`` for a classification head (feature = logits), ``"pooler"`` for a bare BertModel."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "logits"
+    return "pooler"
+
+
+def _resolve(model: str | os.PathLike) -> tuple[Path, str]:
+    from .models import resolve_model
+
+    return resolve_model(model)
+
+
+class ChineseCLIP(nn.Module):
+    """Chinese text tower + CLIP image tower, with encode / similarity / zero-shot / retrieval.
+
+    Build with :meth:`from_pretrained` (taiyi's folder), :meth:`from_taiyi` (a published Taiyi-CLIP
+    text tower + its image tower) or :func:`load_clip` (either, from a name, id or folder).
+
+    Args:
+        text_model: ``BertForSequenceClassification`` or ``BertModel``.
+        tokenizer: the text tower's ``BertTokenizer``.
+        vision_model: ``CLIPVisionModelWithProjection``.
+        image_processor: ``CLIPImageProcessor`` for the image tower.
+        text_head: ``"logits"`` or ``"pooler"``.
+        logit_scale: the log of the similarity temperature (CLIP: ln 100 after training).
+        max_length: text tokens (incl. [CLS]/[SEP]) read by the text tower.
+    """
+
+    def __init__(
+        self,
+        text_model: nn.Module,
+        tokenizer,
+        vision_model: nn.Module,
+        image_processor,
+        *,
+        text_head: str = "logits",
+        logit_scale: float = math.log(1 / 0.07),
+        max_length: int = TEXT_MAX_LENGTH,
+    ):
+        super().__init__()
+        if text_head not in ("logits", "pooler"):
+            raise ValueError(f"text_head must be 'logits' or 'pooler', not {text_head!r}")
+        self.text_model = text_model
+        self.tokenizer = tokenizer
+        self.vision_model = vision_model
+        self.image_processor = image_processor
+        self.text_head = text_head
+        self.max_length = max_length
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        text_dim, image_dim = self.text_dim, self.image_dim
+        if text_dim != image_dim:
+            raise ModelLoadError(
+                f"the text tower gives {text_dim}-d features but the image tower {image_dim}-d; pair the text "
+                "tower with the CLIP image model it was trained against"
+            )
+
+    # --- sizes and placement -----------------------------------------------------------------------
+    @property
+    def text_dim(self) -> int:
+        config = self.text_model.config
+        return config.num_labels if self.text_head == "logits" else config.hidden_size
+
+    @property
+    def image_dim(self) -> int:
+        return self.vision_model.config.projection_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision_model.parameters()).dtype
+
+    # --- differentiable features (training) --------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], *, normalize: bool = True) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask (B, L) on this model's device, L ≤ ``max_length``."""
+        from .prompts import normalize_prompt
+
+        texts = [normalize_prompt(t) if normalize else t for t in texts]
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised text features (B, D), with gradients if enabled."""
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if self.text_head == "logits" else out.pooler_output
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features (B, D) from pixel values (B, 3, H, W)."""
+        return self.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).image_embeds
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images → pixel values (B, 3, S, S) as the image tower expects."""
+        rgb = [im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    # --- inference API -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: str | Sequence[str], *, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D) in float32 on CPU.
+
+        Args:
+            texts: Chinese (or any) texts; prompt normalisation (``taiyi.prompts``) applies unless
+                ``normalize`` is False.
+            batch_size: texts per forward pass.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InvalidInputError("no texts to encode")
+        self.text_model.eval()
+        chunks = []
+        for i in range(0, len(texts), batch_size):
+            feats = self.text_features(**self.tokenize(texts[i : i + batch_size], normalize=normalize))
+            chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_image(self, images: Image.Image | Sequence[Image.Image], *, batch_size: int = 32) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) in float32 on CPU."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        if not images:
+            raise InvalidInputError("no images to encode")
+        self.vision_model.eval()
+        chunks = []
+        for i in range(0, len(images), batch_size):
+            feats = self.image_features(self.preprocess(images[i : i + batch_size]))
+            chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    def scale(self) -> float:
+        return float(self.logit_scale.detach().clamp(max=math.log(MAX_LOGIT_SCALE)).exp())
+
+    def similarity(self, images: Image.Image | Sequence[Image.Image], texts: str | Sequence[str]) -> torch.Tensor:
+        """``logit_scale.exp() × cosine`` between every image and every text: (n_images, n_texts)."""
+        return self.scale() * self.encode_image(images) @ self.encode_text(texts).T
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ZH_TEMPLATES) -> torch.Tensor:
+        """One normalised embedding per label: the mean of its normalised template embeddings (L, D)."""
+        if not labels:
+            raise InvalidInputError("no labels given")
+        if not templates or any("{}" not in t for t in templates):
+            raise InvalidInputError("every template must contain {} where the label goes")
+        rows = []
+        for label in labels:
+            embeds = self.encode_text([t.format(label) for t in templates])  # (T, D)
+            rows.append(F.normalize(embeds.mean(0), dim=-1))
+        return torch.stack(rows)
+
+    def zero_shot(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        labels: Sequence[str],
+        *,
+        templates: Sequence[str] = ZH_TEMPLATES,
+    ) -> torch.Tensor:
+        """Zero-shot class probabilities (n_images, n_labels) for Chinese ``labels``."""
+        logits = self.scale() * self.encode_image(images) @ self.label_embeddings(labels, templates).T
+        return logits.softmax(dim=-1)
+
+    def retrieve(
+        self, query: str | Image.Image | torch.Tensor, gallery: torch.Tensor, k: int = 10
+    ) -> tuple[list[int], list[float]]:
+        """Top-``k`` gallery rows for a text, an image or an embedding; returns (indices, cosines).
+
+        Args:
+            query: Chinese text, a PIL image, or a normalised embedding (D,).
+            gallery: normalised embeddings (N, D), e.g. from :meth:`encode_image`.
+        """
+        if isinstance(query, str):
+            q = self.encode_text([query])[0]
+        elif isinstance(query, Image.Image):
+            q = self.encode_image([query])[0]
+        else:
+            q = query.float()
+        if gallery.ndim != 2 or gallery.shape[1] != q.shape[-1]:
+            raise InvalidInputError(
+                f"gallery of shape {tuple(gallery.shape)} does not hold {q.shape[-1]}-d embeddings"
+            )
+        scores = gallery.float() @ q
+        top = scores.topk(min(k, len(scores)))
+        return top.indices.tolist(), top.values.tolist()
+
+    # --- saving and loading ------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "_class_name": CLASS_NAME,
+            "text_head": self.text_head,
+            "text_model_class": type(self.text_model).__name__,
+            "logit_scale": float(self.logit_scale.detach()),
+            "max_length": self.max_length,
+            "projection_dim": self.text_dim,
+        }
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write taiyi's single-folder format (safetensors), atomically: a temporary folder, then rename."""
+        from .tokenization import save_tokenizer_as_folder
+
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise InvalidInputError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        if not out_dir.parent.is_dir():
+            raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            self.text_model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            self.vision_model.save_pretrained(tmp / "image_encoder", safe_serialization=True)
+            self.image_processor.save_pretrained(tmp / "image_processor")
+            save_tokenizer_as_folder(self.tokenizer, tmp / "tokenizer", max_length=self.max_length)
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    def export_taiyi(self, out_dir: str | os.PathLike) -> Path:
+        """Write the text tower in the published Taiyi-CLIP layout (config, weights, ``vocab.txt``).
+
+        The result loads with ``BertForSequenceClassification``/``BertModel.from_pretrained`` and with
+        :meth:`from_taiyi` given the same image tower.
+        """
+        from .tokenization import save_tokenizer_as_folder
+
+        out_dir = Path(out_dir)
+        self.text_model.save_pretrained(out_dir, safe_serialization=True)
+        save_tokenizer_as_folder(self.tokenizer, out_dir, max_length=512)
+        return out_dir
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, allow_pickle: bool = False, device: str | torch.device | None = None
+    ) -> ChineseCLIP:
+        """Load taiyi's own folder format (see the module docstring)."""
+        from transformers import (
+            AutoConfig,
+            BertForSequenceClassification,
+            BertModel,
+            CLIPImageProcessor,
+            CLIPVisionModelWithProjection,
+        )
+
+        from .loading import check_weights
+        from .tokenization import check_tokenizer, load_chinese_tokenizer
+
+        folder = Path(folder)
+        config = _read_config(folder)
+        for sub in ("text_encoder", "image_encoder"):
+            if not (folder / sub).is_dir():
+                raise ModelLoadError(f"{folder} has no {sub}/ folder; it is not a complete Chinese CLIP")
+            check_weights(folder / sub, allow_pickle=allow_pickle)
+        text_cls = BertForSequenceClassification if config.get("text_head") == "logits" else BertModel
+        try:
+            AutoConfig.from_pretrained(folder / "text_encoder")
+            text_model = text_cls.from_pretrained(folder / "text_encoder", use_safetensors=not allow_pickle or None)
+            vision = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder")
+            processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
+            tokenizer = load_chinese_tokenizer(folder / "tokenizer", max_length=config.get("max_length", 77))
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the Chinese CLIP in {folder}: {_first_line(exc)}") from exc
+        check_tokenizer(tokenizer, text_model, where=str(folder))
+        model = cls(
+            text_model,
+            tokenizer,
+            vision,
+            processor,
+            text_head=config.get("text_head", text_head_of(text_model.config)),
+            logit_scale=config.get("logit_scale", math.log(100.0)),
+            max_length=config.get("max_length", TEXT_MAX_LENGTH),
+        )
+        return model.eval().to(_device(device))
+
+    @classmethod
+    def from_taiyi(
+        cls,
+        text_tower: str | os.PathLike,
+        image_tower: str | os.PathLike | None = None,
+        *,
+        allow_pickle: bool = False,
+        device: str | torch.device | None = None,
+        max_length: int = TEXT_MAX_LENGTH,
+    ) -> ChineseCLIP:
+        """Load a published Taiyi-CLIP text tower and its CLIP image tower.
+
+        Args:
+            text_tower: short name (``taiyi-clip-b32`` …), hub id or folder of the text tower.
+            image_tower: HF CLIP model (hub id or folder, ``CLIPModel`` layout); default: the one the
+                text tower was trained against (TAIYI.md table).
+        """
+        from transformers import AutoConfig, BertForSequenceClassification, BertModel, CLIPImageProcessor, CLIPModel
+
+        from .loading import check_weights
+        from .models import KNOWN_MODELS
+        from .tokenization import check_tokenizer, load_chinese_tokenizer
+
+        text_folder, text_name = _resolve(text_tower)
+        if image_tower is None:
+            info = next((m for m in KNOWN_MODELS.values() if text_name in (m.name, m.repo_id)), None)
+            if info is None or info.image_tower is None:
+                raise InvalidInputError(f"no default image tower is known for {text_name}; pass --image-tower")
+            image_tower = info.image_tower
+        image_folder, _ = _resolve(image_tower)
+        check_weights(text_folder, allow_pickle=allow_pickle)
+        check_weights(image_folder, allow_pickle=allow_pickle)
+        try:
+            config = AutoConfig.from_pretrained(text_folder)
+            head = text_head_of(config)
+            text_cls = BertForSequenceClassification if head == "logits" else BertModel
+            use_st = None if allow_pickle else True
+            text_model = text_cls.from_pretrained(text_folder, use_safetensors=use_st)
+            tokenizer = load_chinese_tokenizer(text_folder, max_length=max_length)
+            clip = CLIPModel.from_pretrained(image_folder, use_safetensors=use_st)
+            processor = CLIPImageProcessor.from_pretrained(image_folder)
+        except (ModelLoadError, InvalidInputError):
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load {text_name} with image tower {image_tower}: {_first_line(exc)}"
+            ) from exc
+        check_tokenizer(tokenizer, text_model, where=str(text_folder))
+        vision = _vision_with_projection(clip)
+        model = cls(
+            text_model,
+            tokenizer,
+            vision,
+            processor,
+            text_head=head,
+            logit_scale=float(clip.logit_scale.detach()),
+            max_length=max_length,
+        )
+        return model.eval().to(_device(device))
+
+
+def _vision_with_projection(clip) -> nn.Module:
+    """The image half of a ``CLIPModel`` as a standalone ``CLIPVisionModelWithProjection``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(**{**clip.config.vision_config.to_dict(), "projection_dim": clip.config.projection_dim})
+    vision = CLIPVisionModelWithProjection(config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return vision.eval()
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ModelLoadError(f"Chinese CLIP folder {folder} does not exist")
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{folder} has no config.json; it is not a Chinese CLIP folder") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON") from exc
+    if config.get("_class_name") != CLASS_NAME:
+        raise ModelLoadError(f"{folder} is not a taiyi Chinese CLIP folder (config.json names no ChineseCLIP)")
+    return config
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    from .loading import limit_threads, select_device
+
+    limit_threads()
+    return select_device(device)
+
+
+def load_clip(
+    model: str | os.PathLike,
+    *,
+    image_tower: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+) -> ChineseCLIP:
+    """Load a Chinese CLIP from taiyi's folder format, or a Taiyi-CLIP text tower (+ image tower).
+
+    Args:
+        model: a folder written by :meth:`ChineseCLIP.save_pretrained`, or a Taiyi-CLIP text tower
+            (short name such as ``taiyi-clip-b32``, hub id, or folder in the published layout).
+        image_tower: CLIP image model for a Taiyi text tower (default: the one it was trained against).
+        allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
+        device: ``auto``/None, ``cpu``, ``cuda``…
+    """
+    folder, _ = _resolve(model)
+    config = folder / CONFIG_NAME
+    if config.is_file() and '"ChineseCLIP"' in config.read_text(encoding="utf-8", errors="replace"):
+        return ChineseCLIP.from_pretrained(folder, allow_pickle=allow_pickle, device=device)
+    return ChineseCLIP.from_taiyi(model, image_tower, allow_pickle=allow_pickle, device=device)
