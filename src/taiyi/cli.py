@@ -319,6 +319,17 @@ def models() -> None:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
 
 
+def _register_subcommands() -> None:
+    from .clip_cli import clip_app
+    from .train.cli import train_app
+
+    app.add_typer(clip_app, name="clip")
+    app.add_typer(train_app, name="train")
+
+
+_register_subcommands()
+
+
 class _LineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         print(f"taiyi: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Training (extra ``[train]``): one module per objective; imported only by ``taiyi train``."""
