@@ -223,8 +223,10 @@ def edit(
 ) -> None:
     """Image to image: redraw IMAGE following a Chinese PROMPT."""
     from .io import load_image
+    from .pipeline import check_strength
 
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
+    check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
     with _Progress("editing") as bar:
@@ -271,8 +273,10 @@ def inpaint(
 ) -> None:
     """Inpainting: redraw the white part of MASK following a Chinese PROMPT; keep the rest."""
     from .io import load_image
+    from .pipeline import check_strength
 
     init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
+    check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
     with _Progress("inpainting") as bar:

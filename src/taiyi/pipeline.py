@@ -353,7 +353,7 @@ class TaiyiPipeline:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         self._require_plain_unet("image-to-image")
-        _check_strength(strength, steps)
+        check_strength(strength, steps)
         guidance = self.default_guidance if guidance is None else guidance
         prompts, negatives = self._prepare(
             prompt,
@@ -420,7 +420,7 @@ class TaiyiPipeline:
 
         from .io import load_image
 
-        _check_strength(strength, steps)
+        check_strength(strength, steps)
         if feather < 0:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
         guidance = self.default_guidance if guidance is None else guidance
@@ -515,7 +515,7 @@ class TaiyiPipeline:
         return GenerationResult([result.images[i]], [result.parameters[i]], result.nsfw[i : i + 1])
 
 
-def _check_strength(strength: float, steps: int) -> None:
+def check_strength(strength: float, steps: int) -> None:
     if not (0 < strength <= 1):
         raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
     if int(steps * strength) < 1:
