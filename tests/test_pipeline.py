@@ -538,3 +538,17 @@ def test_grid_is_written_beside_the_images(batch_of_two, pipe_zh, tmp_path):
     # One image: no grid.
     single = GenerationResult(batch_of_two.images[:1], batch_of_two.parameters[:1], [False])
     assert [p.name for p in single.save(tmp_path / "s.png", grid=True)] == ["s.png"]
+
+
+def test_generate_many_rows_equal_single_runs(pipe_zh):
+    rows = pipe_zh.generate_many(["山水", "夜晚的湖泊", "松树"], seeds=[1, 2, None], steps=3)
+    single = pipe_zh.generate("夜晚的湖泊", seed=2, steps=3)
+    diff = np.abs(np.asarray(rows.images[1], dtype=int) - np.asarray(single.images[0], dtype=int))
+    assert diff.max() <= 1
+    assert [p.prompt for p in rows.parameters] == ["山水", "夜晚的湖泊", "松树"]
+    assert rows.parameters[1].seed == 2 and rows.parameters[1].batch_size == 1
+    assert 0 <= rows.parameters[2].seed < 2**32  # a random seed, recorded
+    with pytest.raises(InvalidInputError):
+        pipe_zh.generate_many(["山", "水"], seeds=[1])
+    with pytest.raises(InvalidInputError):
+        pipe_zh.generate_many(["山", ""], seeds=[1, 2])

@@ -308,6 +308,75 @@ class TaiyiPipeline:
         )
         return GenerationResult(images, params, nsfw)
 
+    def generate_many(
+        self,
+        prompts: list[str],
+        *,
+        negative_prompts: list[str] | None = None,
+        seeds: list[int | None] | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        normalize: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Text-to-image for independent rows in one batched call (a server batching requests).
+
+        Row ``i`` draws one image from ``prompts[i]`` with its own generator seeded ``seeds[i]``, so
+        it equals ``generate(prompts[i], seed=seeds[i])`` up to float rounding of the batched UNet
+        call. Its parameters record it as a single image: re-rendering it is equal within rounding,
+        not bit-identical.
+
+        Args:
+            prompts: one prompt per image.
+            negative_prompts: one per image (default: none).
+            seeds: one per image; None entries get a random seed.
+            Other arguments as :meth:`generate`; they are shared by every row.
+        """
+        self._require_plain_unet("text-to-image")
+        n = len(prompts)
+        _check_range("rows", n, 1, MAX_IMAGES)
+        negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
+        seeds = list(seeds) if seeds is not None else [None] * n
+        if len(negative_prompts) != n or len(seeds) != n:
+            raise InvalidInputError("prompts, negative_prompts and seeds must have the same length")
+        guidance = self.default_guidance if guidance is None else guidance
+        width, height = width or self.default_size, height or self.default_size
+        validate_size(width, height)
+        texts, negatives = [], []
+        for prompt, negative in zip(prompts, negative_prompts, strict=True):
+            text, neg = self._prepare(
+                prompt,
+                negative,
+                steps=steps,
+                guidance=guidance,
+                scheduler=scheduler,
+                num_images=1,
+                normalize=normalize,
+            )
+            texts += text
+            negatives += neg
+        seeds = [seeds_for(s, 1)[0] for s in seeds]
+        images, nsfw = self._run(
+            self.sd,
+            prompts=texts,
+            negatives=negatives,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seeds=seeds,
+            progress=progress,
+            width=width,
+            height=height,
+        )
+        params = [
+            self._params(p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s])[0]
+            for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True)
+        ]
+        return GenerationResult(images, params, nsfw)
+
     @property
     def default_guidance(self) -> float:
         info = next((m for m in KNOWN_MODELS.values() if m.repo_id == self.model or m.name == self.model), None)
