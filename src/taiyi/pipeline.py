@@ -115,6 +115,20 @@ def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
     return binary * blurred.astype(np.float32) / 255.0
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The validated settings one generate / edit / inpaint call shares across its images."""
+
+    prompt: str  # as given (recorded in the metadata)
+    negative_prompt: str
+    prompts: list[str]  # normalised, one per image
+    negatives: list[str]
+    steps: int
+    guidance: float
+    scheduler: str
+    normalize: bool
+
+
 class TaiyiPipeline:
     """A loaded Stable Diffusion model (Chinese, bilingual or English text encoder) on one device.
 
@@ -183,6 +197,49 @@ class TaiyiPipeline:
             normalize=normalize,
         )
         return [replace(base, seed=s, batch_pos=i) for i, s in enumerate(seeds)]
+
+    def _job(self, prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize) -> _Job:
+        """Validate the arguments every task shares; the prompt is normalised once here."""
+        guidance = self.default_guidance if guidance is None else guidance
+        prompts, negatives = self._prepare(
+            prompt,
+            negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            num_images=num_images,
+            normalize=normalize,
+        )
+        return _Job(prompt, negative_prompt or "", prompts, negatives, steps, guidance, scheduler, normalize)
+
+    def _draw(self, job: _Job, pipe, seed, progress, *, size, strength=None, **call_kwargs) -> GenerationResult:
+        """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``."""
+        seeds = seeds_for(seed, len(job.prompts))
+        images, nsfw = self._run(
+            pipe,
+            prompts=job.prompts,
+            negatives=job.negatives,
+            steps=job.steps,
+            guidance=job.guidance,
+            scheduler=job.scheduler,
+            seeds=seeds,
+            progress=progress,
+            **({"strength": strength} if strength is not None else {}),
+            **call_kwargs,
+        )
+        params = self._params(
+            job.prompt,
+            job.negative_prompt,
+            job.steps,
+            job.guidance,
+            job.scheduler,
+            job.normalize,
+            size[0],
+            size[1],
+            strength,
+            seeds,
+        )
+        return GenerationResult(images, params, nsfw)
 
     def _prepare(
         self,
@@ -278,35 +335,10 @@ class TaiyiPipeline:
             progress: called with ``(step, total)`` after every denoising step.
         """
         self._require_plain_unet("text-to-image")
-        guidance = self.default_guidance if guidance is None else guidance
         width, height = width or self.default_size, height or self.default_size
         validate_size(width, height)
-        prompts, negatives = self._prepare(
-            prompt,
-            negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            num_images=num_images,
-            normalize=normalize,
-        )
-        seeds = seeds_for(seed, num_images)
-        images, nsfw = self._run(
-            self.sd,
-            prompts=prompts,
-            negatives=negatives,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            seeds=seeds,
-            progress=progress,
-            width=width,
-            height=height,
-        )
-        params = self._params(
-            prompt, negative_prompt or "", steps, guidance, scheduler, normalize, width, height, None, seeds
-        )
-        return GenerationResult(images, params, nsfw)
+        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize)
+        return self._draw(job, self.sd, seed, progress, size=(width, height), width=width, height=height)
 
     def generate_many(
         self,
@@ -423,36 +455,11 @@ class TaiyiPipeline:
 
         self._require_plain_unet("image-to-image")
         check_strength(strength, steps)
-        guidance = self.default_guidance if guidance is None else guidance
-        prompts, negatives = self._prepare(
-            prompt,
-            negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            num_images=num_images,
-            normalize=normalize,
-        )
+        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize)
         image, width, height = self._init_image(image, width, height)
-        seeds = seeds_for(seed, num_images)
-        pipe = self._sub_pipeline(StableDiffusionImg2ImgPipeline)
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
-        images, nsfw = self._run(
-            pipe,
-            prompts=prompts,
-            negatives=negatives,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            seeds=seeds,
-            progress=progress,
-            image=init,
-            strength=strength,
-        )
-        params = self._params(
-            prompt, negative_prompt or "", steps, guidance, scheduler, normalize, width, height, strength, seeds
-        )
-        return GenerationResult(images, params, nsfw)
+        pipe = self._sub_pipeline(StableDiffusionImg2ImgPipeline)
+        return self._draw(job, pipe, seed, progress, size=(width, height), strength=strength, image=init)
 
     def inpaint(
         self,
@@ -492,16 +499,7 @@ class TaiyiPipeline:
         check_strength(strength, steps)
         if feather < 0:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
-        guidance = self.default_guidance if guidance is None else guidance
-        prompts, negatives = self._prepare(
-            prompt,
-            negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            num_images=num_images,
-            normalize=normalize,
-        )
+        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize)
         image, width, height = self._init_image(image, None, None)
         if not isinstance(mask, Image.Image):
             mask = load_image(mask, mode="L", what="mask")
@@ -510,47 +508,30 @@ class TaiyiPipeline:
             raise InvalidInputError(
                 f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
             )
-        seeds = seeds_for(seed, num_images)
         pipe = self._sub_pipeline(StableDiffusionInpaintPipeline)
         size = (width, height)
         work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
         work_mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
-        raw, nsfw = self._run(
+        result = self._draw(
+            job,
             pipe,
-            prompts=prompts,
-            negatives=negatives,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            seeds=seeds,
-            progress=progress,
+            seed,
+            progress,
+            size=image.size,
+            strength=strength,
             image=work_image,
             mask_image=work_mask,
-            strength=strength,
             width=width,
             height=height,
         )
         alpha = feather_mask(mask, feather)[..., None]  # (H, W, 1), 0 outside the mask
         original = np.asarray(image, dtype=np.float32)
-        images = []
-        for generated in raw:
+        for k, generated in enumerate(result.images):
             if generated.size != image.size:
                 generated = generated.resize(image.size, Image.LANCZOS)
             blended = original * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
-            images.append(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)))
-        params = self._params(
-            prompt,
-            negative_prompt or "",
-            steps,
-            guidance,
-            scheduler,
-            normalize,
-            image.width,
-            image.height,
-            strength,
-            seeds,
-        )
-        return GenerationResult(images, params, nsfw)
+            result.images[k] = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+        return result
 
     def rerender(self, params: GenerationParameters, *, progress: ProgressCallback | None = None) -> GenerationResult:
         """Draw again the text-to-image picture ``params`` describes (bit-identical on the same machine).
