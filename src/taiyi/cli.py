@@ -30,28 +30,25 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# Options shared by generate / edit / inpaint (one definition each, used by every command).
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Short name, hub id or local folder.")]
-Negative = Annotated[str | None, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
-Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (1-1000).")]
-Guidance = Annotated[float | None, typer.Option("--guidance", "-g", help="CFG scale (default: the model's).")]
-Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Seed of the first image; image i uses seed+i.")]
-NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per prompt.")]
-Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]
-Height = Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8, 64-2048.")]
-Scheduler = Annotated[
-    str, typer.Option("--scheduler", help="dpm++, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc.")
-]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Output = Annotated[
-    str | None, typer.Option("--output", "-o", help="A .png file or an existing folder (default outputs/).")
-]
-Grid = Annotated[bool, typer.Option("--grid", help="Also write all images as one grid.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-NoSafety = Annotated[bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")]
-NoNormalize = Annotated[bool, typer.Option("--no-normalize", help="Use the prompt exactly as typed.")]
-AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (can run code).")]
+from .cli_options import (  # noqa: E402  (after the click import fallback)
+    AllowPickle,
+    Device,
+    Dtype,
+    Grid,
+    Guidance,
+    Height,
+    Model,
+    Negative,
+    NoNormalize,
+    NoSafety,
+    NumImages,
+    Output,
+    Overwrite,
+    Scheduler,
+    Seed,
+    Steps,
+    Width,
+)
 
 DEFAULT_STEPS = 25  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
 DEFAULT_SCHEDULER = "dpm++"

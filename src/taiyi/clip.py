@@ -35,6 +35,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import InvalidInputError, ModelLoadError
+from .io import DIR_MODE
 
 logger = logging.getLogger("taiyi")
 
@@ -273,6 +274,7 @@ class ChineseCLIP(nn.Module):
         if not out_dir.parent.is_dir():
             raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        os.chmod(tmp, DIR_MODE)
         try:
             self.text_model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.vision_model.save_pretrained(tmp / "image_encoder", safe_serialization=True)
@@ -458,5 +460,7 @@ def load_clip(
     folder, _ = _resolve(model)
     config = folder / CONFIG_NAME
     if config.is_file() and '"ChineseCLIP"' in config.read_text(encoding="utf-8", errors="replace"):
+        if image_tower is not None:  # it would be ignored: the folder holds its own image tower
+            raise InvalidInputError(f"{model} is a complete Chinese CLIP with its own image tower; drop --image-tower")
         return ChineseCLIP.from_pretrained(folder, allow_pickle=allow_pickle, device=device)
     return ChineseCLIP.from_taiyi(model, image_tower, allow_pickle=allow_pickle, device=device)

@@ -13,6 +13,17 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidInputError, OutputError
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the user's usual permissions.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
 MAX_INPUT_PIXELS = 4096 * 4096  # larger inputs are refused rather than decoded (decompression bombs)
 
 
@@ -45,6 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     check_output_file(path, overwrite=overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
