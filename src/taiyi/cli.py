@@ -322,10 +322,12 @@ def models() -> None:
 
 def _register_subcommands() -> None:
     from .clip_cli import clip_app
+    from .serve_cli import serve
     from .train.cli import train_app
 
     app.add_typer(clip_app, name="clip")
     app.add_typer(train_app, name="train")
+    app.command("serve")(serve)
 
 
 _register_subcommands()

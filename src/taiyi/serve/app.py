@@ -1,0 +1,755 @@
+"""The FastAPI application: OpenAI-shaped image API, CLIP API, health, metrics and the web page.
+
+:func:`create_app` builds it around one loaded pipeline (and optionally a Chinese CLIP and a CLIP index);
+:func:`make_server` wraps it in uvicorn with a shutdown that drains or rejects queued work explicitly.
+
+Endpoints (all errors are ``{"error": {"message", "type", "param", "code"}}``):
+
+- ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart): OpenAI's shapes, answered
+  with ``b64_json`` PNGs carrying the ``parameters`` chunk, and the seed of every image.
+- ``POST /v1/clip/score``, ``/v1/clip/classify``, ``/v1/clip/search``: when a CLIP model (and index) is configured.
+- ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /openapi.json``, ``GET /`` (web page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import TaiyiError
+from .config import ServeConfig
+from .errors import APIError, bad_request, default_code, error_body
+from .jobs import GenerationSpec, abort_progress, run_chunked, run_generations
+from .limits import (
+    check_float,
+    check_int,
+    check_model,
+    check_response_format,
+    check_sampling,
+    check_seeds,
+    check_text,
+    decode_base64_image,
+    decode_image,
+    has_transparency,
+    mask_from_upload,
+    parse_size,
+)
+from .metrics import CONTENT_TYPE, Metrics
+from .middleware import GuardMiddleware
+from .schemas import (
+    ClipClassifyRequest,
+    ClipClassifyResponse,
+    ClipScoreRequest,
+    ClipScoreResponse,
+    ClipSearchRequest,
+    ClipSearchResponse,
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+)
+from .worker import Aborted, Job, QueueFull, ShuttingDown, Worker
+
+logger = logging.getLogger("taiyi.serve")
+
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+)
+THUMBNAIL_SIDE = 256
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Invalid request (the message names the field and the limit)",
+        401: "Missing or wrong API key",
+        404: "Unknown model, or the feature is not configured",
+        413: "Request body over the upload limit",
+        415: "Upload is not a PNG, JPEG or WebP image",
+        429: "Queue full; retry after Retry-After seconds",
+        503: "Shutting down",
+        504: "Timed out",
+    }.items()
+}
+
+# Documents the bearer key in the OpenAPI schema; the check itself runs in GuardMiddleware, before the body.
+_bearer = HTTPBearer(auto_error=False, description="The key given to taiyi serve --api-key (if any).")
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nothing is sent back."""
+
+
+@dataclass
+class ServeState:
+    """What the endpoints share; ``app.state.taiyi``."""
+
+    config: ServeConfig
+    pipe: Any
+    model_name: str
+    worker: Worker
+    metrics: Metrics
+    clip: Any = None
+    clip_name: str | None = None
+    index: Any = None
+
+
+def public_name(model: str) -> str:
+    """The id clients see: a local folder by its name only (the server's paths are nobody's business)."""
+    path = Path(model)
+    return path.name if path.is_dir() else model
+
+
+def create_app(
+    config: ServeConfig | None = None,
+    *,
+    pipeline: Any = None,
+    clip: Any = None,
+    clip_index: Any = None,
+) -> FastAPI:
+    """Build the app around a loaded pipeline (loading ``config.model`` when none is given).
+
+    Args:
+        config: limits and switches; default :class:`ServeConfig()`.
+        pipeline: a :class:`~taiyi.pipeline.TaiyiPipeline` (or anything with its ``generate_many``/``edit``/
+            ``inpaint``, ``model``, ``default_size`` and ``default_guidance``). Only the worker thread calls it.
+        clip: a :class:`~taiyi.clip.ChineseCLIP`; default: loaded from ``config.clip_model`` if set.
+        clip_index: a :class:`~taiyi.clip_index.ClipIndex`; default: loaded from ``config.clip_index`` if set.
+
+    The worker thread starts with the app's lifespan (or with the first request) and stops with it.
+    """
+    config = (config or ServeConfig()).check()
+    if pipeline is None:
+        from ..pipeline import load_pipeline
+
+        pipeline = load_pipeline(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            safety_checker=config.safety_checker,
+            allow_pickle=config.allow_pickle,
+        )
+        pipeline.model = public_name(pipeline.model)  # what the images' metadata records
+    clip_name = None
+    if clip is None and config.clip_model:
+        from ..clip import load_clip
+
+        clip = load_clip(config.clip_model, allow_pickle=config.allow_pickle, device=config.device)
+    if clip is not None:
+        clip_name = public_name(config.clip_model) if config.clip_model else "clip"
+    if clip_index is None and config.clip_index:
+        from ..clip_index import load_index
+
+        clip_index = load_index(config.clip_index)
+    if clip_index is not None:
+        from ..clip_index import check_same_image_tower
+
+        if clip is None:
+            raise TaiyiError("a CLIP index needs a CLIP model; pass --clip-model")
+        check_same_image_tower(clip_index, clip, clip_name or "the CLIP model")
+
+    def execute(jobs: list[Job], should_abort) -> list[Any]:
+        if jobs[0].kind == "generate":
+            return run_generations(pipeline, jobs, should_abort, config.max_batch)
+        return [jobs[0].payload(should_abort)]
+
+    metrics = Metrics(lambda: worker.depth(), config.queue_size, config.max_batch)  # read at scrape time
+    worker = Worker(
+        execute,
+        max_batch=config.max_batch,
+        queue_size=config.queue_size,
+        batch_wait=config.batch_wait,
+        metrics=metrics,
+    )
+    state = ServeState(
+        config=config,
+        pipe=pipeline,
+        model_name=public_name(str(pipeline.model)),
+        worker=worker,
+        metrics=metrics,
+        clip=clip,
+        clip_name=clip_name,
+        index=clip_index,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        logger.info("serving %s (max batch %d, queue %d)", state.model_name, config.max_batch, config.queue_size)
+        try:
+            yield
+        finally:
+            worker.close(config.shutdown_grace)
+            await anyio.to_thread.run_sync(worker.join)
+
+    app = FastAPI(
+        title="taiyi",
+        summary="Chinese-native text-to-image: OpenAI-compatible images API, Chinese CLIP, and a web page.",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI loads from a CDN; the schema itself is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.taiyi = state
+    _install_error_handlers(app, metrics)
+    _add_routes(app, state)
+
+    route_paths: list[frozenset[str]] = []
+
+    def routes() -> frozenset[str]:
+        if not route_paths:
+            route_paths.append(frozenset(getattr(r, "path", "") for r in app.routes))
+        return route_paths[0]
+
+    app.add_middleware(
+        GuardMiddleware, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=metrics, routes=routes
+    )
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    return app
+
+
+def _version() -> str:
+    from ..metadata import _version as taiyi_version
+
+    return taiyi_version().removeprefix("taiyi ").strip() or "0"
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def answer(status: int, message: str, code: str, param: str | None = None, headers=None) -> JSONResponse:
+        metrics.error(code)
+        return JSONResponse(error_body(message, status, code=code, param=param), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return answer(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(TaiyiError)
+    async def taiyi_error(request: Request, exc: TaiyiError) -> JSONResponse:
+        return answer(400, str(exc), "invalid_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, code, param = _describe_validation(exc.errors())
+        return answer(400, message, code, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 413:
+            headers["Connection"] = "close"  # the rest of the body is not read
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path[:200]}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path[:200]}"
+        return answer(exc.status_code, message, default_code(exc.status_code), None, headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        metrics.error("client_disconnected")
+        return Response(status_code=499)  # nobody reads it (nginx's code for "client closed request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        logger.error("%s internal error: %s", request_id, exc, exc_info=exc)
+        return answer(500, f"internal server error (request id {request_id}); see the server log", "internal_error")
+
+
+def _describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
+    """Pydantic's errors → one line, a code and the field."""
+    if not errors:
+        return "invalid request", "invalid_request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "form")]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"request body is not valid JSON ({detail}); send a JSON object", "invalid_json", None
+    if kind == "extra_forbidden":
+        return f"unknown parameter {param!r}; see /openapi.json for the accepted fields", "unknown_parameter", param
+    if kind == "missing":
+        return f"{param or 'the request body'} is required", "missing_parameter", param
+    if param is None:
+        return f"request body: {first.get('msg', 'invalid')}; send a JSON object", "invalid_request", None
+    return f"{param}: {first.get('msg', 'invalid value')}", "invalid_value", param
+
+
+# --- queueing ----------------------------------------------------------------------------------------------
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only ``http.disconnect`` can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # mark it retrieved: nobody waits for an abandoned job's outcome
+
+
+async def run_job(request: Request, state: ServeState, job: Job) -> Any:
+    """Queue ``job`` and wait for it, answering 429 / 503 / 504 / nothing (client gone) as the case may be."""
+    scope_state = request.scope.get("state", {})
+    job.request_id = scope_state.get("request_id", "-")
+    try:
+        state.worker.submit(job)
+    except QueueFull as exc:
+        raise APIError(
+            429, str(exc), code="queue_full", headers={"Retry-After": str(state.worker.retry_after())}
+        ) from None
+    except ShuttingDown as exc:
+        raise APIError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"}) from None
+    future = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    arrived = scope_state.get("arrived", time.monotonic())
+    remaining = state.config.timeout - (time.monotonic() - arrived)
+    try:
+        done, _ = await asyncio.wait({future, gone}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        job.abandon()
+        raise
+    finally:
+        gone.cancel()
+    if future in done:
+        try:
+            return future.result()
+        except ShuttingDown as exc:
+            raise APIError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"}) from None
+        except Aborted:
+            raise APIError(504, "the request was abandoned", code="timeout") from None
+        except TaiyiError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        except Exception as exc:
+            raise APIError(
+                500,
+                f"the model failed on this request (request id {job.request_id}): {type(exc).__name__}",
+                code="internal_error",
+            ) from None
+    queued = job.abandon()
+    future.add_done_callback(_consume)
+    if gone in done:
+        logger.info(
+            "%s client disconnected %s", job.request_id, "before its turn: dropped" if queued else "while computing"
+        )
+        raise ClientGone()
+    raise APIError(
+        504,
+        f"the request took longer than this server's limit of {state.config.timeout:g} s "
+        f"({'still queued' if queued else 'while computing'}); retry later, or ask for fewer images or steps",
+        code="timeout",
+    )
+
+
+# --- encoding ---------------------------------------------------------------------------------------------
+def _encode_results(result, revised: list[str]) -> list[dict[str, Any]]:
+    from ..metadata import pnginfo
+
+    data = []
+    for image, params, prompt in zip(result.images, result.parameters, revised, strict=True):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=pnginfo(params))
+        data.append(
+            {
+                "b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                "revised_prompt": prompt,
+                "seed": params.seed,
+                "parameters": params.to_text(),
+            }
+        )
+    return data
+
+
+async def _images_response(state: ServeState, result, revised: str) -> JSONResponse:
+    data = await anyio.to_thread.run_sync(_encode_results, result, [revised] * len(result.images))
+    state.metrics.images.inc(len(data))
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def _thumbnail(path: Path) -> str | None:
+    from ..io import load_image
+
+    try:
+        image = load_image(path)
+    except TaiyiError:
+        return None  # deleted or broken since it was indexed
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- routes -----------------------------------------------------------------------------------------------
+def _add_routes(app: FastAPI, state: ServeState) -> None:
+    config = state.config
+    auth = [Depends(_bearer)]
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["images"],
+        summary="Text to image (OpenAI's images API)",
+    )
+    async def create_images(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+        check_model(body.model, state.model_name)
+        check_response_format(body.response_format)
+        n = check_int("n", body.n, 1, config.max_n, why=" on this server")
+        revised = check_text("prompt", body.prompt, config.max_prompt_chars, required=True)
+        check_text("negative_prompt", body.negative_prompt, config.max_prompt_chars, required=False)
+        default = state.pipe.default_size
+        width, height = parse_size(body.size or f"{default}x{default}", config.max_side)
+        sampling = check_sampling(body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe)
+        spec = GenerationSpec(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt or "",
+            seeds=check_seeds(body.seed, n),
+            sampling=sampling,
+            width=width,
+            height=height,
+        )
+        job = Job("generate", spec, rows=n, key=spec.key(state.model_name))
+        result = await run_job(request, state, job)
+        return await _images_response(state, result, revised)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["images"],
+        summary="Edit or inpaint an image (OpenAI's images API, multipart)",
+        description=(
+            "Without a mask (and with an opaque image) the whole image is redrawn (image-to-image, strength "
+            "default 0.6). With a mask, only its edit area is redrawn (inpainting, strength default 1.0). Mask "
+            "conventions: OpenAI's first — transparent pixels (alpha < 128) are the area to edit; a mask with no "
+            "transparency (L, RGB or opaque RGBA) is read as taiyi's: white = redraw, black = keep. Without a "
+            "mask, an image with transparent pixels uses them as the mask, as OpenAI does."
+        ),
+    )
+    async def edit_images(
+        request: Request,
+        image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; at most 4096x4096.")],
+        prompt: Annotated[str, Form(description="What the edited image (or the masked area) should show.")],
+        mask: Annotated[UploadFile | None, File(description="Same size as the image; see above.")] = None,
+        n: Annotated[int, Form()] = 1,
+        size: Annotated[str | None, Form(description='"WxH": resize the image (and mask) first.')] = None,
+        response_format: Annotated[str, Form()] = "b64_json",
+        model: Annotated[str | None, Form()] = None,
+        user: Annotated[str | None, Form()] = None,
+        negative_prompt: Annotated[str | None, Form()] = None,
+        seed: Annotated[int | None, Form()] = None,
+        steps: Annotated[int | None, Form()] = None,
+        guidance: Annotated[float | None, Form()] = None,
+        scheduler: Annotated[str | None, Form()] = None,
+        strength: Annotated[float | None, Form(description="In (0, 1]; default 0.6, or 1.0 with a mask.")] = None,
+    ) -> JSONResponse:
+        check_model(model, state.model_name)
+        check_response_format(response_format)
+        n = check_int("n", n, 1, config.max_n, why=" on this server")
+        revised = check_text("prompt", prompt, config.max_prompt_chars, required=True)
+        check_text("negative_prompt", negative_prompt, config.max_prompt_chars, required=False)
+        sampling = check_sampling(steps, guidance, scheduler, config=config, pipe=state.pipe)
+        seeds = check_seeds(seed, n)
+        target = parse_size(size, config.max_side) if size else None
+        image_bytes = await image.read()
+        mask_bytes = await mask.read() if mask is not None else None
+        picture, redraw = await anyio.to_thread.run_sync(
+            _prepare_edit, image_bytes, mask_bytes, target, config.max_side
+        )
+        if strength is None:
+            strength = 1.0 if redraw is not None else 0.6  # the library's defaults for inpaint / edit
+        strength = check_float("strength", strength, 0, 1, low_open=True)
+        if int(sampling.steps * strength) < 1:
+            raise bad_request(
+                f"strength {strength:g} × {sampling.steps} steps leaves no denoising step; raise either",
+                param="strength",
+            )
+        pipe = state.pipe
+        common = dict(
+            negative_prompt=negative_prompt or None,
+            steps=sampling.steps,
+            guidance=sampling.guidance,
+            scheduler=sampling.scheduler,
+        )
+
+        def run(should_abort) -> Any:
+            progress = abort_progress(should_abort)
+            if redraw is None:
+                call = lambda **kw: pipe.edit(picture, prompt, strength=strength, progress=progress, **common, **kw)  # noqa: E731
+            else:
+                call = lambda **kw: pipe.inpaint(  # noqa: E731
+                    picture, redraw, prompt, strength=strength, progress=progress, **common, **kw
+                )
+            return run_chunked(call, seeds, config.max_batch)
+
+        result = await run_job(request, state, Job("edit" if redraw is None else "inpaint", run, rows=n))
+        return await _images_response(state, result, revised)
+
+    def require_clip(index: bool = False) -> None:
+        if state.clip is None:
+            raise APIError(
+                404,
+                "CLIP is not enabled on this server; start it with --clip-model (a Chinese CLIP folder or name)",
+                code="clip_not_configured",
+            )
+        if index and state.index is None:
+            raise APIError(
+                404,
+                "no CLIP index is configured; build one with taiyi clip index DIR --out INDEX and start the server "
+                "with --clip-index INDEX",
+                code="clip_index_not_configured",
+            )
+
+    def check_items(name: str, items: list[str]) -> None:
+        if not 1 <= len(items) <= config.max_clip_items:
+            raise bad_request(f"{name} must hold 1 to {config.max_clip_items} items, not {len(items)}", param=name)
+
+    def check_texts(name: str, texts: list[str]) -> None:
+        check_items(name, texts)
+        for i, text in enumerate(texts):
+            check_text(f"{name}[{i}]", text, config.max_prompt_chars, required=True)
+
+    async def decode_all(images: list[str]) -> list[Image.Image]:
+        check_items("images", images)
+        return await anyio.to_thread.run_sync(
+            lambda: [decode_base64_image(b, param=f"images[{i}]").convert("RGB") for i, b in enumerate(images)]
+        )
+
+    @app.post(
+        "/v1/clip/score",
+        response_model=ClipScoreResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["clip"],
+        summary="Similarity of images and Chinese texts",
+    )
+    async def clip_score(body: ClipScoreRequest, request: Request) -> dict[str, Any]:
+        require_clip()
+        check_texts("texts", body.texts)
+        images = await decode_all(body.images)
+        clip = state.clip
+
+        def run(should_abort) -> Any:
+            scores = clip.similarity(images, body.texts)  # (n_images, n_texts)
+            return scores, scores / clip.scale()
+
+        scores, cosine = await run_job(request, state, Job("clip", run, rows=len(images)))
+        return {"model": state.clip_name, "scores": scores.tolist(), "cosine": cosine.tolist()}
+
+    @app.post(
+        "/v1/clip/classify",
+        response_model=ClipClassifyResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["clip"],
+        summary="Zero-shot classification with Chinese labels",
+    )
+    async def clip_classify(body: ClipClassifyRequest, request: Request) -> dict[str, Any]:
+        require_clip()
+        check_texts("labels", body.labels)
+        if body.templates is not None:
+            check_texts("templates", body.templates)
+            if any("{}" not in t for t in body.templates):
+                raise bad_request("every template must contain {} where the label goes", param="templates")
+        images = await decode_all(body.images)
+        clip = state.clip
+
+        def run(should_abort) -> Any:
+            if body.templates is None:
+                return clip.zero_shot(images, body.labels)
+            return clip.zero_shot(images, body.labels, templates=body.templates)
+
+        probs = await run_job(request, state, Job("clip", run, rows=len(images)))
+        data = [
+            {"index": i, "label": body.labels[int(row.argmax())], "probs": row.tolist()} for i, row in enumerate(probs)
+        ]
+        return {"model": state.clip_name, "labels": body.labels, "data": data}
+
+    @app.post(
+        "/v1/clip/search",
+        response_model=ClipSearchResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["clip"],
+        summary="Search the indexed folder with a Chinese text",
+    )
+    async def clip_search(body: ClipSearchRequest, request: Request) -> dict[str, Any]:
+        require_clip(index=True)
+        check_text("query", body.query, config.max_prompt_chars, required=True)
+        k = check_int("k", body.k, 1, 100)
+        clip, index = state.clip, state.index
+
+        def run(should_abort) -> Any:
+            return clip.retrieve(body.query, index.embeddings, k)
+
+        rows, scores = await run_job(request, state, Job("clip", run, rows=1))
+        thumbs = await anyio.to_thread.run_sync(lambda: [_thumbnail(index.path_of(r)) for r in rows])
+        data = [
+            {"rank": i + 1, "score": float(s), "path": index.files[r]["path"], "thumbnail": t}
+            for i, (r, s, t) in enumerate(zip(rows, scores, thumbs, strict=True))
+        ]
+        return {"model": state.clip_name, "data": data}
+
+    @app.get("/v1/models", dependencies=auth, tags=["meta"], summary="The served model (OpenAI's shape)")
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "taiyi"}],
+        }
+
+    @app.get("/healthz", tags=["meta"], summary="Liveness, limits and what the server offers (no key needed)")
+    async def healthz() -> JSONResponse:
+        from ..pipeline import DEFAULT_STEPS
+        from ..schedulers import SCHEDULERS
+
+        worker = state.worker
+        ok = not worker.closing and (worker.alive or not worker.started)
+        body = {
+            "status": "ok" if ok else "shutting_down",
+            "model": state.model_name,
+            "queue_depth": worker.depth(),
+            "queue_size": config.queue_size,
+            "max_batch": config.max_batch,
+            "auth": config.api_key is not None,
+            "clip": state.clip is not None,
+            "clip_index": state.index is not None,
+            "default_size": state.pipe.default_size,
+            "default_steps": DEFAULT_STEPS,
+            "default_guidance": state.pipe.default_guidance,
+            "schedulers": list(SCHEDULERS),
+            "limits": {
+                "max_n": config.max_n,
+                "max_side": config.max_side,
+                "max_steps": config.max_steps,
+                "max_upload_bytes": config.max_upload_bytes,
+            },
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", dependencies=auth, tags=["meta"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    page = _static("index.html")
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=_page_headers())
+
+    for name, media_type in STATIC_FILES.items():
+        app.add_api_route(f"/static/{name}", _static_route(_static(name), media_type), include_in_schema=False)
+
+
+def _page_headers() -> dict[str, str]:
+    return {"Content-Security-Policy": PAGE_CSP, "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("taiyi.serve") / "static" / name).read_bytes()
+
+
+def _static_route(content: bytes, media_type: str):
+    # Fixed files read once at start-up: no path ever comes from the client.
+    async def static_file() -> Response:
+        return Response(content, media_type=media_type, headers=_page_headers())
+
+    return static_file
+
+
+def _prepare_edit(
+    image_bytes: bytes, mask_bytes: bytes | None, target: tuple[int, int] | None, max_side: int
+) -> tuple[Image.Image, Image.Image | None]:
+    """Decoded RGB image and taiyi mask (None: no mask, plain image-to-image), at the requested size."""
+    picture = decode_image(image_bytes, param="image")
+    redraw = None
+    if mask_bytes is not None:
+        mask_image = decode_image(mask_bytes, param="mask")
+        if mask_image.size != picture.size:
+            raise bad_request(
+                f"mask is {mask_image.width}x{mask_image.height} but the image is {picture.width}x{picture.height}; "
+                "they must match",
+                param="mask",
+                code="invalid_mask",
+            )
+        redraw = mask_from_upload(mask_image)
+    elif has_transparency(picture):
+        redraw = mask_from_upload(picture)  # OpenAI: without a mask, the image's transparent pixels are edited
+    picture = picture.convert("RGB")
+    if target is not None:
+        if picture.size != target:
+            picture = picture.resize(target, Image.LANCZOS)
+            redraw = redraw.resize(target, Image.NEAREST) if redraw is not None else None
+    elif not (64 <= picture.width <= max_side and 64 <= picture.height <= max_side):
+        raise bad_request(
+            f"image is {picture.width}x{picture.height}; each side must be 64 to {max_side} pixels on this server — "
+            "pass size (e.g. 512x512) to resize it",
+            param="image",
+            code="invalid_image",
+        )
+    if redraw is not None and not redraw.getbbox():
+        raise bad_request(
+            "the mask marks nothing to edit: make the area to redraw transparent (or white in an opaque mask)",
+            param="mask",
+            code="invalid_mask",
+        )
+    return picture, redraw
+
+
+def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs):
+    """A uvicorn server for ``app`` whose shutdown first stops the worker's intake.
+
+    On SIGINT/SIGTERM (or ``server.should_exit = True``) new requests get 503 at once, queued ones are still
+    computed for ``config.shutdown_grace`` seconds and then answered 503, the running batch finishes, and the
+    process exits once every client has its answer.
+    """
+    import uvicorn
+
+    state: ServeState = app.state.taiyi
+
+    class TaiyiServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            logger.info(
+                "shutting down: %d request(s) queued, %.0f s grace", state.worker.depth(), state.config.shutdown_grace
+            )
+            state.worker.close(state.config.shutdown_grace)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,  # GuardMiddleware logs every request with its id
+        limit_concurrency=max(256, 4 * state.config.queue_size),
+        **kwargs,
+    )
+    return TaiyiServer(config)

@@ -1,0 +1,207 @@
+"""Checks of what clients send, before anything is queued: one-line 4xx errors naming the field and the limit.
+
+Everything a request asks of the model is checked here (against the server's caps, which are tighter than
+the library's), so a batch of several requests never fails because of one of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InvalidInputError
+from ..io import MAX_INPUT_PIXELS
+from ..pipeline import MAX_SEED, MIN_SIDE
+from .config import ServeConfig
+from .errors import APIError, bad_request
+
+# Formats accepted as uploads, by what the bytes are (never by the client's file name or Content-Type).
+UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_SIZE = re.compile(r"\s*(\d{1,7})\s*[xX×*]\s*(\d{1,7})\s*")
+
+
+def check_int(name: str, value: int, low: int, high: int, *, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{name} must be a whole number, not {value!r}", param=name)
+    if not low <= value <= high:
+        raise bad_request(f"{name} must be between {low} and {high}{why}, not {value}", param=name)
+    return value
+
+
+def check_float(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
+    value = float(value)
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:  # also refuses NaN
+        interval = f"({low:g}, {high:g}]" if low_open else f"between {low:g} and {high:g}"
+        raise bad_request(f"{name} must be {'in ' if low_open else ''}{interval}, not {value:g}", param=name)
+    return value
+
+
+def parse_size(text: str, max_side: int, *, param: str = "size") -> tuple[int, int]:
+    """``"WxH"`` → (W, H), each a multiple of 8 between 64 and ``max_side``."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise APIError(
+            400, f'size must look like "512x512" (width x height), not {text!r}', code="invalid_size", param=param
+        )
+    width, height = int(match[1]), int(match[2])
+    for side, value in (("width", width), ("height", height)):
+        if not MIN_SIDE <= value <= max_side:
+            raise APIError(
+                400,
+                f"size {width}x{height}: the {side} must be between {MIN_SIDE} and {max_side} pixels on this server",
+                code="invalid_size",
+                param=param,
+            )
+        if value % 8:
+            near = max(MIN_SIDE, round(value / 8) * 8)
+            raise APIError(
+                400,
+                f"size {width}x{height}: the {side} must be a multiple of 8, e.g. {near}",
+                code="invalid_size",
+                param=param,
+            )
+    return width, height
+
+
+def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -> str:
+    """A prompt-like field: present when required, within the length cap; returns it normalised."""
+    from ..prompts import check_prompt, normalize_prompt
+
+    if text is None or (not required and text == ""):
+        if required:
+            raise bad_request(f"{name} is required", param=name, code="missing_parameter")
+        return ""
+    if len(text) > max_chars:
+        raise bad_request(f"{name} is {len(text)} characters long; the limit is {max_chars}", param=name)
+    try:
+        normalized = normalize_prompt(text)
+        return check_prompt(normalized) if required else normalized
+    except InvalidInputError as exc:
+        raise bad_request(str(exc), param=name) from None
+
+
+def check_response_format(value: str | None) -> None:
+    if value not in (None, "b64_json"):
+        raise bad_request(
+            f"response_format {value!r} is not supported: this server returns images inline only; use b64_json",
+            param="response_format",
+            code="unsupported_response_format",
+        )
+
+
+def check_scheduler(name: str | None) -> str:
+    from ..schedulers import DEFAULT_SCHEDULER, scheduler_spec
+
+    try:
+        return scheduler_spec(name or DEFAULT_SCHEDULER).name
+    except InvalidInputError as exc:
+        raise bad_request(str(exc), param="scheduler") from None
+
+
+def check_seeds(seed: int | None, n: int) -> tuple[int, ...]:
+    """The per-image seeds ``S, S+1, ...`` (random ``S`` when none is given), as the library numbers them."""
+    from ..pipeline import seeds_for
+
+    if seed is not None:
+        check_int("seed", seed, 0, MAX_SEED - n)
+    return tuple(seeds_for(seed, n))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings a request shares with the requests it may be batched with."""
+
+    steps: int
+    guidance: float
+    scheduler: str
+
+
+def check_sampling(
+    steps: int | None, guidance: float | None, scheduler: str | None, *, config: ServeConfig, pipe
+) -> Sampling:
+    from ..pipeline import DEFAULT_STEPS
+
+    steps = check_int("steps", DEFAULT_STEPS if steps is None else steps, 1, config.max_steps, why=" on this server")
+    guidance = check_float("guidance", pipe.default_guidance if guidance is None else guidance, 0.0, 100.0)
+    return Sampling(steps, guidance, check_scheduler(scheduler))
+
+
+def check_model(model: str | None, served: str) -> None:
+    if model is not None and model != served:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; this server serves {served!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+# --- uploads -------------------------------------------------------------------------------------------
+def decode_image(data: bytes, *, param: str) -> Image.Image:
+    """Bytes of an upload → a fully decoded image; 415 for what is not a PNG/JPEG/WebP, 400 for a broken one."""
+    if not data:
+        raise bad_request(f"{param} is empty", param=param, code="invalid_image")
+    kinds = "PNG, JPEG or WebP"
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise APIError(
+            415, f"{param} is not an image; send a {kinds} file", code="unsupported_media_type", param=param
+        ) from None
+    if image.format not in UPLOAD_FORMATS:
+        raise APIError(
+            415,
+            f"{param} is a {image.format} image; send a {kinds} file",
+            code="unsupported_media_type",
+            param=param,
+        )
+    if image.width * image.height > MAX_INPUT_PIXELS:  # checked from the header, before decoding: no bombs
+        raise bad_request(
+            f"{param} is {image.width}x{image.height}; the largest accepted is 4096x4096 pixels",
+            param=param,
+            code="invalid_image",
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise bad_request(
+            f"{param} is truncated or corrupt ({type(exc).__name__})", param=param, code="invalid_image"
+        ) from None
+    return image
+
+
+def decode_base64_image(text: str, *, param: str) -> Image.Image:
+    if not isinstance(text, str):
+        raise bad_request(f"{param} must be a base64 string", param=param, code="invalid_image")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param} is not valid base64", param=param, code="invalid_image") from None
+    return decode_image(data, param=param)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
+
+
+def mask_from_upload(mask: Image.Image) -> Image.Image:
+    """An uploaded mask → taiyi's mask (mode L, white = redraw).
+
+    OpenAI's convention comes first: a mask with transparent pixels marks them as the area to edit (alpha
+    below 128 counts as transparent). A mask with no transparency (mode L or RGB, or fully opaque RGBA) is
+    read in taiyi's convention: white (≥ 128) = redraw, black = keep.
+    """
+    if has_transparency(mask):
+        alpha = mask.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 if a < 128 else 0)
+    return mask.convert("L").point(lambda v: 255 if v >= 128 else 0)

@@ -1,0 +1,111 @@
+"""Request and response bodies (they make the OpenAPI schema at ``/openapi.json``).
+
+Image requests follow OpenAI's images API (``prompt``, ``n``, ``size``, ``response_format`` ...) and add
+taiyi's own fields (``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``scheduler``). Unknown fields are
+refused (400, ``unknown_parameter``) rather than ignored, so a typo such as ``negative`` is not silently lost.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="Chinese, English or mixed description of the image.")
+    model: str | None = Field(None, description="The served model's id (see /v1/models); other ids give 404.")
+    n: int = Field(1, description="Images to draw (1 to the server's --max-n, default 10).")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 8; default: the model\'s native size.')
+    response_format: str = Field("b64_json", description='Only "b64_json": this server does not host files.')
+    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i. Default: random.")
+    steps: int | None = Field(None, description="Denoising steps (default 25).")
+    guidance: float | None = Field(None, description="Classifier-free guidance scale; default: the model's.")
+    scheduler: str | None = Field(None, description="dpm++ (default), dpm++-karras, euler-a, euler, ddim, pndm, ...")
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="PNG, base64; carries the A1111 'parameters' text chunk.")
+    revised_prompt: str = Field(description="The prompt as the model read it (after Chinese normalisation).")
+    seed: int = Field(description="The seed of this image: the same request with it redraws the image.")
+    parameters: str = Field(description="The generation parameters, as stored in the PNG.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time of the answer.")
+    data: list[ImageData]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ClipScoreRequest(BaseModel):
+    """``POST /v1/clip/score``: similarity of every image with every text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(description="Images as base64 (PNG/JPEG/WebP), optionally as data: URLs.")
+    texts: list[str] = Field(description="Chinese texts.")
+
+
+class ClipScoreResponse(BaseModel):
+    model: str
+    scores: list[list[float]] = Field(description="logit_scale × cosine, one row per image, one column per text.")
+    cosine: list[list[float]] = Field(description="Cosine similarity, same layout.")
+
+
+class ClipClassifyRequest(BaseModel):
+    """``POST /v1/clip/classify``: zero-shot classification with Chinese labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(description="Images as base64 (PNG/JPEG/WebP), optionally as data: URLs.")
+    labels: list[str] = Field(description="Chinese class names.")
+    templates: list[str] | None = Field(None, description='Prompt templates with "{}"; default: taiyi\'s Chinese set.')
+
+
+class ClipClassification(BaseModel):
+    index: int
+    label: str
+    probs: list[float] = Field(description="One probability per label, in the order given.")
+
+
+class ClipClassifyResponse(BaseModel):
+    model: str
+    labels: list[str]
+    data: list[ClipClassification]
+
+
+class ClipSearchRequest(BaseModel):
+    """``POST /v1/clip/search``: the indexed images closest to a Chinese text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    k: int = Field(12, description="How many images to return (1-100).")
+
+
+class ClipSearchHit(BaseModel):
+    rank: int
+    score: float = Field(description="Cosine similarity.")
+    path: str = Field(description="The image's path inside the indexed folder.")
+    thumbnail: str | None = Field(description="data: URL of a JPEG thumbnail; null if the file is gone.")
+
+
+class ClipSearchResponse(BaseModel):
+    model: str
+    data: list[ClipSearchHit]

@@ -1,0 +1,427 @@
+// taiyi web page: plain JavaScript, no build step, nothing loaded from elsewhere.
+// Talks to the same server's OpenAI-shaped API; every user-visible text is set with textContent (no HTML injection).
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+
+  // Style presets: [button label, text appended to the prompt].
+  const STYLES = [
+    ["无", ""],
+    ["水彩", "水彩画"],
+    ["油画", "油画"],
+    ["水墨", "水墨画，国画"],
+    ["插画", "插画"],
+    ["工笔", "工笔画"],
+    ["素描", "素描"],
+    ["浮世绘", "浮世绘"],
+    ["赛博朋克", "赛博朋克"],
+    ["像素风", "像素风"],
+    ["动漫", "动漫风格"],
+    ["写实摄影", "写实摄影，高清"],
+  ];
+  const KEY_STORAGE = "taiyi-api-key";
+
+  let info = null; // GET /healthz
+  let style = "";
+  let strengthTouched = false;
+
+  // --- helpers ---------------------------------------------------------------------------------------
+  function setStatus(text, isError = false) {
+    const el = $("status");
+    el.textContent = text;
+    el.classList.toggle("error", isError);
+  }
+
+  function intOrNull(value) {
+    const text = String(value).trim();
+    return /^\d+$/.test(text) ? text : null; // kept as text: seeds may exceed JavaScript's exact integers
+  }
+
+  async function api(path, options = {}) {
+    const headers = new Headers(options.headers || {});
+    const key = $("api-key").value.trim();
+    if (key) headers.set("Authorization", "Bearer " + key);
+    let res;
+    try {
+      res = await fetch(path, { ...options, headers });
+    } catch (err) {
+      throw new Error("无法连接服务器：" + err.message);
+    }
+    let body = null;
+    try {
+      body = await res.json();
+    } catch (err) {
+      body = null;
+    }
+    if (!res.ok) {
+      const message = body && body.error ? body.error.message : res.statusText;
+      if (res.status === 401) {
+        $("key-box").hidden = false;
+        throw new Error("需要正确的 API 密钥（" + message + "）");
+      }
+      if (res.status === 429) {
+        const wait = res.headers.get("Retry-After") || "几";
+        throw new Error(`服务器繁忙，请 ${wait} 秒后重试（${message}）`);
+      }
+      throw new Error(`出错了（${res.status}）：${message}`);
+    }
+    return body;
+  }
+
+  async function busy(button, text, work) {
+    button.disabled = true;
+    const started = performance.now();
+    const tick = () => setStatus(`${text}…… ${((performance.now() - started) / 1000).toFixed(1)} 秒`);
+    tick();
+    const timer = setInterval(tick, 200);
+    try {
+      await work();
+      setStatus(`完成，用时 ${((performance.now() - started) / 1000).toFixed(1)} 秒`);
+    } catch (err) {
+      setStatus(err.message, true);
+    } finally {
+      clearInterval(timer);
+      button.disabled = false;
+    }
+  }
+
+  // --- tabs ------------------------------------------------------------------------------------------
+  function showTab(name) {
+    for (const button of document.querySelectorAll(".tabs button")) {
+      const active = button.dataset.tab === name;
+      button.setAttribute("aria-selected", String(active));
+      $("tab-" + button.dataset.tab).hidden = !active;
+    }
+  }
+
+  // --- text to image ---------------------------------------------------------------------------------
+  function finalPrompt() {
+    const prompt = $("prompt").value.trim();
+    if (!style) return prompt;
+    if (!prompt) return style;
+    return /[，,。.;；、]$/.test(prompt) ? prompt + style : prompt + "，" + style;
+  }
+
+  function showFinalPrompt() {
+    $("final-prompt").textContent = finalPrompt() || "（空）";
+  }
+
+  function buildPresets() {
+    const box = $("presets");
+    for (const [label, text] of STYLES) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.dataset.style = text;
+      button.setAttribute("aria-pressed", String(text === style));
+      button.addEventListener("click", () => {
+        style = text;
+        for (const b of box.children) b.setAttribute("aria-pressed", String(b.dataset.style === style));
+        showFinalPrompt();
+      });
+      box.appendChild(button);
+    }
+  }
+
+  async function generate(event) {
+    event.preventDefault();
+    const prompt = finalPrompt();
+    if (!prompt) {
+      setStatus("请先输入提示词", true);
+      return;
+    }
+    const body = {
+      prompt,
+      n: Number($("n").value) || 1,
+      size: $("size").value,
+      steps: Number($("steps").value) || undefined,
+      scheduler: $("scheduler").value,
+    };
+    const negative = $("negative").value.trim();
+    if (negative) body.negative_prompt = negative;
+    const seed = intOrNull($("seed").value);
+    if (seed !== null) body.seed = seed;
+    const guidance = $("guidance").value.trim();
+    if (guidance !== "") body.guidance = Number(guidance);
+    await busy($("generate"), "生成中", async () => {
+      const result = await api("/v1/images/generations", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      result.data.slice().reverse().forEach((item) => addToGallery(item, "文生图"));
+    });
+  }
+
+  // --- gallery ---------------------------------------------------------------------------------------
+  function addToGallery(item, kind) {
+    const src = "data:image/png;base64," + item.b64_json;
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = item.revised_prompt;
+    img.dataset.seed = String(item.seed);
+    figure.appendChild(img);
+
+    const caption = document.createElement("figcaption");
+    const title = document.createElement("div");
+    title.textContent = `${kind} · 种子 ${item.seed}`;
+    const params = document.createElement("pre");
+    params.className = "parameters";
+    params.textContent = item.parameters;
+    const actions = document.createElement("div");
+    actions.className = "actions";
+
+    const download = document.createElement("a");
+    download.href = src;
+    download.download = `taiyi-${item.seed}.png`;
+    download.textContent = "下载";
+    const edit = document.createElement("button");
+    edit.type = "button";
+    edit.textContent = "编辑";
+    edit.addEventListener("click", () => {
+      loadEditImage(src);
+      if (!$("edit-prompt").value) $("edit-prompt").value = item.revised_prompt;
+      showTab("edit");
+    });
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.textContent = "复用种子";
+    reuse.addEventListener("click", () => {
+      $("seed").value = String(item.seed);
+      showTab("generate");
+    });
+    actions.append(download, edit, reuse);
+    caption.append(title, params, actions);
+    figure.appendChild(caption);
+    $("gallery").prepend(figure);
+  }
+
+  // --- edit and inpaint --------------------------------------------------------------------------------
+  const editCanvas = () => $("edit-canvas");
+  const maskCanvas = () => $("mask-canvas");
+
+  function loadEditImage(src) {
+    const img = new Image();
+    img.onload = () => {
+      // Fit the server's size limit; sides are multiples of 8 as the model needs.
+      const limit = info ? info.limits.max_side : 1024;
+      const scale = Math.min(1, limit / Math.max(img.naturalWidth, img.naturalHeight));
+      const fit = (side) => Math.max(64, Math.min(limit, Math.round((side * scale) / 8) * 8));
+      const w = fit(img.naturalWidth);
+      const h = fit(img.naturalHeight);
+      for (const canvas of [editCanvas(), maskCanvas()]) {
+        canvas.width = w;
+        canvas.height = h;
+      }
+      editCanvas().getContext("2d").drawImage(img, 0, 0, w, h);
+      editCanvas().style.width = Math.max(w, Math.min(512, 4 * w)) + "px"; // small images shown larger
+      $("canvas-wrap").hidden = false;
+      setStatus(`已载入图片 ${w}×${h}，可在图上涂抹蒙版`);
+    };
+    img.onerror = () => setStatus("无法读取这张图片", true);
+    img.src = src;
+  }
+
+  function maskHasPaint() {
+    const canvas = maskCanvas();
+    if (!canvas.width) return false;
+    const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) return true;
+    return false;
+  }
+
+  function setupPainting() {
+    const canvas = maskCanvas();
+    const ctx = canvas.getContext("2d");
+    let last = null;
+    const point = (event) => {
+      const rect = canvas.getBoundingClientRect();
+      return {
+        x: ((event.clientX - rect.left) * canvas.width) / rect.width,
+        y: ((event.clientY - rect.top) * canvas.height) / rect.height,
+        scale: canvas.width / rect.width,
+      };
+    };
+    const stroke = (from, to) => {
+      ctx.globalCompositeOperation = $("erase").checked ? "destination-out" : "source-over";
+      ctx.strokeStyle = "#d23c32";
+      ctx.fillStyle = "#d23c32";
+      ctx.lineCap = "round";
+      ctx.lineJoin = "round";
+      ctx.lineWidth = Number($("brush").value) * to.scale;
+      ctx.beginPath();
+      ctx.moveTo(from.x, from.y);
+      ctx.lineTo(to.x + 0.01, to.y);
+      ctx.stroke();
+    };
+    canvas.addEventListener("pointerdown", (event) => {
+      canvas.setPointerCapture(event.pointerId);
+      last = point(event);
+      stroke(last, last);
+      if (!$("erase").checked && !strengthTouched) setStrength(1.0); // inpainting redraws the area fully
+    });
+    canvas.addEventListener("pointermove", (event) => {
+      if (!last) return;
+      const next = point(event);
+      stroke(last, next);
+      last = next;
+    });
+    const stop = () => {
+      last = null;
+    };
+    canvas.addEventListener("pointerup", stop);
+    canvas.addEventListener("pointercancel", stop);
+    $("clear-mask").addEventListener("click", () => ctx.clearRect(0, 0, canvas.width, canvas.height));
+  }
+
+  function setStrength(value) {
+    $("strength").value = String(value);
+    $("strength-out").textContent = String(value);
+  }
+
+  const toBlob = (canvas) => new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+
+  async function runEdit() {
+    if ($("canvas-wrap").hidden) {
+      setStatus("请先上传图片，或在画廊中点「编辑」", true);
+      return;
+    }
+    const prompt = $("edit-prompt").value.trim();
+    if (!prompt) {
+      setStatus("请输入编辑提示词", true);
+      return;
+    }
+    await busy($("edit-run"), "编辑中", async () => {
+      const form = new FormData();
+      form.append("image", await toBlob(editCanvas()), "image.png");
+      const inpaint = maskHasPaint();
+      if (inpaint) {
+        // OpenAI's mask convention: transparent pixels = the area to redraw.
+        const canvas = document.createElement("canvas");
+        canvas.width = editCanvas().width;
+        canvas.height = editCanvas().height;
+        const ctx = canvas.getContext("2d");
+        ctx.fillStyle = "#000";
+        ctx.fillRect(0, 0, canvas.width, canvas.height);
+        ctx.globalCompositeOperation = "destination-out";
+        ctx.drawImage(maskCanvas(), 0, 0);
+        form.append("mask", await toBlob(canvas), "mask.png");
+      }
+      form.append("prompt", prompt);
+      form.append("strength", $("strength").value);
+      form.append("n", String(Number($("edit-n").value) || 1));
+      const steps = intOrNull($("edit-steps").value);
+      if (steps !== null) form.append("steps", steps);
+      const seed = intOrNull($("edit-seed").value);
+      if (seed !== null) form.append("seed", seed);
+      const negative = $("edit-negative").value.trim();
+      if (negative) form.append("negative_prompt", negative);
+      const result = await api("/v1/images/edits", { method: "POST", body: form });
+      result.data.slice().reverse().forEach((item) => addToGallery(item, inpaint ? "局部重绘" : "图生图"));
+    });
+  }
+
+  // --- CLIP search -------------------------------------------------------------------------------------
+  async function search(event) {
+    event.preventDefault();
+    const query = $("query").value.trim();
+    if (!query) {
+      setStatus("请输入要搜索的描述", true);
+      return;
+    }
+    await busy($("search-run"), "搜索中", async () => {
+      const result = await api("/v1/clip/search", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ query, k: Number($("k").value) || 12 }),
+      });
+      const box = $("search-results");
+      box.replaceChildren();
+      for (const hit of result.data) {
+        const figure = document.createElement("figure");
+        if (hit.thumbnail) {
+          const img = document.createElement("img");
+          img.src = hit.thumbnail;
+          img.alt = hit.path;
+          figure.appendChild(img);
+        }
+        const caption = document.createElement("figcaption");
+        caption.textContent = `${hit.rank}. 相似度 ${hit.score.toFixed(3)} · ${hit.path}`;
+        figure.appendChild(caption);
+        box.appendChild(figure);
+      }
+      if (!result.data.length) setStatus("没有找到图片");
+    });
+  }
+
+  // --- start -----------------------------------------------------------------------------------------
+  function fillSettings() {
+    $("model-name").textContent = "模型：" + info.model;
+    const d = info.default_size;
+    const sizes = [
+      [d, d],
+      [512, 512],
+      [512, 768],
+      [768, 512],
+      [768, 768],
+      [1024, 1024],
+    ].filter(([w, h]) => w <= info.limits.max_side && h <= info.limits.max_side);
+    const seen = new Set();
+    for (const [w, h] of sizes) {
+      const value = `${w}x${h}`;
+      if (seen.has(value)) continue;
+      seen.add(value);
+      const option = new Option(`${w} × ${h}${w === d && h === d ? "（模型默认）" : ""}`, value);
+      $("size").add(option);
+    }
+    for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
+    $("scheduler").value = "dpm++";
+    for (const id of ["steps", "edit-steps"]) {
+      $(id).max = String(info.limits.max_steps);
+      $(id).value = String(Math.min(info.default_steps, info.limits.max_steps));
+    }
+    for (const id of ["n", "edit-n"]) $(id).max = String(info.limits.max_n);
+    $("guidance").placeholder = String(info.default_guidance);
+    if (info.auth) $("key-box").hidden = false;
+    const searchable = info.clip && info.clip_index;
+    $("search-off").hidden = searchable;
+    $("search-run").disabled = !searchable;
+  }
+
+  async function start() {
+    buildPresets();
+    showFinalPrompt();
+    $("prompt").addEventListener("input", showFinalPrompt);
+    for (const button of document.querySelectorAll(".tabs button")) {
+      button.addEventListener("click", () => showTab(button.dataset.tab));
+    }
+    const stored = sessionStorage.getItem(KEY_STORAGE);
+    if (stored) $("api-key").value = stored;
+    $("api-key").addEventListener("change", () => sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
+    $("key-box").addEventListener("submit", (event) => event.preventDefault());
+    $("gen-form").addEventListener("submit", generate);
+    $("edit-run").addEventListener("click", runEdit);
+    $("search-form").addEventListener("submit", search);
+    $("strength").addEventListener("input", () => {
+      strengthTouched = true;
+      $("strength-out").textContent = $("strength").value;
+    });
+    $("edit-file").addEventListener("change", () => {
+      const file = $("edit-file").files[0];
+      if (file) loadEditImage(URL.createObjectURL(file));
+    });
+    setupPainting();
+    try {
+      const res = await fetch("/healthz");
+      info = await res.json();
+      fillSettings();
+      document.body.dataset.ready = "true";
+    } catch (err) {
+      setStatus("无法读取服务器状态：" + err.message, true);
+    }
+  }
+
+  start();
+})();

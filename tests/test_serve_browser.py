@@ -1,0 +1,118 @@
+"""The web page end to end, in real headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Needs ``apt-get install -y chromium`` and ``pip install playwright`` (Playwright's own browser download,
+``playwright install``, is never used). Skipped, with the reason, when either is missing; select or deselect
+these tests with ``-m browser`` / ``-m "not browser"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"),
+]
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def site(pipe_zh):
+    from taiyi.serve import ServeConfig, create_app
+    from taiyi.serve.testing import running_server
+
+    with running_server(create_app(ServeConfig(), pipeline=pipe_zh)) as live:
+        yield live.url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    context = browser.new_context(viewport={"width": 1100, "height": 1200})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.goto(site + "/")
+    page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    yield page
+    context.close()
+    assert not problems, problems  # no script error, no CSP violation, no failed load
+
+
+def data_url_image(src: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+def generate(page, prompt: str, *, seed: int, preset: str | None = None) -> None:
+    page.fill("#prompt", prompt)
+    if preset:
+        page.click(f"#presets button:text-is('{preset}')")
+    page.fill("#seed", str(seed))
+    page.fill("#steps", "3")
+    before = page.locator("#gallery figure").count()
+    page.click("#generate")
+    page.locator("#gallery figure").nth(before).wait_for(timeout=60_000)
+
+
+def test_chinese_prompt_generate_shows_an_image_with_its_parameters(page):
+    generate(page, "小桥流水人家", seed=42, preset="水墨")
+    image = page.locator("#gallery figure img").first
+    width, height = image.evaluate("img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])")
+    assert (width, height) == (64, 64)
+    parameters = page.locator("#gallery figure pre").first.inner_text()
+    assert parameters.startswith("小桥流水人家，水墨画，国画\n")  # the style preset is appended to the prompt
+    assert "Seed: 42," in parameters and "Steps: 3," in parameters
+    assert page.locator("#status").inner_text().startswith("完成")
+    png = data_url_image(image.get_attribute("src"))
+    assert png.text["parameters"] == parameters  # the download carries the same parameters chunk
+    page.click("#tab-btn-search")
+    assert page.locator("#search-off").is_visible()  # no CLIP index on this server: the page says how
+
+
+def test_draw_a_mask_and_inpaint_changes_only_the_painted_area(page):
+    generate(page, "江南水乡", seed=7)
+    source = data_url_image(page.locator("#gallery figure img").first.get_attribute("src")).convert("RGB")
+    page.click("#gallery figure:first-child button:text-is('编辑')")
+    page.locator("#canvas-wrap").wait_for(state="visible")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=6)
+    page.mouse.up()
+    page.fill("#edit-prompt", "一轮明月")
+    page.fill("#edit-steps", "3")
+    page.click("#edit-run")
+    page.locator("#gallery figure").nth(1).wait_for(timeout=60_000)
+    assert "局部重绘" in page.locator("#gallery figure").first.inner_text()
+    assert "Denoising strength: 1," in page.locator("#gallery figure pre").first.inner_text()
+    edited = data_url_image(page.locator("#gallery figure img").first.get_attribute("src")).convert("RGB")
+    changed = np.any(np.asarray(edited) != np.asarray(source), axis=-1)  # (64, 64)
+    assert changed.any(), "nothing was redrawn"
+    assert not changed[:16].any() and not changed[-16:].any(), "pixels far from the stroke changed"
