@@ -1,12 +1,150 @@
-"""`taiyi train ...` commands (placeholder, being written)."""
+"""``taiyi train ...`` commands. Each maps its flags one to one onto a config object and calls the
+plain training function (:func:`taiyi.train.clip.train_clip`), so the command and the Python API are
+one code path. Torch and accelerate are imported only when a command runs.
+
+Run on one process as ``taiyi train clip ...``, or on several with accelerate::
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m taiyi.cli train clip ...
+"""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 train_app = typer.Typer(help="Training: Chinese CLIP (locked-image).", no_args_is_help=True)
 
+_PANEL_DATA, _PANEL_OPT, _PANEL_RUN = "Data", "Optimisation", "Run, checkpoints, logging"
+
+
+def _opt(*names: str, help: str, panel: str | None = None, **kwargs) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+
 
 @train_app.command()
-def clip() -> None:
-    """Not implemented yet."""
+def clip(
+    data: Annotated[
+        str,
+        _opt(
+            "--data", help="Pairs: folder of x.jpg+x.txt, .csv, .jsonl, tar shards, or synthetic:N.", panel=_PANEL_DATA
+        ),
+    ],
+    output: Annotated[str, _opt("--output", "-o", help="Run folder (checkpoints, metrics, logs, final/).")],
+    text_tower: Annotated[
+        str | None, _opt("--text-tower", help="Taiyi-CLIP text tower: short name, hub id or folder.")
+    ] = None,
+    image_tower: Annotated[
+        str | None,
+        _opt("--image-tower", help="CLIP image model (hub id or folder); default: the text tower's own."),
+    ] = None,
+    init_from: Annotated[
+        str | None, _opt("--init-from", help="Start from a taiyi Chinese CLIP folder instead of --text-tower.")
+    ] = None,
+    allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
+    image_column: Annotated[
+        str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)
+    ] = None,
+    caption_column: Annotated[
+        str | None, _opt("--caption-column", help="CSV/JSONL caption column [caption].", panel=_PANEL_DATA)
+    ] = None,
+    val_data: Annotated[
+        str | None, _opt("--val-data", help="Held-out pairs (default: a share of --data).", panel=_PANEL_DATA)
+    ] = None,
+    val_fraction: Annotated[
+        float | None, _opt("--val-fraction", help="Share of --data held out [0.05]; 0: none.", panel=_PANEL_DATA)
+    ] = None,
+    val_max: Annotated[
+        int | None, _opt("--val-max", help="At most this many val pairs [1000].", panel=_PANEL_DATA)
+    ] = None,
+    val_every: Annotated[
+        int | None, _opt("--val-every", help="Validate every N steps [500]; 0: start and end only.", panel=_PANEL_DATA)
+    ] = None,
+    num_workers: Annotated[
+        int | None, _opt("--num-workers", help="Image decoding worker processes [0].", panel=_PANEL_DATA)
+    ] = None,
+    cache_image_features: Annotated[
+        bool | None,
+        _opt(
+            "--cache-image-features/--no-cache-image-features",
+            help="Compute frozen image features once [on with a frozen tower].",
+            panel=_PANEL_DATA,
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None, _opt("--cache-dir", help="Feature cache folder [OUTPUT/cache].", panel=_PANEL_DATA)
+    ] = None,
+    batch_size: Annotated[
+        int | None, _opt("--batch-size", help="Global batch, all processes together [64].", panel=_PANEL_OPT)
+    ] = None,
+    grad_accum: Annotated[
+        int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
+    ] = None,
+    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate [1e-5].", panel=_PANEL_OPT)] = None,
+    weight_decay: Annotated[
+        float | None, _opt("--weight-decay", help="AdamW weight decay [0.1].", panel=_PANEL_OPT)
+    ] = None,
+    beta1: Annotated[float | None, _opt("--beta1", help="AdamW beta1 [0.9].", panel=_PANEL_OPT)] = None,
+    beta2: Annotated[float | None, _opt("--beta2", help="AdamW beta2 [0.98].", panel=_PANEL_OPT)] = None,
+    eps: Annotated[float | None, _opt("--eps", help="AdamW epsilon [1e-6].", panel=_PANEL_OPT)] = None,
+    warmup_steps: Annotated[
+        int | None, _opt("--warmup-steps", help="Linear warm-up steps [1% of the steps].", panel=_PANEL_OPT)
+    ] = None,
+    max_steps: Annotated[
+        int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes].", panel=_PANEL_OPT)
+    ] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help="Passes over the data [1].", panel=_PANEL_OPT)] = None,
+    max_grad_norm: Annotated[
+        float | None, _opt("--max-grad-norm", help="Clip the gradient norm [off].", panel=_PANEL_OPT)
+    ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        _opt(
+            "--mixed-precision", help="auto, no, fp16 or bf16 [auto: bf16/fp16 on GPU, no on CPU].", panel=_PANEL_OPT
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, _opt("--gradient-checkpointing", help="Recompute text-tower activations.", panel=_PANEL_OPT)
+    ] = False,
+    unfreeze_image_tower: Annotated[
+        bool, _opt("--unfreeze-image-tower", help="Train the image tower too (off in Taiyi).", panel=_PANEL_OPT)
+    ] = False,
+    seed: Annotated[int | None, _opt("--seed", help="Data order, val split, dropout [0].", panel=_PANEL_OPT)] = None,
+    save_every: Annotated[
+        int | None, _opt("--save-every", help="Checkpoint every N steps [1000]; 0: at the end.", panel=_PANEL_RUN)
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, _opt("--keep-checkpoints", help="Keep the newest K checkpoints [3].", panel=_PANEL_RUN)
+    ] = None,
+    resume: Annotated[
+        str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
+    ] = None,
+    overwrite: Annotated[
+        bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
+    ] = False,
+    report_to: Annotated[
+        str | None,
+        _opt("--report-to", help="tensorboard, wandb, ..., none [auto: tensorboard if installed].", panel=_PANEL_RUN),
+    ] = None,
+    log_every: Annotated[
+        int | None, _opt("--log-every", help="Console line every N steps [10].", panel=_PANEL_RUN)
+    ] = None,
+    cpu: Annotated[bool, _opt("--cpu", help="Train on the CPU even with a GPU.", panel=_PANEL_RUN)] = False,
+) -> None:
+    """Locked-image training: a Chinese text tower learns a frozen CLIP image tower's space (Taiyi-CLIP).
+
+    Writes OUTPUT/final (loads with load_clip) and OUTPUT/taiyi-text-tower (published Taiyi-CLIP layout).
+    """
+    given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
+    beta1, beta2 = given.pop("beta1", None), given.pop("beta2", None)
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .clip import ClipTrainConfig, train_clip
+
+    if beta1 is not None or beta2 is not None:
+        default = ClipTrainConfig.__dataclass_fields__["betas"].default
+        given["betas"] = (beta1 if beta1 is not None else default[0], beta2 if beta2 is not None else default[1])
+    result = train_clip(ClipTrainConfig(**given))
+    if result["main_process"]:
+        typer.echo(str(result["final"]))

@@ -1,0 +1,250 @@
+"""What every taiyi trainer shares: the output folder, atomic checkpoints, resuming, the metrics log.
+
+An output folder looks like::
+
+    run_config.json            the settings of the run (a second run with other settings is refused)
+    metrics.jsonl              one JSON object per optimizer step, plus validation rows
+    logs/                      the tracker's files (TensorBoard ...)
+    checkpoints/step-000100/   accelerate state (model, optimizer, LR scheduler, RNG of every process)
+                               + trainer_state.json (step, epoch, data position)
+    final/ ...                 what the trainer exports at the end
+
+A checkpoint is written to ``step-XXXXXX.tmp`` and renamed when complete, so a run killed while saving
+leaves at most a ``.tmp`` folder, which resuming ignores and removes. ``--resume latest`` picks the
+newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import InvalidInputError
+
+logger = logging.getLogger("taiyi")
+
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+LOGS = "logs"
+CACHE = "cache"  # default home of cached features: kept by --overwrite (it is keyed by content)
+CRASH_ENV = "TAIYI_TRAIN_CRASH"  # test hook, see crash_point()
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON next to ``path`` and rename it into place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_output_dir(
+    output: Path,
+    config: dict,
+    *,
+    resume: str | None,
+    overwrite: bool = False,
+    may_differ: Iterable[str] = (),
+) -> None:
+    """Check, without writing anything, that ``output`` may hold this run (every process calls this).
+
+    Args:
+        output: the run's output folder.
+        config: the run's settings (JSON values).
+        resume: the ``--resume`` value; resuming requires the settings to match the recorded ones
+            except for the keys in ``may_differ``.
+        overwrite: a folder holding another run will be cleared (by :func:`record_run`).
+        may_differ: settings that do not change the result (logging, checkpoint cadence ...).
+
+    Raises:
+        InvalidInputError: the folder holds something else, or another run and neither ``--resume``
+            nor ``--overwrite`` was given, or ``--resume`` with settings that change the run.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InvalidInputError(f"output {output} is a file; give a folder for the training run")
+    recorded_path = output / RUN_CONFIG
+    ignore = set(may_differ)
+    if recorded_path.is_file():
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{recorded_path} is unreadable ({exc}); remove it or choose a new --output"
+            ) from exc
+        changed = sorted(
+            k for k in set(recorded) | set(config) if k not in ignore and recorded.get(k) != config.get(k)
+        )
+        if overwrite:
+            return
+        if resume is None:
+            what = f"a different run (changed: {', '.join(changed[:4])})" if changed else "this run already"
+            raise InvalidInputError(
+                f"output {output} holds {what}; pass --resume latest to continue it, --overwrite to start again, "
+                "or choose a new --output"
+            )
+        if changed:
+            shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {config.get(k)!r}" for k in changed[:3])
+            raise InvalidInputError(
+                f"cannot resume the run in {output} with other settings ({shown}); use the recorded settings "
+                f"(see {recorded_path}) or choose a new --output"
+            )
+    elif output.is_dir() and any(p.name not in (LOGS, CACHE) for p in output.iterdir()) and not overwrite:
+        raise InvalidInputError(
+            f"output {output} is not empty and holds no taiyi training run; choose a new --output or pass --overwrite"
+        )
+
+
+def record_run(output: Path, config: dict, *, overwrite: bool = False) -> None:
+    """Create ``output`` and write ``run_config.json`` (main process, after :func:`check_output_dir`).
+
+    With ``overwrite``, a previous run's checkpoints, metrics and exports are removed first.
+    """
+    output = Path(output)
+    if overwrite and output.is_dir():
+        _clear_run(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output / RUN_CONFIG, config)
+
+
+def _clear_run(output: Path) -> None:
+    """Remove a previous run's checkpoints, metrics and exports (the feature cache is kept: it is keyed)."""
+    for child in output.iterdir():
+        if child.name == CACHE:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``.tmp`` folders are not complete)."""
+    folder = Path(output) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def remove_partial_checkpoints(output: Path) -> list[Path]:
+    """Delete ``checkpoints/*.tmp`` folders left by a run killed while saving; returns what was removed."""
+    folder = Path(output) / CHECKPOINTS
+    removed = [p for p in folder.glob("*.tmp")] if folder.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def resolve_resume(output: Path, resume: str | None) -> Path | None:
+    """The checkpoint folder ``--resume`` names: ``latest`` (None when the run has none yet) or a path.
+
+    Raises:
+        InvalidInputError: the path is not a complete checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.exists() and (Path(output) / CHECKPOINTS / resume).exists():
+        path = Path(output) / CHECKPOINTS / resume
+    if not (path / TRAINER_STATE).is_file():
+        raise InvalidInputError(
+            f"--resume {resume}: no complete checkpoint there (no {TRAINER_STATE}); give 'latest' or a folder "
+            f"such as {Path(output) / CHECKPOINTS / step_dir_name(100)}"
+        )
+    return path
+
+
+def save_checkpoint(accelerator, output: Path, step: int, state: dict, *, keep: int) -> Path:
+    """Save the accelerate state and ``state`` as ``checkpoints/step-XXXXXX``, atomically.
+
+    Every process must call this (each saves its RNG state). The folder is written as
+    ``step-XXXXXX.tmp`` and renamed once complete; then all but the newest ``keep`` checkpoints are
+    deleted.
+    """
+    folder = Path(output) / CHECKPOINTS
+    final = folder / step_dir_name(step)
+    tmp = folder / (step_dir_name(step) + ".tmp")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / TRAINER_STATE, state)
+        crash_point("checkpoint", step)
+        if final.exists():  # a checkpoint of this step from an interrupted earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output)[: -max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore the accelerate state saved by :func:`save_checkpoint`; returns its trainer state."""
+    state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
+    try:
+        accelerator.load_state(str(path))
+    except FileNotFoundError as exc:
+        raise InvalidInputError(
+            f"checkpoint {path} is incomplete or was saved by a different number of processes ({exc.filename}); "
+            f"resume with {state.get('num_processes', 'the same number of')} processes"
+        ) from exc
+    return state
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended by the main process only."""
+
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (by a run that went on past its last checkpoint and died)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [row for row in self.read() if row.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def crash_point(where: str, step: int) -> None:
+    """Test hook: with ``TAIYI_TRAIN_CRASH=where:step`` set, the process dies here at once, as if killed.
+
+    ``os._exit`` skips every ``finally`` and ``atexit`` handler, as SIGKILL would, so a test sees exactly
+    what a killed run leaves on disk. Points: ``checkpoint`` (a checkpoint half-written) and ``step``
+    (after an optimizer step and its checkpoint, if any).
+    """
+    if os.environ.get(CRASH_ENV) == f"{where}:{step}":
+        logger.warning("%s=%s: simulating a kill", CRASH_ENV, os.environ[CRASH_ENV])
+        logging.shutdown()
+        os._exit(137)

@@ -1,0 +1,476 @@
+"""taiyi train clip: locked-image training, end to end on tiny random towers and synthetic pairs.
+
+What is proven here: the frozen image tower gets no gradient and is bit-identical after training;
+N processes give the loss of one process with the global batch; a killed run resumes with the same
+loss curve; cached image features give the loss of recomputed ones; training raises retrieval recall;
+the exports load back; the CLI maps flags to the same function and refuses bad input in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taiyi.cli import main
+from taiyi.clip import ChineseCLIP, load_clip
+from taiyi.errors import InvalidInputError
+from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.train.clip import (
+    ClipTrainConfig,
+    _param_groups,
+    _Trainable,
+    contrastive_loss,
+    image_tower_fingerprint,
+    train_clip,
+)
+from taiyi.train.common import CRASH_ENV, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 32
+# Fast settings shared by most runs: 64 synthetic pairs, 16 held out, batch 8 (6 batches an epoch).
+BASE = dict(
+    data="synthetic:64",
+    batch_size=8,
+    lr=1e-3,
+    warmup_steps=0,
+    val_fraction=0.25,
+    val_every=0,
+    save_every=0,
+    report_to="none",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train as fast on one thread, and a second thread only adds contention noise."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """Tiny random towers: a CLIP image model (32 px, 32-d) and Taiyi-CLIP text towers with and without dropout.
+
+    A tiny random ViT maps every image to nearly the same feature (mean cosine 0.996), which no text
+    tower can tell apart; scaling its encoder's matrices ×10 spreads the features (mean cosine ≈ 0.6)
+    the way a trained tower's are spread.
+    """
+    from transformers import CLIPModel
+
+    root = tmp_path_factory.mktemp("towers")
+    image = make_tiny_clip_image_tower(root / "image", dim=DIM, image_size=32)
+    model = CLIPModel.from_pretrained(image)
+    with torch.no_grad():
+        for name, weight in model.vision_model.named_parameters():
+            if weight.ndim == 2 and "encoder" in name:
+                weight.mul_(10)
+    model.save_pretrained(image)
+    text = make_tiny_taiyi_clip_text(root / "text", dim=DIM)
+    # Dropout masks come from each process's RNG: 1 process and 2 processes can only agree without it.
+    no_dropout = Path(shutil.copytree(text, root / "text-no-dropout"))
+    config = json.loads((no_dropout / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (no_dropout / "config.json").write_text(json.dumps(config))
+    return {"image": image, "text": text, "text_no_dropout": no_dropout}
+
+
+def train(towers, output, *, text: str = "text", **overrides) -> dict:
+    settings = {**BASE, "text_tower": str(towers[text]), "image_tower": str(towers["image"]), **overrides}
+    return train_clip(ClipTrainConfig(output=str(output), **settings))
+
+
+def train_losses(output) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row["kind"] == "train"}
+
+
+def cli_args(towers, output, *, text: str = "text", **overrides) -> list[str]:
+    settings = {**BASE, "text_tower": towers[text], "image_tower": towers["image"], "output": output, **overrides}
+    args = ["train", "clip"]
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_subprocess(args: list[str], *, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    left, right = load_file(a), load_file(b)
+    assert left.keys() == right.keys()
+    return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
+
+
+# ---------------------------------------------------------------------------------------------------- the loss
+
+
+def test_contrastive_loss_is_symmetric_infonce_with_clamped_scale():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(6, DIM, generator=g), torch.randn(6, DIM, generator=g)
+    scale = torch.tensor(math.log(20.0), requires_grad=True)
+    loss = contrastive_loss(image, text, scale)
+    logits = 20.0 * torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    labels = torch.arange(6)
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+    ) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # exp(logit_scale) is clamped to 100: above it, the loss stops changing and the scale gets no gradient.
+    high = torch.tensor(math.log(400.0), requires_grad=True)
+    clamped = contrastive_loss(image, text, high)
+    clamped.backward()
+    assert torch.allclose(clamped, contrastive_loss(image, text, torch.tensor(math.log(100.0))), atol=1e-6)
+    assert float(high.grad) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- frozen tower
+
+
+def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(towers, tmp_path, monkeypatch):
+    # Without the cache the frozen tower runs at every step: record whether its output could carry a gradient.
+    outputs_needing_grad = []
+    original = ChineseCLIP.image_features
+
+    def recording(self, pixel_values):
+        out = original(self, pixel_values)
+        outputs_needing_grad.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(ChineseCLIP, "image_features", recording)
+    result = train(towers, tmp_path / "run", max_steps=3, cache_image_features=False, report_to="auto")
+
+    assert result["step"] == 3 and result["cache"] is None
+    assert len(outputs_needing_grad) >= 3 and not any(outputs_needing_grad)
+    clip = result["model"]
+    assert all(not p.requires_grad and p.grad is None for p in clip.vision_model.parameters())
+    assert not clip.vision_model.training
+    # The optimizer holds the text tower and the logit scale, never the image tower.
+    optimised = {
+        id(p) for group in _param_groups(_Trainable(clip, train_image_tower=False), 0.1) for p in group["params"]
+    }
+    assert optimised.isdisjoint(id(p) for p in clip.vision_model.parameters())
+    assert id(clip.logit_scale) in optimised
+
+    # Image tower weights: bit-identical to the CLIP model it came from.
+    source = load_file(towers["image"] / "model.safetensors")
+    trained = load_file(result["final"] / "image_encoder" / "model.safetensors")
+    assert trained and all(torch.equal(trained[k], source[k]) for k in trained)
+    # Text tower weights: changed.
+    before = load_file(towers["text"] / "model.safetensors")
+    after = load_file(result["final"] / "text_encoder" / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+
+    # final/ loads with load_clip, no flags, and embeds as the trained model does.
+    loaded = load_clip(result["final"], device="cpu")
+    captions = ["一个大的红色圆形在左边", "一个小的蓝色方块在右边"]
+    assert torch.allclose(loaded.encode_text(captions), clip.encode_text(captions), atol=1e-6)
+    assert loaded.scale() == pytest.approx(clip.scale(), rel=1e-6)
+    # taiyi-text-tower/ is the published Taiyi-CLIP layout: from_taiyi with the image tower loads it.
+    taiyi = ChineseCLIP.from_taiyi(result["text_tower"], towers["image"], device="cpu")
+    assert torch.allclose(taiyi.encode_text(captions), clip.encode_text(captions), atol=1e-6)
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert all({"loss", "lr", "logit_scale", "epoch"} <= r.keys() for r in rows if r["kind"] == "train")
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [0, 3] and "R@1" in val[-1]["text_to_image"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]  # the end is always saved
+    if importlib.util.find_spec("tensorboard") is not None:  # the default tracker when installed
+        assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_unfreezing_the_image_tower_trains_it(towers, tmp_path):
+    result = train(towers, tmp_path / "run", max_steps=2, unfreeze_image_tower=True)
+    assert result["cache"] is None
+    source = load_file(towers["image"] / "model.safetensors")
+    trained = load_file(result["final"] / "image_encoder" / "model.safetensors")
+    assert any(not torch.equal(trained[k], source[k]) for k in trained)
+    with pytest.raises(InvalidInputError, match="frozen image tower"):
+        train(towers, tmp_path / "bad", max_steps=2, unfreeze_image_tower=True, cache_image_features=True)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def test_cached_features_give_the_loss_of_recomputed_ones_and_are_reused(towers, tmp_path):
+    cache_dir = tmp_path / "shared-cache"
+    uncached = train(towers, tmp_path / "uncached", max_steps=2, cache_image_features=False)
+    cached = train(towers, tmp_path / "cached", max_steps=2, cache_dir=str(cache_dir))
+    assert cached["cache"].parent == cache_dir and cached["cache"].suffix == ".safetensors"
+    for step in (1, 2):
+        assert cached["losses"][step] == pytest.approx(uncached["losses"][step], abs=1e-5)
+    written = cached["cache"].stat().st_mtime_ns
+    again = train(towers, tmp_path / "again", max_steps=2, cache_dir=str(cache_dir))
+    assert again["cache"] == cached["cache"] and again["cache"].stat().st_mtime_ns == written  # read, not rewritten
+    assert again["losses"] == cached["losses"]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(towers, tmp_path):
+    plain = train(towers, tmp_path / "plain", max_steps=2)
+    checkpointed = train(towers, tmp_path / "gc", max_steps=2, gradient_checkpointing=True)
+    for step in (1, 2):
+        assert checkpointed["losses"][step] == pytest.approx(plain["losses"][step], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+def test_two_processes_give_the_loss_of_one_process_with_the_global_batch(towers, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo) with 4 pairs each, against 1 process with all 8."""
+    settings = dict(max_steps=3, text="text_no_dropout")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port())]
+    launch += ["-m", "taiyi.cli", *cli_args(towers, tmp_path / "two", **settings)]
+    done = run_subprocess(launch)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr
+    one = train(towers, tmp_path / "one", **settings)
+
+    two_losses, one_losses = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    assert sorted(two_losses) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert two_losses[step] == pytest.approx(one_losses[step], abs=1e-5)
+    # The updated weights after three steps agree too.
+    text = "text_encoder/model.safetensors"
+    assert max_weight_difference(tmp_path / "two" / "final" / text, one["final"] / text) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def straight_run(towers, tmp_path_factory):
+    """6 uninterrupted steps (dropout on, so the RNG state matters) to compare resumed runs against."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    result = train(towers, output, max_steps=6, save_every=3)
+    return output, result
+
+
+def test_resume_in_a_new_process_continues_the_loss_curve(towers, tmp_path, straight_run):
+    straight, _ = straight_run
+    output = tmp_path / "run"
+    # Steps 1-3 in a process that is then killed (right after step 3 and its checkpoint) ...
+    done = run_subprocess(
+        [sys.executable, "-m", "taiyi.cli", *cli_args(towers, output, max_steps=6, save_every=3)],
+        env={CRASH_ENV: "step:3"},
+    )
+    assert done.returncode == 137, done.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(output)] == ["step-000003"]
+    assert not (output / "final").exists()
+    # ... and steps 4-6 in this one.
+    resumed = train(towers, output, max_steps=6, save_every=3, resume="latest")
+    assert resumed["resumed_from"].name == "step-000003" and resumed["step"] == 6
+    assert sorted(resumed["losses"]) == [4, 5, 6]
+    expected, got = train_losses(straight), train_losses(output)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    text = "text_encoder/model.safetensors"
+    assert max_weight_difference(output / "final" / text, straight / "final" / text) < 1e-6
+
+
+def test_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint(towers, tmp_path, straight_run):
+    straight, _ = straight_run
+    output = tmp_path / "run"
+    done = run_subprocess(
+        [sys.executable, "-m", "taiyi.cli", *cli_args(towers, output, max_steps=6, save_every=2)],
+        env={CRASH_ENV: "checkpoint:4"},
+    )
+    assert done.returncode == 137, done.stderr[-3000:]
+    checkpoints = output / "checkpoints"
+    assert [p.name for p in list_checkpoints(output)] == ["step-000002"]
+    assert (checkpoints / "step-000004.tmp").is_dir() and not (checkpoints / "step-000004").exists()
+    assert max(train_losses(output)) == 4  # the dead run got to step 4
+
+    resumed = train(towers, output, max_steps=6, save_every=2, resume="latest")
+    assert resumed["resumed_from"].name == "step-000002" and resumed["step"] == 6
+    assert not (checkpoints / "step-000004.tmp").exists()
+    expected, got = train_losses(straight), train_losses(output)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # the dead run's rows after step 2 were replaced
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+# ---------------------------------------------------------------------------------------------------- learning
+
+
+def test_training_on_synthetic_pairs_raises_retrieval_recall(towers, tmp_path):
+    """1024 pairs (each of the 400 captions 2-3 times), 100 held out; 300 steps of batch 64."""
+    result = train(
+        towers,
+        tmp_path / "run",
+        data="synthetic:1024",
+        batch_size=64,
+        max_steps=300,
+        lr=1e-2,
+        weight_decay=0.0,
+        val_fraction=0.1,
+        val_max=100,
+    )
+    before, after = result["val_initial"]["text_to_image"], result["val"]["text_to_image"]
+    print(f"text→image R@1 {before['R@1']:.1f} → {after['R@1']:.1f}, R@5 {before['R@5']:.1f} → {after['R@5']:.1f}")
+    assert result["val"]["num_texts"] == 100
+    assert after["R@1"] >= max(3 * before["R@1"], 5.0)
+    assert after["R@5"] >= before["R@5"] + 15.0
+    assert result["val"]["mean_recall"] > result["val_initial"]["mean_recall"] + 10.0
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_unreadable_samples_are_skipped_and_counted(towers, tmp_path):
+    from taiyi.train.synthetic import SyntheticPairs
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pairs = SyntheticPairs(20, image_size=32)
+    for i in range(20):
+        pairs[i].image.save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(pairs[i].caption, encoding="utf-8")
+    (folder / "03.png").write_bytes(b"not an image")
+    (folder / "07.png").write_bytes(b"")
+    cached = train(towers, tmp_path / "cached", data=str(folder), batch_size=4, max_steps=2, val_fraction=0.2)
+    assert cached["skipped"] == 2 and cached["step"] == 2
+    uncached = train(
+        towers,
+        tmp_path / "uncached",
+        data=str(folder),
+        batch_size=4,
+        max_steps=4,
+        val_fraction=0.2,
+        cache_image_features=False,
+    )
+    assert uncached["step"] == 4 and uncached["skipped"] >= 1
+
+
+def test_tar_shards_train_through_the_feature_cache(towers, tmp_path):
+    import io
+    import tarfile
+
+    from taiyi.train.synthetic import SyntheticPairs
+
+    pairs = SyntheticPairs(40, image_size=32)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in range(2):
+        with tarfile.open(shards / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * 20, shard * 20 + 20):
+                png = io.BytesIO()
+                pairs[i].image.save(png, "PNG")
+                for name, payload in ((f"{i:05d}.png", png.getvalue()), (f"{i:05d}.txt", pairs[i].caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    result = train(towers, tmp_path / "run", data=str(shards), val_data="synthetic:16", max_steps=2)
+    assert result["step"] == 2 and result["val"]["num_texts"] == 16 and result["cache"] is not None
+    with pytest.raises(InvalidInputError, match="streamed"):
+        train(towers, tmp_path / "uncached", data=str(shards), max_steps=2, cache_image_features=False)
+
+
+def test_cache_key_follows_the_image_tower_weights(towers):
+    clip = ChineseCLIP.from_taiyi(towers["text"], towers["image"], device="cpu")
+    before = image_tower_fingerprint(clip)
+    assert image_tower_fingerprint(clip) == before
+    with torch.no_grad():
+        next(clip.vision_model.parameters()).view(-1)[0] += 1e-3
+    assert image_tower_fingerprint(clip) != before
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_trains_on_synthetic_data_and_refuses_to_clobber_a_run(towers, tmp_path, capsys):
+    output = tmp_path / "run"
+    code, out, err = run_cli(capsys, cli_args(towers, output, max_steps=2, data="synthetic:64"))
+    assert code == 0, err
+    assert out.strip() == str(output / "final")
+    assert load_clip(output / "final", device="cpu").text_dim == DIM
+    assert json.loads((output / "run_config.json").read_text())["max_steps"] == 2
+
+    code, _, err = run_cli(capsys, cli_args(towers, output, max_steps=2, data="synthetic:64"))
+    assert code == 2 and err.count("\n") == 1 and "--resume latest" in err
+    code, _, err = run_cli(capsys, cli_args(towers, output, max_steps=2, data="synthetic:64", lr=0.5))
+    assert code == 2 and err.count("\n") == 1 and "different run" in err and "lr" in err
+    code, _, err = run_cli(capsys, [*cli_args(towers, output, max_steps=2, lr=0.5), "--resume", "latest"])
+    assert code == 2 and err.count("\n") == 1 and "cannot resume" in err
+    # Resuming a finished run is a no-op that re-exports; --overwrite starts afresh.
+    code, _, err = run_cli(capsys, [*cli_args(towers, output, max_steps=2), "--resume", "latest"])
+    assert code == 0, err
+    code, _, err = run_cli(capsys, [*cli_args(towers, output, max_steps=1), "--overwrite"])
+    assert code == 0, err
+    assert sorted(train_losses(output)) == [1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"data": "synthetic:0"}, "synthetic:256"),
+        ({"data": "EMPTY"}, "no image-caption pairs"),
+        ({"data": "MISSING"}, "does not exist"),
+        ({"batch_size": 1}, "at least 2"),
+        ({"batch_size": 4096}, "fewer than --batch-size"),
+        ({"mixed_precision": "fp8"}, "--mixed-precision"),
+        ({"resume": "NOWHERE"}, "no complete checkpoint"),
+        ({"init_from": "somewhere"}, "exactly one of"),
+        ({"val_fraction": 1.5}, "--val-fraction"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(towers, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    replace = {"EMPTY": tmp_path / "empty", "MISSING": tmp_path / "missing", "NOWHERE": tmp_path / "nowhere"}
+    extra = {k: replace.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
+    code, _, err = run_cli(capsys, cli_args(towers, tmp_path / "run", max_steps=1, **extra))
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("taiyi: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "run_config.json").exists()  # fixing the typo and running again just works
+
+
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {
+        "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2),
+        "ddp.yaml": (DistributedType.MULTI_GPU, None),
+        "multi_node.yaml": (DistributedType.MULTI_GPU, None),
+        "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, None),
+        "fsdp.yaml": (DistributedType.FSDP, None),
+    }
+    folder = REPO / "configs" / "accelerate"
+    assert set(expected) <= {p.name for p in folder.glob("*.yaml")}
+    for name, (kind, processes) in expected.items():
+        config = load_config_from_file(str(folder / name))
+        assert config.distributed_type == kind, name
+        assert processes is None or config.num_processes == processes
+    assert load_config_from_file(str(folder / "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
+    assert load_config_from_file(str(folder / "multi_node.yaml")).num_machines > 1
