@@ -122,8 +122,8 @@ def embed_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Embed an image-text set, grouping the captions of each image.
 
-    Pairs showing the same image are one image with several captions: CSV/JSONL rows repeat an image's
-    path once per caption and each row has its own key, so images are grouped by their pixels.
+    Pairs with the same ``image_id`` (CSV/JSONL rows naming one image file) are one image with several
+    captions; pairs without one are grouped by their pixels.
 
     Args:
         model: a :class:`taiyi.clip.ChineseCLIP`.
@@ -134,7 +134,7 @@ def embed_pairs(
     Returns:
         ``(image_embeds (N, D), text_embeds (M, D), text_to_image)`` for :func:`retrieval_metrics`.
     """
-    rows: dict[bytes, int] = {}
+    rows: dict[tuple[str, object], int] = {}
     pending: list = []
     image_chunks: list[torch.Tensor] = []
     captions: list[str] = []
@@ -148,11 +148,16 @@ def embed_pairs(
 
     for pair in pairs:
         image = pair.image
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{image.mode}{image.size}".encode())
-        row = rows.get(digest.digest())
+        image_id = getattr(pair, "image_id", "")
+        if image_id:
+            key = ("id", image_id)
+        else:
+            digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+            digest.update(f"{image.mode}{image.size}".encode())
+            key = ("pixels", digest.digest())
+        row = rows.get(key)
         if row is None:  # a new image: its row is the next one to be embedded
-            row = rows[digest.digest()] = len(rows)
+            row = rows[key] = len(rows)
             pending.append(image)
         captions.append(pair.caption)
         text_to_image.append(row)
