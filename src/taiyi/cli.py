@@ -322,12 +322,14 @@ def models() -> None:
 
 def _register_subcommands() -> None:
     from .clip_cli import clip_app
+    from .convert_cli import convert_app
     from .serve_cli import serve
     from .train.cli import train_app
 
     app.add_typer(clip_app, name="clip")
     app.add_typer(train_app, name="train")
     app.command("serve")(serve)
+    app.add_typer(convert_app, name="convert")
 
 
 _register_subcommands()
