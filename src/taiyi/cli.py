@@ -321,6 +321,7 @@ def models() -> None:
 
 
 def _register_subcommands() -> None:
+    from .assemble import assemble_command
     from .clip_cli import clip_app
     from .convert_cli import convert_app
     from .serve_cli import serve
@@ -330,6 +331,7 @@ def _register_subcommands() -> None:
     app.add_typer(train_app, name="train")
     app.command("serve")(serve)
     app.add_typer(convert_app, name="convert")
+    app.command("assemble")(assemble_command)
 
 
 _register_subcommands()

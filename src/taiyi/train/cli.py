@@ -1,6 +1,6 @@
 """``taiyi train ...`` commands. Each maps its flags one to one onto a config object and calls the
-plain training function (:func:`taiyi.train.clip.train_clip`), so the command and the Python API are
-one code path. Torch and accelerate are imported only when a command runs.
+plain training function (:func:`taiyi.train.clip.train_clip`, :func:`taiyi.train.sd.train_sd`), so the
+command and the Python API are one code path. Torch and accelerate are imported only when a command runs.
 
 Run on one process as ``taiyi train clip ...``, or on several with accelerate::
 
@@ -13,7 +13,9 @@ from typing import Annotated
 
 import typer
 
-train_app = typer.Typer(help="Training: Chinese CLIP (locked-image).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Training: Chinese CLIP (locked-image), Stable Diffusion (text encoder, UNet).", no_args_is_help=True
+)
 
 _PANEL_DATA, _PANEL_OPT, _PANEL_RUN = "Data", "Optimisation", "Run, checkpoints, logging"
 
@@ -146,5 +148,140 @@ def clip(
         default = ClipTrainConfig.__dataclass_fields__["betas"].default
         given["betas"] = (beta1 if beta1 is not None else default[0], beta2 if beta2 is not None else default[1])
     result = train_clip(ClipTrainConfig(**given))
+    if result["main_process"]:
+        typer.echo(str(result["final"]))
+
+
+@train_app.command()
+def sd(
+    model: Annotated[
+        str, _opt("--model", help="Pipeline to train (folder, short name, hub id), e.g. from taiyi assemble.")
+    ],
+    data: Annotated[
+        list[str],
+        _opt(
+            "--data",
+            help="Pairs: folder of x.jpg+x.txt, .csv, .jsonl or synthetic:N; twice to mix two sources.",
+            panel=_PANEL_DATA,
+        ),
+    ],
+    output: Annotated[str, _opt("--output", "-o", help="Run folder (checkpoints, metrics, validation/, final/).")],
+    stage: Annotated[
+        int | None, _opt("--stage", help="1: text encoder only; 2: UNet too (Taiyi bilingual) [1].", panel=_PANEL_OPT)
+    ] = None,
+    train_text_encoder: Annotated[
+        bool | None,
+        _opt(
+            "--train-text-encoder/--freeze-text-encoder",
+            help="Stage 2: train the text encoder as well [on].",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
+    mix_ratio: Annotated[
+        float | None, _opt("--mix-ratio", help="Share of samples from the first --data [0.5].", panel=_PANEL_DATA)
+    ] = None,
+    image_column: Annotated[
+        str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)
+    ] = None,
+    caption_column: Annotated[
+        str | None, _opt("--caption-column", help="CSV/JSONL caption column [caption].", panel=_PANEL_DATA)
+    ] = None,
+    resolution: Annotated[
+        int | None, _opt("--resolution", help="Training image side (resize + centre crop) [512].", panel=_PANEL_DATA)
+    ] = None,
+    cache_latents: Annotated[
+        bool | None,
+        _opt(
+            "--cache-latents/--no-cache-latents", help="Encode each image once (VAE frozen) [on].", panel=_PANEL_DATA
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None, _opt("--cache-dir", help="Latent cache folder [OUTPUT/cache].", panel=_PANEL_DATA)
+    ] = None,
+    batch_size: Annotated[
+        int | None, _opt("--batch-size", help="Global batch, all processes together [1].", panel=_PANEL_OPT)
+    ] = None,
+    grad_accum: Annotated[
+        int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
+    ] = None,
+    lr: Annotated[float | None, _opt("--lr", help="Learning rate [1e-4].", panel=_PANEL_OPT)] = None,
+    weight_decay: Annotated[
+        float | None, _opt("--weight-decay", help="AdamW weight decay [0.1].", panel=_PANEL_OPT)
+    ] = None,
+    warmup_steps: Annotated[
+        int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
+    ] = None,
+    max_steps: Annotated[
+        int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes].", panel=_PANEL_OPT)
+    ] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help="Passes over the data [1].", panel=_PANEL_OPT)] = None,
+    max_grad_norm: Annotated[
+        float | None, _opt("--max-grad-norm", help="Clip the gradient norm [1.0].", panel=_PANEL_OPT)
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        _opt("--prediction-type", help="epsilon or v_prediction [the scheduler config's].", panel=_PANEL_OPT),
+    ] = None,
+    caption_dropout: Annotated[
+        float | None, _opt("--caption-dropout", help="Empty-caption probability, for CFG [0].", panel=_PANEL_OPT)
+    ] = None,
+    snr_gamma: Annotated[
+        float | None, _opt("--snr-gamma", help="Min-SNR-γ loss weighting, e.g. 5 [off].", panel=_PANEL_OPT)
+    ] = None,
+    ema: Annotated[bool, _opt("--ema", help="Export an EMA of the trained weights.", panel=_PANEL_OPT)] = False,
+    ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay [0.9999].", panel=_PANEL_OPT)] = None,
+    mixed_precision: Annotated[
+        str | None,
+        _opt("--mixed-precision", help="auto, no, fp16 (GPU) or bf16 [auto: GPU half, CPU none].", panel=_PANEL_OPT),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, _opt("--gradient-checkpointing", help="Recompute activations of trained modules.", panel=_PANEL_OPT)
+    ] = False,
+    seed: Annotated[int | None, _opt("--seed", help="Data order and noise [0].", panel=_PANEL_OPT)] = None,
+    val_prompt: Annotated[
+        list[str] | None,
+        _opt("--val-prompt", help="Validation prompt (repeatable) [three Chinese prompts].", panel=_PANEL_RUN),
+    ] = None,
+    val_every: Annotated[
+        int | None, _opt("--val-every", help="Validation grid every N steps [500]; 0: at the end.", panel=_PANEL_RUN)
+    ] = None,
+    val_steps: Annotated[
+        int | None, _opt("--val-steps", help="Denoising steps of validation images [20].", panel=_PANEL_RUN)
+    ] = None,
+    save_every: Annotated[
+        int | None, _opt("--save-every", help="Checkpoint every N steps [1000]; 0: at the end.", panel=_PANEL_RUN)
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, _opt("--keep-checkpoints", help="Keep the newest K checkpoints [3].", panel=_PANEL_RUN)
+    ] = None,
+    resume: Annotated[
+        str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
+    ] = None,
+    overwrite: Annotated[
+        bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
+    ] = False,
+    report_to: Annotated[
+        str | None,
+        _opt("--report-to", help="tensorboard, wandb, ..., none [auto: tensorboard if installed].", panel=_PANEL_RUN),
+    ] = None,
+    log_every: Annotated[
+        int | None, _opt("--log-every", help="Console line every N steps [10].", panel=_PANEL_RUN)
+    ] = None,
+    allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
+    cpu: Annotated[bool, _opt("--cpu", help="Train on the CPU even with a GPU.", panel=_PANEL_RUN)] = False,
+) -> None:
+    """Align a Chinese text encoder to a Stable Diffusion UNet: stage 1 (text encoder) or 2 (+ UNet).
+
+    Writes OUTPUT/final, a pipeline folder: taiyi generate --model OUTPUT/final.
+    """
+    given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
+    if "val_prompt" in given:
+        given["val_prompts"] = given.pop("val_prompt")
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .sd import SDTrainConfig, train_sd
+
+    result = train_sd(SDTrainConfig(**given))
     if result["main_process"]:
         typer.echo(str(result["final"]))

@@ -1,0 +1,860 @@
+"""``taiyi train sd``: align a Chinese text encoder to a Stable Diffusion UNet (Taiyi SD stages 1 and 2).
+
+The recipe (TAIYI.md §1, §3): stage 1 trains only the text encoder, with the UNet and the VAE frozen
+(eval mode, ``requires_grad_(False)``, not in the optimizer, not in the checkpoints); stage 2 trains the
+UNet too (the text encoder with it unless ``train_text_encoder=False``). The VAE is always frozen.
+
+- Objective: latents = VAE posterior sample × ``vae.config.scaling_factor``; timesteps uniform over the
+  scheduler's training steps; the target is the noise (``epsilon``) or the velocity (``v_prediction``),
+  as the scheduler config says unless ``prediction_type`` overrides it; MSE, optionally min-SNR-γ
+  weighted. Captions are replaced by ``""`` with probability ``caption_dropout`` (for classifier-free
+  guidance). Prompts are encoded exactly as at inference (diffusers' ``encode_prompt``: padded to the
+  tokenizer's ``model_max_length``, 512 for Taiyi BERT); longer captions are truncated and counted.
+- Latent cache: since the VAE never changes, each sample's posterior *mean and std* are computed once
+  (at ``resolution``, resize + centre crop) and stored in ``cache/latents-<key>.safetensors`` (key: data
+  files, VAE weights, resolution). Every step then draws ``mean + std · ε`` with the step's generator,
+  so cached and uncached runs see the same latents. ``cache_latents=False`` re-encodes every step, as
+  the reference trainer does.
+- All randomness of micro-step ``m`` (sample choice when mixing, caption dropout, the latent draw, the
+  noise, the timesteps) comes from one generator seeded with ``(seed, m)``; dropout inside the text
+  encoder uses the global RNG, which accelerate checkpoints. So ``resume`` continues exactly.
+- Two ``data`` sources (e.g. Chinese and English captions) are mixed with ``mix_ratio`` (the share of
+  samples drawn from the first), sampling with replacement; one source is read in seeded epoch order.
+- LR: linear warm-up then constant (the diffusers scripts' default), so a finished run can be extended
+  with a larger ``max_steps`` and ``resume``.
+- Every ``val_every`` steps (and at the end) the fixed ``val_prompts`` are drawn with fixed seeds and
+  saved as one grid PNG in ``validation/``; ``loss.png`` (drawn with Pillow) and ``metrics.jsonl`` hold
+  the loss curve.
+- ``final/`` is a pipeline folder (``taiyi generate --model OUTPUT/final``), written atomically by
+  :func:`taiyi.assemble.write_pipeline_folder`; frozen components are copied file for file from the base.
+
+Mixed precision: ``auto`` is bf16/fp16 on a GPU and off on CPU; ``fp16`` on CPU is refused (bf16 works
+there). Gradient checkpointing works on any device (it only saves memory). The output folder is
+described in :mod:`taiyi.train.common`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ..errors import InvalidInputError
+from .clip import _DataSet, _flat_hparams, _make_accelerator, _param_groups
+from .clip import open_training_data as _open_data
+from .common import (
+    METRICS,
+    MetricsLog,
+    crash_point,
+    list_checkpoints,
+    load_checkpoint,
+    record_run,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    step_dir_name,
+)
+from .common import check_output_dir as _check_output_dir
+
+logger = logging.getLogger("taiyi")
+
+CACHE_VERSION = "1"
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEFAULT_VAL_PROMPTS = ("飞流直下三千尺，油画", "小桥流水人家", "一只红色的猫")
+RESUMABLE_CHANGES = (
+    "output",
+    "resume",
+    "overwrite",
+    "max_steps",
+    "epochs",
+    "val_every",
+    "val_prompts",
+    "val_steps",
+    "val_guidance",
+    "save_every",
+    "keep_checkpoints",
+    "report_to",
+    "log_every",
+    "cache_dir",
+    "cache_latents",  # the same latents either way (see the module docstring)
+    "allow_pickle",
+    "cpu",
+)
+
+
+@dataclass
+class SDTrainConfig:
+    """Settings of one ``taiyi train sd`` run (the CLI flags map one to one onto these).
+
+    Args:
+        model: the pipeline to train (folder, short name or hub id), e.g. the output of ``taiyi assemble``.
+        data: one or two pair sources (folder of ``x.jpg`` + ``x.txt``, CSV, JSONL, or ``synthetic:N``).
+        output: the run's folder (checkpoints, metrics, ``validation/``, ``loss.png``, ``final/``).
+        stage: 1 — text encoder only (UNet and VAE frozen); 2 — UNet too.
+        train_text_encoder: in stage 2, train the text encoder as well (default on); stage 1 always does.
+        mix_ratio: with two sources, the share of samples drawn from the first (default 0.5).
+        image_column, caption_column: CSV columns / JSONL fields.
+        resolution: training images are resized (shorter side) and centre-cropped to this square.
+        batch_size: global batch of one micro-step, all processes together.
+        grad_accum: micro-steps per optimizer step.
+        lr, weight_decay, betas, eps: AdamW (Taiyi: lr 1e-4, weight decay 0.1; none on biases and norms).
+        warmup_steps: linear warm-up steps, then a constant learning rate.
+        max_steps: optimizer steps (default: ``epochs`` passes over the data).
+        epochs: passes over the data when ``max_steps`` is not given.
+        max_grad_norm: clip the gradient norm (None: off).
+        prediction_type: ``epsilon`` or ``v_prediction``; None follows the model's scheduler config.
+        caption_dropout: probability of training a sample with the empty caption (classifier-free guidance).
+        snr_gamma: min-SNR-γ loss weighting (None: plain MSE; 5.0 is the paper's value).
+        ema: keep an exponential moving average of the trained weights and export it.
+        ema_decay: its decay.
+        mixed_precision: ``auto``, ``no``, ``fp16`` (GPU only) or ``bf16``.
+        gradient_checkpointing: recompute activations of the trained modules in the backward pass.
+        cache_latents: encode each image once (VAE frozen) instead of every step.
+        cache_dir: latent cache folder (default ``output/cache``).
+        val_prompts: prompts drawn for the validation grid.
+        val_every: validation grid every N steps (0: at the end only).
+        val_steps: denoising steps of the validation images.
+        val_guidance: their classifier-free guidance scale.
+        save_every: checkpoint every N steps (0: at the end only).
+        keep_checkpoints: keep the newest K checkpoints.
+        resume: ``latest`` or a checkpoint folder: continue that run exactly.
+        overwrite: start afresh in an output folder holding another run.
+        report_to: accelerate tracker, ``none`` or ``auto``.
+        log_every: console line every N steps.
+        seed: data order and every random draw of the objective.
+        allow_pickle: accept pickled ``.bin`` weights.
+        cpu: train on the CPU even with a GPU.
+    """
+
+    model: str
+    data: list[str]
+    output: str
+    stage: int = 1
+    train_text_encoder: bool | None = None
+    mix_ratio: float | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    resolution: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: int = 1
+    max_grad_norm: float | None = 1.0
+    prediction_type: str | None = None
+    caption_dropout: float = 0.0
+    snr_gamma: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_dir: str | None = None
+    val_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VAL_PROMPTS))
+    val_every: int = 500
+    val_steps: int = 20
+    val_guidance: float = 7.5
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    overwrite: bool = False
+    report_to: str = "auto"
+    log_every: int = 10
+    seed: int = 0
+    allow_pickle: bool = False
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.data = list(self.data)
+        self.val_prompts = list(self.val_prompts)
+
+    def to_json(self) -> dict:
+        """The settings as JSON values (what ``run_config.json`` records)."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _validate_config(config: SDTrainConfig) -> None:
+    """Reject bad settings before anything is loaded."""
+    if not config.data or not all(str(d).strip() for d in config.data):
+        raise InvalidInputError("no training data given; pass --data (a folder, CSV, JSONL or synthetic:N)")
+    if not str(config.output).strip():
+        raise InvalidInputError("no output folder given; pass --output DIR")
+    checks = [
+        (config.stage in (1, 2), f"--stage must be 1 (text encoder) or 2 (text encoder + UNet), not {config.stage}"),
+        (len(config.data) <= 2, f"--data may be given at most twice (two sources to mix), not {len(config.data)}"),
+        (
+            config.mix_ratio is None or len(config.data) == 2,
+            "--mix-ratio mixes two sources; give --data twice or drop it",
+        ),
+        (config.mix_ratio is None or 0 < config.mix_ratio < 1, "--mix-ratio must lie strictly between 0 and 1"),
+        (
+            config.stage == 2 or config.train_text_encoder is not False,
+            "stage 1 trains the text encoder; it cannot be off",
+        ),
+        (config.resolution >= 16 and config.resolution % 8 == 0, "--resolution must be a multiple of 8, at least 16"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
+        (config.grad_accum >= 1, f"--grad-accum must be at least 1, not {config.grad_accum}"),
+        (config.lr > 0, f"--lr must be positive, not {config.lr}"),
+        (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
+        (config.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+        (config.max_steps is None or config.max_steps >= 1, f"--max-steps must be at least 1, not {config.max_steps}"),
+        (config.epochs >= 1, f"--epochs must be at least 1, not {config.epochs}"),
+        (config.max_grad_norm is None or config.max_grad_norm > 0, "--max-grad-norm must be positive"),
+        (
+            config.prediction_type is None or config.prediction_type in PREDICTION_TYPES,
+            f"--prediction-type must be epsilon or v_prediction, not {config.prediction_type!r}",
+        ),
+        (0 <= config.caption_dropout < 1, f"--caption-dropout must lie in [0, 1), not {config.caption_dropout}"),
+        (config.snr_gamma is None or config.snr_gamma > 0, "--snr-gamma must be positive"),
+        (0 < config.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {config.ema_decay}"),
+        (
+            config.mixed_precision in MIXED_PRECISION,
+            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {config.mixed_precision!r}",
+        ),
+        (config.val_every >= 0, f"--val-every must be 0 (at the end) or more, not {config.val_every}"),
+        (config.val_steps >= 1, f"--val-steps must be at least 1, not {config.val_steps}"),
+        (config.save_every >= 0, f"--save-every must be 0 (at the end only) or more, not {config.save_every}"),
+        (config.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {config.keep_checkpoints}"),
+        (config.log_every >= 1, f"--log-every must be at least 1, not {config.log_every}"),
+        (not (config.resume is not None and config.overwrite), "--resume and --overwrite exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidInputError(message)
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+
+
+def check_text_encoder(sd, name: str) -> None:
+    """The text encoder must give ``last_hidden_state`` as wide as the UNet's cross-attention."""
+    from ..assemble import check_text_width, cross_attention_dim
+
+    width = getattr(sd.text_encoder.config, "hidden_size", None)
+    if width is None:
+        raise InvalidInputError(
+            f"the text encoder of {name} ({type(sd.text_encoder).__name__}) has no hidden size; "
+            "use a BERT or CLIP text encoder"
+        )
+    check_text_width(int(width), cross_attention_dim(dict(sd.unet.config)), f"of {name}", name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images → latents
+
+
+def preprocess(images: list[Image.Image], resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, centre-crop a square, scale to [-1, 1]: (B, 3, R, R)."""
+    out = []
+    for image in images:
+        w, h = image.size
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        image = image.convert("RGB").resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+        out.append(torch.from_numpy(array).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def encode_posterior(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen VAE's posterior mean and std (B, 4, R/f, R/f), float32, on the CPU."""
+    dist = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def vae_fingerprint(vae) -> str:
+    """A hash of the VAE's weights: cached latents are valid for exactly these."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(vae.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class _Latents:
+    """Per-sample posterior mean/std and captions of a whole source (rows of unreadable samples invalid)."""
+
+    mean: torch.Tensor  # (N, 4, h, w)
+    std: torch.Tensor  # (N, 4, h, w)
+    valid: torch.Tensor  # (N,) bool
+    captions: list[str]
+
+
+def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir: Path) -> tuple[_Latents, Path, bool]:
+    """Load the latent cache of ``data`` or compute it (main process) and store it; returns (table, path, computed)."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.blake2b(
+        f"{CACHE_VERSION}|{data.fingerprint}|{vae_fingerprint(vae)}|{resolution}".encode(), digest_size=8
+    ).hexdigest()
+    path = cache_dir / f"latents-{key}.safetensors"
+    computed = False
+    if not path.is_file():
+        if accelerator.is_main_process:
+            means, stds, valid, captions = [], [], [], []
+            n = len(data.pairs)
+            for start in range(0, n, 16):
+                pairs = [data.pairs[i] for i in range(start, min(start + 16, n))]
+                kept = [p for p in pairs if p is not None]
+                if kept:
+                    mean, std = encode_posterior(
+                        vae, preprocess([p.image for p in kept], resolution), accelerator.device
+                    )
+                it = iter(range(len(kept)))
+                for p in pairs:
+                    if p is None:
+                        means.append(None), stds.append(None), valid.append(False), captions.append("")
+                    else:
+                        j = next(it)
+                        means.append(mean[j]), stds.append(std[j]), valid.append(True), captions.append(p.caption)
+            shape = next((m.shape for m in means if m is not None), None)
+            if shape is None:
+                raise InvalidInputError(f"data source {data.name} holds no readable image-text pair")
+            zero = torch.zeros(shape)
+            tensors = {
+                "mean": torch.stack([m if m is not None else zero for m in means]).contiguous(),
+                "std": torch.stack([s if s is not None else zero for s in stds]).contiguous(),
+                "valid": torch.tensor(valid, dtype=torch.uint8),
+                "captions": torch.frombuffer(
+                    bytearray(json.dumps(captions, ensure_ascii=False).encode()), dtype=torch.uint8
+                ),
+            }
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file(tensors, str(tmp), metadata={"source": data.name, "resolution": str(resolution)})
+            os.replace(tmp, path)
+            computed = True
+        accelerator.wait_for_everyone()
+    tensors = load_file(path)
+    captions = json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
+    return _Latents(tensors["mean"], tensors["std"], tensors["valid"].bool(), captions), path, computed
+
+
+# --------------------------------------------------------------------------------------------------
+# The model being trained
+
+
+class _Denoiser(nn.Module):
+    """The trained modules (text encoder and/or UNet) as one module for accelerate; frozen ones are held
+    outside the module tree (not wrapped, not in the optimizer, not checkpointed)."""
+
+    def __init__(self, text_encoder: nn.Module, unet: nn.Module, *, train_text: bool, train_unet: bool):
+        super().__init__()
+        self.text_encoder = text_encoder if train_text else None
+        self.unet = unet if train_unet else None
+        self._frozen = {"text_encoder": text_encoder, "unet": unet}  # a dict: not registered as submodules
+
+    def forward(self, input_ids, attention_mask, noisy_latents, timesteps):
+        encoder = self.text_encoder if self.text_encoder is not None else self._frozen["text_encoder"]
+        if self.text_encoder is None:
+            with torch.no_grad():
+                hidden = encoder(input_ids, attention_mask=attention_mask)[0]  # (B, L, D)
+        else:
+            hidden = encoder(input_ids, attention_mask=attention_mask)[0]  # (B, L, D)
+        unet = self.unet if self.unet is not None else self._frozen["unet"]
+        return unet(noisy_latents, timesteps, hidden).sample  # (B, 4, h, w)
+
+
+def tokenize(tokenizer, text_encoder, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Captions as diffusers' ``encode_prompt`` tokenizes prompts: (ids (B, L), mask or None, n truncated)."""
+    length = tokenizer.model_max_length
+    counts = [len(ids) for ids in tokenizer(captions, add_special_tokens=False, truncation=False).input_ids]
+    truncated = sum(n > length - 2 for n in counts)
+    tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return tokens.input_ids.to(device), mask, truncated
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler,
+    prediction_type: str,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE to the noise (epsilon) or the velocity (v_prediction), optionally min-SNR-γ weighted per sample."""
+    if prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma is None:
+        return per_sample.mean()
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    return (per_sample * weight).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss curve
+
+
+def plot_losses(rows: list[dict], path: Path, *, size: tuple[int, int] = (640, 400)) -> Path | None:
+    """Draw the training loss per step (and its running mean) as a PNG with Pillow; None without rows."""
+    points = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and np.isfinite(r.get("loss", np.nan))]
+    if not points:
+        return None
+    w, h = size
+    left, right, top, bottom = 60, 20, 20, 40
+    steps = np.array([p[0] for p in points], dtype=float)
+    losses = np.array([p[1] for p in points], dtype=float)
+    lo, hi = float(losses.min()), float(losses.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    s0, s1 = float(steps.min()), float(max(steps.max(), steps.min() + 1))
+
+    def xy(s, v):
+        return left + (s - s0) / (s1 - s0) * (w - left - right), top + (hi - v) / (hi - lo) * (h - top - bottom)
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    for value in (lo, (lo + hi) / 2, hi):
+        y = xy(s0, value)[1]
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((2, y - 6), f"{value:.4g}", fill="black")
+    draw.text((left, h - bottom + 8), f"step {int(s0)}", fill="black")
+    draw.text((w - right - 70, h - bottom + 8), f"step {int(steps.max())}", fill="black")
+    draw.text((w // 2 - 30, h - 16), "training loss", fill="black")
+    line = [xy(s, v) for s, v in zip(steps, losses, strict=True)]
+    draw.line(line if len(line) > 1 else line * 2, fill=(160, 160, 220), width=1)
+    k = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    draw.line([xy(s, v) for s, v in zip(steps[k - 1 :], smooth, strict=True)] or line * 2, fill=(200, 30, 30), width=2)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _micro_generator(seed: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro + 1)
+
+
+def train_sd(config: SDTrainConfig) -> dict:
+    """Train a Stable Diffusion pipeline's text encoder (stage 1) or text encoder + UNet (stage 2).
+
+    Works as a plain process and under ``accelerate launch`` (every process calls this). Seeds the global
+    RNGs with ``config.seed`` (dropout), as a training entry point does.
+
+    Args:
+        config: the run's settings (see :class:`SDTrainConfig`).
+
+    Returns:
+        ``{"step", "total_steps", "output", "final", "checkpoint", "losses" ({step: loss} of this call),
+        "truncated" (captions longer than the encoder window), "skipped" (unreadable samples),
+        "validation" (grid PNG paths), "loss_plot", "cache" (paths), "cache_seconds", "train_seconds",
+        "step_seconds", "resumed_from", "num_processes", "main_process", "pipeline" (the trained diffusers
+        pipeline)}``.
+
+    Raises:
+        InvalidInputError: bad settings, data with no pairs, an incompatible text encoder, an output folder
+            holding another run.
+    """
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from transformers import get_constant_schedule_with_warmup
+
+    from ..assemble import write_pipeline_folder
+    from ..loading import load_stable_diffusion
+    from ..models import resolve_model
+
+    _validate_config(config)
+    output = Path(config.output)
+    run_json = config.to_json()
+    _check_output_dir(output, run_json, resume=config.resume, overwrite=config.overwrite, may_differ=RESUMABLE_CHANGES)
+    checkpoint = resolve_resume(output, config.resume)
+    accelerator = _make_accelerator(config, output)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise InvalidInputError(
+            f"--batch-size {config.batch_size} is the global batch and must be a multiple of the {world} processes"
+        )
+    local_batch = config.batch_size // world
+    set_seed(config.seed)
+    device = accelerator.device
+
+    # --- model -------------------------------------------------------------------------------------
+    folder, name = resolve_model(config.model)
+    folder = Path(folder)
+    sd = load_stable_diffusion(
+        folder, device=torch.device("cpu"), dtype=torch.float32, safety_checker=False, allow_pickle=config.allow_pickle
+    )
+    check_text_encoder(sd, name)
+    text_encoder, unet, vae, tokenizer = sd.text_encoder, sd.unet, sd.vae, sd.tokenizer
+    train_text = config.stage == 1 or config.train_text_encoder is not False
+    train_unet = config.stage == 2
+    vae.requires_grad_(False).eval()
+    unet.requires_grad_(train_unet).train(train_unet)
+    text_encoder.requires_grad_(train_text).train(train_text)
+    if getattr(text_encoder, "pooler", None) is not None:
+        # Prompt embeddings are the last hidden state: the pooler gets no gradient (and DDP would stall on it).
+        text_encoder.pooler.requires_grad_(False)
+    if config.gradient_checkpointing:
+        if train_unet:
+            unet.enable_gradient_checkpointing()
+        if train_text and hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.20
+            text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+        elif train_text:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    noise_scheduler = DDPMScheduler.from_config(sd.scheduler.config)
+    prediction_type = config.prediction_type or noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InvalidInputError(f"the scheduler of {name} predicts {prediction_type!r}; pass --prediction-type")
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    scaling = float(vae.config.scaling_factor)
+    vae.to(device)
+    unet.to(device)
+    text_encoder.to(device)
+
+    # --- data --------------------------------------------------------------------------------------
+    sources = [_open_data(src, config, config.resolution) for src in config.data]
+    for ds in sources:
+        if ds.streamed:
+            raise InvalidInputError(
+                f"{ds.name} is tar shards; taiyi train sd reads folders, CSV or JSONL (convert the shards)"
+            )
+        if len(ds.pairs) == 0:
+            raise InvalidInputError(f"data source {ds.name} holds no image-text pairs")
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output / "cache"
+    tables: list[_Latents | None] = [None] * len(sources)
+    cache_paths, cache_seconds, skipped_in_cache = [], 0.0, 0
+    if config.cache_latents:
+        started = time.perf_counter()
+        for i, ds in enumerate(sources):
+            table, path, computed = cached_latents(ds, vae, accelerator, config.resolution, cache_dir)
+            tables[i] = table
+            cache_paths.append(path)
+            skipped_in_cache += int((~table.valid).sum())
+            if main:
+                logger.info(
+                    "latents of %s: %s %s (%d samples, %d unreadable)",
+                    ds.name,
+                    "computed and cached in" if computed else "loaded from",
+                    path,
+                    len(table.captions),
+                    int((~table.valid).sum()),
+                )
+        cache_seconds = time.perf_counter() - started
+    pools = [
+        torch.nonzero(t.valid).flatten() if t is not None else torch.arange(len(ds.pairs))
+        for t, ds in zip(tables, sources, strict=True)
+    ]
+    for pool, ds in zip(pools, sources, strict=True):
+        if len(pool) == 0:
+            raise InvalidInputError(f"data source {ds.name} holds no readable image-text pair")
+    mixing = len(sources) == 2
+    ratio = config.mix_ratio if config.mix_ratio is not None else 0.5
+    n_total = sum(len(p) for p in pools)
+    if not mixing and len(pools[0]) < config.batch_size:
+        raise InvalidInputError(
+            f"{len(pools[0])} readable pairs are fewer than --batch-size {config.batch_size}; lower it or add data"
+        )
+    batches_per_epoch = max(n_total // config.batch_size, 1)
+    steps_per_epoch = max(batches_per_epoch // config.grad_accum, 1)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    accelerator.wait_for_everyone()
+    if main:
+        record_run(output, run_json, overwrite=config.overwrite)
+    accelerator.wait_for_everyone()
+
+    def plan(micro: int) -> list[tuple[int, int]]:
+        """The global batch of micro-step ``micro`` as (source, sample index) pairs."""
+        if mixing:
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + 500_009 + micro)
+            out = []
+            for _ in range(config.batch_size):
+                s = 0 if float(torch.rand((), generator=g)) < ratio else 1
+                out.append((s, int(pools[s][int(torch.randint(len(pools[s]), (), generator=g))])))
+            return out
+        epoch, position = divmod(micro, batches_per_epoch)
+        order = pools[0][torch.randperm(len(pools[0]), generator=torch.Generator().manual_seed(config.seed + epoch))]
+        return [(0, int(i)) for i in order[position * config.batch_size : (position + 1) * config.batch_size]]
+
+    def read_batch(items: list[tuple[int, int]]):
+        """(mean, std (b, 4, h, w), captions, skipped) of this process's samples."""
+        means, stds, captions, images, skipped = [], [], [], [], 0
+        for s, i in items:
+            table = tables[s]
+            if table is not None:
+                means.append(table.mean[i]), stds.append(table.std[i]), captions.append(table.captions[i])
+            else:
+                pair = sources[s].pairs[i]
+                if pair is None:
+                    skipped += 1
+                    continue
+                images.append(pair.image), captions.append(pair.caption)
+        if images:
+            mean, std = encode_posterior(vae, preprocess(images, config.resolution), device)
+            return mean, std, captions, skipped
+        if not means:
+            return None, None, captions, skipped
+        return torch.stack(means), torch.stack(stds), captions, skipped
+
+    # --- optimizer, schedule, accelerate -------------------------------------------------------------
+    trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet)
+    optimizer = torch.optim.AdamW(
+        _param_groups(trainable, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
+    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    model, optimizer = accelerator.prepare(trainable, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if config.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel([p for p in trainable.parameters() if p.requires_grad], decay=config.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    # --- resume ------------------------------------------------------------------------------------
+    metrics = MetricsLog(output / METRICS, enabled=main)
+    start_step, resumed_from, skipped_total, truncated_total = 0, None, 0, 0
+    if config.resume is not None:
+        if main:
+            for path in remove_partial_checkpoints(output):
+                logger.info("removed %s, a checkpoint left half-written by an interrupted run", path)
+        accelerator.wait_for_everyone()
+        if checkpoint is not None:
+            state = load_checkpoint(accelerator, checkpoint)
+            start_step, resumed_from = int(state["step"]), checkpoint
+            skipped_total, truncated_total = int(state.get("skipped", 0)), int(state.get("truncated", 0))
+            if main:
+                logger.info("resumed from %s at step %d of %d", checkpoint, start_step, total_steps)
+    if main:
+        metrics.truncate_after(start_step)
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("sd", config=_flat_hparams(config))
+
+    # --- validation grid -------------------------------------------------------------------------------
+    val_dir = output / "validation"
+    val_paths: list[Path] = []
+
+    def validate(step: int) -> None:
+        if main and config.val_prompts:
+            from diffusers import StableDiffusionPipeline
+
+            from ..pipeline import TaiyiPipeline, make_grid
+
+            te_mode, unet_mode = text_encoder.training, unet.training
+            text_encoder.eval(), unet.eval()
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=sd.scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            taiyi = TaiyiPipeline(pipe, model=name, device=device, dtype=torch.float32)
+            images = []
+            with torch.no_grad():
+                for i, prompt in enumerate(config.val_prompts):
+                    result = taiyi.generate(
+                        prompt,
+                        steps=config.val_steps,
+                        guidance=config.val_guidance,
+                        seed=config.seed + i,
+                        width=max(config.resolution, 64),  # the pipeline's smallest size
+                        height=max(config.resolution, 64),
+                    )
+                    images += result.images
+            val_dir.mkdir(parents=True, exist_ok=True)
+            path = val_dir / f"{step_dir_name(step)}.png"
+            tmp = val_dir / f".{path.name}.tmp.png"
+            make_grid(images).save(tmp)
+            os.replace(tmp, path)
+            val_paths.append(path)
+            metrics.append({"step": step, "kind": "val", "grid": str(path.relative_to(output))})
+            text_encoder.train(te_mode), unet.train(unet_mode)
+        accelerator.wait_for_everyone()
+
+    # --- the loop ------------------------------------------------------------------------------------
+    step = start_step
+    losses: dict[int, float] = {}
+    step_seconds: list[float] = []
+    window: list[torch.Tensor] = []
+    if main and step < total_steps:
+        logger.info(
+            "stage %d: training %s for %d steps from step %d (%d pairs, global batch %d x %d, %s, latents %s)",
+            config.stage,
+            " + ".join(n for n, on in (("text encoder", train_text), ("UNet", train_unet)) if on),
+            total_steps,
+            step,
+            n_total,
+            config.batch_size,
+            config.grad_accum,
+            prediction_type,
+            "cached" if config.cache_latents else "encoded every step",
+        )
+    started = last = time.perf_counter()
+    micro = step * config.grad_accum
+    while step < total_steps:
+        items = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
+        g = _micro_generator(config.seed, micro)
+        # Every draw from g happens in this order for the whole local batch, readable or not.
+        drop = torch.rand(len(items), generator=g) < config.caption_dropout
+        mean, std, captions, skipped = read_batch(items)
+        skipped_total += skipped
+        if mean is None:
+            raise InvalidInputError(
+                f"every sample of micro-batch {micro} was unreadable ({skipped_total} so far); check the data"
+            )
+        kept_drop = drop[: len(captions)]
+        captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
+        latent_eps = torch.randn(mean.shape, generator=g)
+        noise = torch.randn(mean.shape, generator=g)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (mean.shape[0],), generator=g)
+        latents = ((mean + std * latent_eps) * scaling).to(device)  # (b, 4, h, w)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        ids, mask, truncated = tokenize(tokenizer, text_encoder, captions, device)
+        truncated_total += truncated
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                prediction = model(ids, mask, noisy, timesteps)
+            loss = diffusion_loss(
+                prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        window.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        lr = scheduler.get_last_lr()[0]
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        if ema is not None:
+            ema.step([p for p in trainable.parameters() if p.requires_grad])
+        step += 1
+        step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
+        window = []
+        now = time.perf_counter()
+        step_seconds.append(now - last)
+        losses[step] = step_loss
+        metrics.append(
+            {"step": step, "kind": "train", "loss": step_loss, "lr": lr, "epoch": round(micro / batches_per_epoch, 4)}
+        )
+        accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
+        if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
+            logger.info(
+                "step %d/%d loss %.4f lr %.3g (%.2f s/step)%s%s",
+                step,
+                total_steps,
+                step_loss,
+                lr,
+                sum(step_seconds) / len(step_seconds),
+                f", {truncated_total} captions truncated to the encoder window" if truncated_total else "",
+                f", {skipped_total} unreadable samples skipped" if skipped_total else "",
+            )
+        if config.val_every and step % config.val_every == 0 and step < total_steps:
+            validate(step)
+        if (config.save_every and step % config.save_every == 0) or step == total_steps:
+            state = {
+                "step": step,
+                "micro_batches": micro,
+                "total_steps": total_steps,
+                "num_processes": world,
+                "skipped": skipped_total,
+                "truncated": truncated_total,
+            }
+            save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
+        crash_point("step", step)
+        last = time.perf_counter()
+    train_seconds = sum(step_seconds)
+    if main and truncated_total:
+        logger.warning(
+            "%d training captions were longer than the text encoder's %d tokens and were truncated",
+            truncated_total,
+            tokenizer.model_max_length,
+        )
+
+    # --- the end -----------------------------------------------------------------------------------
+    if ema is not None:
+        ema.copy_to([p for p in trainable.parameters() if p.requires_grad])
+    if step > start_step or not val_paths:
+        validate(step)
+    final_dir = output / "final"
+    loss_plot = None
+    if main:
+        text_encoder.eval(), unet.eval()
+        write_pipeline_folder(
+            final_dir,
+            unet=unet if train_unet else folder / "unet",
+            vae=folder / "vae",
+            scheduler=folder / "scheduler",
+            text_encoder=text_encoder,  # unchanged tensors when frozen
+            tokenizer=tokenizer,
+            overwrite=True,
+        )
+        loss_plot = plot_losses(metrics.read(), output / "loss.png")
+        logger.info("saved %s (taiyi generate --model %s)", final_dir, final_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    found = list_checkpoints(output)
+    return {
+        "step": step,
+        "total_steps": total_steps,
+        "output": output,
+        "final": final_dir,
+        "checkpoint": found[-1] if found else None,
+        "losses": losses,
+        "truncated": truncated_total,
+        "skipped": skipped_in_cache + skipped_total,
+        "validation": val_paths,
+        "loss_plot": loss_plot,
+        "cache": cache_paths,
+        "cache_seconds": cache_seconds,
+        "train_seconds": train_seconds,
+        "loop_seconds": time.perf_counter() - started,
+        "step_seconds": step_seconds,
+        "resumed_from": resumed_from,
+        "prediction_type": prediction_type,
+        "num_processes": world,
+        "main_process": main,
+        "pipeline": sd,
+    }
+
+
+__all__ = ["SDTrainConfig", "diffusion_loss", "plot_losses", "train_sd"]

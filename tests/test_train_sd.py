@@ -1,0 +1,226 @@
+"""taiyi train sd: Taiyi SD stages 1 and 2, end to end on a tiny random pipeline and synthetic pairs.
+
+What is proven here: stage 1 leaves every UNet and VAE tensor bit-identical while the text encoder
+changes; stage 2 changes the UNet (and leaves a frozen text encoder alone); a run stopped at step 3 and
+resumed to 6 has the per-step losses of a straight 6-step run; cached latents give the loss of latents
+encoded every step; final/ loads and generates; two sources mix; long captions are truncated and
+counted; the CLI maps flags to the same function and refuses bad input in one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from taiyi.cli import main
+from taiyi.data.shanshui import write_folder
+from taiyi.errors import InvalidInputError
+from taiyi.pipeline import load_pipeline
+from taiyi.testing import make_tiny_pipeline
+from taiyi.train.sd import SDTrainConfig, plot_losses, train_sd
+
+FAST = dict(resolution=32, batch_size=2, lr=1e-3, val_prompts=[], save_every=0, report_to="none")
+UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
+VAE = Path("vae") / "diffusion_pytorch_model.safetensors"
+TEXT = Path("text_encoder") / "model.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-sd")
+    base = make_tiny_pipeline(root / "sd-zh", text_encoder="bert")  # Taiyi layout: BertModel 32 = cross-attention 32
+    zh = write_folder(root / "zh", 6, seed=0, size=32)
+    en = write_folder(root / "en", 4, seed=1, size=32, captions="en")
+    return base, zh, en
+
+
+def _changed(a: Path, b: Path) -> set[str]:
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    return {k for k in ta if not torch.equal(ta[k], tb[k])}
+
+
+def test_stage1_freezes_unet_and_vae_and_final_generates(setup, tmp_path):
+    base, zh, _ = setup
+    result = train_sd(
+        SDTrainConfig(
+            model=str(base),
+            data=[str(zh)],
+            output=str(tmp_path / "run"),
+            stage=1,
+            max_steps=2,
+            **{**FAST, "val_prompts": ["小桥流水人家", "山水"]},
+            val_steps=1,
+        )
+    )
+    final = result["final"]
+    assert _changed(base / UNET, final / UNET) == set()
+    assert _changed(base / VAE, final / VAE) == set()
+    changed = _changed(base / TEXT, final / TEXT)
+    assert len(changed) > 10  # the text encoder trained ...
+    assert not [k for k in changed if k.startswith("pooler")]  # ... but not its pooler: prompts use hidden states
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "BertModel"] and index["tokenizer"][1] == "BertTokenizer"
+    assert sorted(result["losses"]) == [1, 2] and all(v > 0 for v in result["losses"].values())
+    grid = Image.open(result["validation"][-1])
+    assert grid.size == (128, 64)  # two prompts at the pipeline's smallest size, side by side
+    assert Image.open(result["loss_plot"]).size == (640, 400)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    image = load_pipeline(final).generate("小桥流水人家", steps=2, seed=0, width=64, height=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_stage2_trains_the_unet_with_a_frozen_text_encoder_and_ema(setup, tmp_path):
+    base, zh, _ = setup
+    result = train_sd(
+        SDTrainConfig(
+            model=str(base),
+            data=[str(zh)],
+            output=str(tmp_path / "run"),
+            stage=2,
+            train_text_encoder=False,
+            ema=True,
+            prediction_type="v_prediction",
+            snr_gamma=5.0,
+            gradient_checkpointing=True,
+            max_steps=2,
+            **FAST,
+        )
+    )
+    final = result["final"]
+    assert result["prediction_type"] == "v_prediction"
+    assert len(_changed(base / UNET, final / UNET)) > 10
+    assert _changed(base / VAE, final / VAE) == set()
+    assert _changed(base / TEXT, final / TEXT) == set()
+
+
+def test_resume_continues_with_the_same_losses(setup, tmp_path):
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], caption_dropout=0.5, snr_gamma=5.0, **FAST)
+    straight = train_sd(SDTrainConfig(output=str(tmp_path / "a"), max_steps=6, **settings))["losses"]
+    first = train_sd(SDTrainConfig(output=str(tmp_path / "b"), max_steps=3, **settings))["losses"]
+    second = train_sd(SDTrainConfig(output=str(tmp_path / "b"), max_steps=6, resume="latest", **settings))
+    assert second["resumed_from"].name == "step-000003"
+    resumed = {**first, **second["losses"]}
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert _changed(tmp_path / "a" / "final" / TEXT, tmp_path / "b" / "final" / TEXT) == set()
+
+
+def test_cached_latents_give_the_loss_of_encoding_every_step(setup, tmp_path):
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], max_steps=1, **FAST)
+    cached = train_sd(SDTrainConfig(output=str(tmp_path / "c"), cache_latents=True, **settings))
+    fresh = train_sd(SDTrainConfig(output=str(tmp_path / "f"), cache_latents=False, **settings))
+    assert cached["cache"] and not fresh["cache"]
+    assert cached["losses"][1] == pytest.approx(fresh["losses"][1], abs=1e-5)
+
+
+def test_two_sources_mix_and_long_captions_are_truncated(setup, tmp_path):
+    base, zh, en = setup
+    long = tmp_path / "long"
+    long.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 32), (30 * i, 90, 160)).save(long / f"{i}.png")
+        (long / f"{i}.txt").write_text("山" * (600 if i == 0 else 5), encoding="utf-8")
+    result = train_sd(
+        SDTrainConfig(
+            model=str(base),
+            data=[str(long), str(en)],
+            mix_ratio=0.8,
+            gradient_checkpointing=True,
+            output=str(tmp_path / "m"),
+            max_steps=3,
+            **FAST,
+        )
+    )
+    assert sorted(result["losses"]) == [1, 2, 3]
+    assert result["truncated"] >= 1
+
+
+def test_plot_losses_draws_a_png(tmp_path):
+    rows = [{"step": s, "kind": "train", "loss": 1.0 / s} for s in range(1, 30)] + [{"step": 5, "kind": "val"}]
+    path = plot_losses(rows, tmp_path / "loss.png")
+    image = Image.open(path).convert("RGB")
+    assert image.size == (640, 400)
+    assert len(image.getcolors(maxcolors=1 << 16)) > 2  # axes and the curve were drawn
+    assert plot_losses([], tmp_path / "none.png") is None
+
+
+def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
+    base, zh, _ = setup
+    out = tmp_path / "cli"
+    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "1"]
+    fast = [
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--report-to",
+        "none",
+        "--val-steps",
+        "1",
+        "--val-prompt",
+        "山水",
+    ]
+    assert main(args + fast) == 0
+    assert capsys.readouterr().out.strip() == str(out / "final")
+    assert load_pipeline(out / "final").generate("山水", steps=1, seed=0, width=64, height=64).images
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    narrow = tmp_path / "narrow"
+    _narrow_pipeline(base, narrow)
+    cases = [
+        (args + fast, "holds this run already"),  # output exists
+        (["train", "sd", "--model", str(base), "--data", str(empty), "--output", str(tmp_path / "e")] + fast, ""),
+        (["train", "sd", "--model", str(narrow), "--data", str(zh), "--output", str(tmp_path / "n")] + fast, "wide"),
+        (args[:-2] + ["--stage", "3"] + fast, "--stage"),
+        (args + fast + ["--mix-ratio", "0.5"], "--mix-ratio"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("taiyi: error:") and "\n" not in err and message in err, err
+    with pytest.raises(InvalidInputError, match="fp16 needs a CUDA GPU"):
+        train_sd(
+            SDTrainConfig(
+                model=str(base), data=[str(zh)], output=str(tmp_path / "h"), mixed_precision="fp16", cpu=True
+            )
+        )
+
+
+def _narrow_pipeline(base: Path, out: Path) -> None:
+    """``base`` with a 16-wide text encoder: incompatible with its 32-wide cross-attention."""
+    from transformers import BertConfig, BertModel
+
+    from taiyi.assemble import write_pipeline_folder
+    from taiyi.tokenization import load_chinese_tokenizer
+
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(vocab_size=21128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+    )
+    write_pipeline_folder(
+        out,
+        unet=base / "unet",
+        vae=base / "vae",
+        scheduler=base / "scheduler",
+        text_encoder=bert,
+        tokenizer=load_chinese_tokenizer(base / "tokenizer"),
+    )
