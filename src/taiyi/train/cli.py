@@ -24,6 +24,27 @@ def _opt(*names: str, help: str, panel: str | None = None, **kwargs) -> typer.mo
     return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
 
 
+# Run-control options every trainer shares (one definition each).
+SaveEvery = Annotated[
+    int | None, _opt("--save-every", help="Checkpoint every N steps [1000]; 0: at the end.", panel=_PANEL_RUN)
+]
+KeepCheckpoints = Annotated[
+    int | None, _opt("--keep-checkpoints", help="Keep the newest K checkpoints [3].", panel=_PANEL_RUN)
+]
+Resume = Annotated[
+    str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
+]
+OverwriteRun = Annotated[
+    bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
+]
+ReportTo = Annotated[
+    str | None,
+    _opt("--report-to", help="tensorboard, wandb, ..., none [auto: tensorboard if installed].", panel=_PANEL_RUN),
+]
+LogEvery = Annotated[int | None, _opt("--log-every", help="Console line every N steps [10].", panel=_PANEL_RUN)]
+Cpu = Annotated[bool, _opt("--cpu", help="Train on the CPU even with a GPU.", panel=_PANEL_RUN)]
+
+
 @train_app.command()
 def clip(
     data: Annotated[
@@ -112,26 +133,13 @@ def clip(
         bool, _opt("--unfreeze-image-tower", help="Train the image tower too (off in Taiyi).", panel=_PANEL_OPT)
     ] = False,
     seed: Annotated[int | None, _opt("--seed", help="Data order, val split, dropout [0].", panel=_PANEL_OPT)] = None,
-    save_every: Annotated[
-        int | None, _opt("--save-every", help="Checkpoint every N steps [1000]; 0: at the end.", panel=_PANEL_RUN)
-    ] = None,
-    keep_checkpoints: Annotated[
-        int | None, _opt("--keep-checkpoints", help="Keep the newest K checkpoints [3].", panel=_PANEL_RUN)
-    ] = None,
-    resume: Annotated[
-        str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
-    ] = None,
-    overwrite: Annotated[
-        bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
-    ] = False,
-    report_to: Annotated[
-        str | None,
-        _opt("--report-to", help="tensorboard, wandb, ..., none [auto: tensorboard if installed].", panel=_PANEL_RUN),
-    ] = None,
-    log_every: Annotated[
-        int | None, _opt("--log-every", help="Console line every N steps [10].", panel=_PANEL_RUN)
-    ] = None,
-    cpu: Annotated[bool, _opt("--cpu", help="Train on the CPU even with a GPU.", panel=_PANEL_RUN)] = False,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
+    cpu: Cpu = False,
 ) -> None:
     """Locked-image training: a Chinese text tower learns a frozen CLIP image tower's space (Taiyi-CLIP).
 
@@ -248,27 +256,14 @@ def sd(
     val_steps: Annotated[
         int | None, _opt("--val-steps", help="Denoising steps of validation images [20].", panel=_PANEL_RUN)
     ] = None,
-    save_every: Annotated[
-        int | None, _opt("--save-every", help="Checkpoint every N steps [1000]; 0: at the end.", panel=_PANEL_RUN)
-    ] = None,
-    keep_checkpoints: Annotated[
-        int | None, _opt("--keep-checkpoints", help="Keep the newest K checkpoints [3].", panel=_PANEL_RUN)
-    ] = None,
-    resume: Annotated[
-        str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
-    ] = None,
-    overwrite: Annotated[
-        bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
-    ] = False,
-    report_to: Annotated[
-        str | None,
-        _opt("--report-to", help="tensorboard, wandb, ..., none [auto: tensorboard if installed].", panel=_PANEL_RUN),
-    ] = None,
-    log_every: Annotated[
-        int | None, _opt("--log-every", help="Console line every N steps [10].", panel=_PANEL_RUN)
-    ] = None,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
     allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
-    cpu: Annotated[bool, _opt("--cpu", help="Train on the CPU even with a GPU.", panel=_PANEL_RUN)] = False,
+    cpu: Cpu = False,
 ) -> None:
     """Align a Chinese text encoder to a Stable Diffusion UNet: stage 1 (text encoder) or 2 (+ UNet).
 
