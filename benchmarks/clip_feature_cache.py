@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _bench import machine, prepare
 
 
 def build_towers(root: Path, *, width: int, layers: int, image_size: int, patch: int, dim: int) -> tuple[Path, Path]:
@@ -113,26 +113,6 @@ def run(text: Path, image: Path, output: Path, *, cache: bool, args) -> dict:
     }
 
 
-def machine() -> dict:
-    import torch
-
-    from taiyi.loading import cpu_count
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "usable_cores": cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    if hasattr(os, "getloadavg"):
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode (after --warmup)")
@@ -151,18 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    import logging
-
-    import torch
-
-    from taiyi.cli import _quiet_libraries
-    from taiyi.loading import limit_threads
-
-    _quiet_libraries()
-    logging.getLogger("taiyi").setLevel(logging.WARNING)
-    limit_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare(args.threads)
     with tempfile.TemporaryDirectory(prefix="taiyi-bench-cache-") as tmp:
         root = Path(tmp)
         text, image = build_towers(

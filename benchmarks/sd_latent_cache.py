@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clip_feature_cache import machine  # noqa: E402  (one machine description for every benchmark)
+from _bench import machine, prepare  # noqa: E402  (shared by every benchmark)
 
 
 def build_pipeline(root: Path, *, unet_scale: float, text_layers: int) -> Path:
@@ -109,19 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    import logging
-
-    import torch
-
-    from taiyi.cli import _quiet_libraries
     from taiyi.data.shanshui import write_folder
-    from taiyi.loading import limit_threads
 
-    _quiet_libraries()
-    logging.getLogger("taiyi").setLevel(logging.WARNING)
-    limit_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare(args.threads)
     with tempfile.TemporaryDirectory(prefix="taiyi-bench-latents-") as tmp:
         root = Path(tmp)
         model = build_pipeline(root, unet_scale=args.unet_scale, text_layers=args.text_layers)

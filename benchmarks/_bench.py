@@ -1,0 +1,41 @@
+"""What every benchmark shares: quiet libraries, thread settings, and a description of the machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+
+def prepare(threads: int | None) -> None:
+    """Silence library chatter and set torch's threads (default: the usable cores)."""
+    import torch
+
+    from taiyi.cli import _quiet_libraries
+    from taiyi.loading import limit_threads
+
+    _quiet_libraries()
+    logging.getLogger("taiyi").setLevel(logging.WARNING)
+    limit_threads()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine() -> dict:
+    import torch
+
+    from taiyi.loading import cpu_count
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "usable_cores": cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return info
