@@ -43,13 +43,14 @@ def _first_line(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def load_text_tower(source: str | os.PathLike, *, allow_pickle: bool = False):
+def load_text_tower(source: str | os.PathLike, *, allow_pickle: bool = False, max_length: int = TOKENIZER_MAX_LENGTH):
     """The BERT body (``BertModel``, no projection head) and tokenizer of a Chinese CLIP text tower.
 
     Args:
         source: a taiyi Chinese CLIP folder (``ChineseCLIP.save_pretrained``), or a Taiyi-CLIP text tower
             (short name, hub id or folder in the published layout).
         allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
+        max_length: the tokenizer's prompt length (the published Taiyi SD pads to 512).
 
     Returns:
         ``(bert_model, tokenizer)``: a ``BertForSequenceClassification`` gives its ``.bert``; a
@@ -84,12 +85,12 @@ def load_text_tower(source: str | os.PathLike, *, allow_pickle: bool = False):
             bert = BertForSequenceClassification.from_pretrained(text_folder, use_safetensors=use_st).bert
         else:
             bert = BertModel.from_pretrained(text_folder, use_safetensors=use_st)
-        tokenizer = load_chinese_tokenizer(tok_folder, max_length=TOKENIZER_MAX_LENGTH)
+        tokenizer = load_chinese_tokenizer(tok_folder, max_length=max_length)
     except (InvalidInputError, ModelLoadError):
         raise
     except Exception as exc:
         raise ModelLoadError(f"could not load the text tower in {text_folder}: {_first_line(exc)}") from exc
-    tokenizer.model_max_length = TOKENIZER_MAX_LENGTH
+    tokenizer.model_max_length = max_length
     check_tokenizer(tokenizer, bert, where=str(text_folder))
     return bert.eval(), tokenizer
 
@@ -191,6 +192,7 @@ def assemble(
     *,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    max_length: int = TOKENIZER_MAX_LENGTH,
 ) -> Path:
     """Build a Chinese SD pipeline: UNet, VAE and scheduler of ``base``, text encoder of a Chinese CLIP.
 
@@ -200,6 +202,7 @@ def assemble(
         out: the pipeline folder to write (atomically).
         overwrite: replace an existing ``out``.
         allow_pickle: accept pickled ``.bin`` weights in the text tower.
+        max_length: prompt length in tokens (512 as published; short prompts make small models faster).
 
     Returns:
         ``out``, which loads with :func:`taiyi.load_pipeline` and ``taiyi generate --model``.
@@ -223,7 +226,9 @@ def assemble(
     for sub in ("unet", "vae"):
         check_weights(base_folder / sub, allow_pickle=allow_pickle, what=f"component {sub!r} in {base_folder}")
     unet_config = json.loads((base_folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    bert, tokenizer = load_text_tower(text_encoder, allow_pickle=allow_pickle)
+    if not 8 <= max_length <= 512:
+        raise InvalidInputError(f"--max-length must be between 8 and 512 tokens, not {max_length}")
+    bert, tokenizer = load_text_tower(text_encoder, allow_pickle=allow_pickle, max_length=max_length)
     check_text_width(bert.config.hidden_size, cross_attention_dim(unet_config), str(text_encoder), base_name)
     written = write_pipeline_folder(
         out,
@@ -246,12 +251,16 @@ def assemble_command(
     out: Annotated[str, typer.Option("--out", "-o", help="Pipeline folder to write.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights.")] = False,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Prompt length in tokens (the published Taiyi SD: 512).")
+    ] = TOKENIZER_MAX_LENGTH,
 ) -> None:
     """Chinese SD: UNet, VAE and scheduler of an SD v1 pipeline + a Chinese CLIP text tower (BERT body).
 
     The result loads with taiyi generate --model OUT; align it with taiyi train sd --stage 1.
     """
-    typer.echo(str(assemble(base, text_encoder, out, overwrite=overwrite, allow_pickle=allow_pickle)))
+    written = assemble(base, text_encoder, out, overwrite=overwrite, allow_pickle=allow_pickle, max_length=max_length)
+    typer.echo(str(written))
 
 
 __all__ = ["assemble", "assemble_command", "check_text_width", "load_text_tower", "write_pipeline_folder"]

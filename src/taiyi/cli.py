@@ -324,6 +324,8 @@ def _register_subcommands() -> None:
     from .assemble import assemble_command
     from .clip_cli import clip_app
     from .convert_cli import convert_app
+    from .eval_cli import eval_app
+    from .recipe.cli import recipe_app
     from .serve_cli import serve
     from .train.cli import train_app
 
@@ -332,6 +334,8 @@ def _register_subcommands() -> None:
     app.command("serve")(serve)
     app.add_typer(convert_app, name="convert")
     app.command("assemble")(assemble_command)
+    app.add_typer(recipe_app, name="recipe")
+    app.add_typer(eval_app, name="eval")
 
 
 _register_subcommands()

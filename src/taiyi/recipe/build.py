@@ -1,0 +1,150 @@
+"""In-process set-up steps of ``taiyi recipe mini``: the training data and the untrained starting models.
+
+Everything here is deterministic from the recipe's seed. The starting models are what the real
+recipe downloads (a pretrained Chinese BERT, SD v1-4's UNet); in miniature they start random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data import shanshui
+from ..train.common import write_json_atomic
+
+__all__ = ["write_data", "init_text_tower", "init_english_sd", "unet_config", "scheduler_config"]
+
+CAPTION_LANGS = ("zh", "en", "mixed")
+
+
+def write_data(out: Path, preset, config) -> None:
+    """Render ``preset.n_train`` training scenes (split ``train``: no held-out combination) once, as
+    ``data/images/NNNNNN.png``, with one manifest per caption language (``zh.jsonl``, ``en.jsonl``,
+    ``mixed.jsonl``: the same images, captions of that language) and ``scenes.jsonl`` (true attributes)."""
+    folder = out / "data"
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    data = {
+        lang: shanshui.ShanshuiDataset(preset.n_train, config.seed, preset.size, "train", lang)
+        for lang in CAPTION_LANGS
+    }
+    rows: dict[str, list[str]] = {lang: [] for lang in (*CAPTION_LANGS, "scenes")}
+    for i in range(preset.n_train):
+        name = f"images/{i:06d}.png"
+        path = folder / name
+        if not path.is_file():  # a rerun after an interruption keeps what was rendered
+            pair = data["zh"][i]
+            tmp = path.with_name(f".{path.name}.tmp")
+            pair.image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        for lang in CAPTION_LANGS:
+            caption = data[lang].caption(i).text
+            rows[lang].append(json.dumps({"image": name, "caption": caption}, ensure_ascii=False))
+        scene = data["zh"].scene(i)
+        rows["scenes"].append(json.dumps({"image": name, **scene.as_dict("zh")}, ensure_ascii=False))
+    for lang, lines in rows.items():
+        target = folder / f"{lang}.jsonl"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    write_json_atomic(folder / "done.json", {"n": preset.n_train, "size": preset.size, "seed": config.seed})
+
+
+def init_text_tower(out: Path, preset, config) -> Path:
+    """A random Chinese text tower in the published Taiyi-CLIP layout (``BertForSequenceClassification``,
+    21128-token vocabulary, logits = features), as wide as the English text tower so that it can later
+    replace it in the English SD."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ..tokenization import save_bert_tokenizer_folder
+
+    target = out / "init" / "text-tower"
+    if (target / "model.safetensors").is_file():
+        return target
+    torch.manual_seed(config.seed)  # transformers initialises from the global generator
+    bert_config = BertConfig(
+        vocab_size=21128,
+        hidden_size=preset.text_width,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=max(preset.text_width // 32, 1),
+        intermediate_size=4 * preset.text_width,
+        max_position_embeddings=512,
+        num_labels=preset.projection,
+    )
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    BertForSequenceClassification(bert_config).eval().save_pretrained(tmp, safe_serialization=True)
+    save_bert_tokenizer_folder(tmp, max_length=preset.text_max_length)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def unet_config(preset) -> dict:
+    """The miniature SD v1 UNet: latents of side size/4, cross-attention at every level (16×16 included)."""
+    n = len(preset.unet_channels)
+    return {
+        "sample_size": preset.size // 4,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": list(preset.unet_channels),
+        "layers_per_block": preset.unet_layers,
+        "down_block_types": ["CrossAttnDownBlock2D"] * n,
+        "up_block_types": ["CrossAttnUpBlock2D"] * n,
+        "cross_attention_dim": preset.text_width,
+        "attention_head_dim": [max(c // 32, 1) for c in preset.unet_channels],
+        "norm_num_groups": 16,
+    }
+
+
+def scheduler_config() -> dict:
+    """SD v1's noise schedule made to reach pure noise (zero terminal SNR) with v-prediction, sampled
+    with trailing timesteps: the standard schedule never hides an image's mean brightness, so a model
+    trained on it cannot draw a truly dark night or a pale dawn (Lin et al., 2023)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "final_sigmas_type": "zero",
+    }
+
+
+def init_english_sd(out: Path, preset, config) -> Path:
+    """The untrained "English SD": a random UNet, the trained VAE and the English CLIP's text tower."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..assemble import write_pipeline_folder
+
+    target = out / "init" / "sd-en"
+    if (target / "model_index.json").is_file():
+        return target
+    clip_folder = out / "clip-en" / "final"
+    text_folder = clip_folder / "text_encoder" if (clip_folder / "text_encoder").is_dir() else clip_folder
+    tok_folder = clip_folder / "tokenizer" if (clip_folder / "tokenizer").is_dir() else clip_folder
+    text_encoder = CLIPTextModel.from_pretrained(text_folder, use_safetensors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_folder)
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel(**unet_config(preset))
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_pipeline_folder(
+        target,
+        unet=unet,
+        vae=out / "vae" / "final",
+        scheduler=scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        overwrite=True,
+    )

@@ -1,0 +1,67 @@
+"""``taiyi recipe ...``: the Taiyi recipe reproduced in miniature (``mini``), and its parts (``probe``, ``report``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+recipe_app = typer.Typer(
+    help="The Taiyi recipe in miniature on the 山水 world: CLIP, SD, bilingual SD, Disco model.", no_args_is_help=True
+)
+
+
+@recipe_app.command()
+def mini(
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder; run again to continue an interrupted run.")],
+    preset: Annotated[str, typer.Option("--preset", help="full (the shipped models) or tiny (a toy run).")] = "full",
+    jobs: Annotated[int, typer.Option("--jobs", help="Stages run side by side.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads per stage.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data, initialisation and training.")] = 0,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this stage (repeatable); see the stage list.")
+    ] = None,
+) -> None:
+    """Train every model of the Taiyi recipe in miniature and write OUT/report.md + OUT/models/.
+
+    Stages: data, probe, clip-en, vae, clip-zh, sd-en, sd-zh, sd-zh-en, uncond, report.
+    """
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .mini import RecipeConfig, run_recipe
+
+    run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only),
+               echo=typer.echo)  # fmt: skip
+    typer.echo(f"{out}/report.md")
+
+
+@recipe_app.command()
+def probe(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the probe (config.json + model.safetensors).")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Scenes per step.")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Picture side in pixels.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of scenes and initialisation.")] = None,
+) -> None:
+    """Train the attribute probe: a small classifier of 山水 attributes, trained on rendered scenes only."""
+    given = {k: v for k, v in locals().items() if v is not None}
+    from .probe import ProbeConfig, train_probe
+
+    typer.echo(str(train_probe(ProbeConfig(**given))))
+
+
+@recipe_app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="A taiyi recipe mini run folder.")],
+    preset: Annotated[str, typer.Option("--preset", help="The run's preset.")] = "full",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation pictures.")] = 0,
+) -> None:
+    """Judge a finished run's models, check stage 1 froze the UNet/VAE, write report.json/.md and models/."""
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .report import write_report
+
+    write_report(run, preset_name=preset, seed=seed)
+    typer.echo(f"{run}/report.md")

@@ -1,0 +1,360 @@
+"""``taiyi recipe mini``: the whole Taiyi recipe, in miniature, on the 山水 world.
+
+Stages (each one of the project's own commands, run as a subprocess; a finished stage is skipped
+and an interrupted one resumes from its latest checkpoint when the recipe is run again)::
+
+    data      render the training scenes once; captions in Chinese, English and mixed
+    probe     the attribute probe that judges pictures              taiyi recipe probe
+    clip-en   "English CLIP", both towers from scratch                taiyi train clip --new-clip
+    clip-zh   "Taiyi-CLIP": Chinese BERT tower vs the frozen image tower   taiyi train clip
+    vae       the autoencoder                                        taiyi train vae
+    sd-en     "English SD": UNet on the frozen English text tower     taiyi train sd --stage 2
+    sd-zh     "Taiyi SD Chinese": assemble + stage 1 (text encoder)   taiyi assemble, taiyi train sd
+    sd-zh-en  "Taiyi SD bilingual": stage 1 then stage 2, zh + en     taiyi train sd
+    uncond    unconditional pixel diffusion (for Disco Diffusion)     taiyi train uncond
+    report    faithfulness + CLIP evaluation, bit-identity check, report.json / report.md, exports
+
+Independent stages run side by side (``jobs`` processes, ``threads`` each), so the two CPU cores of a
+laptop both work. Sizes and step counts come from a preset: ``full`` is the shipped recipe (≤ 60
+minutes on 2 cores), ``tiny`` is the same code at toy sizes for the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import InvalidInputError, TaiyiError
+
+__all__ = ["PRESETS", "Preset", "RecipeConfig", "STAGES", "run_recipe"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and step counts of one recipe run."""
+
+    n_train: int = 20000
+    size: int = 64
+    text_width: int = 128  # English CLIP text width = Chinese BERT hidden = UNet cross-attention width
+    text_layers: int = 4
+    text_max_length: int = 32
+    vision_width: int = 128
+    vision_layers: int = 4
+    projection: int = 128
+    unet_channels: tuple[int, ...] = (32, 64, 96)
+    unet_layers: int = 1
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    uncond_channels: tuple[int, ...] = (32, 64, 96, 128)
+    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 32, "sd": 32, "uncond": 32, "probe": 64})
+    steps: dict = field(
+        default_factory=lambda: {
+            "probe": 1500,
+            "clip-en": 2500,
+            "clip-zh": 2500,
+            "vae": 3000,
+            "sd-en": 3000,
+            "sd-zh": 2000,
+            "sd-zh-en-1": 1000,
+            "sd-zh-en-2": 2000,
+            "uncond": 4000,
+        }
+    )
+    lr: dict = field(
+        default_factory=lambda: {
+            "clip": 1e-3,
+            "vae": 1e-3,
+            "sd-unet": 4e-4,
+            "sd-text": 2e-4,
+            "uncond": 4e-4,
+            "probe": 2e-3,
+        }
+    )
+    noise_offset: float = 0.1
+    eval_prompts: tuple[int, int] = (24, 12)  # seen, held-out
+    eval_images: int = 8
+    eval_steps: int = 25
+
+
+PRESETS: dict[str, Preset] = {
+    "full": Preset(),
+    "tiny": Preset(
+        n_train=48,
+        text_width=32,
+        text_layers=2,
+        text_max_length=32,
+        vision_width=32,
+        vision_layers=2,
+        projection=32,
+        unet_channels=(32, 32),
+        unet_layers=1,
+        vae_channels=(16, 32),
+        uncond_channels=(16, 32),
+        batch={"clip": 8, "vae": 4, "sd": 4, "uncond": 4, "probe": 8},
+        steps={
+            k: 3
+            for k in ("probe", "clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en-1", "sd-zh-en-2", "uncond")
+        },
+        eval_prompts=(2, 1),
+        eval_images=2,
+        eval_steps=2,
+    ),
+}
+
+
+@dataclass
+class RecipeConfig:
+    """One ``taiyi recipe mini`` run.
+
+    Args:
+        out: the run folder (stages in subfolders; ``report.json``, ``report.md``, ``models/``).
+        preset: ``full`` (the shipped models) or ``tiny`` (the test suite's toy run).
+        jobs: stages run side by side.
+        threads: CPU threads per stage.
+        seed: seed of the data, initialisations and training.
+        only: run just these stages (and nothing that depends on a missing one).
+    """
+
+    out: str
+    preset: str = "full"
+    jobs: int = 2
+    threads: int = 1
+    seed: int = 0
+    only: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    needs: tuple[str, ...]
+    commands: Callable[[Path, Preset, RecipeConfig], list[list[str]]]  # taiyi argv lists, run in order
+    done: str  # relative path whose existence marks the stage finished
+    prepare: Callable[[Path, Preset, RecipeConfig], None] | None = None  # in-process set-up before the commands
+
+
+def _train_common(out: Path, stage: str, steps: int, seed: int) -> list[str]:
+    return [
+        "--output", str(out / stage), "--max-steps", str(steps), "--seed", str(seed),
+        "--save-every", str(max(steps // 4, 1)), "--keep-checkpoints", "1", "--report-to", "none",
+        "--resume", "latest",
+    ]  # fmt: skip
+
+
+def _data(out: Path, lang: str) -> str:
+    return str(out / "data" / f"{lang}.jsonl")
+
+
+def _stages() -> list[Stage]:
+    def probe(out, p, c):
+        return [["recipe", "probe", "--out", str(out / "probe"), "--steps", str(p.steps["probe"]),
+                 "--batch-size", str(p.batch["probe"]), "--size", str(p.size), "--seed", str(c.seed)]]  # fmt: skip
+
+    def clip_en(out, p, c):
+        return [
+            ["train", "clip", "--new-clip", "--data", _data(out, "en"), "--batch-size", str(p.batch["clip"]),
+             "--lr", str(p.lr["clip"]), "--text-width", str(p.text_width), "--text-layers", str(p.text_layers),
+             "--vision-width", str(p.vision_width), "--vision-layers", str(p.vision_layers),
+             "--projection-dim", str(p.projection), "--image-size", str(p.size),
+             "--max-length", str(p.text_max_length), "--val-fraction", "0.02",
+             *_train_common(out, "clip-en", p.steps["clip-en"], c.seed)]
+        ]  # fmt: skip
+
+    def clip_zh(out, p, c):
+        return [
+            ["train", "clip", "--text-tower", str(out / "init" / "text-tower"), "--image-tower",
+             str(out / "clip-en" / "final"), "--data", _data(out, "zh"), "--batch-size", str(p.batch["clip"]),
+             "--lr", str(p.lr["clip"]), "--val-fraction", "0.02",
+             *_train_common(out, "clip-zh", p.steps["clip-zh"], c.seed)]
+        ]  # fmt: skip
+
+    def vae(out, p, c):
+        return [
+            ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
+             "--channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
+             "--lr", str(p.lr["vae"]), *_train_common(out, "vae", p.steps["vae"], c.seed)]
+        ]  # fmt: skip
+
+    def sd_common(p, steps, lr):
+        return ["--resolution", str(p.size), "--batch-size", str(p.batch["sd"]), "--lr", str(lr),
+                "--noise-offset", str(p.noise_offset), "--caption-dropout", "0.1", "--val-every", "0",
+                "--val-steps", str(p.eval_steps)]  # fmt: skip
+
+    def sd_en(out, p, c):
+        return [
+            ["train", "sd", "--model", str(out / "init" / "sd-en"), "--data", _data(out, "en"), "--stage", "2",
+             "--freeze-text-encoder", *sd_common(p, p.steps["sd-en"], p.lr["sd-unet"]),
+             "--val-prompt", "A realistic landscape of tall peaks at night.",
+             *_train_common(out, "sd-en", p.steps["sd-en"], c.seed)]
+        ]  # fmt: skip
+
+    def sd_zh(out, p, c):
+        return [
+            ["assemble", "--base", str(out / "sd-en" / "final"), "--text-encoder", str(out / "clip-zh" / "final"),
+             "--out", str(out / "init" / "sd-zh"), "--max-length", str(p.text_max_length), "--overwrite"],
+            ["train", "sd", "--model", str(out / "init" / "sd-zh"), "--data", _data(out, "zh"), "--stage", "1",
+             *sd_common(p, p.steps["sd-zh"], p.lr["sd-text"]), "--val-prompt", "夜晚的高山，水墨画",
+             *_train_common(out, "sd-zh", p.steps["sd-zh"], c.seed)],
+        ]  # fmt: skip
+
+    def sd_zh_en(out, p, c):
+        mixed = ["--data", _data(out, "zh"), "--data", _data(out, "en"), "--mix-ratio", "0.5"]
+        return [
+            ["train", "sd", "--model", str(out / "init" / "sd-zh"), *mixed, "--stage", "1",
+             *sd_common(p, p.steps["sd-zh-en-1"], p.lr["sd-text"]), "--val-prompt", "夜晚的高山，ink wash painting",
+             *_train_common(out, "sd-zh-en-1", p.steps["sd-zh-en-1"], c.seed)],
+            ["train", "sd", "--model", str(out / "sd-zh-en-1" / "final"), *mixed, "--stage", "2",
+             *sd_common(p, p.steps["sd-zh-en-2"], p.lr["sd-unet"] / 4),
+             "--val-prompt", "夜晚的高山，ink wash painting",
+             *_train_common(out, "sd-zh-en", p.steps["sd-zh-en-2"], c.seed)],
+        ]  # fmt: skip
+
+    def uncond(out, p, c):
+        return [
+            ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
+             "--channels", ",".join(map(str, p.uncond_channels)), "--batch-size", str(p.batch["uncond"]),
+             "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset),
+             *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
+        ]  # fmt: skip
+
+    def report(out, p, c):
+        return [["recipe", "report", str(out), "--preset", c.preset, "--seed", str(c.seed)]]
+
+    from . import build
+
+    return [
+        Stage("data", "render the 山水 training set", (), lambda o, p, c: [], "data/done.json", build.write_data),
+        Stage("probe", "attribute probe", (), probe, "probe/config.json"),
+        Stage("clip-en", "English CLIP (both towers, from scratch)", ("data",), clip_en, "clip-en/final"),
+        Stage("vae", "autoencoder", ("data",), vae, "vae/final"),
+        Stage("clip-zh", "Taiyi-CLIP (Chinese tower, frozen image tower)", ("clip-en",), clip_zh, "clip-zh/final",
+              build.init_text_tower),
+        Stage("sd-en", "English SD (UNet on the frozen English tower)", ("vae", "clip-en"), sd_en, "sd-en/final",
+              build.init_english_sd),
+        Stage("sd-zh", "Taiyi SD Chinese (stage 1)", ("sd-en", "clip-zh"), sd_zh, "sd-zh/final"),
+        Stage("sd-zh-en", "Taiyi SD bilingual (stage 1, then stage 2)", ("sd-zh",), sd_zh_en, "sd-zh-en/final"),
+        Stage("uncond", "unconditional diffusion (Disco Diffusion)", ("data",), uncond, "uncond/final"),
+        Stage("report", "evaluation, report and exports", ("probe", "clip-zh", "sd-zh", "sd-zh-en", "uncond"),
+              report, "report.json"),
+    ]  # fmt: skip
+
+
+STAGES: tuple[str, ...] = (
+    "data", "probe", "clip-en", "vae", "clip-zh", "sd-en", "sd-zh", "sd-zh-en", "uncond", "report",
+)  # fmt: skip
+
+
+def _check(config: RecipeConfig) -> Preset:
+    if config.preset not in PRESETS:
+        raise InvalidInputError(f"unknown preset {config.preset!r}; use one of {', '.join(PRESETS)}")
+    if config.jobs < 1 or config.threads < 1:
+        raise InvalidInputError("--jobs and --threads must be at least 1")
+    for name in config.only or ():
+        if name not in STAGES:
+            raise InvalidInputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    return PRESETS[config.preset]
+
+
+def _taiyi(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "taiyi.cli", *argv]
+
+
+def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
+    """Run (or continue) the recipe; returns ``{stage: {"status", "seconds"}}`` and writes ``OUT/recipe.json``.
+
+    Raises:
+        TaiyiError: a stage failed (its log is named in the message); finished stages stay finished.
+    """
+    preset = _check(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    stages = {s.name: s for s in _stages()}
+    wanted = set(config.only or STAGES)
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads),
+           "TAIYI_THREADS": str(config.threads), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    status: dict[str, dict] = {}
+    done = {name for name, s in stages.items() if (out / s.done).exists()}
+    for name in sorted(done & wanted, key=STAGES.index):
+        status[name] = {"status": "done before"}
+        echo(f"[recipe] {name}: already done")
+    pending = [n for n in STAGES if n in wanted and n not in done]
+    running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
+    started = time.monotonic()
+
+    def start_next_command(name: str) -> bool:
+        """Start the stage's next command; False when it has none left."""
+        _, queue, t0 = running[name]
+        if not queue:
+            return False
+        argv = queue.pop(0)
+        log = open(out / "logs" / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115 (closed with the process)
+        log.write(f"$ taiyi {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
+        proc._taiyi_log = log  # type: ignore[attr-defined]
+        running[name] = (proc, queue, t0)
+        return True
+
+    def finish(name: str, ok: bool) -> None:
+        _, _, t0 = running.pop(name)
+        seconds = time.monotonic() - t0
+        status[name] = {"status": "done" if ok else "failed", "seconds": round(seconds, 1)}
+        echo(f"[recipe] {name}: {'done' if ok else 'FAILED'} in {seconds / 60:.1f} min")
+
+    try:
+        while pending or running:
+            for name in list(pending):
+                stage = stages[name]
+                if len(running) >= config.jobs:
+                    break
+                missing = [n for n in stage.needs if n not in done]
+                if any(n not in wanted and n not in done for n in missing):
+                    raise InvalidInputError(f"stage {name} needs {', '.join(missing)}, which is not done; run it too")
+                if missing:
+                    continue
+                pending.remove(name)
+                echo(f"[recipe] {name}: {stage.title} …")
+                t0 = time.monotonic()
+                if stage.prepare is not None:
+                    stage.prepare(out, preset, config)
+                running[name] = (None, stage.commands(out, preset, config), t0)
+                if not start_next_command(name):
+                    finish(name, True)
+                    done.add(name)
+            for name, (proc, _, _) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                proc._taiyi_log.close()  # type: ignore[attr-defined]
+                if code != 0:
+                    finish(name, False)
+                    raise TaiyiError(f"recipe stage {name} failed (exit {code}); see {out / 'logs' / (name + '.log')}")
+                if not start_next_command(name):
+                    finish(name, True)
+                    done.add(name)
+            if running:
+                time.sleep(0.5)
+    finally:
+        for proc, _, _ in running.values():
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        record = {
+            "preset": config.preset,
+            "config": asdict(config),
+            "preset_values": asdict(PRESETS[config.preset]),
+            "stages": status,
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
+        (out / "recipe.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    return status
+
+
+def with_preset(config: RecipeConfig, **changes) -> RecipeConfig:
+    """A copy of ``config`` with fields changed (convenience for callers and tests)."""
+    return replace(config, **changes)

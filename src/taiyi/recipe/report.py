@@ -1,0 +1,173 @@
+"""The last stage of ``taiyi recipe mini``: judge every model, check stage 1 froze what it should, write
+``report.json`` + ``report.md`` (tables, image grids, loss plots) and export the models under ``models/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidInputError
+from ..train.common import write_json_atomic
+
+__all__ = ["frozen_check", "write_report", "EXPORTS"]
+
+# exported name → run subfolder
+EXPORTS: dict[str, str] = {
+    "taiyi-mini-zh": "sd-zh/final",
+    "taiyi-mini-zh-en": "sd-zh-en/final",
+    "taiyi-mini-clip": "clip-zh/final",
+    "taiyi-mini-uncond": "uncond/final",
+    "taiyi-mini-probe": "probe",
+}
+
+# model, its run folder, the prompt languages it is judged in
+_JUDGED_MODELS = (
+    ("English SD", "sd-en/final", ("en",)),
+    ("Taiyi SD Chinese", "sd-zh/final", ("zh",)),
+    ("Taiyi SD bilingual", "sd-zh-en/final", ("zh", "en", "mixed")),
+)
+_ATTRS = ("time", "sky", "land", "water", "style", "things")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if ".fp16." not in f.name]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def frozen_check(base: Path, trained: Path, components=("unet", "vae")) -> dict[str, bool]:
+    """Whether every tensor of each component is bit-identical between two pipeline folders."""
+    result = {}
+    for name in components:
+        a, b = _tensors(base / name), _tensors(trained / name)
+        result[name] = bool(a) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return result
+
+
+def _grid(pipe, prompts, path: Path, *, steps: int, seed: int, per_prompt: int = 4) -> None:
+    from ..pipeline import make_grid
+
+    images = []
+    for j, prompt in enumerate(prompts):
+        images += pipe.generate(
+            prompt, num_images=per_prompt, seed=seed + 100 * j, steps=steps, width=64, height=64
+        ).images
+    grid = make_grid(images, cols=per_prompt)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _copy_export(src: Path, dst: Path) -> int:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "cache", "logs", "*.tmp"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+
+
+def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int = 0) -> dict:
+    """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc)."""
+    from ..clip import load_clip
+    from ..pipeline import load_pipeline
+    from .faithfulness import eval_prompts, evaluate_clip, evaluate_pipeline
+    from .mini import PRESETS
+    from .probe import AttributeProbe
+
+    run = Path(run)
+    if preset_name not in PRESETS:
+        raise InvalidInputError(f"unknown preset {preset_name!r}; use one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    for sub in ("probe", "sd-en/final", "sd-zh/final", "sd-zh-en/final", "clip-en/final", "clip-zh/final"):
+        if not (run / sub).exists():
+            raise InvalidInputError(f"{run} has no {sub}; run taiyi recipe mini --out {run} first")
+    t0 = time.monotonic()
+    probe = AttributeProbe.from_pretrained(run / "probe")
+    n_seen, n_held = preset.eval_prompts
+    report: dict = {"preset": preset_name, "seed": seed, "faithfulness": {}, "clip": {}, "grids": {}}
+    (run / "grids").mkdir(exist_ok=True)
+    for title, sub, langs in _JUDGED_MODELS:
+        pipe = load_pipeline(run / sub, device="cpu")
+        for lang in langs:
+            result = evaluate_pipeline(
+                pipe, probe, lang, n_seen=n_seen, n_held_out=n_held, images_per_prompt=preset.eval_images,
+                steps=preset.eval_steps, size=preset.size, seed=seed,
+            )  # fmt: skip
+            report["faithfulness"][f"{title} / {lang}"] = result
+        grid = run / "grids" / f"{sub.split('/')[0]}.png"
+        prompts = [p.text for p in eval_prompts(langs[0], n_seen=4, n_held_out=0, seed=99)]
+        _grid(pipe, prompts, grid, steps=preset.eval_steps, seed=seed)
+        report["grids"][title] = {"file": str(grid.relative_to(run)), "prompts": prompts}
+        del pipe
+    report["clip"]["Taiyi-CLIP (Chinese)"] = evaluate_clip(load_clip(run / "clip-zh" / "final", device="cpu"), "zh")
+    report["clip"]["English CLIP"] = evaluate_clip(load_clip(run / "clip-en" / "final", device="cpu"), "en")
+    report["stage1_frozen"] = {
+        "Taiyi SD Chinese vs English SD": frozen_check(run / "sd-en" / "final", run / "sd-zh" / "final"),
+        "bilingual stage 1 vs English SD": frozen_check(run / "sd-en" / "final", run / "sd-zh-en-1" / "final"),
+    }
+    exports = run / "models"
+    exports.mkdir(exist_ok=True)
+    sizes = {}
+    for name, sub in EXPORTS.items():
+        if (run / sub).exists():
+            sizes[name] = _copy_export(run / sub, exports / name)
+    report["exports"] = {name: {"bytes": size} for name, size in sizes.items()}
+    report["exports_total_mb"] = round(sum(sizes.values()) / 2**20, 2)
+    recipe_json = run / "recipe.json"
+    if recipe_json.is_file():
+        report["stages"] = json.loads(recipe_json.read_text(encoding="utf-8")).get("stages", {})
+    report["report_seconds"] = round(time.monotonic() - t0, 1)
+    _write_markdown(run, report)
+    write_json_atomic(run / "report.json", report)
+    return report
+
+
+def _row(values: dict, attrs=_ATTRS) -> str:
+    return " | ".join(f"{values[a]:.0f}" if a in values else "–" for a in attrs)
+
+
+def _write_markdown(run: Path, report: dict) -> None:
+    lines = ["# taiyi recipe mini — report", "", f"Preset `{report['preset']}`, seed {report['seed']}.", ""]
+    lines += ["## Faithfulness (attribute probe, % of pictures showing what the prompt asked)", ""]
+    lines += ["| model / prompts | combos | " + " | ".join(_ATTRS) + " |", "|---|---|" + "---|" * len(_ATTRS)]
+    for name, result in report["faithfulness"].items():
+        for group in ("seen", "held_out"):
+            lines.append(f"| {name} | {group} | {_row(result[group])} |")
+    lines += ["", "## CLIP on held-out scenes", "", "| model | zero-shot time | land | style | text→image R@1 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, result in report["clip"].items():
+        zs = result["zero_shot"]
+        lines.append(f"| {name} | {zs['time']:.0f} | {zs['land']:.0f} | {zs['style']:.0f} | "
+                     f"{result['text_to_image']['R@1']:.1f} |")  # fmt: skip
+    lines += ["", "## Stage 1 froze the UNet and VAE (every tensor bit-identical)", ""]
+    for name, check in report["stage1_frozen"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {'identical' if v else 'CHANGED'}" for k, v in check.items()))
+    lines += ["", "## Pictures", ""]
+    for name, grid in report["grids"].items():
+        lines += [f"**{name}** — rows: " + " / ".join(grid["prompts"]), "", f"![{name}]({grid['file']})", ""]
+    lines += ["## Loss curves", ""]
+    for sub in ("clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en-1", "sd-zh-en", "uncond"):
+        if (run / sub / "loss.png").is_file():
+            lines.append(f"![{sub}]({sub}/loss.png)")
+    if "stages" in report:
+        lines += ["", "## Stages", "", "| stage | status | minutes |", "|---|---|---|"]
+        for name, st in report["stages"].items():
+            minutes = f"{st['seconds'] / 60:.1f}" if "seconds" in st else "–"
+            lines.append(f"| {name} | {st['status']} | {minutes} |")
+    lines += ["", f"Exports under `models/`: {report['exports_total_mb']} MB in all."]
+    path = run / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

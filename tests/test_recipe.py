@@ -1,0 +1,111 @@
+"""taiyi recipe mini: data, evaluation arithmetic, the stage-1 freeze check, and the whole recipe at toy size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from taiyi.data import shanshui
+from taiyi.recipe import faithfulness as fa
+
+
+def test_eval_prompts_are_distinct_split_and_language_independent():
+    zh = fa.eval_prompts("zh", n_seen=10, n_held_out=5, seed=7)
+    en = fa.eval_prompts("en", n_seen=10, n_held_out=5, seed=7)
+    assert [p.scene for p in zh] == [p.scene for p in en]  # one scene set for every language
+    assert len({p.scene for p in zh}) == 15
+    assert [p.held_out for p in zh] == [False] * 10 + [True] * 5
+    assert all(shanshui.is_held_out(p.scene) == p.held_out for p in zh)
+    assert zh[0].text == shanshui.prompt_zh(zh[0].scene) and en[0].text == shanshui.prompt_en(en[0].scene)
+    with pytest.raises(Exception, match="lang"):
+        fa.eval_prompts("fr")
+
+
+def test_prompt_targets_name_only_what_the_prompt_says():
+    scene = shanshui.Scene("夜晚", None, "高山", None, frozenset({"松树"}), "水墨")
+    assert fa.prompt_targets(scene) == {"time": "夜晚", "land": "高山", "style": "水墨", "things": {"松树"}}
+    assert "没有" not in shanshui.prompt_zh(scene)  # absence is never asked, so never scored
+
+
+class _ScriptedProbe:
+    """Reads a picture's attributes from a lookup (the pictures here are stand-ins, not model outputs)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def predict(self, images):
+        return [self.answers[id(im)] for im in images]
+
+
+def test_judge_counts_hits_per_attribute_and_group():
+    from PIL import Image
+
+    seen = fa.EvalPrompt(
+        "p1", shanshui.Scene("正午", "太阳", "丘陵", "湖泊", frozenset({"小桥", "人家"}), "写实"), False
+    )
+    held = fa.EvalPrompt("p2", shanshui.Scene("夜晚", None, "高山", None, frozenset(), "油画"), True)
+    pictures = {p.text: [Image.new("RGB", (8, 8)) for _ in range(2)] for p in (seen, held)}
+    answers = {}
+    a, b = pictures["p1"]
+    answers[id(a)] = {
+        "time": "正午",
+        "sky": "太阳",
+        "land": "丘陵",
+        "water": "湖泊",
+        "style": "写实",
+        "things": {"小桥"},
+    }
+    answers[id(b)] = {"time": "黄昏", "sky": None, "land": "丘陵", "water": None, "style": "写实", "things": set()}
+    for im in pictures["p2"]:
+        answers[id(im)] = {
+            "time": "夜晚",
+            "sky": None,
+            "land": "平原",
+            "water": None,
+            "style": "油画",
+            "things": set(),
+        }
+    result = fa.judge(
+        lambda text, n, seed: pictures[text][:n], [seen, held], _ScriptedProbe(answers), images_per_prompt=2
+    )
+    assert result["seen"] == {"time": 50.0, "sky": 50.0, "land": 100.0, "water": 50.0, "style": 100.0, "things": 25.0}
+    assert result["held_out"] == {"time": 100.0, "land": 0.0, "style": 100.0}
+    assert result["all"]["time"] == 75.0 and result["images"] == 4
+    assert result["prompts"][0]["hits"]["things"] == [1, 4]
+
+
+def test_frozen_check_sees_a_one_bit_change(tiny_zh, copy_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    from taiyi.recipe.report import frozen_check
+
+    other = copy_checkpoint(tiny_zh)
+    assert frozen_check(tiny_zh, other) == {"unet": True, "vae": True}
+    path = other / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1e-3
+    save_file(tensors, path)
+    assert frozen_check(tiny_zh, other) == {"unet": False, "vae": True}
+
+
+def test_write_data_renders_once_with_three_caption_manifests(tmp_path):
+    from taiyi.data import open_pairs
+    from taiyi.recipe.build import write_data
+    from taiyi.recipe.mini import PRESETS, RecipeConfig
+
+    preset = PRESETS["tiny"]
+    write_data(tmp_path, preset, RecipeConfig(out=str(tmp_path), preset="tiny"))
+    folder = tmp_path / "data"
+    assert len(list((folder / "images").glob("*.png"))) == preset.n_train
+    rows = {
+        lang: [json.loads(x) for x in (folder / f"{lang}.jsonl").read_text().splitlines()] for lang in ("zh", "en")
+    }
+    assert [r["image"] for r in rows["zh"]] == [r["image"] for r in rows["en"]]
+    assert all(r["caption"].isascii() for r in rows["en"]) and not all(r["caption"].isascii() for r in rows["zh"])
+    pairs = list(open_pairs(folder / "zh.jsonl"))
+    assert len(pairs) == preset.n_train and pairs[0].image.size == (preset.size, preset.size)
+    scenes = [json.loads(x) for x in (folder / "scenes.jsonl").read_text().splitlines()]
+    assert not any(shanshui.is_held_out(shanshui.Scene.from_dict(s)) for s in scenes)
