@@ -224,3 +224,44 @@ def _narrow_pipeline(base: Path, out: Path) -> None:
         text_encoder=bert,
         tokenizer=load_chinese_tokenizer(base / "tokenizer"),
     )
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of writing checkpoint 4 (after a partial file): one line, exit 2, step 2 kept."""
+    import errno
+
+    import accelerate.checkpointing
+
+    from taiyi.train.common import list_checkpoints
+
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], **{**FAST, "save_every": 2})
+    straight = train_sd(SDTrainConfig(output=str(tmp_path / "straight"), max_steps=6, **settings))["losses"]
+    real_save = accelerate.checkpointing.save
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        if "step-000004" in str(f):
+            Path(f).write_bytes(b"\0" * 100)  # what a full disk leaves: the start of a file
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save_until_the_disk_fills)
+    out = tmp_path / "run"
+    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "6"]
+    args += ["--resolution", "32", "--batch-size", "2", "--lr", "1e-3", "--report-to", "none", "--save-every", "2"]
+    args += ["--val-every", "0"]  # the run dies before its end-of-run validation
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("taiyi: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "no space left on device" in errors[0] and "step-000004" in errors[0], errors[0]
+    assert "step-000002 is kept" in errors[0] and "--resume latest" in errors[0], errors[0]
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no .tmp left behind
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", real_save)  # space freed
+    resumed = train_sd(SDTrainConfig(output=str(out), max_steps=6, resume="latest", **settings))
+    assert resumed["resumed_from"].name == "step-000002" and sorted(resumed["losses"]) == [3, 4, 5, 6]
+    for step in (3, 4, 5, 6):
+        assert resumed["losses"][step] == pytest.approx(straight[step], abs=1e-6), step
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004", "step-000006"]

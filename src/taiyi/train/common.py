@@ -11,11 +11,13 @@ An output folder looks like::
 
 A checkpoint is written to ``step-XXXXXX.tmp`` and renamed when complete, so a run killed while saving
 leaves at most a ``.tmp`` folder, which resuming ignores and removes. ``--resume latest`` picks the
-newest complete checkpoint.
+newest complete checkpoint. A checkpoint that cannot be written (a full disk) fails the run with one line
+and leaves no trace; the previous checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, OutputError
 
 logger = logging.getLogger("taiyi")
 
@@ -175,27 +177,84 @@ def save_checkpoint(accelerator, output: Path, step: int, state: dict, *, keep: 
     Every process must call this (each saves its RNG state). The folder is written as
     ``step-XXXXXX.tmp`` and renamed once complete; then all but the newest ``keep`` checkpoints are
     deleted.
+
+    Raises:
+        OutputError: a write failed on any process (a full disk, a quota, an I/O error). The half-written
+            ``.tmp`` folder is removed and the older checkpoints are untouched, so ``--resume latest``
+            continues from the previous one. Every process raises, so none waits forever for the others.
     """
     folder = Path(output) / CHECKPOINTS
     final = folder / step_dir_name(step)
     tmp = folder / (step_dir_name(step) + ".tmp")
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    main = accelerator.is_main_process
+    failure: OSError | None = None
+    if main:
+        failure = _attempt(lambda: _fresh_folder(tmp))
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / TRAINER_STATE, state)
-        crash_point("checkpoint", step)
-        if final.exists():  # a checkpoint of this step from an interrupted earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    if failure is None:
+        failure = _attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    if not _any_failed(accelerator, failure) and main:
+
+        def finish() -> None:
+            write_json_atomic(tmp / TRAINER_STATE, state)
+            crash_point("checkpoint", step)
+            if final.exists():  # a checkpoint of this step from an interrupted earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+
+        failure = _attempt(finish)
+    if _any_failed(accelerator, failure):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # resume must never see (or trip over) half a checkpoint
+        accelerator.wait_for_everyone()
+        raise _checkpoint_error(output, final, failure)
+    if main:
         for old in list_checkpoints(output)[: -max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fresh_folder(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _attempt(write) -> OSError | None:
+    """Run ``write``; the OSError it raised (disk full, quota, I/O error), or None."""
+    try:
+        write()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _any_failed(accelerator, failure: OSError | None) -> bool:
+    """True on every process when ``failure`` is set on any of them (a collective call: all must make it)."""
+    if accelerator.num_processes == 1:
+        return failure is not None
+    import torch
+
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")) > 0
+
+
+def _checkpoint_error(output: Path, final: Path, failure: OSError | None) -> OutputError:
+    """One line: what failed, and that the previous checkpoint is kept for ``--resume latest``."""
+    found = list_checkpoints(output)
+    kept = (
+        f"the previous checkpoint {found[-1].name} is kept: free space and continue with --resume latest"
+        if found
+        else "there is no earlier checkpoint: free space and run again"
+    )
+    if failure is None:
+        what = "another process could not write its part"
+    elif failure.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device"
+    else:
+        what = f"{failure.strerror or failure}"
+    return OutputError(f"{what} while writing checkpoint {final} (removed, nothing half-written is left); {kept}")
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
