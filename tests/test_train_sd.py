@@ -10,6 +10,11 @@ counted; the CLI maps flags to the same function and refuses bad input in one li
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +29,7 @@ from taiyi.pipeline import load_pipeline
 from taiyi.testing import make_tiny_pipeline
 from taiyi.train.sd import SDTrainConfig, plot_losses, train_sd
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = dict(resolution=32, batch_size=2, lr=1e-3, val_prompts=[], save_every=0, report_to="none")
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 VAE = Path("vae") / "diffusion_pytorch_model.safetensors"
@@ -265,3 +271,75 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_
     for step in (3, 4, 5, 6):
         assert resumed["losses"][step] == pytest.approx(straight[step], abs=1e-6), step
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004", "step-000006"]
+
+
+def _without_dropout(base: Path, out: Path) -> Path:
+    """``base`` with the text encoder's dropout off: dropout masks come from each process's own RNG, so only
+    a dropout-free model can give 1 and 2 processes the same loss."""
+    shutil.copytree(base, out)
+    path = out / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path.write_text(json.dumps(config))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_losses(output: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row["kind"] == "train"}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_processes_give_the_loss_of_one_process_with_the_global_batch(setup, tmp_path, stage):
+    """accelerate launch, 2 CPU processes (gloo) with 2 samples each, against 1 process with all 4: the same
+    samples, caption dropout, latent draws, noise and timesteps, so the same loss at every step and the same
+    weights after three steps."""
+    base, zh, _ = setup
+    calm = _without_dropout(base, tmp_path / "calm")
+    settings = dict(stage=stage, max_steps=3, batch_size=4, caption_dropout=0.5, snr_gamma=5.0)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port())]
+    args = [
+        "-m",
+        "taiyi.cli",
+        "train",
+        "sd",
+        "--model",
+        str(calm),
+        "--data",
+        str(zh),
+        "--output",
+        str(tmp_path / "two"),
+    ]
+    args += ["--resolution", "32", "--lr", "1e-3", "--report-to", "none", "--save-every", "0", "--val-every", "0"]
+    args += ["--stage", str(stage), "--max-steps", "3", "--batch-size", "4", "--caption-dropout", "0.5"]
+    args += ["--snr-gamma", "5", "--val-prompt", "山水", "--val-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "two" / "final")  # printed once, by rank 0
+    one = train_sd(
+        SDTrainConfig(
+            model=str(calm), data=[str(zh)], output=str(tmp_path / "one"), **{**FAST, **settings, "lr": 1e-3}
+        )
+    )
+    two_losses, one_losses = _train_losses(tmp_path / "two"), _train_losses(tmp_path / "one")
+    assert sorted(two_losses) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert two_losses[step] == pytest.approx(one_losses[step], abs=1e-5), step
+    # The weights agree too: to float round-off relative to how far three steps moved them. (Adam divides by
+    # the root of the squared gradient, so a parameter whose gradient is ~1e-9 moves by ~lr either way and
+    # the reduction order of the two processes' gradients shows there: an absolute bound would be arbitrary.)
+    for part in (TEXT, UNET) if stage == 2 else (TEXT,):
+        start, left, right = (
+            load_file(p) for p in (calm / part, tmp_path / "two" / "final" / part, one["final"] / part)
+        )
+        moved = sum(float((right[k] - start[k]).square().sum()) for k in start) ** 0.5
+        apart = sum(float((left[k] - right[k]).square().sum()) for k in start) ** 0.5
+        assert moved > 1e-3 and apart < 1e-3 * moved, (part, apart, moved)

@@ -729,8 +729,10 @@ def train_sd(config: SDTrainConfig) -> dict:
     while step < total_steps:
         items = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
         g = _micro_generator(config.seed, micro)
-        # Every draw from g happens in this order for the whole local batch, readable or not.
-        drop = torch.rand(len(items), generator=g) < config.caption_dropout
+        # Every draw from g is made for the whole global batch, in this order, and each process takes its own
+        # rows: N processes draw what one process with the global batch draws.
+        share = slice(rank * local_batch, (rank + 1) * local_batch)
+        drop = torch.rand(config.batch_size, generator=g)[share] < config.caption_dropout
         mean, std, captions, skipped = read_batch(items)
         skipped_total += skipped
         if mean is None:
@@ -739,9 +741,11 @@ def train_sd(config: SDTrainConfig) -> dict:
             )
         kept_drop = drop[: len(captions)]
         captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
-        latent_eps = torch.randn(mean.shape, generator=g)
-        noise = torch.randn(mean.shape, generator=g)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (mean.shape[0],), generator=g)
+        rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
+        latent_eps = torch.randn((config.batch_size, *mean.shape[1:]), generator=g)[rows]
+        noise = torch.randn((config.batch_size, *mean.shape[1:]), generator=g)[rows]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+        timesteps = timesteps[rows]
         latents = ((mean + std * latent_eps) * scaling).to(device)  # (b, 4, h, w)
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
