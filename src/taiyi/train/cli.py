@@ -280,3 +280,209 @@ def sd(
     result = train_sd(SDTrainConfig(**given))
     if result["main_process"]:
         typer.echo(str(result["final"]))
+
+
+# Options of the image-only trainers (vae, uncond), defined once for both.
+ImageData = Annotated[
+    list[str],
+    _opt(
+        "--data",
+        help="Images: folder (x.png+x.txt, e.g. shanshui write_folder), .csv, .jsonl, synthetic:N or shanshui:N; "
+        "repeat to concatenate. Captions are ignored.",
+        panel=_PANEL_DATA,
+    ),
+]
+ImageOutput = Annotated[str, _opt("--output", "-o", help="Run folder (checkpoints, metrics, validation/, final/).")]
+ImageColumn = Annotated[str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)]
+ImageResolution = Annotated[
+    int | None, _opt("--resolution", help="Training image side (resize + centre crop) [64].", panel=_PANEL_DATA)
+]
+HFlip = Annotated[bool, _opt("--hflip", help="Mirror training images left-right at random.", panel=_PANEL_DATA)]
+ValFraction = Annotated[
+    float | None, _opt("--val-fraction", help="Share of the images held out [0.02].", panel=_PANEL_DATA)
+]
+ValMax = Annotated[int | None, _opt("--val-max", help="At most this many held-out images [256].", panel=_PANEL_DATA)]
+ValEvery = Annotated[
+    int | None, _opt("--val-every", help="Validate every N steps [500]; 0: at the end only.", panel=_PANEL_RUN)
+]
+BlockOutChannels = Annotated[
+    str | None, _opt("--block-out-channels", help="Widths per level, comma-separated.", panel=_PANEL_OPT)
+]
+LayersPerBlock = Annotated[
+    int | None, _opt("--layers-per-block", help="ResNet blocks per level [1].", panel=_PANEL_OPT)
+]
+NormGroups = Annotated[int | None, _opt("--norm-num-groups", help="GroupNorm groups [16].", panel=_PANEL_OPT)]
+ImageBatch = Annotated[
+    int | None, _opt("--batch-size", help="Global batch, all processes together [32].", panel=_PANEL_OPT)
+]
+GradAccum = Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)]
+WeightDecay = Annotated[float | None, _opt("--weight-decay", help="AdamW weight decay [0].", panel=_PANEL_OPT)]
+WarmupSteps = Annotated[
+    int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
+]
+MaxSteps = Annotated[int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes].", panel=_PANEL_OPT)]
+Epochs = Annotated[int | None, _opt("--epochs", help="Passes over the images [1].", panel=_PANEL_OPT)]
+MaxGradNorm = Annotated[float | None, _opt("--max-grad-norm", help="Clip the gradient norm [1.0].", panel=_PANEL_OPT)]
+EmaDecay = Annotated[float | None, _opt("--ema-decay", help="EMA decay [0.999].", panel=_PANEL_OPT)]
+MixedPrecision = Annotated[
+    str | None,
+    _opt("--mixed-precision", help="auto, no, fp16 (GPU) or bf16 [auto: GPU half, CPU none].", panel=_PANEL_OPT),
+]
+Seed = Annotated[int | None, _opt("--seed", help="Initialisation, data order and noise [0].", panel=_PANEL_OPT)]
+
+
+def _image_config(given: dict) -> dict:
+    """CLI values → config fields: ``--block-out-channels 32,64,64`` → a tuple of ints."""
+    if "block_out_channels" in given:
+        text = given["block_out_channels"]
+        try:
+            given["block_out_channels"] = tuple(int(c) for c in text.split(",") if c.strip())
+        except ValueError:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"--block-out-channels {text!r} is not comma-separated integers, e.g. 32,64,64"
+            ) from None
+    return given
+
+
+@train_app.command()
+def vae(
+    data: ImageData,
+    output: ImageOutput,
+    block_out_channels: BlockOutChannels = None,
+    latent_channels: Annotated[
+        int | None, _opt("--latent-channels", help="Latent channels [4].", panel=_PANEL_OPT)
+    ] = None,
+    layers_per_block: LayersPerBlock = None,
+    norm_num_groups: NormGroups = None,
+    mid_attention: Annotated[
+        bool | None,
+        _opt("--mid-attention/--no-mid-attention", help="Self-attention at the latent size [on].", panel=_PANEL_OPT),
+    ] = None,
+    kl_weight: Annotated[
+        float | None, _opt("--kl-weight", help="KL weight (mean per latent element) [1e-4].", panel=_PANEL_OPT)
+    ] = None,
+    edge_weight: Annotated[
+        float | None, _opt("--edge-weight", help="L1 on image gradients, for sharpness [0.5].", panel=_PANEL_OPT)
+    ] = None,
+    scale_images: Annotated[
+        int | None, _opt("--scale-images", help="Images measured for scaling_factor [1024].", panel=_PANEL_OPT)
+    ] = None,
+    image_column: ImageColumn = None,
+    resolution: ImageResolution = None,
+    hflip: HFlip = False,
+    val_fraction: ValFraction = None,
+    val_max: ValMax = None,
+    batch_size: ImageBatch = None,
+    grad_accum: GradAccum = None,
+    lr: Annotated[float | None, _opt("--lr", help="Learning rate [1e-3].", panel=_PANEL_OPT)] = None,
+    weight_decay: WeightDecay = None,
+    warmup_steps: WarmupSteps = None,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    max_grad_norm: MaxGradNorm = None,
+    ema: Annotated[
+        bool | None, _opt("--ema/--no-ema", help="Export an EMA of the weights [off].", panel=_PANEL_OPT)
+    ] = None,
+    ema_decay: EmaDecay = None,
+    mixed_precision: MixedPrecision = None,
+    seed: Seed = None,
+    val_every: ValEvery = None,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
+    cpu: Cpu = False,
+) -> None:
+    """Train a Stable Diffusion VAE (AutoencoderKL) from scratch; measures and writes its scaling_factor.
+
+    Writes OUTPUT/final (AutoencoderKL.from_pretrained) and OUTPUT/vae_report.json (PSNR, grey/ink chroma).
+    """
+    given = _image_config({k: v for k, v in locals().items() if v is not None})
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .vae import VAETrainConfig, train_vae
+
+    result = train_vae(VAETrainConfig(**given))
+    if result["main_process"]:
+        typer.echo(str(result["final"]))
+
+
+@train_app.command()
+def uncond(
+    data: ImageData,
+    output: ImageOutput,
+    block_out_channels: BlockOutChannels = None,
+    layers_per_block: LayersPerBlock = None,
+    attention_levels: Annotated[
+        int | None, _opt("--attention-levels", help="Coarsest levels with self-attention [1].", panel=_PANEL_OPT)
+    ] = None,
+    norm_num_groups: NormGroups = None,
+    num_train_timesteps: Annotated[
+        int | None, _opt("--num-train-timesteps", help="DDPM schedule length [1000].", panel=_PANEL_OPT)
+    ] = None,
+    beta_schedule: Annotated[
+        str | None,
+        _opt("--beta-schedule", help="linear, scaled_linear or squaredcos_cap_v2 [linear].", panel=_PANEL_OPT),
+    ] = None,
+    prediction_type: Annotated[
+        str | None, _opt("--prediction-type", help="epsilon or v_prediction [epsilon].", panel=_PANEL_OPT)
+    ] = None,
+    noise_offset: Annotated[
+        float | None,
+        _opt("--noise-offset", help="Per-image colour offset of the noise, e.g. 0.05 [0].", panel=_PANEL_OPT),
+    ] = None,
+    snr_gamma: Annotated[
+        float | None, _opt("--snr-gamma", help="Min-SNR-γ loss weighting, e.g. 5 [off].", panel=_PANEL_OPT)
+    ] = None,
+    image_column: ImageColumn = None,
+    resolution: ImageResolution = None,
+    hflip: HFlip = False,
+    val_fraction: ValFraction = None,
+    val_max: ValMax = None,
+    batch_size: ImageBatch = None,
+    grad_accum: GradAccum = None,
+    lr: Annotated[float | None, _opt("--lr", help="Learning rate [2e-4].", panel=_PANEL_OPT)] = None,
+    weight_decay: WeightDecay = None,
+    warmup_steps: WarmupSteps = None,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    max_grad_norm: MaxGradNorm = None,
+    ema: Annotated[
+        bool | None, _opt("--ema/--no-ema", help="Export an EMA of the weights [on].", panel=_PANEL_OPT)
+    ] = None,
+    ema_decay: EmaDecay = None,
+    mixed_precision: MixedPrecision = None,
+    seed: Seed = None,
+    val_images: Annotated[
+        int | None, _opt("--val-images", help="Samples in the validation grid [16].", panel=_PANEL_RUN)
+    ] = None,
+    val_steps: Annotated[
+        int | None, _opt("--val-steps", help="DDIM steps of validation samples [50].", panel=_PANEL_RUN)
+    ] = None,
+    val_every: ValEvery = None,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
+    cpu: Cpu = False,
+) -> None:
+    """Train an unconditional pixel-space diffusion UNet from scratch (for CLIP-guided Disco Diffusion).
+
+    Writes OUTPUT/final, a DDPMPipeline folder (model_index.json, unet/, scheduler/).
+    """
+    given = _image_config({k: v for k, v in locals().items() if v is not None})
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .uncond import UncondTrainConfig, train_uncond
+
+    result = train_uncond(UncondTrainConfig(**given))
+    if result["main_process"]:
+        typer.echo(str(result["final"]))

@@ -1,0 +1,223 @@
+"""``taiyi train uncond``: an unconditional pixel-space diffusion model (diffusers ``UNet2DModel``) from scratch.
+
+Taiyi Disco Diffusion (TAIYI.md §1, §2) steers an *unconditional* diffusion model with the gradients of
+Chinese-CLIP similarity at sampling time; this trains the miniature recipe's model: 64×64 RGB, a few
+million parameters, a DDPM noise schedule.
+
+- Data: as ``taiyi train vae`` (folder / CSV / JSONL / ``synthetic:N`` / ``shanshui:N``; captions
+  ignored), pixels scaled to [-1, 1].
+- Objective: timesteps uniform over the schedule's ``num_train_timesteps``; the target is the noise
+  (``epsilon``) or the velocity (``v_prediction``); MSE, optionally min-SNR-γ weighted
+  (:func:`taiyi.train.sd.diffusion_loss`). ``noise_offset`` adds a per-image, per-channel constant to the
+  noise (so the model learns to change overall brightness: night and dawn scenes).
+- Validation (every ``val_every`` steps and at the end): a grid of ``val_images`` samples drawn with
+  DDIM in ``val_steps`` steps from fixed seeds, saved in ``validation/``.
+- ``OUTPUT/final`` is a ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``):
+  ``diffusers.DDPMPipeline.from_pretrained(OUTPUT/final)`` loads it with no flags.
+
+Checkpoints, exact resume, metrics.jsonl, loss.png and EMA come from the loop shared with
+``taiyi train vae`` (:func:`taiyi.train.vae.run_image_training`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidInputError
+from .common import step_dir_name
+from .vae import Images, ImageTrainConfig, run_image_training, write_folder_atomic
+
+logger = logging.getLogger("taiyi")
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+@dataclass
+class UncondTrainConfig(ImageTrainConfig):
+    """Settings of one ``taiyi train uncond`` run (the CLI flags map one to one onto these).
+
+    Args (beyond :class:`~taiyi.train.vae.ImageTrainConfig`):
+        block_out_channels: UNet channels per resolution level (each level after the first halves the side).
+        layers_per_block: ResNet blocks per level.
+        attention_levels: the last K levels (the coarsest) use self-attention.
+        norm_num_groups: GroupNorm groups (must divide every width).
+        num_train_timesteps: length of the DDPM noise schedule.
+        beta_schedule: ``linear`` (DDPM, guided-diffusion), ``scaled_linear`` or ``squaredcos_cap_v2`` (cosine).
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        noise_offset: std of the per-image, per-channel offset added to the noise (0: off; 0.05–0.1 typical).
+        snr_gamma: min-SNR-γ loss weighting (None: plain MSE).
+        val_images: samples in the validation grid.
+        val_steps: DDIM steps of the validation samples.
+    """
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    attention_levels: int = 1
+    norm_num_groups: int = 16
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
+    val_images: int = 16
+    val_steps: int = 50
+    lr: float = 2e-4
+    batch_size: int = 32
+    ema: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+
+
+def _validate_config(config: UncondTrainConfig) -> None:
+    config.check()
+    levels = config.block_out_channels
+    checks = [
+        (len(levels) >= 2 and all(c >= 1 for c in levels), "--block-out-channels needs 2+ widths, e.g. 32,64,128,128"),
+        (
+            all(c % config.norm_num_groups == 0 for c in levels),
+            f"--norm-num-groups {config.norm_num_groups} must divide every width of {list(levels)}",
+        ),
+        (
+            config.resolution % 2 ** (len(levels) - 1) == 0,
+            f"--resolution {config.resolution} must be divisible by {2 ** (len(levels) - 1)} "
+            f"({len(levels)} UNet levels)",
+        ),
+        (config.layers_per_block >= 1, f"--layers-per-block must be at least 1, not {config.layers_per_block}"),
+        (
+            0 <= config.attention_levels <= len(levels),
+            f"--attention-levels must lie in 0..{len(levels)}, not {config.attention_levels}",
+        ),
+        (
+            config.num_train_timesteps >= 2,
+            f"--num-train-timesteps must be at least 2, not {config.num_train_timesteps}",
+        ),
+        (
+            config.beta_schedule in BETA_SCHEDULES,
+            f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}, not {config.beta_schedule!r}",
+        ),
+        (
+            config.prediction_type in PREDICTION_TYPES,
+            f"--prediction-type must be epsilon or v_prediction, not {config.prediction_type!r}",
+        ),
+        (config.noise_offset >= 0, f"--noise-offset must be 0 or more, not {config.noise_offset}"),
+        (config.snr_gamma is None or config.snr_gamma > 0, "--snr-gamma must be positive"),
+        (config.val_images >= 0, f"--val-images must be 0 or more, not {config.val_images}"),
+        (config.val_steps >= 1, f"--val-steps must be at least 1, not {config.val_steps}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidInputError(message)
+
+
+def build_unet(config: UncondTrainConfig):
+    """A fresh ``UNet2DModel`` for ``resolution``² RGB images; the coarsest ``attention_levels`` levels attend."""
+    from diffusers import UNet2DModel
+
+    n = len(config.block_out_channels)
+    attend = [i >= n - config.attention_levels for i in range(n)]
+    return UNet2DModel(
+        sample_size=config.resolution,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attend),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)),
+        norm_num_groups=config.norm_num_groups,
+        attention_head_dim=min(32, config.block_out_channels[-1]),
+    )
+
+
+def build_scheduler(config: UncondTrainConfig):
+    """The DDPM noise schedule (``clip_sample`` on: pixels live in [-1, 1])."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=True,
+    )
+
+
+@torch.no_grad()
+def sample_images(unet, scheduler_config: dict, n: int, steps: int, seed: int) -> list:
+    """``n`` samples drawn with DDIM in ``steps`` steps, image ``i`` from seed ``seed + i`` (PIL images)."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    return pipe(batch_size=n, generator=generators, num_inference_steps=steps).images
+
+
+def train_uncond(config: UncondTrainConfig) -> dict:
+    """Train an unconditional pixel-space ``UNet2DModel`` and export a ``DDPMPipeline`` folder to ``OUTPUT/final``.
+
+    Works as a plain process and under ``accelerate launch``.
+
+    Args:
+        config: the run's settings (see :class:`UncondTrainConfig`).
+
+    Returns:
+        :func:`~taiyi.train.vae.run_image_training`'s dict; ``"export"`` holds ``parameters`` and the
+        validation grid path.
+
+    Raises:
+        InvalidInputError: bad settings, no readable images, an output folder holding another run.
+    """
+    from .sd import diffusion_loss
+
+    _validate_config(config)
+    noise_scheduler = build_scheduler(config)
+    n_steps = noise_scheduler.config.num_train_timesteps
+
+    def loss_fn(model, pixels, g):
+        noise = torch.randn(pixels.shape, generator=g)  # (b, 3, R, R)
+        offset = torch.randn(pixels.shape[0], pixels.shape[1], 1, 1, generator=g)
+        timesteps = torch.randint(0, n_steps, (pixels.shape[0],), generator=g)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * offset
+        noise, timesteps = noise.to(pixels.device), timesteps.to(pixels.device)
+        noisy = noise_scheduler.add_noise(pixels, noise, timesteps)
+        prediction = model(noisy, timesteps).sample
+        loss = diffusion_loss(
+            prediction, pixels, noise, timesteps, noise_scheduler, config.prediction_type, config.snr_gamma
+        )
+        return loss, {}
+
+    def validate(model, images: Images, step: int, output: Path) -> dict:
+        if not config.val_images:
+            return {}
+        from ..pipeline import make_grid
+
+        samples = sample_images(model, dict(noise_scheduler.config), config.val_images, config.val_steps, config.seed)
+        folder = output / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{step_dir_name(step)}.png"
+        tmp = folder / f".{path.name}.tmp.png"
+        make_grid(samples).save(tmp)
+        os.replace(tmp, path)
+        return {"grid": str(path.relative_to(output))}
+
+    def export(model, images: Images, final_dir: Path) -> dict:
+        from diffusers import DDPMPipeline
+
+        pipe = DDPMPipeline(unet=model, scheduler=build_scheduler(config))
+        write_folder_atomic(final_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        return {"parameters": sum(p.numel() for p in model.parameters())}
+
+    return run_image_training(
+        config, name="uncond", build=lambda: build_unet(config), loss_fn=loss_fn, validate=validate, export=export
+    )
+
+
+__all__ = ["UncondTrainConfig", "build_scheduler", "build_unet", "sample_images", "train_uncond"]
