@@ -343,3 +343,25 @@ def test_two_processes_give_the_loss_of_one_process_with_the_global_batch(setup,
         moved = sum(float((right[k] - start[k]).square().sum()) for k in start) ** 0.5
         apart = sum(float((left[k] - right[k]).square().sum()) for k in start) ** 0.5
         assert moved > 1e-3 and apart < 1e-3 * moved, (part, apart, moved)
+
+
+def test_sd_accelerate_configs_parse_and_name_the_sd_layers():
+    """The FSDP config for stage 2 wraps the UNet's transformer blocks and the BERT layers, which exist in the
+    trained modules (accelerate refuses a class it cannot find); every config documents `train sd`."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from taiyi.testing import tiny_components
+    from taiyi.train.sd import _Denoiser
+
+    folder = REPO / "configs" / "accelerate"
+    config = load_config_from_file(str(folder / "fsdp_sd.yaml"))
+    assert config.distributed_type == DistributedType.FSDP
+    wrapped = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    components = tiny_components(text_encoder="bert")
+    trained = _Denoiser(components["text_encoder"], components["unet"], train_text=True, train_unet=True)
+    present = {type(m).__name__ for m in trained.modules()}
+    assert set(wrapped) == {"BasicTransformerBlock", "BertLayer"} <= present
+    for path in folder.glob("*.yaml"):
+        load_config_from_file(str(path))
+        assert "train sd" in path.read_text(), path.name
