@@ -365,3 +365,37 @@ def test_sd_accelerate_configs_parse_and_name_the_sd_layers():
     for path in folder.glob("*.yaml"):
         load_config_from_file(str(path))
         assert "train sd" in path.read_text(), path.name
+
+
+def test_bad_data_is_refused_in_one_line_and_long_captions_are_counted_in_a_warning(setup, tmp_path, caplog):
+    """Issue #4 part 6: a folder with no pairs, one whose every image is corrupt, captions longer than the
+    encoder window (trained truncated, counted, one warning with the count). The incompatible text encoder
+    is refused in test_cli_trains_and_refuses_bad_input_in_one_line."""
+    import logging
+
+    base, _, _ = setup
+    settings = dict(model=str(base), max_steps=2, **FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("没有图片", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="no image") as info:
+        train_sd(SDTrainConfig(data=[str(empty)], output=str(tmp_path / "e"), **settings))
+    assert "\n" not in str(info.value) and not (tmp_path / "e" / "run_config.json").exists()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for i in range(2):
+        (corrupt / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        (corrupt / f"{i}.txt").write_text("山水", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="no readable image-text pair"):
+        train_sd(SDTrainConfig(data=[str(corrupt)], output=str(tmp_path / "c"), **settings))
+
+    long = tmp_path / "long"
+    long.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(long / f"{i}.png")
+        (long / f"{i}.txt").write_text("山" * (600 if i == 0 else 5), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="taiyi"):
+        result = train_sd(SDTrainConfig(data=[str(long)], output=str(tmp_path / "l"), **settings))
+    assert result["truncated"] == 2  # the long caption, once in each of the two steps
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("2 training captions were longer than") and "512 tokens" in w for w in warnings), warnings
