@@ -324,6 +324,7 @@ def _register_subcommands() -> None:
     from .assemble import assemble_command
     from .clip_cli import clip_app
     from .convert_cli import convert_app
+    from .disco_cli import disco
     from .eval_cli import eval_app
     from .recipe.cli import recipe_app
     from .serve_cli import serve
@@ -336,6 +337,7 @@ def _register_subcommands() -> None:
     app.command("assemble")(assemble_command)
     app.add_typer(recipe_app, name="recipe")
     app.add_typer(eval_app, name="eval")
+    app.command("disco")(disco)
 
 
 _register_subcommands()

@@ -1,0 +1,543 @@
+"""Chinese Disco Diffusion: an unconditional diffusion model steered at sampling time by Chinese-CLIP gradients.
+
+The pieces, each replaceable:
+
+- :class:`UncondModel` — any unconditional diffusers ``UNet2DModel`` folder (a ``DDPMPipeline`` layout
+  with its scheduler, or a bare model folder such as ``taiyi convert guided-diffusion`` writes, which
+  gets guided-diffusion's linear schedule); the network may predict ε, v or x0, with or without
+  learned variance channels.
+- :class:`CLIPGuidance` — the guidance, as a wrapper around the denoiser (k-diffusion's
+  ``make_cond_model_fn``): from the predicted clean image it takes random cutouts with augmentations,
+  embeds them with the CLIP image tower, and moves the model's output along the gradient of the
+  spherical distance to the prompt embeddings (plus total-variation, range and saturation losses) —
+  classifier guidance in score form, ``ε' = ε − √(1−ᾱ) ∇ log p`` (expressed in v or x0 for models
+  that predict those). The gradient's RMS is clamped.
+- the sampler — a diffusers scheduler loop (``ddim`` with ``eta``, ``plms``, ``ddpm``) that never knows
+  about guidance.
+
+Memory: cutouts go through CLIP ``cut_batches`` at a time, each batch's graph freed after its gradient
+with respect to the predicted image; the denoiser's graph is walked back once per step.
+``gradient_checkpointing`` recomputes the UNet's activations in that backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import InvalidInputError, ModelLoadError
+
+__all__ = [
+    "SAMPLERS",
+    "DiscoSettings",
+    "WeightedPrompt",
+    "parse_prompts",
+    "UncondModel",
+    "load_uncond",
+    "MakeCutouts",
+    "CLIPGuidance",
+    "disco_sample",
+    "spherical_dist_loss",
+    "tv_loss",
+    "range_loss",
+]
+
+SAMPLERS: tuple[str, ...] = ("ddim", "plms", "ddpm")
+ProgressCallback = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(frozen=True)
+class WeightedPrompt:
+    text: str
+    weight: float = 1.0
+
+
+_WEIGHT = re.compile(r"^(.*?)[:：]\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*$", re.S)
+
+
+def parse_prompts(spec: str | Sequence[str]) -> list[WeightedPrompt]:
+    """``"东临碣石，以观沧海:2|晚霞:1|文字:-0.5"`` → weighted prompts (Disco's syntax; ``：`` works too).
+
+    A part without ``:weight`` weighs 1. Negative weights push away. The weights must not sum to zero.
+    """
+    parts = spec.split("|") if isinstance(spec, str) else list(spec)
+    out = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        match = _WEIGHT.match(part)
+        text, weight = (match.group(1).strip(), float(match.group(2))) if match else (part, 1.0)
+        if not text:
+            raise InvalidInputError(f"prompt part {part!r} has a weight but no text; write e.g. 晚霞:1")
+        out.append(WeightedPrompt(text, weight))
+    if not out:
+        raise InvalidInputError("prompt is empty; give a description such as 东临碣石，以观沧海")
+    if abs(sum(p.weight for p in out)) < 1e-6:
+        raise InvalidInputError("the prompt weights sum to zero; make at least one weight larger")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The unconditional model
+
+
+class UncondModel:
+    """An unconditional ``UNet2DModel`` and its noise schedule, answering ε(x_t, t).
+
+    Args:
+        unet: the network (output: ε, v, or 6 channels = ε + learned variance, as guided-diffusion).
+        scheduler_config: the training noise schedule (a diffusers scheduler config).
+        prediction_type: what the network predicts: ``epsilon``, ``v_prediction`` or ``sample``.
+    """
+
+    def __init__(self, unet, scheduler_config: dict, prediction_type: str = "epsilon", name: str = ""):
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.prediction_type = prediction_type
+        self.name = name
+        from diffusers import DDPMScheduler
+
+        self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()  # (T,)
+
+    @property
+    def sample_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's own output (in ``prediction_type``) and the predicted clean image x0, both
+        differentiable in x (B, C, H, W); t holds integer timesteps (B,)."""
+        out = self.unet(x, t).sample
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (learn_sigma): the first half is the prediction
+            out = out[:, : x.shape[1]]
+        a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1).to(x.dtype)
+        if self.prediction_type == "epsilon":
+            x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+        elif self.prediction_type == "v_prediction":
+            x0 = a.sqrt() * x - (1 - a).sqrt() * out  # no division: safe at zero terminal SNR
+        else:
+            x0 = out
+        return out, x0
+
+
+_GUIDED_DIFFUSION_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+
+def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """Load an unconditional model: a ``DDPMPipeline``-style folder (``unet/`` + ``scheduler/``), or a bare
+    ``UNet2DModel`` folder (guided-diffusion's linear 1000-step schedule is assumed, as Disco uses).
+
+    Raises:
+        ModelLoadError: not such a folder (a raw ``.pt`` checkpoint is pointed to ``taiyi convert``).
+    """
+    from .guided_diffusion import load_unet
+    from .loading import check_weights
+    from .models import resolve_model
+
+    if Path(model).is_file():
+        suffix = Path(model).suffix
+        hint = " (convert a guided-diffusion checkpoint first: taiyi convert guided-diffusion CKPT --out DIR)"
+        raise ModelLoadError(
+            f"{model} is a file, not a model folder; give an unconditional diffusers model folder"
+            + (hint if suffix in (".pt", ".pth", ".ckpt", ".safetensors") else "")
+        )
+    folder, name = resolve_model(model)
+    folder = Path(folder)
+    unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    config_path = unet_folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(
+            f"{folder} is not an unconditional diffusion model (no unet/config.json or config.json); give a "
+            "DDPMPipeline folder, a UNet2DModel folder, or convert a guided-diffusion checkpoint with taiyi convert"
+        )
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("_class_name") not in ("UNet2DModel", "ADMUNet2DModel"):
+        found = config.get("_class_name") or (config.get("architectures") or [config.get("model_type", "model")])[0]
+        raise ModelLoadError(
+            f"{folder} holds a {found}, not an unconditional UNet2DModel; Disco Diffusion "
+            "needs an unconditional pixel-space model (taiyi train uncond, or taiyi convert guided-diffusion)"
+        )
+    check_weights(unet_folder, allow_pickle=allow_pickle, what=f"the model in {unet_folder}")
+    try:
+        unet = load_unet(unet_folder, use_safetensors=None if allow_pickle else True).to(device)
+    except Exception as exc:  # noqa: BLE001 — one line for any broken folder
+        raise ModelLoadError(f"could not load {unet_folder}: {' '.join(str(exc).split())[:200]}") from exc
+    schedule_path = folder / "scheduler" / "scheduler_config.json"
+    schedule = (
+        json.loads(schedule_path.read_text(encoding="utf-8"))
+        if schedule_path.is_file()
+        else _GUIDED_DIFFUSION_SCHEDULE
+    )
+    return UncondModel(unet, schedule, schedule.get("prediction_type", "epsilon"), name=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+
+def spherical_dist_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared great-circle distance between normalised x (N, 1, D) and y (1, P, D) → (N, P)."""
+    x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    """Total variation of images (B, C, H, W) in [-1, 1], per image (B,)."""
+    x = F.pad(x, (0, 1, 0, 1), "replicate")
+    dx, dy = x[..., :-1, 1:] - x[..., :-1, :-1], x[..., 1:, :-1] - x[..., :-1, :-1]
+    return (dx.pow(2) + dy.pow(2)).mean(dim=(1, 2, 3)) / 2
+
+
+def range_loss(x: torch.Tensor) -> torch.Tensor:
+    """How far pixels stray outside [-1, 1], per image (B,)."""
+    return (x - x.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+
+
+def saturation_loss(x: torch.Tensor) -> torch.Tensor:
+    """Disco's saturation loss: mean absolute overshoot outside [-1, 1], per image (B,)."""
+    return (x - x.clamp(-1, 1)).abs().mean(dim=(1, 2, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cutouts
+
+
+class MakeCutouts:
+    """``cutn`` random square crops of images in [-1, 1], resized to the CLIP input size, with light
+    augmentations (flip, shift, grey, noise). All draws come from the given generator.
+
+    Args:
+        cut_size: the CLIP image tower's input side.
+        cutn: cutouts per image.
+        cut_pow: crop-size exponent (> 1: smaller crops more often).
+        min_frac: the smallest crop, as a fraction of the image side.
+        augment: apply the augmentations.
+    """
+
+    def __init__(self, cut_size: int, cutn: int, cut_pow: float = 1.0, min_frac: float = 0.5, augment: bool = True):
+        self.cut_size, self.cutn, self.cut_pow, self.min_frac, self.augment = (
+            cut_size,
+            cutn,
+            cut_pow,
+            min_frac,
+            augment,
+        )
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, first: int = 0) -> torch.Tensor:
+        """x (B, 3, H, W) → cutouts (cutn × B, 3, S, S), cutout-major; ``first``: index of the first cutout
+        (cutout 0 is always the whole image), so a set taken in batches equals the set taken at once."""
+        _, _, h, w = x.shape
+        side = min(h, w)
+        low = max(int(side * self.min_frac), 1)
+        cuts = []
+        for i in range(self.cutn):
+            r = float(torch.rand((), generator=generator))
+            size = side if i + first == 0 else int(low + (side - low) * r**self.cut_pow)  # cutout 0: the whole image
+            oy = int(torch.randint(0, h - size + 1, (), generator=generator))
+            ox = int(torch.randint(0, w - size + 1, (), generator=generator))
+            crop = x[:, :, oy : oy + size, ox : ox + size]
+            crop = F.interpolate(
+                crop, size=(self.cut_size, self.cut_size), mode="bilinear", antialias=size > self.cut_size
+            )
+            if self.augment:
+                if float(torch.rand((), generator=generator)) < 0.5:
+                    crop = crop.flip(-1)
+                if float(torch.rand((), generator=generator)) < 0.1:
+                    crop = crop.mean(1, keepdim=True).expand_as(crop)
+                noise = torch.randn(crop.shape, generator=generator, dtype=crop.dtype).to(crop.device)
+                crop = crop + 0.05 * float(torch.rand((), generator=generator)) * noise
+            cuts.append(crop)
+        return torch.cat(cuts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Guidance: a wrapper around the denoiser
+
+
+@dataclass
+class DiscoSettings:
+    """Sampling and guidance settings (Disco Diffusion's names).
+
+    Args:
+        steps: denoising steps.
+        sampler: ``ddim`` (with ``eta``), ``plms`` or ``ddpm``.
+        eta: DDIM's noise (0: deterministic; Disco uses 0.8).
+        clip_guidance_scale: weight of the CLIP loss.
+        tv_scale, range_scale, sat_scale: weights of the smoothness, range and saturation losses.
+        cutn: cutouts per step; cut_batches: how many CLIP passes they are split into (memory).
+        cut_pow: crop-size exponent.
+        clamp_max: the gradient's RMS is clamped to this (None: off).
+        skip_steps: with an init image, start this many steps in (more: closer to the init image).
+        seed: the seed; gradient_checkpointing: recompute UNet activations in the backward pass.
+        save_every: keep the predicted image every N steps (0: none).
+    """
+
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.8
+    clip_guidance_scale: float = 5000.0
+    tv_scale: float = 0.0
+    range_scale: float = 150.0
+    sat_scale: float = 0.0
+    cutn: int = 16
+    cut_batches: int = 1
+    cut_pow: float = 1.0
+    clamp_max: float | None = 0.05
+    skip_steps: int = 0
+    seed: int | None = None
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+
+    def check(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise InvalidInputError(f"steps must be between 1 and 1000, not {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise InvalidInputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 0 <= self.eta <= 1:
+            raise InvalidInputError(f"eta must be between 0 and 1, not {self.eta}")
+        for name in ("clip_guidance_scale", "tv_scale", "range_scale", "sat_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInputError(f"{name.replace('_', '-')} must be 0 or more, not {value}")
+        if self.cutn < 1:
+            raise InvalidInputError(f"cutn must be at least 1, not {self.cutn}")
+        if not 1 <= self.cut_batches <= self.cutn:
+            raise InvalidInputError(f"cut-batches must be between 1 and cutn ({self.cutn}), not {self.cut_batches}")
+        if self.cut_pow <= 0:
+            raise InvalidInputError(f"cut-pow must be above 0, not {self.cut_pow}")
+        if self.clamp_max is not None and self.clamp_max <= 0:
+            raise InvalidInputError(f"clamp-max must be above 0, not {self.clamp_max}")
+        if not 0 <= self.skip_steps < self.steps:
+            raise InvalidInputError(
+                f"skip-steps must be from 0 to steps - 1 ({self.steps - 1}), not {self.skip_steps}"
+            )
+
+
+def _input_side(processor) -> int:
+    """The CLIP image tower's input side from its processor (crop size, else the resize's shortest edge)."""
+    for attr, key in (("crop_size", "height"), ("size", "shortest_edge"), ("size", "height")):
+        value = getattr(processor, attr, None)
+        value = value.get(key) if isinstance(value, dict) else getattr(value, key, value)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelLoadError("the CLIP image processor names no input size (crop_size or size)")
+
+
+class CLIPGuidance:
+    """Wraps :meth:`UncondModel.eps`: returns ε shifted along the gradient of the guidance losses.
+
+    Args:
+        model: the unconditional model.
+        clip: a :class:`~taiyi.clip.ChineseCLIP` (any model with ``image_features``, ``encode_text`` and an
+            ``image_processor`` giving the input size, mean and std).
+        prompts: weighted prompts (:func:`parse_prompts`).
+        settings: the loss weights, cutouts and clamping.
+        generator: source of the cutouts' randomness.
+    """
+
+    def __init__(
+        self, model: UncondModel, clip, prompts: Sequence[WeightedPrompt], settings: DiscoSettings, generator
+    ):
+        self.model, self.clip, self.settings, self.generator = model, clip, settings, generator
+        processor = clip.image_processor
+        self.cutouts = MakeCutouts(_input_side(processor), settings.cutn, settings.cut_pow)
+        self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+        self.targets = clip.encode_text([p.text for p in prompts]).float()  # (P, D), normalised
+        weights = torch.tensor([p.weight for p in prompts], dtype=torch.float32)
+        self.weights = weights / weights.sum().abs()  # (P,)
+        self.last_x0: torch.Tensor | None = None
+        self.last_loss: float = 0.0
+
+    def _clip_loss_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """∂(scale × weighted spherical distance)/∂x0, cutouts taken ``cut_batches`` at a time."""
+        s = self.settings
+        grad = torch.zeros_like(x0)
+        per_batch = math.ceil(s.cutn / s.cut_batches)
+        total = 0.0
+        for start in range(0, s.cutn, per_batch):
+            n = min(per_batch, s.cutn - start)
+            x_in = x0.detach().requires_grad_(True)
+            self.cutouts.cutn = n
+            cuts = self.cutouts(x_in.add(1).div(2), self.generator, start)  # (n·B, 3, S, S) in [0, 1]
+            pixels = (cuts - self.mean.to(cuts)) / self.std.to(cuts)
+            feats = self.clip.image_features(pixels).float()  # (n·B, D)
+            dists = spherical_dist_loss(feats.unsqueeze(1), self.targets.to(feats.device).unsqueeze(0))  # (n·B, P)
+            dists = dists.view(n, x0.shape[0], -1)  # (n, B, P)
+            loss = (dists * self.weights.to(dists.device)).sum(2).mean(0).sum() * (n / s.cutn)  # mean over all cuts
+            total += float(loss.detach())
+            grad += torch.autograd.grad(loss * s.clip_guidance_scale, x_in)[0]
+        self.cutouts.cutn = s.cutn
+        self.last_loss = total
+        return grad
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's output (ε, v or x0, as it predicts) for x (B, C, H, W) at timesteps t (B,), moved so that
+        ε shifts by −√(1−ᾱ)·g, g the clamped ascent direction of the guidance; unguided where ᾱ < 1e-4 (pure
+        noise: the predicted image carries no information and the shift would blow up)."""
+        s = self.settings
+        a = self.model.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            out, x0 = self.model.predict(x, t)
+            if float(a.min()) < 1e-4:
+                self.last_x0, self.last_loss = x0.detach(), 0.0
+                return out.detach()
+            x_in_grad = self._clip_loss_grad(x0) if s.clip_guidance_scale > 0 else torch.zeros_like(x0)
+            x0_leaf = x0.detach().requires_grad_(True)
+            aux = (
+                s.tv_scale * tv_loss(x0_leaf).sum()
+                + s.range_scale * range_loss(x0_leaf).sum()
+                + s.sat_scale * saturation_loss(x0_leaf).sum()
+            )
+            if aux.requires_grad:
+                x_in_grad = x_in_grad + torch.autograd.grad(aux, x0_leaf)[0]
+            grad = -torch.autograd.grad(x0, x, x_in_grad)[0]  # ascent direction of log p(prompt | x)
+        if not torch.isfinite(grad).all():
+            grad = torch.zeros_like(grad)
+        if s.clamp_max is not None:  # Disco: clamp the gradient's RMS
+            magnitude = grad.square().mean().sqrt()
+            grad = grad * magnitude.clamp(max=s.clamp_max) / magnitude.clamp(min=1e-12)
+        self.last_x0 = x0.detach()
+        kind = self.model.prediction_type
+        if kind == "epsilon":
+            shift = -(1 - a).sqrt() * grad
+        elif kind == "v_prediction":
+            shift = -((1 - a) / a).sqrt() * grad
+        else:
+            shift = (1 - a) / a.sqrt() * grad
+        return out.detach() + shift
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _scheduler(name: str, config: dict, prediction_type: str, steps: int):
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    if name == "plms" and prediction_type == "sample":
+        raise InvalidInputError("the plms sampler cannot drive a model that predicts x0; use --sampler ddim")
+    base = {**config, "prediction_type": prediction_type, "clip_sample": False}
+    if name == "ddim":
+        sched = DDIMScheduler.from_config(base)
+    elif name == "plms":
+        sched = PNDMScheduler.from_config({**base, "skip_prk_steps": True})
+    else:
+        sched = DDPMScheduler.from_config({**base, "variance_type": "fixed_small"})
+    sched.set_timesteps(steps)
+    return sched
+
+
+def _to_image(x: torch.Tensor) -> Image.Image:
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    return Image.fromarray(arr)
+
+
+def _init_latent(image: Image.Image, size: int) -> torch.Tensor:
+    image = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, S, S)
+
+
+@dataclass
+class DiscoResult:
+    image: Image.Image
+    frames: list[Image.Image]
+    settings: dict
+    prompts: list[WeightedPrompt]
+    losses: list[float]
+
+
+def disco_sample(
+    model: UncondModel,
+    clip,
+    prompt: str | Sequence[str],
+    settings: DiscoSettings | None = None,
+    *,
+    init_image: Image.Image | None = None,
+    size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> DiscoResult:
+    """Draw one image from ``model`` steered towards ``prompt`` by ``clip``.
+
+    Args:
+        model: from :func:`load_uncond`.
+        clip: from :func:`taiyi.clip.load_clip`.
+        prompt: ``"诗句:2|晚霞:1"`` or a list of such parts.
+        settings: :class:`DiscoSettings` (defaults if None).
+        init_image: start from this picture (noised to step ``skip_steps``).
+        size: picture side (default: the model's sample size); must be a multiple of 8.
+        progress: called with ``(steps done, steps total)``.
+    """
+    s = settings or DiscoSettings()
+    s.check()
+    prompts = parse_prompts(prompt)
+    side = int(size or model.sample_size)
+    if side % 8 or not 32 <= side <= 2048:
+        raise InvalidInputError(f"size must be a multiple of 8 between 32 and 2048, not {side}")
+    if s.skip_steps and init_image is None:
+        raise InvalidInputError("skip-steps needs an init image (--init-image)")
+    device = next(model.unet.parameters()).device
+    seed = s.seed if s.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    generator = torch.Generator().manual_seed(seed)
+    if s.gradient_checkpointing and hasattr(model.unet, "enable_gradient_checkpointing"):
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()  # diffusers checkpoints only in training mode; the model has no dropout here
+    guided = CLIPGuidance(model, clip, prompts, s, generator)
+    sched = _scheduler(s.sampler, model.scheduler_config, model.prediction_type, s.steps)
+    timesteps = sched.timesteps
+    shape = (1, model.channels, side, side)
+    x = torch.randn(shape, generator=generator)
+    if init_image is not None:
+        init = _init_latent(init_image, side)
+        start = timesteps[s.skip_steps]
+        x = sched.add_noise(init, x, start[None]) if s.skip_steps else x
+        timesteps = timesteps[s.skip_steps :]
+    x = x.to(device)
+    frames, losses = [], []
+    total = len(timesteps)
+    try:
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+            out = guided(x, t_batch)
+            step_kwargs = {"generator": generator} if s.sampler in ("ddim", "ddpm") else {}
+            if s.sampler == "ddim":
+                step_kwargs["eta"] = s.eta
+            x = sched.step(out.cpu(), t, x.cpu(), **step_kwargs).prev_sample.to(device)
+            losses.append(guided.last_loss)
+            if s.save_every and ((i + 1) % s.save_every == 0 or i + 1 == total) and guided.last_x0 is not None:
+                frames.append(_to_image(guided.last_x0[0]))
+            if progress is not None:
+                progress(i + 1, total)
+    finally:
+        if s.gradient_checkpointing and hasattr(model.unet, "disable_gradient_checkpointing"):
+            model.unet.disable_gradient_checkpointing()
+            model.unet.eval()
+    settings_out = {**asdict(s), "seed": seed, "size": side, "model": model.name}
+    return DiscoResult(_to_image(x[0]), frames, settings_out, prompts, losses)

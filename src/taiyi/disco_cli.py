@@ -1,0 +1,119 @@
+"""``taiyi disco PROMPT``: Chinese Disco Diffusion from the command line (see :mod:`taiyi.disco`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_options import AllowPickle, Device, Output, Overwrite, Seed
+
+DEFAULT_UNCOND = "taiyi-mini-uncond"
+DEFAULT_CLIP = "taiyi-mini-clip"
+
+
+def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
+    """The ``parameters`` PNG text: the prompt, then ``Key: value`` pairs (the A1111 layout)."""
+    pairs = {
+        "Steps": settings["steps"],
+        "Sampler": settings["sampler"].upper(),
+        "Seed": settings["seed"],
+        "Size": f"{settings['size']}x{settings['size']}",
+        "Model": settings["model"],
+        "CLIP": clip,
+        "CLIP guidance scale": settings["clip_guidance_scale"],
+        "TV scale": settings["tv_scale"],
+        "Range scale": settings["range_scale"],
+        "Sat scale": settings["sat_scale"],
+        "Cutn": settings["cutn"],
+        "Eta": settings["eta"],
+        "Skip steps": settings["skip_steps"],
+    }
+    return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs.items())
+
+
+def disco(
+    prompt: Annotated[str, typer.Argument(help="Chinese prompt; weighted parts as 诗句:2|晚霞:1 (negative allowed).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Unconditional model folder (DDPMPipeline or UNet2DModel).")
+    ] = DEFAULT_UNCOND,
+    clip: Annotated[str, typer.Option("--clip", help="Chinese CLIP (folder or short name).")] = DEFAULT_CLIP,
+    image_tower: Annotated[
+        str | None, typer.Option("--image-tower", help="CLIP image model for a bare Taiyi-CLIP text tower.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim, plms or ddpm.")] = "ddim",
+    eta: Annotated[float, typer.Option("--eta", help="DDIM noise, 0-1 (Disco: 0.8).")] = 0.8,
+    clip_guidance_scale: Annotated[
+        float, typer.Option("--clip-guidance-scale", help="Weight of the CLIP loss.")
+    ] = 5000.0,
+    tv_scale: Annotated[float, typer.Option("--tv-scale", help="Smoothness (total variation) loss weight.")] = 0.0,
+    range_scale: Annotated[float, typer.Option("--range-scale", help="Out-of-range pixel loss weight.")] = 150.0,
+    sat_scale: Annotated[float, typer.Option("--sat-scale", help="Saturation loss weight.")] = 0.0,
+    cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
+    cut_batches: Annotated[int, typer.Option("--cut-batches", help="Split the cutouts into this many passes.")] = 1,
+    cut_pow: Annotated[float, typer.Option("--cut-pow", help="Crop-size exponent (>1: smaller crops).")] = 1.0,
+    clamp_max: Annotated[float, typer.Option("--clamp-max", help="Clamp the gradient's RMS to this.")] = 0.05,
+    init_image: Annotated[Path | None, typer.Option("--init-image", help="Start from this picture.")] = None,
+    skip_steps: Annotated[int, typer.Option("--skip-steps", help="With --init-image: steps to skip.")] = 0,
+    size: Annotated[int | None, typer.Option("--size", help="Picture side (default: the model's).")] = None,
+    seed: Seed = None,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Also save the predicted picture every N steps (OUTPUT-frames/).")
+    ] = 0,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Less memory, more time (recompute UNet activations).")
+    ] = False,
+    device: Device = "auto",
+    output: Output = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """CLIP-guided sampling of an unconditional diffusion model (Chinese Disco Diffusion)."""
+    from .cli import _Progress, _quiet_libraries
+    from .io import check_output_file, load_image, output_paths
+
+    _quiet_libraries()
+    from .disco import DiscoSettings, disco_sample, load_uncond, parse_prompts
+
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+    settings = DiscoSettings(
+        steps=steps, sampler=sampler, eta=eta, clip_guidance_scale=clip_guidance_scale, tv_scale=tv_scale,
+        range_scale=range_scale, sat_scale=sat_scale, cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow,
+        clamp_max=clamp_max, skip_steps=skip_steps, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        save_every=save_every,
+    )  # fmt: skip
+    settings.check()  # bad settings fail before anything loads
+    parse_prompts(prompt)
+    init = load_image(init_image, what="init image") if init_image is not None else None
+    path = output_paths(output, [seed])[0]
+    check_output_file(path, overwrite=overwrite)
+    from .clip import load_clip
+    from .loading import select_device
+
+    dev = select_device(device)
+    uncond = load_uncond(model, device=dev, allow_pickle=allow_pickle)
+    chinese_clip = load_clip(clip, image_tower=image_tower, allow_pickle=allow_pickle, device=dev)
+    with _Progress("disco") as bar:
+        result = disco_sample(uncond, chinese_clip, prompt, settings, init_image=init, size=size, progress=bar)
+    _save(result, path, prompt, clip, overwrite)
+
+
+def _save(result, path: Path, prompt: str, clip: str, overwrite: bool) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from .io import save_png
+
+    info = PngInfo()
+    info.add_text("parameters", _parameters_text(prompt, result.settings, clip))
+    written = save_png(result.image, path, pnginfo=info, overwrite=overwrite)
+    if result.frames:
+        frames = path.with_name(f"{path.stem}-frames")
+        frames.mkdir(exist_ok=True)
+        for i, frame in enumerate(result.frames):
+            save_png(frame, frames / f"{i:04d}.png", overwrite=True)
+    typer.echo(str(written))
