@@ -1,0 +1,104 @@
+"""taiyi train uncond: an unconditional pixel UNet2DModel from scratch, end to end at 32×32 with tiny widths.
+
+What is proven here: final/ loads with stock ``DDPMPipeline.from_pretrained`` (no flags) and samples; the
+scheduler keeps the trained prediction type; a run stopped at step 2 and resumed to 4 has the per-step
+losses and final (EMA) weights of a straight 4-step run; the noise offset changes the loss; the CLI
+refuses bad input in one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taiyi.cli import main
+from taiyi.errors import InvalidInputError
+from taiyi.train.uncond import UncondTrainConfig, build_unet, train_uncond
+
+TINY = dict(
+    data=["shanshui:12"],
+    resolution=32,
+    block_out_channels=(8, 16),
+    norm_num_groups=8,
+    batch_size=4,
+    save_every=0,
+    val_every=0,
+    val_images=2,
+    val_steps=2,
+    report_to="none",
+)
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_final_is_a_stock_ddpm_pipeline(tmp_path):
+    from diffusers import DDPMPipeline
+
+    config = UncondTrainConfig(output=str(tmp_path / "run"), max_steps=2, prediction_type="v_prediction", **TINY)
+    result = train_uncond(config)
+    pipe = DDPMPipeline.from_pretrained(result["final"])
+    assert json.loads((result["final"] / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.unet.config.sample_size == 32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    assert (tmp_path / "run" / "validation" / "step-000002.png").is_file() and result["loss_plot"].is_file()
+
+
+def test_default_size_is_a_few_million_parameters():
+    unet = build_unet(UncondTrainConfig(data=["x"], output="y"))
+    assert 2e6 <= sum(p.numel() for p in unet.parameters()) <= 6e6
+    assert unet.config.sample_size == 64 and unet.config.in_channels == 3
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    settings = dict(noise_offset=0.1, snr_gamma=5.0, **TINY)  # EMA is on by default
+    straight = train_uncond(UncondTrainConfig(output=str(tmp_path / "a"), max_steps=4, **settings))
+    first = train_uncond(UncondTrainConfig(output=str(tmp_path / "b"), max_steps=2, **settings))["losses"]
+    second = train_uncond(UncondTrainConfig(output=str(tmp_path / "b"), max_steps=4, resume="latest", **settings))
+    assert second["resumed_from"].name == "step-000002"
+    resumed = {**first, **second["losses"]}
+    for step in range(1, 5):
+        assert resumed[step] == pytest.approx(straight["losses"][step], abs=1e-6), step
+    a, b = load_file(tmp_path / "a" / "final" / UNET), load_file(tmp_path / "b" / "final" / UNET)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    plain = train_uncond(UncondTrainConfig(output=str(tmp_path / "c"), max_steps=1, snr_gamma=5.0, **TINY))
+    assert plain["losses"][1] != pytest.approx(straight["losses"][1], abs=1e-6)  # the offset is in the noise
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [
+        "train",
+        "uncond",
+        "--output",
+        str(tmp_path / "o"),
+        "--block-out-channels",
+        "8,16",
+        "--norm-num-groups",
+        "8",
+    ]
+    cases = [
+        (base + ["--data", str(empty)], "no image"),
+        (base + ["--data", "shanshui:8", "--lr", "-0.1"], "--lr must be positive"),
+        (base + ["--data", "shanshui:8", "--prediction-type", "sample"], "--prediction-type"),
+        (base + ["--data", "shanshui:0"], "shanshui:5000"),
+        (base + ["--data", "shanshui:8", "--resolution", "36"], "--resolution"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("taiyi: error:") and "\n" not in err and message in err, err
+    with pytest.raises(InvalidInputError, match="--noise-offset"):
+        train_uncond(UncondTrainConfig(data=["shanshui:4"], output=str(tmp_path / "n"), noise_offset=-1.0))
