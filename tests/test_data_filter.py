@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,8 @@ def test_cli_filters_and_prints_a_summary(towers, pairs, tmp_path, capsys):
 def test_cli_bad_input_is_one_line_and_exit_2(towers, pairs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "exists.jsonl").write_text("keep me\n")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(pairs / "000000.png", arcname="000000.png"), tar.add(pairs / "000000.txt", arcname="000000.txt")
     base = ["data", "filter", "--clip", towers["text"], "--image-tower", towers["image"], "--device", "cpu"]
     cases = [
         (["--data", pairs, "--threshold", "2", "--out", tmp_path / "a.jsonl"], "--threshold"),
@@ -167,6 +170,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(towers, pairs, tmp_path, capsys):
         (["--data", pairs, "--threshold", "0.2", "--out", tmp_path / "exists.jsonl"], "--overwrite"),
         (["--data", pairs, "--threshold", "0.2", "--out", tmp_path / "a.jsonl", "--batch-size", "0"], "--batch-size"),
         (["--data", pairs, "--threshold", "0.2", "--out", tmp_path / "a.jsonl", "--histogram", "h.jpg"], ".png"),
+        (["--data", tmp_path / "shard.tar", "--threshold", "0.2", "--out", tmp_path / "a.jsonl"], "tar shards"),
     ]
     for extra, needle in cases:
         code, _, err = run(capsys, *base, *extra)

@@ -44,15 +44,14 @@ def filter_command(
     recipe): writes a JSONL manifest (image path relative to it, caption, score) that `taiyi train` reads,
     and prints kept / dropped / unreadable counts. Unreadable samples are skipped and counted."""
     from .clip_cli import _load, _progress
-    from .data import open_pairs
-    from .data.filter import check_filter_outputs, check_threshold, filter_pairs
+    from .data.filter import check_filter_outputs, check_threshold, filter_pairs, open_filter_source
     from .errors import InvalidInputError
 
     check_threshold(threshold)
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, not {batch_size}")
     check_filter_outputs(out, histogram, overwrite=overwrite)
-    open_pairs(data, image_column=image_column, caption_column=caption_column)  # a bad source fails before loading
+    open_filter_source(data, image_column=image_column, caption_column=caption_column)  # fails before loading
     model = _load(clip, image_tower, device, allow_pickle)
     with _progress("scoring") as bar:
         report = filter_pairs(

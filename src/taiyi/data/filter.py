@@ -94,6 +94,19 @@ def check_filter_outputs(out: Path, histogram: Path | None, *, overwrite: bool =
         check_output_file(histogram, overwrite=overwrite)
 
 
+def open_filter_source(data: str | os.PathLike, *, image_column: str, caption_column: str, skips=None):
+    """Open ``data`` as :func:`~taiyi.data.open_pairs` does, refusing tar shards (a manifest names image files)."""
+    from . import open_pairs
+
+    source = open_pairs(data, image_column=image_column, caption_column=caption_column, skips=skips)
+    if source.kind == "tar":
+        raise InvalidInputError(
+            f"{source.name} is tar shards; a manifest names image files, so give a folder, CSV or JSONL "
+            "(extract the shards first)"
+        )
+    return source
+
+
 def _image_path(source, pair) -> Path:
     """The absolute path of ``pair``'s image file (folder: key is relative to the folder; CSV/JSONL: to the file's)."""
     if source.kind == "folder":
@@ -137,7 +150,7 @@ def filter_pairs(
             missing folder, full disk).
     """
     from ..io import atomic_write_bytes, save_png
-    from . import SkipCounter, open_pairs
+    from . import SkipCounter
 
     threshold = check_threshold(threshold)
     if batch_size < 1:
@@ -146,12 +159,7 @@ def filter_pairs(
     histogram = Path(histogram) if histogram is not None else None
     check_filter_outputs(out, histogram, overwrite=overwrite)
     skips = SkipCounter()
-    source = open_pairs(data, image_column=image_column, caption_column=caption_column, skips=skips)
-    if source.kind == "tar":
-        raise InvalidInputError(
-            f"{source.name} is tar shards; a manifest names image files, so give a folder, CSV or JSONL "
-            "(extract the shards first)"
-        )
+    source = open_filter_source(data, image_column=image_column, caption_column=caption_column, skips=skips)
     total = len(source)
     base = out.absolute().parent
     rows: list[dict] = []
@@ -235,4 +243,4 @@ def draw_histogram(
     return image
 
 
-__all__ = ["FilterReport", "check_threshold", "draw_histogram", "filter_pairs"]
+__all__ = ["FilterReport", "check_threshold", "draw_histogram", "filter_pairs", "open_filter_source"]
