@@ -153,3 +153,145 @@ def test_retrieve_ranks_a_gallery(clip_logits):
     assert clip_logits.retrieve("一只猫", gallery, k=1)[0] == [12]
     rows, _ = clip_logits.retrieve(gallery[3], gallery, k=50)  # k past the gallery size: all rows
     assert rows[0] == 3 and sorted(rows) == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------------- English CLIP
+# The recipe's stage (a) tokenizer and a CLIP text tower in the same class.
+
+CAPTIONS = [
+    "twilight, a bright moon, mountain peaks, watercolor painting",
+    "a scene under a crescent moon, with cottages, photo",
+    "a photograph of towering peaks at dusk, with a village & pines",
+    "An ink painting of a waterfall at dawn",
+    "rolling hills beside a lake at noon, oil painting",
+] * 4
+
+
+def reference_clip_bpe(folder, text: str) -> list[int]:
+    """OpenAI CLIP's simple_tokenizer algorithm (the "slow" tokenizer), in plain Python, on a folder's
+    vocab.json and merges.txt: lower-case, CLIP's word regex, byte symbols, lowest-rank merge first."""
+    import json
+
+    import regex
+
+    from taiyi.recipe.tokenizer import WORD_PATTERN, bytes_to_unicode
+
+    encoder = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    ranks = {tuple(line.split()): i for i, line in enumerate(lines)}
+    symbols = bytes_to_unicode()
+    ids = [encoder["<|startoftext|>"]]
+    for word in regex.findall(WORD_PATTERN, " ".join(text.split()).lower()):
+        parts = [symbols[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pairs = [
+                (ranks.get((a, b), float("inf")), i)
+                for i, (a, b) in enumerate(zip(parts[:-1], parts[1:], strict=True))
+            ]
+            rank, i = min(pairs)
+            if rank == float("inf"):
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        ids += [encoder[p] for p in parts]
+    return ids + [encoder["<|endoftext|>"]]
+
+
+@pytest.fixture(scope="module")
+def english_tokenizer(tmp_path_factory):
+    from taiyi.recipe.tokenizer import train_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_clip_tokenizer(CAPTIONS, folder, vocab_size=600, max_length=32)
+    return folder
+
+
+def test_learned_tokenizer_loads_slow_and_fast_alike_and_round_trips(english_tokenizer, tmp_path):
+    import shutil
+
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    slow, fast = CLIPTokenizer.from_pretrained(english_tokenizer), CLIPTokenizerFast.from_pretrained(english_tokenizer)
+    # vocab.json + merges.txt alone (OpenAI CLIP's files) give the same tokenizer as tokenizer.json.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(english_tokenizer / name, bare / name)
+    from_files = CLIPTokenizer.from_pretrained(bare)
+    texts = [*CAPTIONS[:5], "A  Zebra crossing the Yangtze 长江, 3 times!", "don't"]
+    for text in texts:
+        ids = slow(text)["input_ids"]
+        assert ids == fast(text)["input_ids"] == from_files(text)["input_ids"] == reference_clip_bpe(bare, text), text
+        assert "".join(slow.decode(ids, skip_special_tokens=True).split()) == "".join(text.lower().split())
+    assert len(slow) <= 600 and slow.model_max_length == 32
+    assert slow.convert_ids_to_tokens([len(slow) - 2, len(slow) - 1]) == ["<|startoftext|>", "<|endoftext|>"]
+    assert slow.pad_token == "<|endoftext|>"
+    assert slow.convert_ids_to_tokens(slow("moon")["input_ids"]) == ["<|startoftext|>", "moon</w>", "<|endoftext|>"]
+
+
+def test_learned_tokenizer_is_deterministic_and_sized(english_tokenizer, tmp_path):
+    from taiyi.recipe.tokenizer import train_clip_tokenizer
+
+    again = train_clip_tokenizer(list(CAPTIONS), tmp_path / "again", vocab_size=600, max_length=32)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (english_tokenizer / name).read_bytes(), name
+    small = train_clip_tokenizer(CAPTIONS, tmp_path / "small", vocab_size=520, min_frequency=1)
+    assert len(small) == 520 and len(again) > 520
+    with pytest.raises(InvalidInputError, match="at least 514"):
+        train_clip_tokenizer(CAPTIONS, tmp_path / "tiny", vocab_size=100)
+    with pytest.raises(InvalidInputError, match="no captions"):
+        train_clip_tokenizer(["", "  "], tmp_path / "none")
+
+
+@pytest.fixture(scope="module")
+def english_clip(english_tokenizer):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(english_tokenizer)
+    torch.manual_seed(0)
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 32,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return ChineseCLIP.from_clip_model(CLIPModel(config).eval(), tokenizer, processor)
+
+
+def test_english_clip_round_trips_through_a_standard_clip_folder(english_clip, tmp_path):
+    from transformers import CLIPModel
+
+    images = noise_images(3)
+    folder = english_clip.save_pretrained(tmp_path / "clip")
+    assert (folder / "preprocessor_config.json").is_file() and (folder / "vocab.json").is_file()
+    loaded = load_clip(folder, device="cpu")
+    assert loaded.text_head == "projection" and loaded.max_length == 32
+    assert torch.allclose(
+        loaded.similarity(images, CAPTIONS[:2]), english_clip.similarity(images, CAPTIONS[:2]), atol=1e-4
+    )
+    assert torch.allclose(ChineseCLIP.from_pretrained(folder).encode_text("moon"), english_clip.encode_text("moon"))
+    clip_model = CLIPModel.from_pretrained(folder)
+    assert float(clip_model.logit_scale.detach()) == pytest.approx(float(english_clip.logit_scale.detach()))
+    # Batches equal singles; zero-shot uses English templates by default.
+    batch = english_clip.encode_text(CAPTIONS[:3])
+    singles = torch.cat([english_clip.encode_text(c) for c in CAPTIONS[:3]])
+    assert torch.allclose(batch, singles, atol=1e-5)
+    assert english_clip.templates[1] == "a photo of {}."
+    assert torch.allclose(
+        english_clip.label_embeddings(["moon"]), english_clip.label_embeddings(["moon"], english_clip.templates)
+    )
+    with pytest.raises(InvalidInputError, match="no Taiyi-CLIP layout"):
+        english_clip.export_taiyi(tmp_path / "taiyi")
+
+
+def test_clip_folder_without_tokenizer_is_refused_with_a_hint(towers):
+    with pytest.raises(ModelLoadError, match="--image-tower"):
+        load_clip(towers["image"], device="cpu")

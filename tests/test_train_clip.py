@@ -474,3 +474,240 @@ def test_accelerate_configs_are_valid():
         assert processes is None or config.num_processes == processes
     assert load_config_from_file(str(folder / "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
     assert load_config_from_file(str(folder / "multi_node.yaml")).num_machines > 1
+
+
+# ---------------------------------------------------------------------------------------------------- from scratch
+# Recipe stage (a): an English CLIP, both towers and the tokenizer learned from the captions.
+
+TINY_CLIP = {
+    "projection_dim": 16,
+    "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+NEW = dict(batch_size=8, lr=1e-3, warmup_steps=0, val_fraction=0.25, val_every=0, report_to="none", vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def english(tmp_path_factory):
+    """48 山水 pairs with English captions at 32 px, and the tiny CLIP config file."""
+    from taiyi.data.shanshui import write_folder
+
+    root = tmp_path_factory.mktemp("english")
+    write_folder(root / "data", 48, size=32, captions="en")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    return {"data": root / "data", "config": root / "tiny.json"}
+
+
+def train_new(english, output, **overrides) -> dict:
+    settings = {**NEW, "data": str(english["data"]), "from_config": str(english["config"]), **overrides}
+    return train_clip(ClipTrainConfig(output=str(output), **settings))
+
+
+@pytest.fixture(scope="module")
+def english_run(english, tmp_path_factory):
+    """4 steps from scratch with a checkpoint at step 2: the reference for resuming and the loading tests."""
+    output = tmp_path_factory.mktemp("new") / "run"
+    torch.manual_seed(123)  # the run seeds itself: what the caller did before must not matter
+    return train_new(english, output, max_steps=4, save_every=2, keep_checkpoints=5)
+
+
+def test_new_clip_trains_both_towers_and_learns_the_tokenizer(english, english_run, tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    final = english_run["final"]
+    assert english_run["step"] == 4 and english_run["text_tower"] is None and english_run["cache"] is None
+    # The same seed gives the same initial weights: a 1-step run with lr 0 keeps them.
+    initial = train_new(english, tmp_path / "init", max_steps=1, lr=1e-30)["final"]
+    before, after = load_file(initial / "model.safetensors"), load_file(final / "model.safetensors")
+    for prefix in ("text_model.", "vision_model.", "text_projection", "visual_projection"):
+        changed = [k for k in after if k.startswith(prefix) and not torch.equal(after[k], before[k])]
+        assert changed, prefix
+    assert not torch.equal(after["logit_scale"], before["logit_scale"])
+    model = CLIPModel.from_pretrained(final)
+    tokenizer = CLIPTokenizer.from_pretrained(english_run["output"] / "tokenizer")
+    assert model.config.text_config.vocab_size == len(tokenizer) <= 600
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id == len(tokenizer) - 1
+    assert tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(final).get_vocab()
+    caption = (english["data"] / "000000.txt").read_text().strip()
+    assert tokenizer.unk_token_id not in tokenizer(caption)["input_ids"][:-1]  # the captions' words are known
+
+
+def test_new_clip_resumes_exactly(english, english_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(english_run["output"], output)
+    shutil.rmtree(output / "final")
+    shutil.rmtree(output / "checkpoints" / "step-000004")
+    import taiyi.recipe.tokenizer as tokenizer_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a resumed run reuses OUTPUT/tokenizer")
+
+    original = tokenizer_module.train_clip_tokenizer
+    tokenizer_module.train_clip_tokenizer = no_training
+    try:
+        resumed = train_new(english, output, max_steps=4, save_every=2, keep_checkpoints=5, resume="latest")
+    finally:
+        tokenizer_module.train_clip_tokenizer = original
+    assert resumed["resumed_from"].name == "step-000002" and sorted(resumed["losses"]) == [3, 4]
+    expected = train_losses(english_run["output"])
+    for step, loss in train_losses(output).items():
+        assert loss == pytest.approx(expected[step], abs=1e-6), step
+    weights = "model.safetensors"
+    assert max_weight_difference(output / "final" / weights, english_run["final"] / weights) < 1e-6
+
+
+def test_new_clip_final_loads_four_ways(english, english_run, tmp_path):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    final = english_run["final"]
+    trained: ChineseCLIP = english_run["model"]
+    caption = (english["data"] / "000001.txt").read_text().strip()
+    image = Image.open(english["data"] / "000001.png")
+    # (i) a transformers CLIPModel, giving the trained model's similarity.
+    model = CLIPModel.from_pretrained(final).eval()
+    tokens = trained.tokenize([caption])
+    with torch.no_grad():
+        text = model.get_text_features(**tokens)
+        text = text.pooler_output if hasattr(text, "pooler_output") else text
+    assert torch.allclose(torch.nn.functional.normalize(text, dim=-1), trained.encode_text(caption), atol=1e-5)
+    # (iii) the text tower as a Stable Diffusion v1 text encoder: root and text_encoder/ both hold the trained weights.
+    reference = trained.text_model.text_model(**tokens).last_hidden_state
+    for folder, tokenizer_folder in ((final, final), (final / "text_encoder", final / "tokenizer")):
+        encoder = CLIPTextModel.from_pretrained(folder).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+        assert tokenizer.model_max_length == encoder.config.max_position_embeddings == 77
+        ids = tokenizer([caption], padding="max_length", max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            hidden = encoder(ids["input_ids"]).last_hidden_state  # (1, 77, 16)
+        assert hidden.shape == (1, 77, 16)
+        n = int(tokens["attention_mask"].sum())
+        assert torch.allclose(hidden[:, :n], reference[:, :n], atol=1e-5), folder
+    # (iv) load_clip: scores, zero-shot with English templates, retrieval.
+    clip = load_clip(final, device="cpu")
+    assert clip.text_head == "projection" and clip.templates[1] == "a photo of {}."
+    assert torch.allclose(clip.encode_text(caption), trained.encode_text(caption), atol=1e-6)
+    assert torch.allclose(clip.encode_image(image), trained.encode_image(image), atol=1e-5)
+    probs = clip.zero_shot([image], ["dawn", "noon", "dusk", "night"])
+    assert probs.shape == (1, 4) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(InvalidInputError, match="drop --image-tower"):
+        load_clip(final, image_tower=final)
+    # (ii) the image tower of a Chinese (locked-image) run: its 16-d features meet a 16-d Chinese text tower.
+    text_tower = make_tiny_taiyi_clip_text(tmp_path / "zh", dim=16)
+    result = train_clip(
+        ClipTrainConfig(
+            data="synthetic:16",
+            output=str(tmp_path / "zh-run"),
+            text_tower=str(text_tower),
+            image_tower=str(final),
+            batch_size=4,
+            max_steps=1,
+            val_fraction=0,
+            save_every=0,
+            report_to="none",
+        )
+    )
+    zh = load_clip(result["final"], device="cpu")
+    expected = load_file(final / "model.safetensors")
+    got = zh.vision_model.state_dict()
+    assert torch.equal(
+        got["vision_model.embeddings.patch_embedding.weight"],
+        expected["vision_model.embeddings.patch_embedding.weight"],
+    )
+    assert torch.equal(got["visual_projection.weight"], expected["visual_projection.weight"])
+
+
+def test_new_clip_separates_synthetic_captions(tmp_path):
+    config = {
+        "projection_dim": 32,
+        "text_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 32,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+    }
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    result = train_clip(
+        ClipTrainConfig(
+            data="synthetic:256",
+            output=str(tmp_path / "run"),
+            from_config=str(tmp_path / "small.json"),
+            batch_size=32,
+            max_steps=60,
+            lr=5e-4,
+            warmup_steps=2,
+            val_fraction=0.25,
+            val_every=0,
+            save_every=0,
+            report_to="none",
+            vocab_size=600,
+        )
+    )
+    chance = (1 + 5 + 10) / 3 / 64 * 100  # mean recall of a random ranking of 64 validation pairs
+    assert result["val"]["num_texts"] == 64
+    assert result["val"]["mean_recall"] > 2 * chance > result["val_initial"]["mean_recall"]
+    losses = result["losses"]
+    assert sum(list(losses.values())[-5:]) / 5 < math.log(32) - 0.2
+
+
+def new_clip_cli_args(english, output, **overrides) -> list[str]:
+    settings = {**NEW, "data": english["data"], "output": output, **overrides}
+    args = ["train", "clip"]
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_cli_new_clip_trains_and_prints_the_final_folder(english, tmp_path, capsys):
+    output = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys, [*new_clip_cli_args(english, output, max_steps=1), "--from-config", english["config"]]
+    )
+    assert code == 0, err
+    assert out.strip() == str(output / "final")
+    assert json.loads((output / "final" / "config.json").read_text())["model_type"] == "clip"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--from-config", "MISSING"], "does not exist"),
+        (["--from-config", "BADJSON"], "not readable JSON"),
+        (["--from-config", "BADSIZE"], "multiple of patch_size"),
+        (["--new-clip", "--vocab-size", "100"], "at least 514"),
+        (["--new-clip", "--image-tower", "somewhere"], "drop --image-tower"),
+        (["--new-clip", "--text-tower", "somewhere"], "exactly one of"),
+        (["--new-clip", "--cache-image-features"], "cannot be cached"),
+    ],
+)
+def test_cli_new_clip_bad_input_is_one_line_and_exit_2(english, tmp_path, capsys, extra, message):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "size.json").write_text(json.dumps({"vision_config": {"image_size": 30}}))
+    replace = {
+        "MISSING": tmp_path / "missing.json",
+        "BADJSON": tmp_path / "bad.json",
+        "BADSIZE": tmp_path / "size.json",
+    }
+    extra = [str(replace.get(a, a)) for a in extra]
+    code, _, err = run_cli(capsys, [*new_clip_cli_args(english, tmp_path / "run", max_steps=1), *extra])
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("taiyi: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,9 @@
 """Chinese CLIP: a Chinese BERT/RoBERTa text tower aligned to a (frozen) CLIP image tower.
 
+The same class also holds a plain (English) CLIP — ``CLIPTextModelWithProjection`` + byte-level BPE
+``CLIPTokenizer`` — such as the recipe's stage (a) trained by ``taiyi train clip --new-clip``, so every
+clip command scores, classifies and retrieves with either.
+
 Loads every Taiyi-CLIP style unchanged (TAIYI.md §2):
 
 - ``BertForSequenceClassification`` whose ``.logits`` are the text feature (Taiyi-CLIP-Roberta-102M
@@ -16,6 +20,14 @@ taiyi's own format is one folder that ``ChineseCLIP.from_pretrained(dir)`` loads
     tokenizer/         BertTokenizer (vocab.txt)
     image_encoder/     transformers CLIPVisionModelWithProjection (safetensors)
     image_processor/   CLIPImageProcessor config
+
+A CLIP with its own text tower (``text_head="projection"``) is saved as a standard Hugging Face CLIP
+folder instead — ``CLIPModel.from_pretrained(dir)`` loads it, and it serves as ``--image-tower``::
+
+    config.json, model.safetensors       transformers CLIPModel (both towers, projections, logit scale)
+    vocab.json, merges.txt, tokenizer*   CLIPTokenizer
+    preprocessor_config.json             CLIPImageProcessor
+    text_encoder/, tokenizer/            the text tower as CLIPTextModel + its tokenizer: the SD v1 layout
 """
 
 from __future__ import annotations
@@ -59,6 +71,22 @@ ZH_TEMPLATES: tuple[str, ...] = (
     "{}的图像。",
     "这是{}。",
 )
+# The same for an English CLIP (``text_head="projection"``).
+EN_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a photo of {}.",
+    "a picture of {}.",
+    "a painting of {}.",
+    "an image of {}.",
+    "a blurry photo of {}.",
+    "a clear photo of {}.",
+    "a close-up photo of {}.",
+    "a nice photo of {}.",
+    "a black and white photo of {}.",
+    "a rendering of {}.",
+    "this is {}.",
+)
+TEXT_HEADS = ("logits", "pooler", "projection")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -67,7 +95,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def text_head_of(config) -> str:
-    """``"logits"`` for a classification head (feature = logits), ``"pooler"`` for a bare BertModel."""
+    """``"logits"`` for a classification head (feature = logits), ``"pooler"`` for a bare BertModel,
+    ``"projection"`` for a CLIP text tower (feature = ``text_embeds``)."""
+    if getattr(config, "model_type", None) in ("clip", "clip_text_model"):
+        return "projection"
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "logits"
@@ -87,11 +118,11 @@ class ChineseCLIP(nn.Module):
     text tower + its image tower) or :func:`load_clip` (either, from a name, id or folder).
 
     Args:
-        text_model: ``BertForSequenceClassification`` or ``BertModel``.
-        tokenizer: the text tower's ``BertTokenizer``.
+        text_model: ``BertForSequenceClassification``, ``BertModel`` or ``CLIPTextModelWithProjection``.
+        tokenizer: the text tower's ``BertTokenizer`` (or ``CLIPTokenizer``).
         vision_model: ``CLIPVisionModelWithProjection``.
         image_processor: ``CLIPImageProcessor`` for the image tower.
-        text_head: ``"logits"`` or ``"pooler"``.
+        text_head: ``"logits"``, ``"pooler"`` or ``"projection"`` (a CLIP text tower).
         logit_scale: the log of the similarity temperature (CLIP: ln 100 after training).
         max_length: text tokens (incl. [CLS]/[SEP]) read by the text tower.
     """
@@ -108,8 +139,8 @@ class ChineseCLIP(nn.Module):
         max_length: int = TEXT_MAX_LENGTH,
     ):
         super().__init__()
-        if text_head not in ("logits", "pooler"):
-            raise ValueError(f"text_head must be 'logits' or 'pooler', not {text_head!r}")
+        if text_head not in TEXT_HEADS:
+            raise ValueError(f"text_head must be one of {', '.join(TEXT_HEADS)}, not {text_head!r}")
         self.text_model = text_model
         self.tokenizer = tokenizer
         self.vision_model = vision_model
@@ -128,7 +159,14 @@ class ChineseCLIP(nn.Module):
     @property
     def text_dim(self) -> int:
         config = self.text_model.config
+        if self.text_head == "projection":
+            return config.projection_dim
         return config.num_labels if self.text_head == "logits" else config.hidden_size
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The zero-shot prompt templates of this model's language."""
+        return EN_TEMPLATES if self.text_head == "projection" else ZH_TEMPLATES
 
     @property
     def image_dim(self) -> int:
@@ -156,6 +194,8 @@ class ChineseCLIP(nn.Module):
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised text features (B, D), with gradients if enabled."""
         out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.text_head == "projection":
+            return out.text_embeds  # the projected end-of-text state
         return out.logits if self.text_head == "logits" else out.pooler_output
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -207,8 +247,14 @@ class ChineseCLIP(nn.Module):
         """``logit_scale.exp() × cosine`` between every image and every text: (n_images, n_texts)."""
         return self.scale() * self.encode_image(images) @ self.encode_text(texts).T
 
-    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ZH_TEMPLATES) -> torch.Tensor:
-        """One normalised embedding per label: the mean of its normalised template embeddings (L, D)."""
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """One normalised embedding per label: the mean of its normalised template embeddings (L, D).
+
+        Args:
+            labels: class names in the text tower's language.
+            templates: prompt templates with ``{}`` (default: :attr:`templates`, Chinese or English).
+        """
+        templates = self.templates if templates is None else templates
         if not labels:
             raise InvalidInputError("no labels given")
         if not templates or any("{}" not in t for t in templates):
@@ -224,9 +270,10 @@ class ChineseCLIP(nn.Module):
         images: Image.Image | Sequence[Image.Image],
         labels: Sequence[str],
         *,
-        templates: Sequence[str] = ZH_TEMPLATES,
+        templates: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Zero-shot class probabilities (n_images, n_labels) for Chinese ``labels``."""
+        """Zero-shot class probabilities (n_images, n_labels) for ``labels`` (Chinese, or English for an
+        English CLIP); ``templates`` default to :attr:`templates`."""
         logits = self.scale() * self.encode_image(images) @ self.label_embeddings(labels, templates).T
         return logits.softmax(dim=-1)
 
@@ -275,6 +322,16 @@ class ChineseCLIP(nn.Module):
             raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         os.chmod(tmp, DIR_MODE)
+        if self.text_head == "projection":
+            try:
+                self._save_clip_folder(tmp)
+                if out_dir.exists():
+                    shutil.rmtree(out_dir)
+                os.replace(tmp, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return out_dir
         try:
             self.text_model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.vision_model.save_pretrained(tmp / "image_encoder", safe_serialization=True)
@@ -289,6 +346,48 @@ class ChineseCLIP(nn.Module):
             raise
         return out_dir
 
+    def to_clip_model(self):
+        """Both towers, their projections and the logit scale as one transformers ``CLIPModel``
+        (a model with a CLIP text tower only)."""
+        from transformers import CLIPConfig, CLIPModel
+
+        if self.text_head != "projection":
+            raise InvalidInputError("only a CLIP with a CLIP text tower makes a CLIPModel; this one has a BERT tower")
+        text_config = self.text_model.config.to_dict()
+        vision_config = self.vision_model.config.to_dict()
+        config = CLIPConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            projection_dim=self.text_dim,
+            logit_scale_init_value=float(self.logit_scale.detach()),
+        )
+        config.architectures = ["CLIPModel"]
+        model = CLIPModel(config)
+        model.text_model.load_state_dict(self.text_model.text_model.state_dict())
+        model.text_projection.load_state_dict(self.text_model.text_projection.state_dict())
+        model.vision_model.load_state_dict(self.vision_model.vision_model.state_dict())
+        model.visual_projection.load_state_dict(self.vision_model.visual_projection.state_dict())
+        with torch.no_grad():
+            model.logit_scale.copy_(self.logit_scale.detach().float())
+        return model.to(self.dtype).eval()
+
+    def _save_clip_folder(self, folder: Path) -> None:
+        """The standard CLIP folder plus ``text_encoder/`` and ``tokenizer/`` (see the module docstring)."""
+        from transformers import CLIPTextModel
+
+        from .recipe.tokenizer import save_clip_tokenizer
+
+        clip = self.to_clip_model()
+        clip.save_pretrained(folder, safe_serialization=True)
+        save_clip_tokenizer(self.tokenizer, folder, max_length=self.max_length)
+        self.image_processor.save_pretrained(folder)
+        # The text tower alone, as Stable Diffusion v1 loads it (CLIPTextModel: no projection).
+        text = CLIPTextModel(clip.config.text_config)
+        text.load_state_dict(clip.text_model.state_dict())
+        text.config.architectures = ["CLIPTextModel"]
+        text.to(self.dtype).save_pretrained(folder / "text_encoder", safe_serialization=True)
+        save_clip_tokenizer(self.tokenizer, folder / "tokenizer", max_length=self.max_length)
+
     def export_taiyi(self, out_dir: str | os.PathLike) -> Path:
         """Write the text tower in the published Taiyi-CLIP layout (config, weights, ``vocab.txt``).
 
@@ -297,6 +396,10 @@ class ChineseCLIP(nn.Module):
         """
         from .tokenization import save_tokenizer_as_folder
 
+        if self.text_head == "projection":
+            raise InvalidInputError(
+                "a CLIP text tower has no Taiyi-CLIP layout; save_pretrained writes it as CLIP does"
+            )
         out_dir = Path(out_dir)
         self.text_model.save_pretrained(out_dir, safe_serialization=True)
         save_tokenizer_as_folder(self.tokenizer, out_dir, max_length=512)
@@ -306,7 +409,7 @@ class ChineseCLIP(nn.Module):
     def from_pretrained(
         cls, folder: str | os.PathLike, *, allow_pickle: bool = False, device: str | torch.device | None = None
     ) -> ChineseCLIP:
-        """Load taiyi's own folder format (see the module docstring)."""
+        """Load taiyi's own folder format, or a standard CLIP folder (see the module docstring)."""
         from transformers import (
             AutoConfig,
             BertForSequenceClassification,
@@ -319,6 +422,10 @@ class ChineseCLIP(nn.Module):
         from .tokenization import check_tokenizer, load_chinese_tokenizer
 
         folder = Path(folder)
+        if (folder / CONFIG_NAME).is_file() and _model_type(
+            (folder / CONFIG_NAME).read_text(errors="replace")
+        ) == "clip":
+            return cls.from_clip(folder, allow_pickle=allow_pickle, device=device)
         config = _read_config(folder)
         for sub in ("text_encoder", "image_encoder"):
             if not (folder / sub).is_dir():
@@ -407,6 +514,65 @@ class ChineseCLIP(nn.Module):
         )
         return model.eval().to(_device(device))
 
+    @classmethod
+    def from_clip_model(cls, clip, tokenizer, image_processor, *, max_length: int | None = None) -> ChineseCLIP:
+        """Wrap a transformers ``CLIPModel`` (both of its towers) with its ``CLIPTokenizer`` and processor.
+
+        Args:
+            clip: ``CLIPModel``; its weights are copied into standalone towers with projection.
+            max_length: text tokens read (default: the tokenizer's length, at most the tower's positions).
+        """
+        positions = clip.config.text_config.max_position_embeddings
+        if max_length is None:
+            max_length = min(int(tokenizer.model_max_length), positions)
+        return cls(
+            _text_with_projection(clip),
+            tokenizer,
+            _vision_with_projection(clip),
+            image_processor,
+            text_head="projection",
+            logit_scale=float(clip.logit_scale.detach()),
+            max_length=max_length,
+        )
+
+    @classmethod
+    def from_clip(
+        cls, folder: str | os.PathLike, *, allow_pickle: bool = False, device: str | torch.device | None = None
+    ) -> ChineseCLIP:
+        """Load a standard Hugging Face CLIP folder (``CLIPModel`` + ``CLIPTokenizer`` + image processor), such
+        as ``taiyi train clip --new-clip``'s ``final/`` or openai/clip-vit-base-patch32."""
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        from .loading import check_weights
+        from .tokenization import check_tokenizer
+
+        folder = Path(folder)
+        check_weights(folder, allow_pickle=allow_pickle)
+        if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
+            raise ModelLoadError(
+                f"{folder} is a CLIP model without a tokenizer (vocab.json, merges.txt); it can serve as "
+                "--image-tower but not as a CLIP to score text with"
+            )
+        try:
+            clip = CLIPModel.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+            processor = CLIPImageProcessor.from_pretrained(folder)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the CLIP in {folder}: {_first_line(exc)}") from exc
+        check_tokenizer(tokenizer, clip.text_model, where=str(folder))
+        return cls.from_clip_model(clip, tokenizer, processor).eval().to(_device(device))
+
+
+def _text_with_projection(clip) -> nn.Module:
+    """The text half of a ``CLIPModel`` as a standalone ``CLIPTextModelWithProjection``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**{**clip.config.text_config.to_dict(), "projection_dim": clip.config.projection_dim})
+    text = CLIPTextModelWithProjection(config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    text.text_projection.load_state_dict(clip.text_projection.state_dict())
+    return text.eval()
+
 
 def _vision_with_projection(clip) -> nn.Module:
     """The image half of a ``CLIPModel`` as a standalone ``CLIPVisionModelWithProjection``."""
@@ -434,6 +600,14 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
+def _model_type(config_text: str) -> str | None:
+    try:
+        config = json.loads(config_text)
+    except ValueError:
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     from .loading import limit_threads, select_device
 
@@ -448,19 +622,26 @@ def load_clip(
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
 ) -> ChineseCLIP:
-    """Load a Chinese CLIP from taiyi's folder format, or a Taiyi-CLIP text tower (+ image tower).
+    """Load a Chinese CLIP from taiyi's folder format, a Taiyi-CLIP text tower (+ image tower), or a
+    standard CLIP folder (``CLIPModel`` + ``CLIPTokenizer``, e.g. from ``taiyi train clip --new-clip``).
 
     Args:
-        model: a folder written by :meth:`ChineseCLIP.save_pretrained`, or a Taiyi-CLIP text tower
-            (short name such as ``taiyi-clip-b32``, hub id, or folder in the published layout).
+        model: a folder written by :meth:`ChineseCLIP.save_pretrained`, a Taiyi-CLIP text tower
+            (short name such as ``taiyi-clip-b32``, hub id, or folder in the published layout), or a CLIP
+            folder.
         image_tower: CLIP image model for a Taiyi text tower (default: the one it was trained against).
         allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
         device: ``auto``/None, ``cpu``, ``cuda``…
     """
     folder, _ = _resolve(model)
     config = folder / CONFIG_NAME
-    if config.is_file() and '"ChineseCLIP"' in config.read_text(encoding="utf-8", errors="replace"):
+    text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
+    if '"ChineseCLIP"' in text:
         if image_tower is not None:  # it would be ignored: the folder holds its own image tower
             raise InvalidInputError(f"{model} is a complete Chinese CLIP with its own image tower; drop --image-tower")
         return ChineseCLIP.from_pretrained(folder, allow_pickle=allow_pickle, device=device)
+    if _model_type(text) == "clip":
+        if image_tower is not None:
+            raise InvalidInputError(f"{model} is a complete CLIP with its own image tower; drop --image-tower")
+        return ChineseCLIP.from_clip(folder, allow_pickle=allow_pickle, device=device)
     return ChineseCLIP.from_taiyi(model, image_tower, allow_pickle=allow_pickle, device=device)

@@ -1,7 +1,8 @@
 """`taiyi clip ...`: score, classify, index, search and eval with a Chinese CLIP.
 
 Every command loads its model with :func:`taiyi.clip.load_clip` (``--model``: a Taiyi-CLIP text tower by
-short name, hub id or folder, or a folder saved by ``ChineseCLIP.save_pretrained``; ``--image-tower``:
+short name, hub id or folder, a folder saved by ``ChineseCLIP.save_pretrained``, or a standard CLIP folder
+such as ``taiyi train clip --new-clip``'s English CLIP, which takes English texts; ``--image-tower``:
 the CLIP image model for a Taiyi text tower). Arguments are checked before the model is loaded, so a
 typo fails at once with one line.
 """
@@ -157,16 +158,17 @@ def classify(
     allow_pickle: AllowPickle = False,
     as_json: AsJson = False,
 ) -> None:
-    """Zero-shot classification with Chinese labels: the top-k labels of each image with their probabilities."""
-    from .clip import ZH_TEMPLATES
+    """Zero-shot classification with Chinese labels (English for an English CLIP): the top-k labels of each image
+    with their probabilities."""
     from .io import load_image
 
     classes = _labels(labels, labels_file)
     if top_k < 1:
         raise InvalidInputError("--top-k must be at least 1")
-    templates = _read_templates(templates_file) or ZH_TEMPLATES
+    templates = _read_templates(templates_file)
     pictures = [load_image(path) for path in images]
     clip = _load(model, image_tower, device, allow_pickle)
+    templates = templates or clip.templates  # the model's language: Chinese, or English for a CLIP text tower
     probs = clip.zero_shot(pictures, classes, templates=templates)  # (N, L)
     top = probs.topk(min(top_k, len(classes)), dim=-1)
     results = [
@@ -324,7 +326,13 @@ def evaluate(
     if imagefolder is not None:
         with _progress("zero-shot") as bar:
             zero_shot = evaluate_zero_shot(
-                clip, imagefolder, labels, folder_to_label, templates=templates, batch_size=batch_size, progress=bar
+                clip,
+                imagefolder,
+                labels,
+                folder_to_label,
+                templates=templates or clip.templates,
+                batch_size=batch_size,
+                progress=bar,
             )
         metrics["zero_shot"] = {"source": str(imagefolder), **zero_shot}
         typer.echo(

@@ -16,6 +16,14 @@ A Chinese text tower learns to land in the space of a *frozen* CLIP image tower 
 - checkpoints are written atomically every ``save_every`` steps and ``resume`` continues exactly: the
   step counter, optimizer, LR schedule, RNG states and the position in the (seeded) data order.
 
+From scratch (``new_clip`` / ``--new-clip``, or ``from_config`` / ``--from-config CONFIG.json``; recipe
+stage (a), the stand-in for OpenAI CLIP): a byte-level BPE tokenizer is first learned from the training
+captions (:func:`taiyi.recipe.tokenizer.train_clip_tokenizer`, saved as ``OUTPUT/tokenizer``), then a
+transformers ``CLIPModel`` of the miniature sizes (:data:`MINIATURE_CLIP`, overridden by the JSON) is
+built and *both* towers and the logit scale are trained by the same loop (no cache; lr 5e-4 unless
+given). ``final/`` is then a standard CLIP folder (see :mod:`taiyi.clip`): ``CLIPModel.from_pretrained``,
+``--image-tower`` of a Chinese run, and ``text_encoder/`` + ``tokenizer/`` for Stable Diffusion v1.
+
 ``batch_size`` is the *global* batch of one micro-step (all processes together; each process takes
 ``batch_size / num_processes`` of it), so the data order and the loss do not depend on how many
 processes run. Run it as a plain process or under ``accelerate launch`` (configs in
@@ -31,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +70,28 @@ from .synthetic import SyntheticPairs, parse_synthetic
 logger = logging.getLogger("taiyi")
 
 CACHE_VERSION = "1"
+TOKENIZER = "tokenizer"  # the learned tokenizer of a from-scratch run, inside the output folder
+LR = 1e-5  # Taiyi-CLIP (TAIYI.md §3)
+LR_NEW_CLIP = 5e-4  # from scratch: both towers, small widths
+# Recipe stage (a): a CLIP small enough to train on the 山水 world in minutes on a CPU core.
+MINIATURE_CLIP: dict = {
+    "projection_dim": 128,
+    "text_config": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,  # SD v1 pads prompts to 77 tokens
+    },
+    "vision_config": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+    },
+}
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = (
@@ -89,6 +120,11 @@ class ClipTrainConfig:
             WebDataset tar shards (see :func:`taiyi.data.open_pairs`).
         output: the run's folder (checkpoints, metrics, logs, ``final/``, ``taiyi-text-tower/``).
         text_tower: Taiyi-CLIP text tower to start from (short name, hub id or folder).
+        new_clip: train an English-style CLIP from scratch, both towers, with a BPE tokenizer learned from
+            the training captions (:data:`MINIATURE_CLIP` sizes).
+        from_config: a JSON file of ``CLIPConfig`` settings laid over :data:`MINIATURE_CLIP` (e.g.
+            ``{"vision_config": {"image_size": 32}}``); implies ``new_clip``.
+        vocab_size: tokens of the learned tokenizer (512 byte symbols + merges + 2 special tokens).
         image_tower: CLIP image model (hub id or folder); default: the one the text tower was aligned to.
         init_from: a taiyi Chinese CLIP folder (``ChineseCLIP.save_pretrained``) to start from instead.
         allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
@@ -99,7 +135,8 @@ class ClipTrainConfig:
         val_every: validate every N steps (0: only before training and at the end).
         batch_size: global batch of one micro-step, all processes together (a multiple of their number).
         grad_accum: micro-steps per optimizer step.
-        lr, weight_decay, betas, eps: AdamW (Taiyi: lr 1e-5, weight decay 0.1).
+        lr, weight_decay, betas, eps: AdamW (Taiyi: lr 1e-5, weight decay 0.1); ``lr`` None: 1e-5, or 5e-4
+            from scratch.
         warmup_steps: linear warm-up steps before the cosine decay (default: 1 % of the steps).
         max_steps: optimizer steps to train (default: ``epochs`` passes over the data).
         epochs: passes over the data when ``max_steps`` is not given.
@@ -125,6 +162,9 @@ class ClipTrainConfig:
     data: str
     output: str
     text_tower: str | None = None
+    new_clip: bool = False
+    from_config: str | None = None
+    vocab_size: int = 1024
     image_tower: str | None = None
     init_from: str | None = None
     allow_pickle: bool = False
@@ -136,7 +176,7 @@ class ClipTrainConfig:
     val_every: int = 500
     batch_size: int = 64
     grad_accum: int = 1
-    lr: float = 1e-5
+    lr: float | None = None
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -162,6 +202,66 @@ class ClipTrainConfig:
     def to_json(self) -> dict:
         """The settings as JSON values (what ``run_config.json`` records)."""
         return json.loads(json.dumps(asdict(self), default=str))
+
+    @property
+    def from_scratch(self) -> bool:
+        """Both towers are built new (``new_clip`` or ``from_config``)."""
+        return self.new_clip or self.from_config is not None
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return LR_NEW_CLIP if self.from_scratch else LR
+
+
+def new_clip_config(from_config: str | None = None):
+    """The ``CLIPConfig`` of a from-scratch run: :data:`MINIATURE_CLIP` with ``from_config``'s JSON laid over it.
+
+    Raises:
+        InvalidInputError: the file is missing or not a JSON object, or the sizes do not fit together.
+    """
+    from transformers import CLIPConfig
+
+    settings = json.loads(json.dumps(MINIATURE_CLIP))
+    if from_config is not None:
+        path = Path(from_config)
+        try:
+            given = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInputError(
+                f"--from-config {from_config} does not exist; give a CLIP config JSON file"
+            ) from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInputError(f"--from-config {from_config} is not readable JSON ({exc})") from None
+        if not isinstance(given, dict):
+            raise InvalidInputError(f"--from-config {from_config} must hold a JSON object of CLIPConfig settings")
+        for key, value in given.items():
+            if key in ("text_config", "vision_config"):
+                if not isinstance(value, dict):
+                    raise InvalidInputError(f"--from-config {from_config}: {key} must be a JSON object")
+                settings[key].update(value)
+            else:
+                settings[key] = value
+    text, vision = settings["text_config"], settings["vision_config"]
+    for name, tower in (("text", text), ("vision", vision)):
+        width, heads = tower.get("hidden_size"), tower.get("num_attention_heads")
+        if not all(isinstance(v, int) and v > 0 for v in (width, heads)) or width % heads:
+            raise InvalidInputError(
+                f"the {name} tower's hidden_size ({width}) must be a positive multiple of its num_attention_heads "
+                f"({heads})"
+            )
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if not all(isinstance(v, int) and v > 0 for v in (size, patch)) or size % patch:
+        raise InvalidInputError(f"image_size ({size}) must be a positive multiple of patch_size ({patch})")
+    if not isinstance(text.get("max_position_embeddings"), int) or text["max_position_embeddings"] < 3:
+        raise InvalidInputError("text_config.max_position_embeddings must be an integer of at least 3")
+    projection = settings.get("projection_dim")
+    if not isinstance(projection, int) or projection < 1:
+        raise InvalidInputError(f"projection_dim must be a positive integer, not {projection!r}")
+    # The towers carry the projection size too, so CLIP{Text,Vision}ModelWithProjection load the folder alone.
+    text["projection_dim"] = vision["projection_dim"] = projection
+    return CLIPConfig(**settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,16 +558,30 @@ def _validate_config(config: ClipTrainConfig) -> None:
         )
     if not str(config.output).strip():
         raise InvalidInputError("no output folder given; pass --output DIR")
-    if (config.text_tower is None) == (config.init_from is None):
+    starts = [config.text_tower is not None, config.init_from is not None, config.from_scratch]
+    if sum(starts) != 1:
         raise InvalidInputError(
-            "give exactly one of --text-tower (a Taiyi-CLIP text tower) or --init-from (a taiyi Chinese CLIP folder)"
+            "give exactly one of --text-tower (a Taiyi-CLIP text tower), --init-from (a taiyi Chinese CLIP folder) "
+            "or --new-clip / --from-config (a CLIP trained from scratch)"
         )
     if config.init_from is not None and config.image_tower is not None:
         raise InvalidInputError("--init-from brings its own image tower; drop --image-tower")
+    if config.from_scratch:
+        if config.image_tower is not None:
+            raise InvalidInputError("--new-clip builds both towers; drop --image-tower")
+        if config.cache_image_features:
+            raise InvalidInputError(
+                "--new-clip trains the image tower, so its features cannot be cached; drop --cache-image-features"
+            )
+        new_clip_config(config.from_config)  # a bad file or bad sizes fail here, before anything is written
+        if config.vocab_size < 514:
+            raise InvalidInputError(
+                f"--vocab-size must be at least 514 (512 byte symbols + 2 special tokens), not {config.vocab_size}"
+            )
     checks = [
         (config.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), not {config.batch_size}"),
         (config.grad_accum >= 1, f"--grad-accum must be at least 1, not {config.grad_accum}"),
-        (config.lr > 0, f"--lr must be positive, not {config.lr}"),
+        (config.learning_rate > 0, f"--lr must be positive, not {config.lr}"),
         (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
         (all(0 <= b < 1 for b in config.betas), f"AdamW betas must lie in [0, 1), not {config.betas}"),
         (0 <= config.val_fraction < 1, f"--val-fraction must lie in [0, 1), not {config.val_fraction}"),
@@ -533,6 +647,48 @@ def _make_accelerator(config: ClipTrainConfig, output: Path):
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / LOGS)),
         step_scheduler_with_optimizer=False,
     )
+
+
+def _captions(data: _DataSet, indices: list[int]) -> list[str]:
+    """The captions of samples ``indices`` (unreadable ones left out)."""
+    pairs = data.pairs
+    if hasattr(pairs, "caption"):  # synthetic: the caption without drawing the image
+        return [str(pairs.caption(i)) for i in indices]
+    return [pair.caption for pair in (pairs[i] for i in indices) if pair is not None]
+
+
+def _new_model(config: ClipTrainConfig, data: _DataSet, val_data: _DataSet | None, output: Path) -> ChineseCLIP:
+    """A new CLIP (both towers) with a tokenizer learned from the training captions, or the one a run being
+    resumed learned (``OUTPUT/tokenizer``); the weights are drawn from the global RNG (seeded by the caller)."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from ..recipe.tokenizer import train_clip_tokenizer
+
+    clip_config = new_clip_config(config.from_config)
+    max_length = clip_config.text_config.max_position_embeddings
+    saved = output / TOKENIZER
+    if config.resume is not None and (saved / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(saved)
+    else:
+        train_idx, _ = _train_val_indices(config, data.name, len(data.pairs), None if val_data is None else 0)
+        started = time.perf_counter()
+        captions = _captions(data, train_idx.tolist())
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = train_clip_tokenizer(captions, tmp, vocab_size=config.vocab_size, max_length=max_length)
+        logger.info(
+            "tokenizer: %d tokens learned from %d training captions in %.1fs",
+            len(tokenizer),
+            len(captions),
+            time.perf_counter() - started,
+        )
+    text = clip_config.text_config
+    text.vocab_size = len(tokenizer)
+    text.bos_token_id = tokenizer.bos_token_id
+    text.eos_token_id = tokenizer.eos_token_id  # the text feature is read at the first end-of-text token
+    text.pad_token_id = tokenizer.pad_token_id
+    size = clip_config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return ChineseCLIP.from_clip_model(CLIPModel(clip_config), tokenizer, processor, max_length=max_length)
 
 
 def _load_model(config: ClipTrainConfig) -> ChineseCLIP:
@@ -610,7 +766,8 @@ def _flat_hparams(config: ClipTrainConfig) -> dict:
 
 
 def train_clip(config: ClipTrainConfig) -> dict:
-    """Train a Chinese CLIP's text tower against a frozen CLIP image tower; export it when done.
+    """Train a Chinese CLIP's text tower against a frozen CLIP image tower (or, ``new_clip``, a whole CLIP
+    from scratch); export it when done.
 
     Works as a plain process and under ``accelerate launch`` (every process calls this). Seeds the
     global RNGs with ``config.seed`` (dropout), as a training entry point does.
@@ -648,10 +805,28 @@ def train_clip(config: ClipTrainConfig) -> dict:
     local_batch = config.batch_size // world
     set_seed(config.seed)
 
-    # --- model -----------------------------------------------------------------------------------
-    clip = _load_model(config)
-    frozen = not config.unfreeze_image_tower
+    # --- model and data ----------------------------------------------------------------------------
+    frozen = not (config.unfreeze_image_tower or config.from_scratch)
     cache = frozen if config.cache_image_features is None else config.cache_image_features
+
+    def open_data(image_size: int) -> tuple[_DataSet, _DataSet | None]:
+        data = open_training_data(config.data, config, image_size)
+        if data.streamed and not cache:
+            raise InvalidInputError(
+                f"{data.name} is tar shards, which are streamed; train on them with the frozen image tower and "
+                "its feature cache (--cache-image-features), or convert them to a folder/CSV"
+            )
+        val_data = open_training_data(config.val_data, config, image_size) if config.val_data else None
+        if not data.streamed:  # sizes are known before any image is read: fail fast
+            _train_val_indices(config, data.name, len(data.pairs), None if val_data is None else 0)
+        return data, val_data
+
+    if config.from_scratch:  # the tokenizer is learned from the data, so the data comes first
+        data, val_data = open_data(new_clip_config(config.from_config).vision_config.image_size)
+        clip = _new_model(config, data, val_data, output)
+    else:
+        clip = _load_model(config)
+        data, val_data = open_data(_image_size(clip))
     clip.vision_model.requires_grad_(not frozen)
     clip.vision_model.train(not frozen)
     clip.text_model.requires_grad_(True)
@@ -666,17 +841,7 @@ def train_clip(config: ClipTrainConfig) -> dict:
     # into final/ and the tower would no longer be the one it was trained against, bit for bit.
     clip.to(accelerator.device)
 
-    # --- data ------------------------------------------------------------------------------------
-    image_size = _image_size(clip)
-    data = open_training_data(config.data, config, image_size)
-    if data.streamed and not cache:
-        raise InvalidInputError(
-            f"{data.name} is tar shards, which are streamed; train on them with the frozen image tower and "
-            "its feature cache (--cache-image-features), or convert them to a folder/CSV"
-        )
-    val_data = open_training_data(config.val_data, config, image_size) if config.val_data else None
-    if not data.streamed:  # sizes are known before any image is read: fail fast
-        _train_val_indices(config, data.name, len(data.pairs), None if val_data is None else 0)
+    # --- feature cache ---------------------------------------------------------------------------
     cache_dir = Path(config.cache_dir) if config.cache_dir else output / "cache"
     cache_seconds, cache_path, table, val_table, skipped_in_cache = 0.0, None, None, None, 0
     if cache:
@@ -711,6 +876,10 @@ def train_clip(config: ClipTrainConfig) -> dict:
     accelerator.wait_for_everyone()
     if main:
         record_run(output, run_json, overwrite=config.overwrite)
+        if config.from_scratch and not (output / TOKENIZER / "vocab.json").is_file():
+            from ..recipe.tokenizer import save_clip_tokenizer
+
+            save_clip_tokenizer(clip.tokenizer, output / TOKENIZER, max_length=clip.max_length)
     accelerator.wait_for_everyone()
     steps_per_epoch = max(batches_per_epoch // config.grad_accum, 1)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -719,7 +888,10 @@ def train_clip(config: ClipTrainConfig) -> dict:
     # --- optimizer, schedule, accelerate -----------------------------------------------------------
     trainable = _Trainable(clip, train_image_tower=not frozen)
     optimizer = torch.optim.AdamW(
-        _param_groups(trainable, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+        _param_groups(trainable, config.weight_decay),
+        lr=config.learning_rate,
+        betas=tuple(config.betas),
+        eps=config.eps,
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model, optimizer = accelerator.prepare(trainable, optimizer)
@@ -969,7 +1141,11 @@ def train_clip(config: ClipTrainConfig) -> dict:
     if skipped_total and main:
         logger.info("data: %d unreadable samples skipped in this run", skipped_total)
     final_dir, text_dir = output / "final", output / "taiyi-text-tower"
-    if main:
+    if main and clip.text_head == "projection":  # a CLIP text tower: final/ is a standard CLIP folder
+        clip.eval()
+        clip.save_pretrained(final_dir, overwrite=True)
+        logger.info("saved %s (CLIPModel; text_encoder/ + tokenizer/ for Stable Diffusion)", final_dir)
+    elif main:
         clip.eval()
         clip.save_pretrained(final_dir, overwrite=True)
         tmp = output / ".taiyi-text-tower.tmp"
@@ -989,7 +1165,7 @@ def train_clip(config: ClipTrainConfig) -> dict:
         "epoch": step * config.grad_accum / batches_per_epoch,
         "output": output,
         "final": final_dir,
-        "text_tower": text_dir,
+        "text_tower": None if clip.text_head == "projection" else text_dir,
         "checkpoint": last_checkpoint[-1] if last_checkpoint else None,
         "losses": losses,
         "val_initial": val_initial,
@@ -1009,10 +1185,12 @@ def train_clip(config: ClipTrainConfig) -> dict:
 
 
 __all__ = [
+    "MINIATURE_CLIP",
     "ClipTrainConfig",
     "contrastive_loss",
     "gather_features",
     "image_tower_fingerprint",
+    "new_clip_config",
     "step_dir_name",
     "train_clip",
 ]
