@@ -37,6 +37,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Grid,
     Guidance,
     Height,
+    Lora,
     Model,
     Negative,
     NoNormalize,
@@ -101,13 +102,29 @@ class _Progress:
         self.progress.update(self.task, completed=done, total=total)
 
 
-def _load(model, dtype, device, no_safety_checker, allow_pickle):
+def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None):
     _quiet_libraries()
     from .pipeline import load_pipeline
 
     return load_pipeline(
-        model, device=device, dtype=dtype, safety_checker=not no_safety_checker, allow_pickle=allow_pickle
+        model,
+        device=device,
+        dtype=dtype,
+        safety_checker=not no_safety_checker,
+        allow_pickle=allow_pickle,
+        loras=lora,
     )
+
+
+def _rerender_loras(params, lora: list[str] | None, image: Path) -> list:
+    """The LoRAs to re-apply for ``--from``: those given, else the recorded ones found beside the image or here."""
+    from .lora import find_recorded_loras, recorded_loras
+
+    if lora:
+        return list(lora)
+    if not recorded_loras(params.extras):
+        return []
+    return find_recorded_loras(params.extras, [image.parent, Path.cwd()])
 
 
 def _precheck(output, overwrite, num_images) -> None:
@@ -144,6 +161,7 @@ def generate(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
+    lora: Lora = None,
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts-file", help="txt / jsonl / csv of prompts; output is a folder.")
     ] = None,
@@ -160,7 +178,10 @@ def generate(
 
         params = read_parameters(from_image)
         _precheck(output, overwrite, 1)
-        pipe = _load(model or params.model or None, params.dtype or dtype, device, no_safety_checker, allow_pickle)
+        loras = _rerender_loras(params, lora, from_image)
+        pipe = _load(
+            model or params.model or None, params.dtype or dtype, device, no_safety_checker, allow_pickle, loras
+        )
         with _Progress("rendering") as bar:
             result = pipe.rerender(params, progress=bar)
         _save(result, output, overwrite, grid=False)
@@ -180,7 +201,7 @@ def generate(
         from .batch import read_prompts_file, run_batch
 
         rows = read_prompts_file(prompts_file)
-        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
         out_dir = Path(output or "outputs/batch")
         with _Progress("prompts") as bar:
             counts = run_batch(
@@ -189,7 +210,7 @@ def generate(
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there")
         return
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
     _save(result, output, overwrite, grid)
@@ -217,6 +238,7 @@ def edit(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
+    lora: Lora = None,
 ) -> None:
     """Image to image: redraw IMAGE following a Chinese PROMPT."""
     from .io import load_image
@@ -225,7 +247,7 @@ def edit(
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
     with _Progress("editing") as bar:
         result = pipe.edit(
             init,
@@ -267,6 +289,7 @@ def inpaint(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
+    lora: Lora = None,
 ) -> None:
     """Inpainting: redraw the white part of MASK following a Chinese PROMPT; keep the rest."""
     from .io import load_image
@@ -275,7 +298,7 @@ def inpaint(
     init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
     with _Progress("inpainting") as bar:
         result = pipe.inpaint(
             init,
@@ -322,6 +345,7 @@ def models() -> None:
 
 def _register_subcommands() -> None:
     from .assemble import assemble_command
+    from .bench import bench_command
     from .clip_cli import clip_app
     from .convert_cli import convert_app
     from .disco_cli import disco
@@ -338,6 +362,7 @@ def _register_subcommands() -> None:
     app.add_typer(recipe_app, name="recipe")
     app.add_typer(eval_app, name="eval")
     app.command("disco")(disco)
+    app.command("bench")(bench_command)
 
 
 _register_subcommands()

@@ -27,3 +27,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 NoSafety = Annotated[bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")]
 NoNormalize = Annotated[bool, typer.Option("--no-normalize", help="Use the prompt exactly as typed.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (can run code).")]
+Lora = Annotated[
+    list[str] | None,
+    typer.Option("--lora", help="LoRA file (.safetensors or a taiyi train lora folder), FILE:SCALE; repeatable."),
+]

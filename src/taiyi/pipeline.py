@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 from .encoding import encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
+from .lora import lora_extras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from .prompts import check_prompt, normalize_prompt
@@ -143,6 +144,36 @@ class TaiyiPipeline:
         self.dtype = dtype
         self._base_scheduler_config = dict(sd.scheduler.config)
         self._pipelines: dict[type, object] = {}
+        self.loras: list = []  # LoadedLora, in the order applied (taiyi.lora)
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, *, allow_pickle: bool = False) -> TaiyiPipeline:
+        """Apply a LoRA file (diffusers, peft or Kohya/A1111 format) on top of those already applied.
+
+        Text-to-image, edit and inpaint all draw with it; every image records it (A1111 ``Lora hashes``).
+
+        Args:
+            path: a ``.safetensors`` LoRA file, or a folder holding ``pytorch_lora_weights.safetensors``
+                (e.g. a ``taiyi train lora`` run); ``"FILE:SCALE"`` is read as :func:`taiyi.lora.parse_lora_spec`.
+            scale: its strength (1.0: as trained; 0: off); ignored when ``path`` carries one.
+            allow_pickle: accept a pickled (``.bin``/``.pt``/``.ckpt``) file.
+
+        Raises:
+            InvalidInputError: the file is missing, pickled, or does not fit this model.
+        """
+        from .lora import activate_loras, apply_loras, parse_lora_spec
+
+        spec = parse_lora_spec(path)
+        if spec.path == Path(os.fspath(path)):  # no ":SCALE" in it
+            spec = parse_lora_spec((spec.path, scale))
+        self.loras += apply_loras(self.sd, [spec], model=self.model, allow_pickle=allow_pickle, start=len(self.loras))
+        activate_loras(self.sd, self.loras)
+        return self
+
+    def unload_loras(self) -> None:
+        """Remove every applied LoRA: the pipeline draws with its own weights again."""
+        if self.loras:
+            self.sd.unload_lora_weights()
+            self.loras = []
 
     @property
     def default_size(self) -> int:
@@ -195,6 +226,7 @@ class TaiyiPipeline:
             batch_size=len(seeds),
             dtype=str(self.dtype).removeprefix("torch."),
             normalize=normalize,
+            extras=lora_extras(self.loras),
         )
         return [replace(base, seed=s, batch_pos=i) for i, s in enumerate(seeds)]
 
@@ -580,6 +612,7 @@ def load_pipeline(
     safety_checker: bool = True,
     allow_pickle: bool = False,
     variant: str | None = None,
+    loras: list[str | os.PathLike | tuple[str | os.PathLike, float]] | None = None,
 ) -> TaiyiPipeline:
     """Load a Taiyi-format Stable Diffusion model.
 
@@ -593,10 +626,18 @@ def load_pipeline(
             blanked and a warning says so.
         allow_pickle: accept pickled (``.bin``) weights; refused by default since loading them can run code.
         variant: force a weights variant (e.g. ``"fp16"``).
+        loras: LoRA files to apply, each a path, ``"FILE:SCALE"`` or ``(path, scale)`` (see
+            :meth:`TaiyiPipeline.load_lora`). Checked before the model loads when they are missing or pickled.
 
     Raises:
         ModelLoadError: one line naming what is missing or broken.
+        InvalidInputError: a LoRA is missing, pickled without ``allow_pickle``, or does not fit the model.
     """
+    from .lora import activate_loras, apply_loras, parse_lora_spec, resolve_lora_file
+
+    specs = [parse_lora_spec(x) for x in loras or []]
+    for spec in specs:  # a typo fails before the model is loaded
+        resolve_lora_file(spec.path, allow_pickle=allow_pickle)
     folder, name = resolve_model(model if model is not None else DEFAULT_MODEL)
     dev = select_device(device)
     torch_dtype = select_dtype(dtype, dev)
@@ -609,4 +650,8 @@ def load_pipeline(
         allow_pickle=allow_pickle,
         variant=variant,
     )
-    return TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype)
+    pipe = TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype)
+    if specs:
+        pipe.loras = apply_loras(sd, specs, model=name, allow_pickle=allow_pickle)
+        activate_loras(sd, pipe.loras)
+    return pipe

@@ -64,15 +64,6 @@ def clip(
     init_from: Annotated[
         str | None, _opt("--init-from", help="Start from a taiyi Chinese CLIP folder instead of --text-tower.")
     ] = None,
-    new_clip: Annotated[
-        bool, _opt("--new-clip", help="Train a CLIP from scratch: both towers, BPE tokenizer from the captions.")
-    ] = False,
-    from_config: Annotated[
-        str | None, _opt("--from-config", help="CLIPConfig JSON over the miniature sizes (implies --new-clip).")
-    ] = None,
-    vocab_size: Annotated[
-        int | None, _opt("--vocab-size", help="--new-clip: tokens of the learned BPE tokenizer [1024].")
-    ] = None,
     allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
     image_column: Annotated[
         str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)
@@ -112,9 +103,7 @@ def clip(
     grad_accum: Annotated[
         int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
     ] = None,
-    lr: Annotated[
-        float | None, _opt("--lr", help="Peak learning rate [1e-5; --new-clip 5e-4].", panel=_PANEL_OPT)
-    ] = None,
+    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate [1e-5].", panel=_PANEL_OPT)] = None,
     weight_decay: Annotated[
         float | None, _opt("--weight-decay", help="AdamW weight decay [0.1].", panel=_PANEL_OPT)
     ] = None,
@@ -155,7 +144,6 @@ def clip(
     """Locked-image training: a Chinese text tower learns a frozen CLIP image tower's space (Taiyi-CLIP).
 
     Writes OUTPUT/final (loads with load_clip) and OUTPUT/taiyi-text-tower (published Taiyi-CLIP layout).
-    With --new-clip, trains a whole CLIP from scratch; OUTPUT/final is then a standard CLIP folder.
     """
     given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
     beta1, beta2 = given.pop("beta1", None), given.pop("beta2", None)
@@ -172,11 +160,109 @@ def clip(
         typer.echo(str(result["final"]))
 
 
+# Options of the Stable Diffusion trainers (sd, lora, dreambooth), defined once. [x] is train sd's default.
+_Model = Annotated[
+    str, _opt("--model", help="Pipeline to train (folder, short name, hub id), e.g. from taiyi assemble.")
+]
+_ImageColumn = Annotated[str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)]
+_CaptionColumn = Annotated[
+    str | None, _opt("--caption-column", help="CSV/JSONL caption column [caption].", panel=_PANEL_DATA)
+]
+_Resolution = Annotated[
+    int | None, _opt("--resolution", help="Training image side (resize + centre crop) [512].", panel=_PANEL_DATA)
+]
+_CacheLatents = Annotated[
+    bool | None,
+    _opt("--cache-latents/--no-cache-latents", help="Encode each image once (VAE frozen) [on].", panel=_PANEL_DATA),
+]
+_CacheDir = Annotated[str | None, _opt("--cache-dir", help="Latent cache folder [OUTPUT/cache].", panel=_PANEL_DATA)]
+_BatchSize = Annotated[
+    int | None, _opt("--batch-size", help="Global batch, all processes together [1].", panel=_PANEL_OPT)
+]
+_GradAccum = Annotated[
+    int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
+]
+_Lr = Annotated[float | None, _opt("--lr", help="Learning rate [1e-4; dreambooth 5e-6].", panel=_PANEL_OPT)]
+_WeightDecay = Annotated[
+    float | None, _opt("--weight-decay", help="AdamW weight decay [0.1; dreambooth 0.01].", panel=_PANEL_OPT)
+]
+_WarmupSteps = Annotated[
+    int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
+]
+_MaxSteps = Annotated[
+    int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes; dreambooth 400].", panel=_PANEL_OPT)
+]
+_Epochs = Annotated[int | None, _opt("--epochs", help="Passes over the data [1].", panel=_PANEL_OPT)]
+_MaxGradNorm = Annotated[float | None, _opt("--max-grad-norm", help="Clip the gradient norm [1.0].", panel=_PANEL_OPT)]
+_PredictionType = Annotated[
+    str | None, _opt("--prediction-type", help="epsilon or v_prediction [the scheduler config's].", panel=_PANEL_OPT)
+]
+_CaptionDropout = Annotated[
+    float | None, _opt("--caption-dropout", help="Empty-caption probability, for CFG [0].", panel=_PANEL_OPT)
+]
+_SnrGamma = Annotated[
+    float | None, _opt("--snr-gamma", help="Min-SNR-γ loss weighting, e.g. 5 [off].", panel=_PANEL_OPT)
+]
+_NoiseOffset = Annotated[
+    float | None,
+    _opt("--noise-offset", help="Per-channel noise offset, e.g. 0.05 (darker/brighter images) [0].", panel=_PANEL_OPT),
+]
+_Ema = Annotated[bool, _opt("--ema", help="Export an EMA of the trained weights.", panel=_PANEL_OPT)]
+_EmaDecay = Annotated[float | None, _opt("--ema-decay", help="EMA decay [0.9999].", panel=_PANEL_OPT)]
+_MixedPrecision = Annotated[
+    str | None,
+    _opt("--mixed-precision", help="auto, no, fp16 (GPU) or bf16 [auto: GPU half, CPU none].", panel=_PANEL_OPT),
+]
+_GradientCheckpointing = Annotated[
+    bool, _opt("--gradient-checkpointing", help="Recompute activations of trained modules.", panel=_PANEL_OPT)
+]
+_Seed = Annotated[int | None, _opt("--seed", help="Data order and noise [0].", panel=_PANEL_OPT)]
+_ValPrompt = Annotated[
+    list[str] | None,
+    _opt("--val-prompt", help="Validation prompt (repeatable) [three Chinese prompts].", panel=_PANEL_RUN),
+]
+_ValEvery = Annotated[
+    int | None, _opt("--val-every", help="Validation grid every N steps [500]; 0: at the end.", panel=_PANEL_RUN)
+]
+_ValSteps = Annotated[
+    int | None, _opt("--val-steps", help="Denoising steps of validation images [20].", panel=_PANEL_RUN)
+]
+_AllowPickle = Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")]
+_Rank = Annotated[int, _opt("--rank", help="LoRA rank (4-128 is usual).", panel=_PANEL_OPT)]
+_Alpha = Annotated[
+    float | None, _opt("--alpha", help="LoRA alpha: updates are scaled by alpha/rank [the rank].", panel=_PANEL_OPT)
+]
+_Target = Annotated[
+    str | None,
+    _opt("--target", help="What LoRA adapts: unet, text (the text encoder) or both [unet].", panel=_PANEL_OPT),
+]
+
+
+def _run_sd_trainer(given: dict, kind: str) -> None:
+    """Build the config of ``kind`` (sd, lora, dreambooth) from the given flags, train, print what was written."""
+    if "val_prompt" in given:
+        given["val_prompts"] = given.pop("val_prompt")
+    for flag, field in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("target", "lora_target")):
+        if flag in given:
+            given[field] = given.pop(flag)
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    if kind == "dreambooth":
+        from .dreambooth import DreamBoothConfig as Config
+        from .dreambooth import train_dreambooth as train
+    else:
+        from .sd import SDTrainConfig as Config
+        from .sd import train_sd as train
+
+    result = train(Config(**given))
+    if result["main_process"]:
+        typer.echo(str(result["lora"] or result["final"]))
+
+
 @train_app.command()
 def sd(
-    model: Annotated[
-        str, _opt("--model", help="Pipeline to train (folder, short name, hub id), e.g. from taiyi assemble.")
-    ],
+    model: _Model,
     data: Annotated[
         list[str],
         _opt(
@@ -200,98 +286,174 @@ def sd(
     mix_ratio: Annotated[
         float | None, _opt("--mix-ratio", help="Share of samples from the first --data [0.5].", panel=_PANEL_DATA)
     ] = None,
-    image_column: Annotated[
-        str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)
-    ] = None,
-    caption_column: Annotated[
-        str | None, _opt("--caption-column", help="CSV/JSONL caption column [caption].", panel=_PANEL_DATA)
-    ] = None,
-    resolution: Annotated[
-        int | None, _opt("--resolution", help="Training image side (resize + centre crop) [512].", panel=_PANEL_DATA)
-    ] = None,
-    cache_latents: Annotated[
-        bool | None,
-        _opt(
-            "--cache-latents/--no-cache-latents", help="Encode each image once (VAE frozen) [on].", panel=_PANEL_DATA
-        ),
-    ] = None,
-    cache_dir: Annotated[
-        str | None, _opt("--cache-dir", help="Latent cache folder [OUTPUT/cache].", panel=_PANEL_DATA)
-    ] = None,
-    batch_size: Annotated[
-        int | None, _opt("--batch-size", help="Global batch, all processes together [1].", panel=_PANEL_OPT)
-    ] = None,
-    grad_accum: Annotated[
-        int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
-    ] = None,
-    lr: Annotated[float | None, _opt("--lr", help="Learning rate [1e-4].", panel=_PANEL_OPT)] = None,
-    weight_decay: Annotated[
-        float | None, _opt("--weight-decay", help="AdamW weight decay [0.1].", panel=_PANEL_OPT)
-    ] = None,
-    warmup_steps: Annotated[
-        int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
-    ] = None,
-    max_steps: Annotated[
-        int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes].", panel=_PANEL_OPT)
-    ] = None,
-    epochs: Annotated[int | None, _opt("--epochs", help="Passes over the data [1].", panel=_PANEL_OPT)] = None,
-    max_grad_norm: Annotated[
-        float | None, _opt("--max-grad-norm", help="Clip the gradient norm [1.0].", panel=_PANEL_OPT)
-    ] = None,
-    prediction_type: Annotated[
-        str | None,
-        _opt("--prediction-type", help="epsilon or v_prediction [the scheduler config's].", panel=_PANEL_OPT),
-    ] = None,
-    caption_dropout: Annotated[
-        float | None, _opt("--caption-dropout", help="Empty-caption probability, for CFG [0].", panel=_PANEL_OPT)
-    ] = None,
-    snr_gamma: Annotated[
-        float | None, _opt("--snr-gamma", help="Min-SNR-γ loss weighting, e.g. 5 [off].", panel=_PANEL_OPT)
-    ] = None,
-    ema: Annotated[bool, _opt("--ema", help="Export an EMA of the trained weights.", panel=_PANEL_OPT)] = False,
-    ema_decay: Annotated[float | None, _opt("--ema-decay", help="EMA decay [0.9999].", panel=_PANEL_OPT)] = None,
-    mixed_precision: Annotated[
-        str | None,
-        _opt("--mixed-precision", help="auto, no, fp16 (GPU) or bf16 [auto: GPU half, CPU none].", panel=_PANEL_OPT),
-    ] = None,
-    gradient_checkpointing: Annotated[
-        bool, _opt("--gradient-checkpointing", help="Recompute activations of trained modules.", panel=_PANEL_OPT)
-    ] = False,
-    seed: Annotated[int | None, _opt("--seed", help="Data order and noise [0].", panel=_PANEL_OPT)] = None,
-    val_prompt: Annotated[
-        list[str] | None,
-        _opt("--val-prompt", help="Validation prompt (repeatable) [three Chinese prompts].", panel=_PANEL_RUN),
-    ] = None,
-    val_every: Annotated[
-        int | None, _opt("--val-every", help="Validation grid every N steps [500]; 0: at the end.", panel=_PANEL_RUN)
-    ] = None,
-    val_steps: Annotated[
-        int | None, _opt("--val-steps", help="Denoising steps of validation images [20].", panel=_PANEL_RUN)
-    ] = None,
+    image_column: _ImageColumn = None,
+    caption_column: _CaptionColumn = None,
+    resolution: _Resolution = None,
+    cache_latents: _CacheLatents = None,
+    cache_dir: _CacheDir = None,
+    batch_size: _BatchSize = None,
+    grad_accum: _GradAccum = None,
+    lr: _Lr = None,
+    weight_decay: _WeightDecay = None,
+    warmup_steps: _WarmupSteps = None,
+    max_steps: _MaxSteps = None,
+    epochs: _Epochs = None,
+    max_grad_norm: _MaxGradNorm = None,
+    prediction_type: _PredictionType = None,
+    caption_dropout: _CaptionDropout = None,
+    snr_gamma: _SnrGamma = None,
+    noise_offset: _NoiseOffset = None,
+    ema: _Ema = False,
+    ema_decay: _EmaDecay = None,
+    mixed_precision: _MixedPrecision = None,
+    gradient_checkpointing: _GradientCheckpointing = False,
+    seed: _Seed = None,
+    val_prompt: _ValPrompt = None,
+    val_every: _ValEvery = None,
+    val_steps: _ValSteps = None,
     save_every: SaveEvery = None,
     keep_checkpoints: KeepCheckpoints = None,
     resume: Resume = None,
     overwrite: OverwriteRun = False,
     report_to: ReportTo = None,
     log_every: LogEvery = None,
-    allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
+    allow_pickle: _AllowPickle = False,
     cpu: Cpu = False,
 ) -> None:
     """Align a Chinese text encoder to a Stable Diffusion UNet: stage 1 (text encoder) or 2 (+ UNet).
 
     Writes OUTPUT/final, a pipeline folder: taiyi generate --model OUTPUT/final.
     """
-    given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
-    if "val_prompt" in given:
-        given["val_prompts"] = given.pop("val_prompt")
-    from ..cli import _quiet_libraries
+    _run_sd_trainer({k: v for k, v in locals().items() if v is not None}, "sd")  # unset flags keep the defaults
 
-    _quiet_libraries()
-    from .sd import SDTrainConfig, train_sd
 
-    result = train_sd(SDTrainConfig(**given))
-    if result["main_process"]:
-        typer.echo(str(result["final"]))
+@train_app.command()
+def lora(
+    model: _Model,
+    data: Annotated[
+        list[str],
+        _opt("--data", help="Pairs: folder of x.jpg+x.txt, .csv, .jsonl or synthetic:N.", panel=_PANEL_DATA),
+    ],
+    output: Annotated[str, _opt("--output", "-o", help="Run folder (checkpoints, metrics, validation/, final/).")],
+    rank: _Rank,
+    alpha: _Alpha = None,
+    target: _Target = None,
+    image_column: _ImageColumn = None,
+    caption_column: _CaptionColumn = None,
+    resolution: _Resolution = None,
+    cache_latents: _CacheLatents = None,
+    cache_dir: _CacheDir = None,
+    batch_size: _BatchSize = None,
+    grad_accum: _GradAccum = None,
+    lr: _Lr = None,
+    weight_decay: _WeightDecay = None,
+    warmup_steps: _WarmupSteps = None,
+    max_steps: _MaxSteps = None,
+    epochs: _Epochs = None,
+    max_grad_norm: _MaxGradNorm = None,
+    prediction_type: _PredictionType = None,
+    caption_dropout: _CaptionDropout = None,
+    snr_gamma: _SnrGamma = None,
+    noise_offset: _NoiseOffset = None,
+    ema: _Ema = False,
+    ema_decay: _EmaDecay = None,
+    mixed_precision: _MixedPrecision = None,
+    gradient_checkpointing: _GradientCheckpointing = False,
+    seed: _Seed = None,
+    val_prompt: _ValPrompt = None,
+    val_every: _ValEvery = None,
+    val_steps: _ValSteps = None,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
+    allow_pickle: _AllowPickle = False,
+    cpu: Cpu = False,
+) -> None:
+    """LoRA fine-tuning (peft) of the UNet and/or the text encoder; the base weights stay frozen.
+
+    Writes OUTPUT/final/pytorch_lora_weights.safetensors (diffusers format): taiyi generate --lora FILE[:SCALE],
+    or pipe.load_lora_weights(FILE) in diffusers.
+    """
+    _run_sd_trainer({k: v for k, v in locals().items() if v is not None}, "lora")
+
+
+@train_app.command()
+def dreambooth(
+    model: _Model,
+    instance_data: Annotated[str, _opt("--instance-data", help="Folder of the subject's photos.", panel=_PANEL_DATA)],
+    instance_prompt: Annotated[
+        str, _opt("--instance-prompt", help="Prompt naming the subject, e.g. '一张sks狗的照片'.", panel=_PANEL_DATA)
+    ],
+    output: Annotated[str, _opt("--output", "-o", help="Run folder (checkpoints, metrics, validation/, final/).")],
+    class_prompt: Annotated[
+        str | None,
+        _opt("--class-prompt", help="Its class, e.g. '一张狗的照片' [none: no prior loss].", panel=_PANEL_DATA),
+    ] = None,
+    num_class_images: Annotated[
+        int | None, _opt("--num-class-images", help="Class images drawn by the base model [100].", panel=_PANEL_DATA)
+    ] = None,
+    class_data_dir: Annotated[
+        str | None,
+        _opt("--class-data-dir", help="Class image cache [OUTPUT/cache/class_images].", panel=_PANEL_DATA),
+    ] = None,
+    class_steps: Annotated[
+        int | None, _opt("--class-steps", help="Denoising steps of class images [25].", panel=_PANEL_DATA)
+    ] = None,
+    prior_loss_weight: Annotated[
+        float | None, _opt("--prior-loss-weight", help="Weight of the class (prior) loss [1.0].", panel=_PANEL_OPT)
+    ] = None,
+    lora_rank: Annotated[
+        int | None, _opt("--lora-rank", help="Train a LoRA of this rank [off: full fine-tune].", panel=_PANEL_OPT)
+    ] = None,
+    alpha: _Alpha = None,
+    target: _Target = None,
+    train_text_encoder: Annotated[
+        bool | None,
+        _opt(
+            "--train-text-encoder/--freeze-text-encoder",
+            help="Full fine-tune: train the text encoder too [off].",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
+    resolution: _Resolution = None,
+    cache_dir: _CacheDir = None,
+    batch_size: _BatchSize = None,
+    grad_accum: _GradAccum = None,
+    lr: _Lr = None,
+    weight_decay: _WeightDecay = None,
+    warmup_steps: _WarmupSteps = None,
+    max_steps: _MaxSteps = None,
+    max_grad_norm: _MaxGradNorm = None,
+    prediction_type: _PredictionType = None,
+    snr_gamma: _SnrGamma = None,
+    noise_offset: _NoiseOffset = None,
+    mixed_precision: _MixedPrecision = None,
+    gradient_checkpointing: _GradientCheckpointing = False,
+    seed: _Seed = None,
+    val_prompt: _ValPrompt = None,
+    val_every: _ValEvery = None,
+    val_steps: _ValSteps = None,
+    save_every: SaveEvery = None,
+    keep_checkpoints: KeepCheckpoints = None,
+    resume: Resume = None,
+    overwrite: OverwriteRun = False,
+    report_to: ReportTo = None,
+    log_every: LogEvery = None,
+    allow_pickle: _AllowPickle = False,
+    cpu: Cpu = False,
+) -> None:
+    """DreamBooth: teach the model a subject from a few photos, keeping its class with prior preservation.
+
+    Class images are drawn once by the base model and cached. Full mode writes a pipeline folder
+    (OUTPUT/final); with --lora-rank, OUTPUT/final/pytorch_lora_weights.safetensors.
+    """
+    given = {k: v for k, v in locals().items() if v is not None}
+    if "lora_rank" in given:
+        given["rank"] = given.pop("lora_rank")
+    _run_sd_trainer(given, "dreambooth")
 
 
 # Options of the image-only trainers (vae, uncond), defined once for both.

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ logger = logging.getLogger("taiyi")
 CACHE_VERSION = "1"
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LORA_TARGETS = ("unet", "text", "both")
 DEFAULT_VAL_PROMPTS = ("飞流直下三千尺，油画", "小桥流水人家", "一只红色的猫")
 RESUMABLE_CHANGES = (
     "output",
@@ -116,6 +118,17 @@ class SDTrainConfig:
         prediction_type: ``epsilon`` or ``v_prediction``; None follows the model's scheduler config.
         caption_dropout: probability of training a sample with the empty caption (classifier-free guidance).
         snr_gamma: min-SNR-γ loss weighting (None: plain MSE; 5.0 is the paper's value).
+        noise_offset: add ``noise_offset · N(0, 1)`` per sample and channel to the noise (diffusers'
+            ``train_text_to_image`` convention; ~0.05–0.1 lets the model draw darker and brighter images).
+        lora_rank: train LoRA adapters of this rank instead of the weights (base weights frozen); ``final/``
+            then holds ``pytorch_lora_weights.safetensors`` (diffusers format) instead of a pipeline, and
+            ``lora_target`` (not ``stage``) says what is adapted.
+        lora_alpha: the LoRA scale numerator (the update is scaled by alpha / rank); None: the rank.
+        lora_target: ``unet`` (attention to_q/to_k/to_v/to_out.0), ``text`` (the text encoder's attention
+            projections: BERT query/key/value/attention.output.dense, CLIP q/k/v/out_proj) or ``both``.
+        prior_data: DreamBooth prior preservation: class pairs drawn alongside ``data`` (one per instance
+            sample); the loss is the instance loss + ``prior_loss_weight`` × the class loss.
+        prior_loss_weight: the weight of the prior-preservation loss.
         ema: keep an exponential moving average of the trained weights and export it.
         ema_decay: its decay.
         mixed_precision: ``auto``, ``no``, ``fp16`` (GPU only) or ``bf16``.
@@ -159,6 +172,12 @@ class SDTrainConfig:
     prediction_type: str | None = None
     caption_dropout: float = 0.0
     snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_target: str = "unet"
+    prior_data: str | None = None
+    prior_loss_weight: float = 1.0
     ema: bool = False
     ema_decay: float = 0.9999
     mixed_precision: str = "auto"
@@ -227,6 +246,19 @@ def _validate_config(config: SDTrainConfig) -> None:
         ),
         (0 <= config.caption_dropout < 1, f"--caption-dropout must lie in [0, 1), not {config.caption_dropout}"),
         (config.snr_gamma is None or config.snr_gamma > 0, "--snr-gamma must be positive"),
+        (config.noise_offset >= 0, f"--noise-offset must be 0 or more, not {config.noise_offset}"),
+        (config.lora_rank is None or config.lora_rank >= 1, f"--rank must be at least 1, not {config.lora_rank}"),
+        (config.lora_alpha is None or config.lora_alpha > 0, f"--alpha must be positive, not {config.lora_alpha}"),
+        (
+            config.lora_target in LORA_TARGETS,
+            f"--target must be one of {', '.join(LORA_TARGETS)}, not {config.lora_target!r}",
+        ),
+        (
+            config.lora_rank is None or config.train_text_encoder is None,
+            "with LoRA, --target (unet, text or both) says what is trained; drop --train-text-encoder",
+        ),
+        (config.prior_data is None or len(config.data) == 1, "prior preservation takes one --data source"),
+        (config.prior_loss_weight >= 0, f"--prior-loss-weight must be 0 or more, not {config.prior_loss_weight}"),
         (0 < config.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {config.ema_decay}"),
         (
             config.mixed_precision in MIXED_PRECISION,
@@ -363,11 +395,17 @@ class _Denoiser(nn.Module):
     """The trained modules (text encoder and/or UNet) as one module for accelerate; frozen ones are held
     outside the module tree (not wrapped, not in the optimizer, not checkpointed)."""
 
-    def __init__(self, text_encoder: nn.Module, unet: nn.Module, *, train_text: bool, train_unet: bool):
+    def __init__(
+        self, text_encoder: nn.Module, unet: nn.Module, *, train_text: bool, train_unet: bool, lora_only: bool = False
+    ):
         super().__init__()
         self.text_encoder = text_encoder if train_text else None
         self.unet = unet if train_unet else None
         self._frozen = {"text_encoder": text_encoder, "unet": unet}  # a dict: not registered as submodules
+        if lora_only:
+            # Checkpoints hold the adapters only: the frozen base weights are the model's own files.
+            self.register_state_dict_post_hook(_keep_lora_tensors)
+            self.register_load_state_dict_post_hook(_ignore_missing_base)
 
     def forward(self, input_ids, attention_mask, noisy_latents, timesteps):
         encoder = self.text_encoder if self.text_encoder is not None else self._frozen["text_encoder"]
@@ -378,6 +416,34 @@ class _Denoiser(nn.Module):
             hidden = encoder(input_ids, attention_mask=attention_mask)[0]  # (B, L, D)
         unet = self.unet if self.unet is not None else self._frozen["unet"]
         return unet(noisy_latents, timesteps, hidden).sample  # (B, 4, h, w)
+
+
+def _keep_lora_tensors(module, state_dict, prefix, local_metadata) -> None:  # noqa: ARG001 (torch's signature)
+    for key in [k for k in state_dict if k.startswith(prefix) and ".lora_" not in k]:
+        del state_dict[key]
+
+
+def _ignore_missing_base(module, incompatible_keys) -> None:  # noqa: ARG001 (torch's signature)
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".lora_" in k]
+
+
+def add_lora_adapters(unet: nn.Module | None, text_encoder: nn.Module | None, config: SDTrainConfig) -> None:
+    """Add trainable peft LoRA adapters (named ``default``) to the UNet and/or the text encoder; their base
+    weights stay frozen. ``lora_A`` is drawn from the global RNG (seeded by the run), ``lora_B`` starts at zero."""
+    from peft import LoraConfig
+
+    from ..lora import UNET_TARGETS, text_encoder_targets
+
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    for module, targets in ((unet, UNET_TARGETS), (text_encoder, None)):
+        if module is None:
+            continue
+        targets = targets or text_encoder_targets(module)
+        module.add_adapter(
+            LoraConfig(
+                r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)
+            )
+        )
 
 
 def tokenize(tokenizer, text_encoder, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -516,11 +582,17 @@ def train_sd(config: SDTrainConfig) -> dict:
     )
     check_text_encoder(sd, name)
     text_encoder, unet, vae, tokenizer = sd.text_encoder, sd.unet, sd.vae, sd.tokenizer
-    train_text = config.stage == 1 or config.train_text_encoder is not False
-    train_unet = config.stage == 2
+    lora = config.lora_rank is not None
+    if lora:
+        train_text, train_unet = config.lora_target in ("text", "both"), config.lora_target in ("unet", "both")
+    else:
+        train_text = config.stage == 1 or config.train_text_encoder is not False
+        train_unet = config.stage == 2
     vae.requires_grad_(False).eval()
-    unet.requires_grad_(train_unet).train(train_unet)
-    text_encoder.requires_grad_(train_text).train(train_text)
+    unet.requires_grad_(train_unet and not lora).train(train_unet)
+    text_encoder.requires_grad_(train_text and not lora).train(train_text)
+    if lora:
+        add_lora_adapters(unet if train_unet else None, text_encoder if train_text else None, config)
     if getattr(text_encoder, "pooler", None) is not None:
         # Prompt embeddings are the last hidden state: the pooler gets no gradient (and DDP would stall on it).
         text_encoder.pooler.requires_grad_(False)
@@ -542,7 +614,8 @@ def train_sd(config: SDTrainConfig) -> dict:
     text_encoder.to(device)
 
     # --- data --------------------------------------------------------------------------------------
-    sources = [_open_data(src, config, config.resolution) for src in config.data]
+    prior = config.prior_data is not None
+    sources = [_open_data(src, config, config.resolution) for src in [*config.data, *([config.prior_data] * prior)]]
     for ds in sources:
         if ds.streamed:
             raise InvalidInputError(
@@ -577,9 +650,9 @@ def train_sd(config: SDTrainConfig) -> dict:
     for pool, ds in zip(pools, sources, strict=True):
         if len(pool) == 0:
             raise InvalidInputError(f"data source {ds.name} holds no readable image-text pair")
-    mixing = len(sources) == 2
+    mixing = len(sources) == 2 and not prior
     ratio = config.mix_ratio if config.mix_ratio is not None else 0.5
-    n_total = sum(len(p) for p in pools)
+    n_total = len(pools[0]) if prior else sum(len(p) for p in pools)
     if not mixing and len(pools[0]) < config.batch_size:
         raise InvalidInputError(
             f"{len(pools[0])} readable pairs are fewer than --batch-size {config.batch_size}; lower it or add data"
@@ -591,6 +664,18 @@ def train_sd(config: SDTrainConfig) -> dict:
     if main:
         record_run(output, run_json, overwrite=config.overwrite)
     accelerator.wait_for_everyone()
+
+    def local_items(micro: int) -> list[tuple[int, int]]:
+        """This process's share of micro-step ``micro``: its instance samples, then as many class samples."""
+        items = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
+        if prior:
+            # The class images are read in their own seeded epoch order, one per instance sample.
+            position = micro * config.batch_size + rank * local_batch
+            for k in range(position, position + local_batch):
+                epoch, i = divmod(k, len(pools[1]))
+                g = torch.Generator().manual_seed(config.seed * 1_000_003 + 700_001 + epoch)
+                items.append((1, int(pools[1][torch.randperm(len(pools[1]), generator=g)[i]])))
+        return items
 
     def plan(micro: int) -> list[tuple[int, int]]:
         """The global batch of micro-step ``micro`` as (source, sample index) pairs."""
@@ -606,8 +691,8 @@ def train_sd(config: SDTrainConfig) -> dict:
         return [(0, int(i)) for i in order[position * config.batch_size : (position + 1) * config.batch_size]]
 
     def read_batch(items: list[tuple[int, int]]):
-        """(mean, std (b, 4, h, w), captions, skipped) of this process's samples."""
-        means, stds, captions, images, skipped = [], [], [], [], 0
+        """(mean, std (b, 4, h, w), captions, skipped, is_prior (b,)) of this process's readable samples."""
+        means, stds, captions, images, skipped, kept = [], [], [], [], 0, []
         for s, i in items:
             table = tables[s]
             if table is not None:
@@ -618,15 +703,17 @@ def train_sd(config: SDTrainConfig) -> dict:
                     skipped += 1
                     continue
                 images.append(pair.image), captions.append(pair.caption)
+            kept.append(prior and s == 1)
+        is_prior = torch.tensor(kept, dtype=torch.bool)
         if images:
             mean, std = encode_posterior(vae, preprocess(images, config.resolution), device)
-            return mean, std, captions, skipped
+            return mean, std, captions, skipped, is_prior
         if not means:
-            return None, None, captions, skipped
-        return torch.stack(means), torch.stack(stds), captions, skipped
+            return None, None, captions, skipped, is_prior
+        return torch.stack(means), torch.stack(stds), captions, skipped, is_prior
 
     # --- optimizer, schedule, accelerate -------------------------------------------------------------
-    trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet)
+    trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet, lora_only=lora)
     optimizer = torch.optim.AdamW(
         _param_groups(trainable, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
     )
@@ -711,6 +798,8 @@ def train_sd(config: SDTrainConfig) -> dict:
     losses: dict[int, float] = {}
     step_seconds: list[float] = []
     window: list[torch.Tensor] = []
+    prior_window: list[torch.Tensor] = []
+    prior_losses: dict[int, float] = {}
     if main and step < total_steps:
         logger.info(
             "stage %d: training %s for %d steps from step %d (%d pairs, global batch %d x %d, %s, latents %s)",
@@ -727,13 +816,14 @@ def train_sd(config: SDTrainConfig) -> dict:
     started = last = time.perf_counter()
     micro = step * config.grad_accum
     while step < total_steps:
-        items = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
+        items = local_items(micro)
         g = _micro_generator(config.seed, micro)
         # Every draw from g is made for the whole global batch, in this order, and each process takes its own
         # rows: N processes draw what one process with the global batch draws.
-        share = slice(rank * local_batch, (rank + 1) * local_batch)
-        drop = torch.rand(config.batch_size, generator=g)[share] < config.caption_dropout
-        mean, std, captions, skipped = read_batch(items)
+        per_step = (2 if prior else 1) * config.batch_size  # with prior preservation: + one class sample each
+        share = slice(rank * len(items), (rank + 1) * len(items))
+        drop = torch.rand(per_step, generator=g)[share] < config.caption_dropout
+        mean, std, captions, skipped, is_prior = read_batch(items)
         skipped_total += skipped
         if mean is None:
             raise InvalidInputError(
@@ -742,10 +832,13 @@ def train_sd(config: SDTrainConfig) -> dict:
         kept_drop = drop[: len(captions)]
         captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
         rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
-        latent_eps = torch.randn((config.batch_size, *mean.shape[1:]), generator=g)[rows]
-        noise = torch.randn((config.batch_size, *mean.shape[1:]), generator=g)[rows]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+        latent_eps = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
+        noise = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per_step,), generator=g)
         timesteps = timesteps[rows]
+        if config.noise_offset:  # drawn last: runs without it keep their draws
+            offset = torch.randn((per_step, mean.shape[1], 1, 1), generator=g)[rows]  # (b, 4, 1, 1)
+            noise = noise + config.noise_offset * offset
         latents = ((mean + std * latent_eps) * scaling).to(device)  # (b, 4, h, w)
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -754,9 +847,28 @@ def train_sd(config: SDTrainConfig) -> dict:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 prediction = model(ids, mask, noisy, timesteps)
-            loss = diffusion_loss(
-                prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
-            )
+            if prior:
+                inst, cls = ~is_prior.to(device), is_prior.to(device)
+                parts = [
+                    diffusion_loss(
+                        prediction[m],
+                        latents[m],
+                        noise[m],
+                        timesteps[m],
+                        noise_scheduler,
+                        prediction_type,
+                        config.snr_gamma,
+                    )
+                    if bool(m.any())
+                    else prediction.sum() * 0.0
+                    for m in (inst, cls)
+                ]
+                prior_window.append(parts[1].detach())
+                loss = parts[0] + config.prior_loss_weight * parts[1]
+            else:
+                loss = diffusion_loss(
+                    prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
+                )
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -777,9 +889,19 @@ def train_sd(config: SDTrainConfig) -> dict:
         now = time.perf_counter()
         step_seconds.append(now - last)
         losses[step] = step_loss
-        metrics.append(
-            {"step": step, "kind": "train", "loss": step_loss, "lr": lr, "epoch": round(micro / batches_per_epoch, 4)}
-        )
+        row = {
+            "step": step,
+            "kind": "train",
+            "loss": step_loss,
+            "lr": lr,
+            "epoch": round(micro / batches_per_epoch, 4),
+        }
+        if prior:
+            prior_losses[step] = row["prior_loss"] = float(
+                accelerator.reduce(torch.stack(prior_window).mean(), reduction="mean")
+            )
+            prior_window = []
+        metrics.append(row)
         accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
         if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
             logger.info(
@@ -821,7 +943,19 @@ def train_sd(config: SDTrainConfig) -> dict:
         validate(step)
     final_dir = output / "final"
     loss_plot = None
-    if main:
+    if main and lora:
+        from ..lora import save_lora
+
+        text_encoder.eval(), unet.eval()
+        if final_dir.exists():
+            for stale in [p for p in final_dir.iterdir() if p.name != "pytorch_lora_weights.safetensors"]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # a pipeline from a full run before
+        lora_file = save_lora(
+            final_dir, unet=unet if train_unet else None, text_encoder=text_encoder if train_text else None
+        )
+        loss_plot = plot_losses(metrics.read(), output / "loss.png")
+        logger.info("saved %s (taiyi generate --model %s --lora %s)", lora_file, folder, lora_file)
+    elif main:
         text_encoder.eval(), unet.eval()
         write_pipeline_folder(
             final_dir,
@@ -842,8 +976,10 @@ def train_sd(config: SDTrainConfig) -> dict:
         "total_steps": total_steps,
         "output": output,
         "final": final_dir,
+        "lora": final_dir / "pytorch_lora_weights.safetensors" if lora else None,
         "checkpoint": found[-1] if found else None,
         "losses": losses,
+        "prior_losses": prior_losses,
         "truncated": truncated_total,
         "skipped": skipped_in_cache + skipped_total,
         "validation": val_paths,

@@ -1,0 +1,401 @@
+"""LoRA files in the diffusers format: written by ``taiyi train lora``/``dreambooth``, applied by ``--lora``.
+
+A file is ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights`` writes it: keys prefixed
+``unet.`` / ``text_encoder.``, the adapter settings (rank, alpha, target modules) in the header's
+``lora_adapter_metadata`` so that alpha ≠ rank keeps its scale. It loads in stock diffusers with
+``pipe.load_lora_weights(file)``, and taiyi applies it (or Kohya/A1111 files diffusers reads) through the same
+call, several at once with one scale each (``set_adapters``).
+
+Text-encoder keys are written in diffusers' ``<module>.lora_linear_layer.down/up.weight`` form for both text
+encoder kinds. diffusers 0.42 infers a text-encoder LoRA's format from its key names and knows only CLIP's
+(``q_proj``/``k_proj``/``v_proj``/``out_proj``): peft-style keys of the Taiyi BERT encoder
+(``...attention.self.query.lora_A.weight``) fail with "Could not automatically infer state dict type", while the
+``lora_linear_layer`` form maps back to peft keys for any module name, so BERT LoRAs load in stock diffusers too.
+CLIP keys get the ``text_model.`` prefix the published CLIP layout (and other tools) use; diffusers strips it for
+transformers 5, whose ``CLIPTextModel`` is flattened.
+
+Images record their LoRAs as AUTOMATIC1111 does, ``Lora hashes: "name: <first 12 hex of the file's sha256>"``,
+plus taiyi's ``Lora weights: "name: scale"`` (A1111 keeps the scale in ``<lora:name:scale>`` prompt tags,
+which taiyi does not parse); ``taiyi generate --from`` re-applies them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+BERT_TARGETS = ("query", "key", "value", "attention.output.dense")
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HASHES_KEY = "Lora hashes"  # AUTOMATIC1111's key
+WEIGHTS_KEY = "Lora weights"  # taiyi's: the scales, which A1111 keeps in the prompt
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to apply: its file and its scale (1.0 = as trained, 0 = off)."""
+
+    path: Path
+    scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return lora_name(self.path)
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A LoRA applied to a pipeline: what the images' metadata records."""
+
+    name: str
+    path: Path
+    hash: str
+    scale: float
+    adapter: str
+
+
+def text_encoder_targets(text_encoder) -> tuple[str, ...]:
+    """The attention projections LoRA adapts in a text encoder of either Taiyi layout (BERT or CLIP)."""
+    kind = type(text_encoder).__name__
+    if "Bert" in kind or "Roberta" in kind:
+        return BERT_TARGETS
+    if "CLIP" in kind:
+        return CLIP_TARGETS
+    raise InvalidInputError(f"LoRA on the text encoder supports BERT and CLIP text models, not {kind}")
+
+
+def parse_lora_spec(spec: str | os.PathLike | tuple | LoraSpec) -> LoraSpec:
+    """``FILE`` or ``FILE:SCALE`` (also a ``(path, scale)`` tuple) → :class:`LoraSpec`; the file is not checked here.
+
+    A part after the last ``:`` holding no path separator is the scale, so ``C:\\x.safetensors`` stays a path.
+    """
+    if isinstance(spec, LoraSpec):
+        return spec
+    if isinstance(spec, tuple):
+        path, scale = spec
+        return LoraSpec(Path(path), _check_scale(scale, f"{path}"))
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not any(c in tail for c in "/\\"):
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise InvalidInputError(
+                f"--lora {text!r}: scale {tail!r} is not a number; write FILE or FILE:SCALE, "
+                "e.g. style.safetensors:0.8"
+            ) from None
+        return LoraSpec(Path(head), _check_scale(scale, text))
+    return LoraSpec(Path(text), 1.0)
+
+
+def _check_scale(scale, where: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (-10 <= scale <= 10):
+        raise InvalidInputError(f"--lora {where}: scale must be a number between -10 and 10, not {scale!r}")
+    return float(scale)
+
+
+def lora_name(path: str | os.PathLike) -> str:
+    """The name images record: the file's stem, or its run's folder for ``.../final/pytorch_lora_weights...``."""
+    path = Path(path)
+    name = path.stem
+    if path.name == LORA_FILE:
+        parent = path.parent
+        name = parent.parent.name if parent.name == "final" and parent.parent.name else parent.name
+    return re.sub(r"[,:\n\r\"]", "", name).strip() or "lora"
+
+
+def resolve_lora_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> Path:
+    """The LoRA file ``path`` names (a folder means its ``pytorch_lora_weights.safetensors``), checked.
+
+    Raises:
+        InvalidInputError: missing, pickled without ``allow_pickle``, or not a readable safetensors file.
+    """
+    from .loading import _check_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / LORA_FILE, path / "final" / LORA_FILE]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise InvalidInputError(f"LoRA folder {path} holds no {LORA_FILE}; give the LoRA file itself")
+        path = found
+    if not path.is_file():
+        raise InvalidInputError(
+            f"LoRA file {path} does not exist; give a .safetensors file, e.g. OUTPUT/final/{LORA_FILE}"
+        )
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        if not allow_pickle:
+            raise InvalidInputError(
+                f"LoRA {path} holds pickled weights, which can run code when loaded; convert it to safetensors, or "
+                "pass --allow-pickle (allow_pickle=True) if you trust its source"
+            )
+        return path
+    if not path.name.lower().endswith(".safetensors"):
+        raise InvalidInputError(f"LoRA {path} is not a .safetensors file")
+    try:
+        _check_safetensors(path)
+    except Exception as exc:  # ModelLoadError: corrupt or truncated
+        raise InvalidInputError(str(exc)) from None
+    return path
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's short LoRA hash: the first 12 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _peft_to_diffusers_text(state: dict, text_encoder) -> dict:
+    """peft keys of a text encoder → diffusers' ``lora_linear_layer`` form (see the module docstring)."""
+    prefix = "text_model." if "CLIP" in type(text_encoder).__name__ and not hasattr(text_encoder, "text_model") else ""
+    out = {}
+    for key, value in state.items():
+        key = key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up.")
+        out[prefix + key] = value
+    return out
+
+
+def _adapter_metadata(module) -> dict:
+    config = module.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_lora(out_dir: str | os.PathLike, *, unet=None, text_encoder=None) -> Path:
+    """Write the ``default`` peft adapters of ``unet`` and/or ``text_encoder`` as ``out_dir/`` :data:`LORA_FILE`.
+
+    The diffusers format (loads with ``StableDiffusionPipeline.load_lora_weights``), with the adapter metadata
+    (rank, alpha, targets); written to a temporary name first and renamed, so the file is whole or absent.
+
+    Args:
+        out_dir: the folder to write into (created).
+        unet: a UNet holding a peft adapter named ``default`` (from ``add_adapter``), or None.
+        text_encoder: a text encoder holding one, or None.
+    """
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if unet is not None:
+        kwargs["unet_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        kwargs["unet_lora_adapter_metadata"] = _adapter_metadata(unet)
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"] = _peft_to_diffusers_text(
+            get_peft_model_state_dict(text_encoder), text_encoder
+        )
+        kwargs["text_encoder_lora_adapter_metadata"] = _adapter_metadata(text_encoder)
+    if not kwargs:
+        raise InvalidInputError("nothing to save: neither the UNet nor the text encoder holds a LoRA adapter")
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, **kwargs)
+        target = out_dir / LORA_FILE
+        os.replace(Path(tmp) / LORA_FILE, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying
+
+
+_SUFFIXES = (
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+)
+
+
+def _file_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """{key: shape} and the header metadata of a safetensors file, without reading its tensors."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    return {k: tuple(v["shape"]) for k, v in header.items()}, meta
+
+
+def check_lora_fits(path: Path, sd, model: str) -> None:
+    """Refuse a diffusers/peft-format LoRA whose layers are not layers (of the same width) of this model.
+
+    Kohya/A1111 files (``lora_unet_*``, ``lora_te_*``) are left to diffusers' own converter.
+    """
+    if not path.name.lower().endswith(".safetensors"):
+        return
+    shapes, _ = _file_keys(path)
+    if not shapes:
+        raise InvalidInputError(f"LoRA {path} holds no tensors")
+    components = {"unet": sd.unet, "text_encoder": sd.text_encoder}
+    modules = {}
+    checked = 0
+    for key, shape in shapes.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in components:
+            if prefix.startswith("lora_") or key.startswith("lora_"):
+                return  # Kohya layout
+            continue
+        suffix = next((down for down, _ in _SUFFIXES if rest.endswith(down)), None)
+        if suffix is None:
+            continue
+        module_path = rest[: -len(suffix)].replace(".processor.", ".")
+        if prefix not in modules:
+            modules[prefix] = dict(components[prefix].named_modules())
+        found = modules[prefix]
+        candidates = [module_path, module_path.removeprefix("text_model.")]
+        module = next((found[c] for c in candidates if c in found), None)
+        if module is not None and hasattr(module, "base_layer"):  # already holds another adapter
+            module = module.base_layer
+        width = getattr(module, "in_features", getattr(module, "in_channels", None))
+        if module is None or (len(shape) >= 2 and width is not None and width != shape[1]):
+            what = "has no layer" if module is None else f"has layer {module_path} {width} wide, not {shape[1]}"
+            raise InvalidInputError(
+                f"LoRA {path} does not fit {model}: its {prefix} {what}"
+                + (f" {module_path}" if module is None else "")
+                + "; it was trained for another model"
+            )
+        checked += 1
+    if not checked:
+        raise InvalidInputError(f"LoRA {path} holds no UNet or text-encoder LoRA layers taiyi recognises")
+
+
+def apply_loras(
+    sd, specs: list[LoraSpec], *, model: str, allow_pickle: bool = False, start: int = 0
+) -> list[LoadedLora]:
+    """Load ``specs`` into the diffusers pipeline ``sd`` (adapters ``taiyi_<start+i>``); they are activated by
+    :func:`activate_loras`.
+
+    Raises:
+        InvalidInputError: a file is missing, pickled without ``allow_pickle``, or does not fit the model.
+    """
+    loaded = []
+    for i, spec in enumerate(specs):
+        path = resolve_lora_file(spec.path, allow_pickle=allow_pickle)
+        check_lora_fits(path, sd, model)
+        adapter = f"taiyi_{start + i}"
+        try:
+            with warnings.catch_warnings():
+                # peft warns when a model gets a second adapter: several LoRAs at once is what --lora is for.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                sd.load_lora_weights(
+                    str(path.parent),
+                    weight_name=path.name,
+                    adapter_name=adapter,
+                    use_safetensors=path.suffix == ".safetensors",
+                )
+        except (ValueError, RuntimeError, KeyError) as exc:
+            _drop_adapter(sd, adapter)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInputError(f"LoRA {path} does not fit {model}: {first[:300]}") from None
+        loaded.append(LoadedLora(lora_name(path), path, file_hash(path), spec.scale, adapter))
+    return loaded
+
+
+def _drop_adapter(sd, adapter: str) -> None:
+    try:
+        sd.delete_adapters(adapter)
+    except Exception:  # nothing was injected
+        pass
+
+
+def activate_loras(sd, loras: list[LoadedLora]) -> None:
+    """Make exactly ``loras`` active in ``sd``, each at its scale (diffusers ``set_adapters``)."""
+    if loras:
+        sd.set_adapters([x.adapter for x in loras], adapter_weights=[x.scale for x in loras])
+
+
+# --------------------------------------------------------------------------------------------------
+# Image metadata
+
+
+def lora_extras(loras: list[LoadedLora]) -> dict[str, str]:
+    """The ``parameters`` chunk entries recording ``loras`` (empty without LoRAs)."""
+    if not loras:
+        return {}
+    from .metadata import _format_float
+
+    return {
+        HASHES_KEY: ", ".join(f"{x.name}: {x.hash}" for x in loras),
+        WEIGHTS_KEY: ", ".join(f"{x.name}: {_format_float(x.scale)}" for x in loras),
+    }
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    out = []
+    for part in text.split(","):
+        name, sep, value = part.rpartition(":")
+        if sep and name.strip():
+            out.append((name.strip(), value.strip()))
+    return out
+
+
+def recorded_loras(extras: dict[str, str]) -> list[tuple[str, str, float]]:
+    """(name, short hash, scale) of the LoRAs an image's parameters record (A1111 ``Lora hashes``)."""
+    scales = {}
+    for name, value in _pairs(extras.get(WEIGHTS_KEY, "")):
+        try:
+            scales[name] = float(value)
+        except ValueError:
+            raise InvalidInputError(
+                f"generation parameters: {WEIGHTS_KEY} {value!r} of {name} is not a number"
+            ) from None
+    return [(name, h, scales.get(name, 1.0)) for name, h in _pairs(extras.get(HASHES_KEY, ""))]
+
+
+def find_recorded_loras(extras: dict[str, str], search: list[Path]) -> list[LoraSpec]:
+    """The files of the LoRAs an image records, found by name and checked by hash in the ``search`` folders.
+
+    Raises:
+        InvalidInputError: a recorded LoRA is not found there (pass it with ``--lora``).
+    """
+    specs = []
+    for name, short, scale in recorded_loras(extras):
+        candidates = []
+        for folder in search:
+            candidates += [
+                folder / f"{name}.safetensors",
+                folder / name / "final" / LORA_FILE,
+                folder / name / LORA_FILE,
+            ]
+        match = next((c for c in candidates if c.is_file() and file_hash(c) == short), None)
+        if match is None:
+            raise InvalidInputError(
+                f"the image was drawn with LoRA {name!r} (hash {short}), which is not in "
+                f"{', '.join(str(f) for f in search)}; pass it with --lora FILE[:SCALE]"
+            )
+        specs.append(LoraSpec(match, scale))
+    return specs
+
+
+__all__ = [
+    "LORA_FILE",
+    "LoadedLora",
+    "LoraSpec",
+    "activate_loras",
+    "apply_loras",
+    "file_hash",
+    "find_recorded_loras",
+    "lora_extras",
+    "parse_lora_spec",
+    "recorded_loras",
+    "resolve_lora_file",
+    "save_lora",
+    "text_encoder_targets",
+]
