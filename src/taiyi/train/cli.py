@@ -64,6 +64,15 @@ def clip(
     init_from: Annotated[
         str | None, _opt("--init-from", help="Start from a taiyi Chinese CLIP folder instead of --text-tower.")
     ] = None,
+    new_clip: Annotated[
+        bool, _opt("--new-clip", help="Train a CLIP from scratch: both towers, BPE tokenizer from the captions.")
+    ] = False,
+    from_config: Annotated[
+        str | None, _opt("--from-config", help="CLIPConfig JSON over the miniature sizes (implies --new-clip).")
+    ] = None,
+    vocab_size: Annotated[
+        int | None, _opt("--vocab-size", help="--new-clip: tokens of the learned BPE tokenizer [1024].")
+    ] = None,
     allow_pickle: Annotated[bool, _opt("--allow-pickle", help="Accept pickled .bin weights (can run code).")] = False,
     image_column: Annotated[
         str | None, _opt("--image-column", help="CSV/JSONL image column [image].", panel=_PANEL_DATA)
@@ -103,7 +112,9 @@ def clip(
     grad_accum: Annotated[
         int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
     ] = None,
-    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate [1e-5].", panel=_PANEL_OPT)] = None,
+    lr: Annotated[
+        float | None, _opt("--lr", help="Peak learning rate [1e-5; --new-clip 5e-4].", panel=_PANEL_OPT)
+    ] = None,
     weight_decay: Annotated[
         float | None, _opt("--weight-decay", help="AdamW weight decay [0.1].", panel=_PANEL_OPT)
     ] = None,
@@ -144,6 +155,7 @@ def clip(
     """Locked-image training: a Chinese text tower learns a frozen CLIP image tower's space (Taiyi-CLIP).
 
     Writes OUTPUT/final (loads with load_clip) and OUTPUT/taiyi-text-tower (published Taiyi-CLIP layout).
+    With --new-clip, trains a whole CLIP from scratch; OUTPUT/final is then a standard CLIP folder.
     """
     given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
     beta1, beta2 = given.pop("beta1", None), given.pop("beta2", None)
