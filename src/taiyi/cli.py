@@ -363,6 +363,7 @@ def _register_subcommands() -> None:
     app.add_typer(eval_app, name="eval")
     app.command("disco")(disco)
     app.command("bench")(bench_command)
+    app.command("bench")(bench_command)
 
 
 _register_subcommands()
