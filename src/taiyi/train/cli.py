@@ -492,7 +492,8 @@ ValEvery = Annotated[
     int | None, _opt("--val-every", help="Validate every N steps [500]; 0: at the end only.", panel=_PANEL_RUN)
 ]
 BlockOutChannels = Annotated[
-    str | None, _opt("--block-out-channels", help="Widths per level, comma-separated.", panel=_PANEL_OPT)
+    str | None,
+    _opt("--block-out-channels", help="Widths per level [vae 16,32,64; uncond 32,64,128,128].", panel=_PANEL_OPT),
 ]
 LayersPerBlock = Annotated[
     int | None, _opt("--layers-per-block", help="ResNet blocks per level [1].", panel=_PANEL_OPT)

@@ -185,7 +185,7 @@ class VAETrainConfig(ImageTrainConfig):
 
     Args (beyond :class:`ImageTrainConfig`):
         block_out_channels: channels per encoder/decoder level; n levels downsample by 2^(n−1)
-            (diffusers' convention: (32, 64, 64) is factor 4, 16×16 latents at 64×64).
+            (diffusers' convention: (16, 32, 64) is factor 4, 16×16 latents at 64×64; 0.68 M parameters).
         latent_channels: latent channels (4, as Stable Diffusion).
         layers_per_block: ResNet blocks per level.
         norm_num_groups: GroupNorm groups (must divide every width).
@@ -195,7 +195,7 @@ class VAETrainConfig(ImageTrainConfig):
         scale_images: training images measured for ``scaling_factor`` (at most).
     """
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 4
     layers_per_block: int = 1
     norm_num_groups: int = 16
