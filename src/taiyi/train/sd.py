@@ -27,6 +27,10 @@ UNet too (the text encoder with it unless ``train_text_encoder=False``). The VAE
   the loss curve.
 - ``final/`` is a pipeline folder (``taiyi generate --model OUTPUT/final``), written atomically by
   :func:`taiyi.assemble.write_pipeline_folder`; frozen components are copied file for file from the base.
+- LoRA (``lora_rank``, ``taiyi train lora``): peft adapters on the UNet and/or the text encoder, base weights
+  frozen; checkpoints hold the adapters only and ``final/pytorch_lora_weights.safetensors`` is diffusers'
+  LoRA format (:mod:`taiyi.lora`). Prior preservation (``prior_data``) adds one class sample per instance
+  sample and the weighted class loss (``taiyi train dreambooth``, :mod:`taiyi.train.dreambooth`).
 
 Mixed precision: ``auto`` is bf16/fp16 on a GPU and off on CPU; ``fp16`` on CPU is refused (bf16 works
 there). Gradient checkpointing works on any device (it only saves memory). The output folder is
@@ -540,7 +544,8 @@ def train_sd(config: SDTrainConfig) -> dict:
         config: the run's settings (see :class:`SDTrainConfig`).
 
     Returns:
-        ``{"step", "total_steps", "output", "final", "checkpoint", "losses" ({step: loss} of this call),
+        ``{"step", "total_steps", "output", "final", "lora" (the LoRA file or None), "checkpoint",
+        "losses" ({step: loss} of this call), "prior_losses" ({step: class loss} with ``prior_data``),
         "truncated" (captions longer than the encoder window), "skipped" (unreadable samples),
         "validation" (grid PNG paths), "loss_plot", "cache" (paths), "cache_seconds", "train_seconds",
         "step_seconds", "resumed_from", "num_processes", "main_process", "pipeline" (the trained diffusers
