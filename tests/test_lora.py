@@ -253,3 +253,15 @@ def test_a_run_folder_names_its_lora(tmp_path, loras, tiny_zh):
     shutil.copy(loras["zh_a"], run_dir / LORA_FILE)
     pipe = load_pipeline(tiny_zh, safety_checker=False, loras=[tmp_path / "my-style"])
     assert [x.name for x in pipe.loras] == ["my-style"]
+
+
+def test_lora_hash_is_a1111s(tmp_path, loras):
+    import hashlib
+
+    data = loras["zh_a"].read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    # A1111 hashes a safetensors LoRA's tensor bytes (after the header), so editing its metadata keeps the hash.
+    assert file_hash(loras["zh_a"]) == hashlib.sha256(data[8 + n :]).hexdigest()[:12]
+    other = tmp_path / "x.pt"
+    other.write_bytes(b"abc")
+    assert file_hash(other) == hashlib.sha256(b"abc").hexdigest()[:12]

@@ -14,7 +14,7 @@ encoder kinds. diffusers 0.42 infers a text-encoder LoRA's format from its key n
 CLIP keys get the ``text_model.`` prefix the published CLIP layout (and other tools) use; diffusers strips it for
 transformers 5, whose ``CLIPTextModel`` is flattened.
 
-Images record their LoRAs as AUTOMATIC1111 does, ``Lora hashes: "name: <first 12 hex of the file's sha256>"``,
+Images record their LoRAs as AUTOMATIC1111 does, ``Lora hashes: "name: <12 hex digits>"`` (see :func:`file_hash`),
 plus taiyi's ``Lora weights: "name: scale"`` (A1111 keeps the scale in ``<lora:name:scale>`` prompt tags,
 which taiyi does not parse); ``taiyi generate --from`` re-applies them.
 """
@@ -149,9 +149,25 @@ def resolve_lora_file(path: str | os.PathLike, *, allow_pickle: bool = False) ->
 
 
 def file_hash(path: str | os.PathLike) -> str:
-    """AUTOMATIC1111's short LoRA hash: the first 12 hex digits of the file's sha256."""
+    """AUTOMATIC1111's short LoRA hash (``Lora hashes``): the first 12 hex digits of a sha256.
+
+    As A1111's Lora extension computes it: for ``.safetensors``, the header's ``sshs_model_hash`` when the trainer
+    wrote one, else the sha256 of the bytes after the header (sd-scripts' "addnet" hash, which ignores metadata
+    edits); for other files, the sha256 of the whole file.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        if os.fspath(path).lower().endswith(".safetensors"):
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(n)
+            try:
+                recorded = (json.loads(header).get("__metadata__") or {}).get("sshs_model_hash")
+            except ValueError:
+                recorded = None
+            if recorded:
+                return str(recorded)[:12]
+        else:
+            fh.seek(0)
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
