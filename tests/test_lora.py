@@ -265,3 +265,17 @@ def test_lora_hash_is_a1111s(tmp_path, loras):
     other = tmp_path / "x.pt"
     other.write_bytes(b"abc")
     assert file_hash(other) == hashlib.sha256(b"abc").hexdigest()[:12]
+
+
+def test_kohya_a1111_lora_files_load_too(tmp_path, loras, tiny_zh, pipe_zh):
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    unet = {k: v for k, v in load_file(loras["zh_a"]).items() if k.startswith("unet.")}
+    peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in unet.items()}
+    kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft).items()}
+    assert all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    path = tmp_path / "kohya.safetensors"
+    save_file(kohya, str(path))
+    pipe = load_pipeline(tiny_zh, safety_checker=False, loras=[path])
+    assert max_diff(ours(pipe), ours(pipe_zh)) > 5
