@@ -534,7 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     record = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    print(json.dumps({k: record[k] for k in ("train_seconds", "parameters", "eval") if k in record}, indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("train_seconds", "parameters", "eval") if k in record},
+            indent=1,
+            ensure_ascii=False,
+        )
+    )
     return 0
 
 
