@@ -3,8 +3,9 @@
 What is proven here: a LoRA written by :func:`taiyi.lora.save_lora` loads in stock diffusers for both Taiyi
 text-encoder layouts (BERT and CLIP) and draws the image taiyi draws with it; alpha ≠ rank survives the file;
 scale 0 is the base image; two LoRAs combine as diffusers' ``set_adapters`` combines them; edit and inpaint
-apply them too; images record them (A1111 ``Lora hashes``) and ``--from`` re-applies them; every bad
-``--lora`` is one line and exit status 2.
+apply them too; images record them (A1111 ``Lora hashes``) and ``--from`` re-applies them; an SD v1 LoRA
+(CLIP text encoder) applies its UNet part to the Chinese model; Kohya files load; every bad ``--lora`` is one
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from taiyi.cli import main
 from taiyi.errors import InvalidInputError
@@ -219,8 +221,16 @@ def test_bad_lora_arguments_are_one_line_and_exit_2(capsys, tmp_path, loras, tin
     torch.save({"unet.x.lora.down.weight": torch.zeros(1, 1)}, pickled)
     code, _, err = run(capsys, "generate", "山水", *args, "--lora", pickled)
     assert_user_error(code, err, "pickled", "--allow-pickle")
-    code, _, err = run(capsys, "generate", "山水", *args, "--lora", loras["en_a"])  # trained for the CLIP layout
-    assert_user_error(code, err, "does not fit", "another model")
+    alien = tmp_path / "alien.safetensors"  # a LoRA of a bigger UNet
+    save_file({"unet.down_blocks.3.attentions.0.proj_in.lora.down.weight": torch.zeros(4, 320)}, str(alien))
+    code, _, err = run(capsys, "generate", "山水", *args, "--lora", alien)
+    assert_user_error(code, err, "does not fit", "has no layer down_blocks.3", "another model")
+    clip_text_only = tmp_path / "clip-text.safetensors"
+    save_file(
+        {k: v for k, v in load_file(loras["en_a"]).items() if k.startswith("text_encoder.")}, str(clip_text_only)
+    )
+    code, _, err = run(capsys, "generate", "山水", *args, "--lora", clip_text_only)
+    assert_user_error(code, err, "does not fit", "its text_encoder has no layer")
     not_lora = tmp_path / "garbage.safetensors"
     not_lora.write_bytes(b"not a safetensors file")
     code, _, err = run(capsys, "edit", noise_png, "山水", *args, "--lora", not_lora)
@@ -267,9 +277,24 @@ def test_lora_hash_is_a1111s(tmp_path, loras):
     assert file_hash(other) == hashlib.sha256(b"abc").hexdigest()[:12]
 
 
+def test_an_sd_v1_lora_applies_its_unet_part_to_the_chinese_model(capsys, tmp_path, loras, tiny_zh, pipe_zh):
+    # en_a adapts a CLIP text encoder and a UNet like tiny_zh's: the UNet part applies, with a warning.
+    out = tmp_path / "a.png"
+    args = ("-m", tiny_zh, "--seed", SEED, "--steps", STEPS, "--scheduler", "pndm", "--no-safety-checker")
+    code, _, err = run(capsys, "generate", PROMPT, *args, "--lora", loras["en_a"], "-o", out)
+    assert code == 0 and "taiyi: warning:" in err and "UNet part only" in err
+    unet_only = tmp_path / "unet-only.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(loras["en_a"]), framework="pt") as f:
+        meta = f.metadata()  # alpha/rank: without it the UNet part would apply at half strength
+    save_file({k: v for k, v in load_file(loras["en_a"]).items() if k.startswith("unet.")}, str(unet_only), meta)
+    expected = ours(load_pipeline(tiny_zh, safety_checker=False, loras=[unet_only]))
+    assert max_diff(Image.open(out), expected) == 0 and max_diff(expected, ours(pipe_zh)) > 5
+
+
 def test_kohya_a1111_lora_files_load_too(tmp_path, loras, tiny_zh, pipe_zh):
     from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import load_file, save_file
 
     unet = {k: v for k, v in load_file(loras["zh_a"]).items() if k.startswith("unet.")}
     peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in unet.items()}

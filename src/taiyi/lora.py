@@ -4,7 +4,9 @@ A file is ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights
 ``unet.`` / ``text_encoder.``, the adapter settings (rank, alpha, target modules) in the header's
 ``lora_adapter_metadata`` so that alpha ≠ rank keeps its scale. It loads in stock diffusers with
 ``pipe.load_lora_weights(file)``, and taiyi applies it (or Kohya/A1111 files diffusers reads) through the same
-call, several at once with one scale each (``set_adapters``).
+call, several at once with one scale each (``set_adapters``). A LoRA whose layers are not this model's is
+refused in one line, except that an SD v1 LoRA's CLIP text-encoder part is left out (with a warning) on a Taiyi
+Chinese model, whose UNet is SD v1's but whose text encoder is BERT.
 
 Text-encoder keys are written in diffusers' ``<module>.lora_linear_layer.down/up.weight`` form for both text
 encoder kinds. diffusers 0.42 infers a text-encoder LoRA's format from its key names and knows only CLIP's
@@ -249,47 +251,95 @@ def _file_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
     return {k: tuple(v["shape"]) for k, v in header.items()}, meta
 
 
-def check_lora_fits(path: Path, sd, model: str) -> None:
-    """Refuse a diffusers/peft-format LoRA whose layers are not layers (of the same width) of this model.
+def check_lora_fits(path: Path, sd, model: str) -> list[str]:
+    """Check that a LoRA's layers are layers (of the same width) of this model; return the keys to leave out.
 
-    Kohya/A1111 files (``lora_unet_*``, ``lora_te_*``) are left to diffusers' own converter.
+    A LoRA made for Stable Diffusion v1 (CLIP text encoder) fits the UNet of a Taiyi Chinese model (SD v1's
+    UNet) but not its BERT text encoder: then the text-encoder part is left out with a warning. Any UNet layer
+    that does not fit, or a LoRA of which nothing fits, is refused. Kohya/A1111 files (``lora_unet_*``,
+    ``lora_te_*``) are checked by diffusers' own converter, except that their text-encoder part (CLIP names)
+    is left out for a non-CLIP text encoder.
+
+    Raises:
+        InvalidInputError: the LoRA does not fit (one line naming the first layer that does not).
     """
     if not path.name.lower().endswith(".safetensors"):
-        return
+        return []
     shapes, _ = _file_keys(path)
     if not shapes:
         raise InvalidInputError(f"LoRA {path} holds no tensors")
+    clip_text = "CLIP" in type(sd.text_encoder).__name__
+    if any(k.startswith("lora_") for k in shapes):  # Kohya layout
+        text_keys = [k for k in shapes if k.startswith("lora_te")]
+        if clip_text or not text_keys:
+            return []
+        if len(text_keys) == len(shapes):
+            raise InvalidInputError(
+                f"LoRA {path} adapts only a CLIP text encoder; {model} has a {type(sd.text_encoder).__name__}"
+            )
+        _warn_text_left_out(path, model, sd)
+        return text_keys
     components = {"unet": sd.unet, "text_encoder": sd.text_encoder}
-    modules = {}
-    checked = 0
+    modules, checked, misfits = {}, {"unet": 0, "text_encoder": 0}, {}
     for key, shape in shapes.items():
         prefix, _, rest = key.partition(".")
-        if prefix not in components:
-            if prefix.startswith("lora_") or key.startswith("lora_"):
-                return  # Kohya layout
-            continue
         suffix = next((down for down, _ in _SUFFIXES if rest.endswith(down)), None)
-        if suffix is None:
+        if prefix not in components or suffix is None:
             continue
         module_path = rest[: -len(suffix)].replace(".processor.", ".")
         if prefix not in modules:
             modules[prefix] = dict(components[prefix].named_modules())
         found = modules[prefix]
-        candidates = [module_path, module_path.removeprefix("text_model.")]
-        module = next((found[c] for c in candidates if c in found), None)
+        module = next((found[c] for c in (module_path, module_path.removeprefix("text_model.")) if c in found), None)
         if module is not None and hasattr(module, "base_layer"):  # already holds another adapter
             module = module.base_layer
         width = getattr(module, "in_features", getattr(module, "in_channels", None))
         if module is None or (len(shape) >= 2 and width is not None and width != shape[1]):
-            what = "has no layer" if module is None else f"has layer {module_path} {width} wide, not {shape[1]}"
-            raise InvalidInputError(
-                f"LoRA {path} does not fit {model}: its {prefix} {what}"
-                + (f" {module_path}" if module is None else "")
-                + "; it was trained for another model"
+            what = (
+                f"has no layer {module_path}"
+                if module is None
+                else f"has layer {module_path} {width} wide, not {shape[1]}"
             )
-        checked += 1
-    if not checked:
+            misfits.setdefault(
+                prefix, f"LoRA {path} does not fit {model}: its {prefix} {what}; it was trained for another model"
+            )
+        else:
+            checked[prefix] += 1
+    if "unet" in misfits:
+        raise InvalidInputError(misfits["unet"])
+    if "text_encoder" in misfits:
+        if not checked["unet"]:
+            raise InvalidInputError(misfits["text_encoder"])
+        _warn_text_left_out(path, model, sd)
+        return [k for k in shapes if k.startswith("text_encoder.")]
+    if not sum(checked.values()):
         raise InvalidInputError(f"LoRA {path} holds no UNet or text-encoder LoRA layers taiyi recognises")
+    return []
+
+
+def _warn_text_left_out(path: Path, model: str, sd) -> None:
+    import logging
+
+    logging.getLogger("taiyi").warning(
+        "LoRA %s: its text-encoder part is for another text encoder than %s's %s; applying its UNet part only",
+        path.name,
+        model,
+        type(sd.text_encoder).__name__,
+    )
+
+
+def _without_keys(path: Path, keys: list[str], folder: Path) -> Path:
+    """A copy of the safetensors file ``path`` without ``keys`` (same header metadata) in ``folder``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    drop = set(keys)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+        meta = f.metadata()
+    out = folder / path.name
+    save_file(tensors, str(out), metadata=meta)
+    return out
 
 
 def apply_loras(
@@ -301,25 +351,29 @@ def apply_loras(
     Raises:
         InvalidInputError: a file is missing, pickled without ``allow_pickle``, or does not fit the model.
     """
+    import tempfile
+
     loaded = []
     for i, spec in enumerate(specs):
         path = resolve_lora_file(spec.path, allow_pickle=allow_pickle)
-        check_lora_fits(path, sd, model)
+        left_out = check_lora_fits(path, sd, model)
         adapter = f"taiyi_{start + i}"
-        try:
-            with warnings.catch_warnings():
-                # peft warns when a model gets a second adapter: several LoRAs at once is what --lora is for.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                sd.load_lora_weights(
-                    str(path.parent),
-                    weight_name=path.name,
-                    adapter_name=adapter,
-                    use_safetensors=path.suffix == ".safetensors",
-                )
-        except (ValueError, RuntimeError, KeyError) as exc:
-            _drop_adapter(sd, adapter)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidInputError(f"LoRA {path} does not fit {model}: {first[:300]}") from None
+        with tempfile.TemporaryDirectory(prefix="taiyi-lora-") as tmp:
+            source = _without_keys(path, left_out, Path(tmp)) if left_out else path
+            try:
+                with warnings.catch_warnings():
+                    # peft warns when a model gets a second adapter: several LoRAs at once is what --lora is for.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    sd.load_lora_weights(
+                        str(source.parent),
+                        weight_name=source.name,
+                        adapter_name=adapter,
+                        use_safetensors=source.suffix == ".safetensors",
+                    )
+            except (ValueError, RuntimeError, KeyError) as exc:
+                _drop_adapter(sd, adapter)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InvalidInputError(f"LoRA {path} does not fit {model}: {first[:300]}") from None
         loaded.append(LoadedLora(lora_name(path), path, file_hash(path), spec.scale, adapter))
     return loaded
 
