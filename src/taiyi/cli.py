@@ -116,19 +116,11 @@ def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None):
     )
 
 
-def _rerender_loras(params, lora: list[str] | None, image: Path, allow_pickle: bool) -> list:
+def _rerender_loras(params, lora: list[str] | None, image: Path) -> list:
     """The LoRAs to re-apply for ``--from``: those given, else the recorded ones found beside the image or here."""
-    from .lora import file_hash, find_recorded_loras, parse_lora_spec, recorded_loras, resolve_lora_file
+    from .lora import find_recorded_loras, recorded_loras
 
-    if lora:
-        recorded = sorted(h for _, h, _ in recorded_loras(params.extras))
-        given = sorted(file_hash(resolve_lora_file(parse_lora_spec(x).path, allow_pickle=allow_pickle)) for x in lora)
-        if recorded != given:
-            logging.getLogger("taiyi").warning(
-                "%s was drawn with other LoRAs (%s); the image will differ",
-                image,
-                params.extras.get("Lora hashes", "none"),
-            )
+    if lora:  # TaiyiPipeline.rerender warns when they are not the recorded ones
         return list(lora)
     if not recorded_loras(params.extras):
         return []
@@ -186,7 +178,7 @@ def generate(
 
         params = read_parameters(from_image)
         _precheck(output, overwrite, 1)
-        loras = _rerender_loras(params, lora, from_image, allow_pickle)
+        loras = _rerender_loras(params, lora, from_image)
         pipe = _load(
             model or params.model or None, params.dtype or dtype, device, no_safety_checker, allow_pickle, loras
         )

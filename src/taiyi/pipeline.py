@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 from .encoding import encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
-from .lora import lora_extras
+from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from .prompts import check_prompt, normalize_prompt
@@ -144,7 +144,7 @@ class TaiyiPipeline:
         self.dtype = dtype
         self._base_scheduler_config = dict(sd.scheduler.config)
         self._pipelines: dict[type, object] = {}
-        self.loras: list = []  # LoadedLora, in the order applied (taiyi.lora)
+        self.loras: list[LoadedLora] = []  # in the order applied
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, *, allow_pickle: bool = False) -> TaiyiPipeline:
         """Apply a LoRA file (diffusers, peft or Kohya/A1111 format) on top of those already applied.
@@ -580,6 +580,16 @@ class TaiyiPipeline:
             raise InvalidInputError(f"batch position {params.batch_pos} is outside a batch of {params.batch_size}")
         if not params.scheduler:
             raise InvalidInputError(f"sampler {params.extras.get('Sampler')!r} is not one taiyi can run")
+        recorded = sorted((h, scale) for _, h, scale in recorded_loras(params.extras))
+        if recorded != sorted((x.hash, x.scale) for x in self.loras):
+            ours = lora_extras(self.loras)
+            logger.warning(
+                "the image was drawn with LoRAs %s (weights %s), this pipeline has %s (%s); the image will differ",
+                params.extras.get("Lora hashes", "none"),
+                params.extras.get("Lora weights", "none"),
+                ours.get("Lora hashes", "none"),
+                ours.get("Lora weights", "none"),
+            )
         result = self.generate(
             params.prompt,
             negative_prompt=params.negative_prompt,
