@@ -194,7 +194,9 @@ _BatchSize = Annotated[
 _GradAccum = Annotated[
     int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)
 ]
-_Lr = Annotated[float | None, _opt("--lr", help="Learning rate [1e-4; dreambooth 5e-6].", panel=_PANEL_OPT)]
+_Lr = Annotated[
+    float | None, _opt("--lr", help="Learning rate [1e-4; dreambooth 5e-6, with LoRA 1e-4].", panel=_PANEL_OPT)
+]
 _WeightDecay = Annotated[
     float | None, _opt("--weight-decay", help="AdamW weight decay [0.1; dreambooth 0.01].", panel=_PANEL_OPT)
 ]

@@ -57,7 +57,7 @@ class DreamBoothConfig(SDTrainConfig):
     data: list[str] = field(default_factory=list)
     output: str = ""
     stage: int = 2
-    lr: float = 5e-6
+    lr: float | None = None  # 5e-6 for a full fine-tune, 1e-4 for LoRA (diffusers' DreamBooth scripts)
     weight_decay: float = 1e-2
     max_steps: int | None = 400
     val_prompts: list[str] = field(default_factory=list)  # empty: the instance prompt
@@ -186,6 +186,7 @@ def train_dreambooth(config: DreamBoothConfig) -> dict:
         train_text = False  # DreamBooth's default: the UNet only
     run = replace(
         config,
+        lr=config.lr if config.lr is not None else (5e-6 if config.lora_rank is None else 1e-4),
         data=[str(lists / "instance.jsonl")],
         prior_data=str(lists / "class.jsonl") if config.class_prompt is not None else None,
         train_text_encoder=train_text,
