@@ -555,6 +555,9 @@ def vae(
     edge_weight: Annotated[
         float | None, _opt("--edge-weight", help="L1 on image gradients, for sharpness [0.5].", panel=_PANEL_OPT)
     ] = None,
+    grey_fraction: Annotated[
+        float | None, _opt("--grey-fraction", help="Share of images trained in grey [0.1].", panel=_PANEL_OPT)
+    ] = None,
     scale_images: Annotated[
         int | None, _opt("--scale-images", help="Images measured for scaling_factor [1024].", panel=_PANEL_OPT)
     ] = None,

@@ -10,6 +10,7 @@ The miniature recipe needs its own VAE: 64×64 pictures, downsampling factor 4, 
   held out for validation.
 - Objective: L1 reconstruction of a posterior sample + ``kl_weight`` × KL (mean per latent element)
   + ``edge_weight`` × L1 of the finite-difference image gradients (cheap sharpness; no LPIPS/GAN).
+  A ``grey_fraction`` of the training images is turned grey, so grey pictures come back grey.
 - Validation (every ``val_every`` steps and at the end): PSNR of posterior-mean reconstructions of the
   held-out images, and the mean chroma (max − min of R, G, B, 0–1) of reconstructions of greyscale
   pictures — the held-out images turned grey, and rendered 水墨 (ink) scenes — which must stay grey
@@ -192,6 +193,8 @@ class VAETrainConfig(ImageTrainConfig):
         mid_attention: self-attention in the middle block (at the latent resolution).
         kl_weight: weight of the KL term (mean per latent element).
         edge_weight: weight of the L1 loss on finite-difference image gradients (0: off).
+        grey_fraction: share of training images turned grey (channel mean) at random, so grey pictures
+            reconstruct grey (水墨 needs it; the check is ``ink_chroma`` / ``grey_chroma``).
         scale_images: training images measured for ``scaling_factor`` (at most).
     """
 
@@ -202,6 +205,7 @@ class VAETrainConfig(ImageTrainConfig):
     mid_attention: bool = True
     kl_weight: float = 1e-4
     edge_weight: float = 0.5
+    grey_fraction: float = 0.1
     scale_images: int = 1024
     lr: float = 1e-3
     batch_size: int = 32
@@ -683,6 +687,7 @@ def _validate_vae_config(config: VAETrainConfig) -> None:
         (config.layers_per_block >= 1, f"--layers-per-block must be at least 1, not {config.layers_per_block}"),
         (config.kl_weight >= 0, f"--kl-weight must be 0 or more, not {config.kl_weight}"),
         (config.edge_weight >= 0, f"--edge-weight must be 0 or more, not {config.edge_weight}"),
+        (0 <= config.grey_fraction <= 1, f"--grey-fraction must lie in [0, 1], not {config.grey_fraction}"),
         (config.scale_images >= 1, f"--scale-images must be at least 1, not {config.scale_images}"),
     ]
     for ok, message in checks:
@@ -715,6 +720,8 @@ def train_vae(config: VAETrainConfig) -> dict:
             *(s // 2 ** (len(config.block_out_channels) - 1) for s in pixels.shape[-2:]),
         )
         eps = torch.randn(eps_shape, generator=g).to(pixels.device)
+        grey = (torch.rand(pixels.shape[0], generator=g) < config.grey_fraction).to(pixels.device)
+        pixels = torch.where(grey[:, None, None, None], pixels.mean(dim=1, keepdim=True).expand_as(pixels), pixels)
         reconstruction, kl = model(pixels, eps)
         return vae_loss(reconstruction, pixels, kl, config.kl_weight, config.edge_weight)
 
