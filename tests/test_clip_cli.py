@@ -382,3 +382,49 @@ def test_score_and_classify_bad_input(capsys, tmp_path, photo, towers, model_dir
     code, _, err = run(capsys, "clip", "index", tmp_path, "--out", tmp_path / "i", *mismatched)
     assert_user_error(code, err, "24-d")
     assert not (tmp_path / "i").exists()
+
+
+# --- an English CLIP (taiyi train clip --new-clip's final/) ---------------------------------------------
+@pytest.fixture(scope="module")
+def english_dir(tmp_path_factory):
+    """A tiny random CLIP with a learned BPE tokenizer, saved as a standard CLIP folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from taiyi.clip import ChineseCLIP
+    from taiyi.recipe.tokenizer import train_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("english-clip")
+    words = "a photo of a cat dog bird at dawn dusk noon night river lake".split()
+    tokenizer = train_clip_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))], root / "tok")
+    torch.manual_seed(0)
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": 0}
+    config = CLIPConfig(
+        text_config={**tower, **ids, "vocab_size": len(tokenizer)},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    clip = ChineseCLIP.from_clip_model(CLIPModel(config).eval(), tokenizer, processor)
+    return clip.save_pretrained(root / "clip")
+
+
+def test_score_and_classify_with_an_english_clip(capsys, photo, english_dir):
+    from taiyi.clip import load_clip
+
+    clip = load_clip(english_dir, device="cpu")
+    texts = ["a cat at dawn", "A dog by the river"]
+    code, out, err = run(capsys, "clip", "score", photo, *texts, "-m", english_dir, "--json")
+    assert code == 0, err
+    expected = clip.similarity(Image.open(photo), texts)[0]
+    assert [r["similarity"] for r in json.loads(out)] == pytest.approx(expected.tolist(), abs=1e-5)
+    labels = ["cat", "dog", "bird"]
+    code, out, err = run(capsys, "clip", "classify", photo, "--labels", "cat, dog, bird", "-m", english_dir, "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)
+    probs = clip.zero_shot(Image.open(photo), labels)[0]  # English templates by default
+    assert {r["label"]: r["probability"] for r in result["labels"]} == pytest.approx(
+        dict(zip(labels, probs.tolist(), strict=True))
+    )
+    code, _, err = run(capsys, "clip", "score", photo, "x", "-m", english_dir, "--image-tower", english_dir)
+    assert_user_error(code, err, "drop --image-tower")
