@@ -109,3 +109,71 @@ def test_write_data_renders_once_with_three_caption_manifests(tmp_path):
     assert len(pairs) == preset.n_train and pairs[0].image.size == (preset.size, preset.size)
     scenes = [json.loads(x) for x in (folder / "scenes.jsonl").read_text().splitlines()]
     assert not any(shanshui.is_held_out(shanshui.Scene.from_dict(s)) for s in scenes)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole recipe at toy sizes (a few steps per stage): every stage is one of the project's commands."""
+    from taiyi.recipe.mini import RecipeConfig, run_recipe
+
+    out = tmp_path_factory.mktemp("recipe") / "run"
+    status = run_recipe(RecipeConfig(out=str(out), preset="tiny", jobs=2, threads=1), echo=lambda line: None)
+    return out, status
+
+
+def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
+    from taiyi.recipe.mini import STAGES
+
+    out, status = tiny_run
+    assert [name for name in STAGES if status[name]["status"] == "done"] == list(STAGES)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["stage1_frozen"]["Taiyi SD Chinese vs English SD"] == {"unet": True, "vae": True}
+    assert set(report["faithfulness"]) == {
+        "English SD / en", "Taiyi SD Chinese / zh", "Taiyi SD bilingual / zh", "Taiyi SD bilingual / en",
+        "Taiyi SD bilingual / mixed",
+    }  # fmt: skip
+    for result in report["faithfulness"].values():
+        assert set(result["seen"]) >= {"time", "land", "style"} and result["images"] == 3 * 2
+    assert set(report["clip"]) == {"Taiyi-CLIP (Chinese)", "English CLIP"}
+    assert (out / "report.md").read_text(encoding="utf-8").startswith("# taiyi recipe mini")
+    for name in ("taiyi-mini-zh", "taiyi-mini-zh-en", "taiyi-mini-clip", "taiyi-mini-uncond", "taiyi-mini-probe"):
+        assert (out / "models" / name).is_dir()
+
+
+def test_tiny_recipe_models_load_and_generate(tiny_run):
+    from taiyi.clip import load_clip
+    from taiyi.disco import DiscoSettings, disco_sample, load_uncond
+    from taiyi.pipeline import load_pipeline
+
+    out, _ = tiny_run
+    models = out / "models"
+    pipe = load_pipeline(models / "taiyi-mini-zh")
+    assert pipe.default_size == 64 and type(pipe.sd.text_encoder).__name__ == "BertModel"
+    assert pipe.generate("夜晚的高山，水墨画", steps=2, seed=1).images[0].size == (64, 64)
+    clip = load_clip(models / "taiyi-mini-clip")
+    assert clip.encode_text(["夜晚"]).shape[0] == 1
+    result = disco_sample(
+        load_uncond(models / "taiyi-mini-uncond"), clip, "夜晚", DiscoSettings(steps=2, cutn=2, seed=0)
+    )
+    assert result.image.size == (64, 64)
+
+
+def test_recipe_rerun_skips_finished_stages(tiny_run):
+    from taiyi.recipe.mini import RecipeConfig, run_recipe
+
+    out, _ = tiny_run
+    lines = []
+    status = run_recipe(RecipeConfig(out=str(out), preset="tiny"), echo=lines.append)
+    assert all(s["status"] == "done before" for s in status.values()) and len(lines) == len(status)
+
+
+def test_recipe_bad_input(tmp_path):
+    from taiyi.errors import InvalidInputError
+    from taiyi.recipe.mini import RecipeConfig, run_recipe
+
+    with pytest.raises(InvalidInputError, match="unknown preset"):
+        run_recipe(RecipeConfig(out=str(tmp_path), preset="huge"))
+    with pytest.raises(InvalidInputError, match="unknown stage"):
+        run_recipe(RecipeConfig(out=str(tmp_path), only=["sd-xl"]))
+    with pytest.raises(InvalidInputError, match="needs"):
+        run_recipe(RecipeConfig(out=str(tmp_path), preset="tiny", only=["sd-zh"]))

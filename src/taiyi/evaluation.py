@@ -256,7 +256,7 @@ def evaluate_zero_shot(
         model: a :class:`taiyi.clip.ChineseCLIP`.
         root: the ImageFolder.
         labels, folder_to_label: from :func:`parse_class_labels`.
-        templates: prompt templates (default: the model's shipped Chinese set).
+        templates: prompt templates (default: the model's own — Chinese, or English for a CLIP text tower).
 
     Returns:
         ``{"top1", "top5", "num_images", "num_classes", "skipped"}``; unreadable images are skipped and counted.
@@ -271,7 +271,8 @@ def evaluate_zero_shot(
     ]
     if not files:
         raise InvalidInputError(f"ImageFolder {root} holds no images in its class folders")
-    class_embeds = model.label_embeddings(labels, templates or ZH_TEMPLATES)  # (L, D)
+    default = getattr(model, "templates", ZH_TEMPLATES)
+    class_embeds = model.label_embeddings(labels, templates or default)  # (L, D)
     chunks, targets, skipped = [], [], 0
     for start in range(0, len(files), batch_size):
         images = []

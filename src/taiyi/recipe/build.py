@@ -16,7 +16,7 @@ import torch
 from ..data import shanshui
 from ..train.common import write_json_atomic
 
-__all__ = ["write_data", "init_text_tower", "init_english_sd", "unet_config", "scheduler_config"]
+__all__ = ["write_data", "write_clip_config", "init_text_tower", "init_english_sd", "unet_config", "scheduler_config"]
 
 CAPTION_LANGS = ("zh", "en", "mixed")
 
@@ -52,6 +52,24 @@ def write_data(out: Path, preset, config) -> None:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, target)
     write_json_atomic(folder / "done.json", {"n": preset.n_train, "size": preset.size, "seed": config.seed})
+
+
+def write_clip_config(out: Path, preset, config) -> Path:
+    """The English CLIP's sizes (``taiyi train clip --from-config``): text and image towers from the preset."""
+    heads, vision_heads = max(preset.text_width // 32, 1), max(preset.vision_width // 32, 1)
+    settings = {
+        "projection_dim": preset.projection,
+        "text_config": {"hidden_size": preset.text_width, "intermediate_size": 4 * preset.text_width,
+                        "num_hidden_layers": preset.text_layers, "num_attention_heads": heads,
+                        "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": preset.vision_width, "intermediate_size": 4 * preset.vision_width,
+                          "num_hidden_layers": preset.vision_layers, "num_attention_heads": vision_heads,
+                          "image_size": preset.size, "patch_size": 8},
+    }  # fmt: skip
+    target = out / "init" / "clip-en.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, settings)
+    return target
 
 
 def init_text_tower(out: Path, preset, config) -> Path:

@@ -43,12 +43,14 @@ def probe(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Scenes per step.")] = None,
     size: Annotated[int | None, typer.Option("--size", help="Picture side in pixels.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of scenes and initialisation.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing probe.")] = None,
 ) -> None:
     """Train the attribute probe: a small classifier of 山水 attributes, trained on rendered scenes only."""
-    given = {k: v for k, v in locals().items() if v is not None}
+    given = {k: v for k, v in locals().items() if v is not None and k != "out"}
     from .probe import ProbeConfig, train_probe
 
-    typer.echo(str(train_probe(ProbeConfig(**given))))
+    typer.echo(str(train_probe(ProbeConfig(output=out, **given))))
 
 
 @recipe_app.command()

@@ -5,7 +5,7 @@ and an interrupted one resumes from its latest checkpoint when the recipe is run
 
     data      render the training scenes once; captions in Chinese, English and mixed
     probe     the attribute probe that judges pictures              taiyi recipe probe
-    clip-en   "English CLIP", both towers from scratch                taiyi train clip --new-clip
+    clip-en   "English CLIP", both towers from scratch                taiyi train clip --from-config
     clip-zh   "Taiyi-CLIP": Chinese BERT tower vs the frozen image tower   taiyi train clip
     vae       the autoencoder                                        taiyi train vae
     sd-en     "English SD": UNet on the frozen English text tower     taiyi train sd --stage 2
@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {
         projection=32,
         unet_channels=(32, 32),
         unet_layers=1,
-        vae_channels=(16, 32),
+        vae_channels=(16, 32, 32),
         uncond_channels=(16, 32),
         batch={"clip": 8, "vae": 4, "sd": 4, "uncond": 4, "probe": 8},
         steps={
@@ -153,15 +153,13 @@ def _data(out: Path, lang: str) -> str:
 def _stages() -> list[Stage]:
     def probe(out, p, c):
         return [["recipe", "probe", "--out", str(out / "probe"), "--steps", str(p.steps["probe"]),
-                 "--batch-size", str(p.batch["probe"]), "--size", str(p.size), "--seed", str(c.seed)]]  # fmt: skip
+                 "--batch-size", str(p.batch["probe"]), "--size", str(p.size), "--seed", str(c.seed),
+                 "--threads", str(c.threads)]]  # fmt: skip
 
     def clip_en(out, p, c):
         return [
-            ["train", "clip", "--new-clip", "--data", _data(out, "en"), "--batch-size", str(p.batch["clip"]),
-             "--lr", str(p.lr["clip"]), "--text-width", str(p.text_width), "--text-layers", str(p.text_layers),
-             "--vision-width", str(p.vision_width), "--vision-layers", str(p.vision_layers),
-             "--projection-dim", str(p.projection), "--image-size", str(p.size),
-             "--max-length", str(p.text_max_length), "--val-fraction", "0.02",
+            ["train", "clip", "--from-config", str(out / "init" / "clip-en.json"), "--data", _data(out, "en"),
+             "--batch-size", str(p.batch["clip"]), "--lr", str(p.lr["clip"]), "--val-fraction", "0.02",
              *_train_common(out, "clip-en", p.steps["clip-en"], c.seed)]
         ]  # fmt: skip
 
@@ -176,8 +174,8 @@ def _stages() -> list[Stage]:
     def vae(out, p, c):
         return [
             ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
-             "--channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
-             "--lr", str(p.lr["vae"]), *_train_common(out, "vae", p.steps["vae"], c.seed)]
+             "--block-out-channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
+             "--lr", str(p.lr["vae"]), "--val-fraction", "0.02", *_train_common(out, "vae", p.steps["vae"], c.seed)]
         ]  # fmt: skip
 
     def sd_common(p, steps, lr):
@@ -217,8 +215,8 @@ def _stages() -> list[Stage]:
     def uncond(out, p, c):
         return [
             ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
-             "--channels", ",".join(map(str, p.uncond_channels)), "--batch-size", str(p.batch["uncond"]),
-             "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset),
+             "--block-out-channels", ",".join(map(str, p.uncond_channels)), "--batch-size", str(p.batch["uncond"]),
+             "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
              *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
         ]  # fmt: skip
 
@@ -230,7 +228,8 @@ def _stages() -> list[Stage]:
     return [
         Stage("data", "render the 山水 training set", (), lambda o, p, c: [], "data/done.json", build.write_data),
         Stage("probe", "attribute probe", (), probe, "probe/config.json"),
-        Stage("clip-en", "English CLIP (both towers, from scratch)", ("data",), clip_en, "clip-en/final"),
+        Stage("clip-en", "English CLIP (both towers, from scratch)", ("data",), clip_en, "clip-en/final",
+              build.write_clip_config),
         Stage("vae", "autoencoder", ("data",), vae, "vae/final"),
         Stage("clip-zh", "Taiyi-CLIP (Chinese tower, frozen image tower)", ("clip-en",), clip_zh, "clip-zh/final",
               build.init_text_tower),
