@@ -54,20 +54,20 @@ class Preset:
     batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 32, "sd": 32, "uncond": 32, "probe": 64})
     steps: dict = field(
         default_factory=lambda: {
-            "probe": 1500,
-            "clip-en": 2500,
-            "clip-zh": 2500,
-            "vae": 3000,
-            "sd-en": 3000,
-            "sd-zh": 2000,
-            "sd-zh-en-1": 1000,
-            "sd-zh-en-2": 2000,
-            "uncond": 4000,
+            "probe": 1000,
+            "clip-en": 600,
+            "clip-zh": 600,
+            "vae": 1500,
+            "sd-en": 1500,
+            "sd-zh": 800,
+            "sd-zh-en-1": 400,
+            "sd-zh-en-2": 800,
+            "uncond": 1500,
         }
     )
     lr: dict = field(
         default_factory=lambda: {
-            "clip": 1e-3,
+            "clip": 5e-4,
             "vae": 1e-3,
             "sd-unet": 4e-4,
             "sd-text": 2e-4,
@@ -181,6 +181,7 @@ def _stages() -> list[Stage]:
     def sd_common(p, steps, lr):
         return ["--resolution", str(p.size), "--batch-size", str(p.batch["sd"]), "--lr", str(lr),
                 "--noise-offset", str(p.noise_offset), "--caption-dropout", "0.1", "--val-every", "0",
+                "--warmup-steps", str(min(50, steps // 10)),
                 "--val-steps", str(p.eval_steps)]  # fmt: skip
 
     def sd_en(out, p, c):
