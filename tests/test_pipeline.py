@@ -552,3 +552,22 @@ def test_generate_many_rows_equal_single_runs(pipe_zh):
         pipe_zh.generate_many(["山", "水"], seeds=[1])
     with pytest.raises(InvalidInputError):
         pipe_zh.generate_many(["山", ""], seeds=[1, 2])
+
+
+def test_prompt_cache_encodes_each_text_once_and_draws_the_same(tiny_zh):
+    from taiyi.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_zh, safety_checker=False)
+    calls = []
+    forward = pipe.sd.text_encoder.forward
+    pipe.sd.text_encoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    first = pipe.generate("小桥流水人家", steps=2, seed=3).images[0]
+    assert len(calls) == 1  # the prompt and the empty negative prompt, in one batch
+    again = pipe.generate("小桥流水人家", steps=2, seed=3).images[0]
+    assert len(calls) == 1 and pipe.prompt_cache.hits >= 2  # repeat prompt and negative: no encoding
+    assert np.asarray(first).tobytes() == np.asarray(again).tobytes()
+    pipe.prompt_cache.clear()
+    fresh = pipe.generate("小桥流水人家", steps=2, seed=3).images[0]
+    assert np.abs(np.asarray(fresh, np.int16) - np.asarray(first, np.int16)).max() <= 1
+    pipe.generate("夜晚", steps=2, seed=3)
+    assert len(calls) == 3  # a new prompt: only it is encoded (the negative is cached)

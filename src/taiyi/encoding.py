@@ -45,8 +45,57 @@ def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Te
     return out
 
 
+class PromptCache:
+    """Embeddings of recently encoded texts, so a repeated prompt (and the empty negative prompt of every
+    classifier-free-guided image) is encoded once. Keyed by the text and a state tag (the LoRAs applied to
+    the text encoder change its output); the oldest entries go first beyond ``size``.
+    """
+
+    def __init__(self, size: int = 64):
+        from collections import OrderedDict
+
+        self.size = size
+        self._rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+            self.hits += 1
+        return row
+
+    def put(self, key: tuple, row: torch.Tensor) -> None:
+        self.misses += 1
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+def _encode_cached(sd, texts: list[str], device, cache: PromptCache, tag: tuple) -> torch.Tensor:
+    """Rows of stock ``encode_prompt`` for ``texts`` (B, L, D), the uncached ones encoded in one batch."""
+    missing = list(dict.fromkeys(t for t in texts if cache.get((tag, t)) is None))
+    if missing:
+        with torch.no_grad():  # cached rows must not hold an autograd graph
+            embeds, _ = sd.encode_prompt(missing, device, 1, False)
+        for text, row in zip(missing, embeds, strict=True):
+            cache.put((tag, text), row)
+    return torch.stack([cache._rows[(tag, t)] for t in texts])
+
+
 def encode_prompts(
-    sd, prompts: list[str], negative_prompts: list[str], device: torch.device, guidance: float
+    sd,
+    prompts: list[str],
+    negative_prompts: list[str],
+    device: torch.device,
+    guidance: float,
+    *,
+    cache: PromptCache | None = None,
+    cache_tag: tuple = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode a batch of prompts (one per image) and their negatives.
 
@@ -56,6 +105,8 @@ def encode_prompts(
         negative_prompts: same length as ``prompts``.
         device: where the embeddings go.
         guidance: classifier-free guidance scale; at ≤ 1 no negative embeddings are needed.
+        cache: reuse embeddings of texts encoded before (prompts within the encoder's window).
+        cache_tag: what else the embeddings depend on (e.g. the LoRAs applied); part of the cache key.
 
     Returns:
         ``(prompt_embeds, negative_embeds)``, each (B, L, D); ``negative_embeds`` is None without CFG.
@@ -75,6 +126,9 @@ def encode_prompts(
                 text[:40] + "…",
             )
         # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
+        if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
+            rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)
+            return rows[: len(prompts)], (rows[len(prompts) :] if do_cfg else None)
         embeds, negative = sd.encode_prompt(
             prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
         )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .encoding import encode_prompts
+from .encoding import PromptCache, encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
 from .lora import LoadedLora, lora_extras, recorded_loras
@@ -145,6 +145,7 @@ class TaiyiPipeline:
         self._base_scheduler_config = dict(sd.scheduler.config)
         self._pipelines: dict[type, object] = {}
         self.loras: list[LoadedLora] = []  # in the order applied
+        self.prompt_cache = PromptCache()
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, *, allow_pickle: bool = False) -> TaiyiPipeline:
         """Apply a LoRA file (diffusers, peft or Kohya/A1111 format) on top of those already applied.
@@ -299,7 +300,10 @@ class TaiyiPipeline:
     def _run(self, sd, *, prompts, negatives, steps, guidance, scheduler, seeds, progress, **kwargs):
         limit_threads()
         sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
-        embeds, negative_embeds = encode_prompts(sd, prompts, negatives, self.device, guidance)
+        tag = tuple((lora.hash, lora.scale) for lora in self.loras)  # LoRAs change the text encoder's output
+        embeds, negative_embeds = encode_prompts(
+            sd, prompts, negatives, self.device, guidance, cache=self.prompt_cache, cache_tag=tag
+        )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         callback = None
         if progress is not None:
