@@ -555,6 +555,9 @@ def vae(
     edge_weight: Annotated[
         float | None, _opt("--edge-weight", help="L1 on image gradients, for sharpness [0.5].", panel=_PANEL_OPT)
     ] = None,
+    chroma_weight: Annotated[
+        float | None, _opt("--chroma-weight", help="L1 on the colour part of the error [1.0].", panel=_PANEL_OPT)
+    ] = None,
     grey_fraction: Annotated[
         float | None, _opt("--grey-fraction", help="Share of images trained in grey [0.1].", panel=_PANEL_OPT)
     ] = None,

@@ -10,7 +10,9 @@ The miniature recipe needs its own VAE: 64×64 pictures, downsampling factor 4, 
   held out for validation.
 - Objective: L1 reconstruction of a posterior sample + ``kl_weight`` × KL (mean per latent element)
   + ``edge_weight`` × L1 of the finite-difference image gradients (cheap sharpness; no LPIPS/GAN).
-  A ``grey_fraction`` of the training images is turned grey, so grey pictures come back grey.
+  + ``chroma_weight`` × L1 of the error's colour part (the error minus its mean over R, G, B), so errors
+  fall on brightness rather than hue; and a ``grey_fraction`` of the training images is turned grey.
+  Both keep grey pictures grey.
 - Validation (every ``val_every`` steps and at the end): PSNR of posterior-mean reconstructions of the
   held-out images, and the mean chroma (max − min of R, G, B, 0–1) of reconstructions of greyscale
   pictures — the held-out images turned grey, and rendered 水墨 (ink) scenes — which must stay grey
@@ -193,6 +195,8 @@ class VAETrainConfig(ImageTrainConfig):
         mid_attention: self-attention in the middle block (at the latent resolution).
         kl_weight: weight of the KL term (mean per latent element).
         edge_weight: weight of the L1 loss on finite-difference image gradients (0: off).
+        chroma_weight: weight of the L1 loss on the colour part of the error (the error minus its mean over
+            R, G, B): errors then fall on brightness, not hue, so greys stay grey (0: off).
         grey_fraction: share of training images turned grey (channel mean) at random, so grey pictures
             reconstruct grey (水墨 needs it; the check is ``ink_chroma`` / ``grey_chroma``).
         scale_images: training images measured for ``scaling_factor`` (at most).
@@ -205,6 +209,7 @@ class VAETrainConfig(ImageTrainConfig):
     mid_attention: bool = True
     kl_weight: float = 1e-4
     edge_weight: float = 0.5
+    chroma_weight: float = 1.0
     grey_fraction: float = 0.1
     scale_images: int = 1024
     lr: float = 1e-3
@@ -605,9 +610,15 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_loss(
-    reconstruction: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    kl: torch.Tensor,
+    kl_weight: float,
+    edge_weight: float,
+    chroma_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """L1 + ``kl_weight`` × KL + ``edge_weight`` × L1 of image gradients; returns (loss, its parts)."""
+    """L1 + ``kl_weight`` × KL + ``edge_weight`` × L1 of image gradients + ``chroma_weight`` × L1 of the
+    error's colour part (error minus its channel mean); returns (loss, its parts)."""
     l1 = F.l1_loss(reconstruction.float(), target.float())
     loss = l1 + kl_weight * kl.float().mean()
     parts = {"l1": l1.detach(), "kl": kl.detach().float().mean()}
@@ -616,6 +627,11 @@ def vae_loss(
         edge = F.l1_loss(rx, tx) + F.l1_loss(ry, ty)
         loss = loss + edge_weight * edge
         parts["edge"] = edge.detach()
+    if chroma_weight:
+        error = reconstruction.float() - target.float()  # (B, 3, H, W)
+        colour = (error - error.mean(dim=1, keepdim=True)).abs().mean()
+        loss = loss + chroma_weight * colour
+        parts["chroma"] = colour.detach()
     return loss, parts
 
 
@@ -687,6 +703,7 @@ def _validate_vae_config(config: VAETrainConfig) -> None:
         (config.layers_per_block >= 1, f"--layers-per-block must be at least 1, not {config.layers_per_block}"),
         (config.kl_weight >= 0, f"--kl-weight must be 0 or more, not {config.kl_weight}"),
         (config.edge_weight >= 0, f"--edge-weight must be 0 or more, not {config.edge_weight}"),
+        (config.chroma_weight >= 0, f"--chroma-weight must be 0 or more, not {config.chroma_weight}"),
         (0 <= config.grey_fraction <= 1, f"--grey-fraction must lie in [0, 1], not {config.grey_fraction}"),
         (config.scale_images >= 1, f"--scale-images must be at least 1, not {config.scale_images}"),
     ]
@@ -723,7 +740,7 @@ def train_vae(config: VAETrainConfig) -> dict:
         grey = (torch.rand(pixels.shape[0], generator=g) < config.grey_fraction).to(pixels.device)
         pixels = torch.where(grey[:, None, None, None], pixels.mean(dim=1, keepdim=True).expand_as(pixels), pixels)
         reconstruction, kl = model(pixels, eps)
-        return vae_loss(reconstruction, pixels, kl, config.kl_weight, config.edge_weight)
+        return vae_loss(reconstruction, pixels, kl, config.kl_weight, config.edge_weight, config.chroma_weight)
 
     def validate(model, images, step, output):
         return reconstruction_report(model.vae, images.batch(images.val), resolution=config.resolution, ink=val_ink)
