@@ -177,3 +177,26 @@ def test_recipe_bad_input(tmp_path):
         run_recipe(RecipeConfig(out=str(tmp_path), only=["sd-xl"]))
     with pytest.raises(InvalidInputError, match="needs"):
         run_recipe(RecipeConfig(out=str(tmp_path), preset="tiny", only=["sd-zh"]))
+
+
+def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
+    from taiyi.cli import main
+
+    models = tiny_run[0] / "models"
+    probe = str(models / "taiyi-mini-probe")
+    out = tmp_path / "faith.json"
+    argv = ["eval", "faithfulness", "--probe", probe, "--model", str(models / "taiyi-mini-zh"), "--seen", "2",
+            "--held-out", "1", "--images-per-prompt", "2", "--steps", "2", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["images"] == 6 and set(result["seen"]) >= {"time", "land", "style"}
+    assert "held-out" in capsys.readouterr().out
+    out = tmp_path / "disco.json"
+    argv = ["eval", "disco", "--probe", probe, "--model", str(models / "taiyi-mini-uncond"), "--clip",
+            str(models / "taiyi-mini-clip"), "--time", "夜晚", "--seeds", "2", "--steps", "2", "--cutn", "2",
+            "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    row = json.loads(out.read_text(encoding="utf-8"))["results"]["夜晚"]
+    assert set(row) == {"guided", "unguided"} and sum(row["guided"]["times_read"].values()) == 2
+    assert main(["eval", "clip-world", "--clip", str(models / "taiyi-mini-clip"), "--n", "20"]) == 0
+    assert main(["eval", "disco", "--probe", probe, "--time", "半夜"]) == 2

@@ -81,3 +81,39 @@ def clip_world(
         f"text→image R@1 {result['text_to_image']['R@1']:.1f}  ({result['scenes']} scenes)"
     )
     _write_json(output, result)
+
+
+@eval_app.command()
+def disco(
+    probe: Annotated[str, typer.Option("--probe", help="Attribute probe folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Unconditional model.")] = "taiyi-mini-uncond",
+    clip: Annotated[str, typer.Option("--clip", help="Chinese CLIP.")] = "taiyi-mini-clip",
+    time: Annotated[list[str] | None, typer.Option("--time", help="Prompted time of day (repeatable).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Pictures per prompt and mode.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
+    clip_guidance_scale: Annotated[float, typer.Option("--clip-guidance-scale", help="CLIP loss weight.")] = 5000.0,
+    cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
+) -> None:
+    """Disco Diffusion steering: the probe's accuracy for the prompted time, with and without CLIP guidance."""
+    from .cli import _quiet_libraries
+
+    _quiet_libraries()
+    from .clip import load_clip
+    from .disco import DiscoSettings, load_uncond
+    from .recipe.faithfulness import evaluate_disco
+    from .recipe.probe import AttributeProbe
+
+    settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, cutn=cutn)
+    settings.check()
+    result = evaluate_disco(
+        load_uncond(model), load_clip(clip), AttributeProbe.from_pretrained(probe), tuple(time or ("夜晚", "黄昏")),
+        seeds=seeds, settings=settings,
+    )  # fmt: skip
+    for t, row in result["results"].items():
+        g, u = row["guided"], row["unguided"]
+        typer.echo(
+            f"{t}: probe accuracy {g['accuracy']:.0f} % guided vs {u['accuracy']:.0f} % unguided; "
+            f"CLIP score {g['clip_score']:.1f} vs {u['clip_score']:.1f}"
+        )
+    _write_json(output, result)

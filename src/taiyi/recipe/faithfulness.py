@@ -265,3 +265,63 @@ def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, siz
     text_embeds = clip.encode_text(texts)  # (N, D)
     recall = retrieval_metrics(image_embeds, text_embeds, list(range(len(scenes))))
     return {"lang": lang, "scenes": len(scenes), "zero_shot": zero_shot, "text_to_image": recall["text_to_image"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Disco Diffusion on the world
+
+_TIME_PROMPTS = {"夜晚": "夜晚", "黄昏": "黄昏", "清晨": "清晨", "正午": "正午"}
+
+
+def evaluate_disco(
+    model,
+    clip,
+    probe,
+    times: Sequence[str] = ("夜晚", "黄昏"),
+    *,
+    seeds: int = 20,
+    settings=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Does CLIP guidance steer an unconditional model to the prompted time of day?
+
+    For each time value (its Chinese word is the prompt), ``seeds`` pictures are drawn with guidance and
+    the same seeds without it (guidance scale 0, same sampler); the probe reads their time and CLIP scores
+    them against the prompt (cosine × 100).
+
+    Returns:
+        ``{time: {"guided": {"accuracy", "clip_score"}, "unguided": {...}}, "settings": {...}}``.
+    """
+    from dataclasses import asdict, replace
+
+    from ..disco import DiscoSettings, disco_sample
+
+    base = settings or DiscoSettings()
+    for t in times:
+        if t not in shanshui.TIMES:
+            raise InvalidInputError(f"{t!r} is not a time of day of the 山水 world; use {', '.join(shanshui.TIMES)}")
+    if seeds < 1:
+        raise InvalidInputError(f"seeds must be at least 1, not {seeds}")
+    out: dict = {}
+    done, total = 0, 2 * seeds * len(times)
+    for t in times:
+        prompt = _TIME_PROMPTS[t]
+        text = clip.encode_text([prompt])  # (1, D)
+        row = {}
+        for mode in ("guided", "unguided"):
+            images = []
+            for seed in range(seeds):
+                run = replace(base, seed=seed, **({"clip_guidance_scale": 0.0} if mode == "unguided" else {}))
+                images.append(disco_sample(model, clip, prompt, run).image)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            readings = probe.predict(images)
+            score = 100.0 * float((clip.encode_image(images) @ text.T).mean())
+            row[mode] = {
+                "accuracy": 100.0 * sum(r["time"] == t for r in readings) / len(readings),
+                "clip_score": score,
+                "times_read": {v: sum(r["time"] == v for r in readings) for v in shanshui.TIMES},
+            }
+        out[t] = row
+    return {"results": out, "seeds": seeds, "settings": asdict(base)}
