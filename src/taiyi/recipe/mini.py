@@ -49,20 +49,20 @@ class Preset:
     projection: int = 128
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_layers: int = 1
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    uncond_channels: tuple[int, ...] = (32, 64, 96, 128)
-    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 32, "sd": 32, "uncond": 32, "probe": 64})
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    uncond_channels: tuple[int, ...] = (16, 32, 64)
+    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 16, "sd": 32, "uncond": 16, "probe": 64})
     steps: dict = field(
         default_factory=lambda: {
             "probe": 1000,
-            "clip-en": 600,
-            "clip-zh": 600,
-            "vae": 1500,
+            "clip-en": 500,
+            "clip-zh": 500,
+            "vae": 1000,
             "sd-en": 1500,
-            "sd-zh": 800,
-            "sd-zh-en-1": 400,
-            "sd-zh-en-2": 800,
-            "uncond": 1500,
+            "sd-zh": 600,
+            "sd-zh-en-1": 300,
+            "sd-zh-en-2": 600,
+            "uncond": 600,
         }
     )
     lr: dict = field(
