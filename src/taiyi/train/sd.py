@@ -350,7 +350,10 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
     ).hexdigest()
     path = cache_dir / f"latents-{key}.safetensors"
     computed = False
-    if not path.is_file():
+    missing = not path.is_file()
+    # Every process looks before the main one writes, so all take the same branch (and meet at its barrier).
+    accelerator.wait_for_everyone()
+    if missing:
         if accelerator.is_main_process:
             means, stds, valid, captions = [], [], [], []
             n = len(data.pairs)
