@@ -19,16 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from taiyi.cli import app, main
+from taiyi.cli import main
 from taiyi.data import open_pairs
 from taiyi.data.filter import filter_pairs
 from taiyi.data.shanshui import write_folder
-from taiyi.data_cli import data_app
 from taiyi.errors import InvalidInputError, OutputError
 from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
-
-if not any(group.name == "data" for group in app.registered_groups):  # until cli.py registers `taiyi data`
-    app.add_typer(data_app, name="data")
 
 
 @pytest.fixture(autouse=True)

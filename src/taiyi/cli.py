@@ -348,6 +348,7 @@ def _register_subcommands() -> None:
     from .bench import bench_command
     from .clip_cli import clip_app
     from .convert_cli import convert_app
+    from .data_cli import data_app
     from .disco_cli import disco
     from .eval_cli import eval_app
     from .recipe.cli import recipe_app
@@ -363,6 +364,7 @@ def _register_subcommands() -> None:
     app.add_typer(eval_app, name="eval")
     app.command("disco")(disco)
     app.command("bench")(bench_command)
+    app.add_typer(data_app, name="data")
 
 
 _register_subcommands()
