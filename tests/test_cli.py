@@ -249,3 +249,44 @@ def test_models_lists_short_names(capsys, tmp_path, tiny_zh, monkeypatch):
     lines = {line.split()[0]: line for line in stdout.splitlines()}
     assert code == 0 and {"taiyi-zh", "taiyi-zh-en", "taiyi-clip-vith"} <= set(lines)
     assert str(cache) in lines["taiyi-zh"] and "not cached" in lines["taiyi-zh-en"]
+
+
+def test_prompts_file_under_accelerate_launch_shares_rows_between_processes(capsys, tmp_path, tiny_zh):
+    """2 CPU processes (accelerate launch, gloo): each writes its share of the rows, the main process writes
+    one manifest of every row, and the pictures are those one process draws."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    prompts = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": p, "seed": i}
+        for i, p in enumerate(["清晨的高山", "夜晚的湖泊", "黄昏的丘陵", "正午的平原", "明月"])
+    ]
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(repo / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(port), "-m", "taiyi.cli",
+           "generate", "--prompts-file", str(prompts), "-m", str(tiny_zh), "--steps", "2",
+           "-o", str(tmp_path / "two")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    tails = sorted(line.split("already there ")[-1] for line in done.stdout.splitlines() if "already there" in line)
+    assert tails == ["(process 0 of 2)", "(process 1 of 2)"]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.glob("*.png")) == [f"{i:05d}.png" for i in range(5)]
+    manifest = [json.loads(line) for line in (two / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["row"] for m in manifest] == [0, 1, 2, 3, 4]
+    assert [m["parameters"][0]["prompt"] for m in manifest] == [r["prompt"] for r in rows]
+    code, _, _ = run(
+        capsys, "generate", "--prompts-file", prompts, "-m", tiny_zh, "--steps", "2", "-o", tmp_path / "one"
+    )
+    assert code == 0
+    for i in range(5):
+        a = np.asarray(Image.open(two / f"{i:05d}.png"), np.int16)
+        b = np.asarray(Image.open(tmp_path / "one" / f"{i:05d}.png"), np.int16)
+        assert np.abs(a - b).max() <= 1

@@ -7,6 +7,12 @@
 Row ``r`` writes ``NNNNN.png`` (``NNNNN-i.png`` for several images) in the output folder; rows whose
 files all exist are skipped, so re-running a killed job finishes it. ``manifest.jsonl`` lists every
 row's files and parameters when the job ends.
+
+Scale-out: under ``accelerate launch`` (or torchrun) with N processes, process k takes rows k, k+N,
+k+2N… on its own device, writes their files, and after all have finished the main process writes one
+manifest for every row (read back from the PNGs' parameters)::
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m taiyi.cli generate --prompts-file p.jsonl -o out/
 """
 
 from __future__ import annotations
@@ -94,8 +100,32 @@ def row_paths(out_dir: Path, index: int, num_images: int) -> list[Path]:
     return [out_dir / f"{index:05d}-{i}.png" for i in range(num_images)]
 
 
+def process_group():
+    """``(rank, world_size, state)`` when launched with several processes, else ``(0, 1, None)``.
+
+    ``state`` is accelerate's ``PartialState`` (its ``device`` is this process's GPU, or the CPU: with no
+    GPU, processes started by torchrun are joined with gloo on the CPU, as the trainers do).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
 def run_batch(
-    pipe, rows: list[dict], defaults: dict, out_dir: str | os.PathLike, *, overwrite: bool = False, on_row=None
+    pipe,
+    rows: list[dict],
+    defaults: dict,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    on_row=None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=None,
 ) -> dict:
     """Generate every row into ``out_dir`` (created if missing), skipping rows already written.
 
@@ -106,9 +136,12 @@ def run_batch(
         out_dir: output folder.
         overwrite: redo rows whose files exist.
         on_row: called with the row index after each row (progress).
+        rank, world_size: this process takes rows ``rank``, ``rank + world_size``, …
+        barrier: called once this process's rows are written (all processes meet there); then the main
+            process (rank 0) writes the manifest of every row.
 
     Returns:
-        ``{"written": n, "skipped": n}``.
+        ``{"written": n, "skipped": n}`` for this process's rows.
     """
     from .io import atomic_write_bytes, save_png
     from .metadata import pnginfo, read_parameters
@@ -118,23 +151,33 @@ def run_batch(
         raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
     out_dir.mkdir(exist_ok=True)
     counts = {"written": 0, "skipped": 0}
-    manifest = []
+    params_of: dict[int, list] = {}
     for index, row in enumerate(rows):
+        if index % world_size != rank:
+            continue
         kwargs = {**defaults, **row}
         prompt = kwargs.pop("prompt")
         paths = row_paths(out_dir, index, kwargs.get("num_images", 1))
         if not overwrite and all(p.exists() for p in paths):
             counts["skipped"] += 1
-            params = [read_parameters(p) for p in paths]
         else:
             result = pipe.generate(prompt, **kwargs)
             for image, p, path in zip(result.images, result.parameters, paths, strict=True):
                 save_png(image, path, pnginfo=pnginfo(p), overwrite=True)
             counts["written"] += 1
-            params = result.parameters
-        manifest.append({"row": index, "files": [p.name for p in paths], "parameters": [asdict(p) for p in params]})
+            params_of[index] = result.parameters
         if on_row is not None:
             on_row(index)
-    lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
-    atomic_write_bytes(out_dir / "manifest.jsonl", lines.encode("utf-8"), overwrite=True)
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        manifest = []
+        for index, row in enumerate(rows):
+            paths = row_paths(out_dir, index, {**defaults, **row}.get("num_images", 1))
+            params = params_of.get(index) or [read_parameters(p) for p in paths]
+            manifest.append(
+                {"row": index, "files": [p.name for p in paths], "parameters": [asdict(p) for p in params]}
+            )
+        lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
+        atomic_write_bytes(out_dir / "manifest.jsonl", lines.encode("utf-8"), overwrite=True)
     return counts

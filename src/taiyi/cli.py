@@ -127,6 +127,17 @@ def _rerender_loras(params, lora: list[str] | None, image: Path) -> list:
     return find_recorded_loras(params.extras, [image.parent, Path.cwd()])
 
 
+def _share_cores(processes: int) -> None:
+    """Several generating processes on one machine's CPU: split the cores between them."""
+    import torch
+
+    from .loading import cpu_count
+
+    if not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        torch.set_num_threads(max(1, cpu_count() // max(local, 1)))
+
+
 def _precheck(output, overwrite, num_images) -> None:
     """Refuse a bad --output before the model is loaded and the images are drawn."""
     from .io import check_output_file, output_paths
@@ -198,16 +209,24 @@ def generate(
         normalize=not no_normalize,
     )
     if prompts_file is not None:
-        from .batch import read_prompts_file, run_batch
+        from .batch import process_group, read_prompts_file, run_batch
 
         rows = read_prompts_file(prompts_file)
+        rank, world, state = process_group()  # several processes under accelerate launch: rows are shared out
+        if state is not None:
+            device = str(state.device) if device == "auto" else device
+            _share_cores(world)
         pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
         out_dir = Path(output or "outputs/batch")
+        mine = len(range(rank, len(rows), world))
+        done = iter(range(1, mine + 1))
         with _Progress("prompts") as bar:
             counts = run_batch(
-                pipe, rows, settings, out_dir, overwrite=overwrite, on_row=lambda i: bar(i + 1, len(rows))
-            )
-        typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there")
+                pipe, rows, settings, out_dir, overwrite=overwrite, on_row=lambda i: bar(next(done), mine),
+                rank=rank, world_size=world, barrier=state.wait_for_everyone if state is not None else None,
+            )  # fmt: skip
+        who = f" (process {rank} of {world})" if world > 1 else ""
+        typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
     _precheck(output, overwrite, num_images)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
