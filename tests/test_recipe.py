@@ -200,3 +200,34 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     assert set(row) == {"guided", "unguided"} and sum(row["guided"]["times_read"].values()) == 2
     assert main(["eval", "clip-world", "--clip", str(models / "taiyi-mini-clip"), "--n", "20"]) == 0
     assert main(["eval", "disco", "--probe", probe, "--time", "半夜"]) == 2
+
+
+def test_embedded_names_fail_in_one_line_until_installed(tmp_path, monkeypatch, capsys):
+    from taiyi.cli import main
+
+    monkeypatch.setenv("TAIYI_WEIGHTS", str(tmp_path / "weights"))
+    assert main(["generate", "山水", "--model", "taiyi-mini-zh", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taiyi-mini-zh is not in this installation" in err[0]
+
+
+def test_ship_installs_the_run_as_the_embedded_models(tiny_run, tmp_path, monkeypatch, capsys):
+    from taiyi.cli import main
+    from taiyi.errors import InvalidInputError
+    from taiyi.pipeline import load_pipeline
+    from taiyi.recipe.report import ship
+
+    out, _ = tiny_run
+    with pytest.raises(InvalidInputError, match="over the 0.001 MB budget"):
+        ship(out, tmp_path / "w", max_mb=0.001)
+    monkeypatch.setenv("TAIYI_WEIGHTS", str(tmp_path / "weights"))
+    assert main(["recipe", "ship", str(out)]) == 0
+    assert "installed taiyi-mini-zh" in capsys.readouterr().out
+    source = json.loads((tmp_path / "weights" / "SOURCE.json").read_text(encoding="utf-8"))
+    assert source["preset"] == "tiny" and "Taiyi SD Chinese / zh" in source["faithfulness"]
+    assert load_pipeline("taiyi-mini-zh").generate("夜晚的高山", steps=2, seed=0).images[0].size == (64, 64)
+    assert main(["models"]) == 0 and str(tmp_path / "weights" / "taiyi-mini-clip") in capsys.readouterr().out
+    png = tmp_path / "night.png"  # disco with its default model and CLIP: the embedded ones
+    assert main(["disco", "夜晚", "--steps", "2", "--cutn", "2", "--seed", "1", "-o", str(png)]) == 0
+    assert png.is_file()
+    assert main(["eval", "clip-world", "--clip", "taiyi-mini-clip", "--n", "10"]) == 0

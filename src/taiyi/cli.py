@@ -356,7 +356,15 @@ def models() -> None:
     """List the known short model names, their hub ids and whether each is available offline."""
     from .models import list_models
 
-    rows = [(info.name, info.repo_id, info.kind, str(path) if path else "not cached") for info, path in list_models()]
+    rows = [
+        (
+            info.name,
+            info.repo_id or "(embedded)",
+            info.kind,
+            str(path) if path else "not installed" if info.bundled else "not cached",
+        )
+        for info, path in list_models()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])

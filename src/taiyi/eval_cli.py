@@ -18,6 +18,13 @@ def _write_json(path: str | None, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"), overwrite=True)
 
 
+def _probe(name: str):
+    from .models import resolve_model
+    from .recipe.probe import AttributeProbe
+
+    return AttributeProbe.from_pretrained(resolve_model(name)[0])
+
+
 def _table(rows: dict[str, dict[str, float]]) -> None:
     attrs = ("time", "sky", "land", "water", "style", "things")
     typer.echo("combos     " + "".join(f"{a:>8}" for a in attrs))
@@ -27,7 +34,9 @@ def _table(rows: dict[str, dict[str, float]]) -> None:
 
 @eval_app.command()
 def faithfulness(
-    probe: Annotated[str, typer.Option("--probe", help="Attribute probe folder (taiyi recipe probe).")],
+    probe: Annotated[
+        str, typer.Option("--probe", help="Attribute probe (folder or short name).")
+    ] = "taiyi-mini-probe",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pipeline (default: the embedded one).")] = None,
     lang: Annotated[str, typer.Option("--lang", help="Prompt language: zh, en or mixed.")] = "zh",
     seen: Annotated[int, typer.Option("--seen", help="Prompts from combinations seen in training.")] = 24,
@@ -47,9 +56,8 @@ def faithfulness(
     _quiet_libraries()
     from .pipeline import load_pipeline
     from .recipe.faithfulness import evaluate_pipeline
-    from .recipe.probe import AttributeProbe
 
-    judge = AttributeProbe.from_pretrained(probe)
+    judge = _probe(probe)
     pipe = load_pipeline(model)
     result = evaluate_pipeline(
         pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,
@@ -85,7 +93,9 @@ def clip_world(
 
 @eval_app.command()
 def disco(
-    probe: Annotated[str, typer.Option("--probe", help="Attribute probe folder.")],
+    probe: Annotated[
+        str, typer.Option("--probe", help="Attribute probe (folder or short name).")
+    ] = "taiyi-mini-probe",
     model: Annotated[str, typer.Option("--model", "-m", help="Unconditional model.")] = "taiyi-mini-uncond",
     clip: Annotated[str, typer.Option("--clip", help="Chinese CLIP.")] = "taiyi-mini-clip",
     time: Annotated[list[str] | None, typer.Option("--time", help="Prompted time of day (repeatable).")] = None,
@@ -102,12 +112,11 @@ def disco(
     from .clip import load_clip
     from .disco import DiscoSettings, load_uncond
     from .recipe.faithfulness import evaluate_disco
-    from .recipe.probe import AttributeProbe
 
     settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, cutn=cutn)
     settings.check()
     result = evaluate_disco(
-        load_uncond(model), load_clip(clip), AttributeProbe.from_pretrained(probe), tuple(time or ("夜晚", "黄昏")),
+        load_uncond(model), load_clip(clip), _probe(probe), tuple(time or ("夜晚", "黄昏")),
         seeds=seeds, settings=settings,
     )  # fmt: skip
     for t, row in result["results"].items():

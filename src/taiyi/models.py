@@ -18,6 +18,7 @@ class ModelInfo:
     description: str
     guidance: float | None = None  # the model card's recommended CFG scale
     image_tower: str | None = None  # CLIP text towers: the public CLIP image model they were aligned to
+    bundled: bool = False  # the embedded models: shipped inside the package (taiyi/weights/NAME), no hub id
 
 
 KNOWN_MODELS: dict[str, ModelInfo] = {
@@ -65,6 +66,16 @@ KNOWN_MODELS: dict[str, ModelInfo] = {
             "RoBERTa-large + ViT-H/14",
             image_tower="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         ),
+        *(
+            ModelInfo(name, "", kind, description, guidance, bundled=True)
+            for name, kind, description, guidance in (
+                ("taiyi-mini-zh", "sd", "embedded Chinese SD of the 山水 world (taiyi recipe mini)", 7.5),
+                ("taiyi-mini-zh-en", "sd", "embedded bilingual SD of the 山水 world (taiyi recipe mini)", 7.5),
+                ("taiyi-mini-clip", "clip", "embedded Chinese CLIP of the 山水 world (taiyi recipe mini)", None),
+                ("taiyi-mini-uncond", "uncond", "embedded unconditional model for taiyi disco", None),
+                ("taiyi-mini-probe", "probe", "the attribute probe that judges 山水 pictures", None),
+            )
+        ),
     ]
 }
 
@@ -106,6 +117,17 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
+def bundled_dir() -> Path:
+    """Where the embedded models live: ``$TAIYI_WEIGHTS`` if set, else the package's ``weights/`` folder."""
+    return Path(os.environ.get("TAIYI_WEIGHTS") or Path(__file__).parent / "weights")
+
+
+def bundled_model(name: str) -> Path | None:
+    """The folder of an embedded model, or None when this installation does not hold it."""
+    folder = bundled_dir() / name
+    return folder if folder.is_dir() else None
+
+
 def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
     """Turn what the user passed as ``--model`` into a local folder.
 
@@ -129,6 +151,14 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
             raise ModelLoadError(f"{text} is a file, not a model folder; pass the folder that holds model_index.json")
         return path, text
     info = KNOWN_MODELS.get(text.lower())
+    if info is not None and info.bundled:
+        folder = bundled_model(info.name)
+        if folder is None:
+            raise ModelLoadError(
+                f"{info.name} is not in this installation ({bundled_dir()}); build it with taiyi recipe mini "
+                f"--out runs/mini and pass --model runs/mini/models/{info.name}, or install it with taiyi recipe ship"
+            )
+        return folder, info.name
     repo_id = info.repo_id if info else text
     if not _HUB_ID.match(repo_id) or text.startswith((".", "/", "~")):
         raise ModelLoadError(
@@ -156,5 +186,9 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
 
 
 def list_models() -> list[tuple[ModelInfo, Path | None]]:
-    """Every known short name with its cached snapshot folder (None when not available offline)."""
-    return [(info, cached_snapshot(info.repo_id)) for info in KNOWN_MODELS.values()]
+    """Every known short name with its local folder: the embedded copy, or the cached hub snapshot (None when
+    not available offline)."""
+    return [
+        (info, bundled_model(info.name) if info.bundled else cached_snapshot(info.repo_id))
+        for info in KNOWN_MODELS.values()
+    ]

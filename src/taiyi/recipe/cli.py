@@ -67,3 +67,17 @@ def report(
 
     write_report(run, preset_name=preset, seed=seed)
     typer.echo(f"{run}/report.md")
+
+
+@recipe_app.command()
+def ship(
+    run: Annotated[str, typer.Argument(help="A finished taiyi recipe mini run folder.")],
+    into: Annotated[
+        str | None, typer.Option("--into", help="Weights folder [the package's weights/, or $TAIYI_WEIGHTS].")
+    ] = None,
+) -> None:
+    """Install a run's models as the embedded taiyi-mini-* models (checks the 40 MB budget)."""
+    from .report import ship as install
+
+    sizes = install(run, into)
+    typer.echo(f"installed {', '.join(sizes)}: {sum(sizes.values()) / 2**20:.1f} MB")

@@ -171,3 +171,43 @@ def _write_markdown(run: Path, report: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_mb: float = 40.0) -> dict:
+    """Install a finished run's exported models as the embedded ones (``taiyi-mini-*`` short names).
+
+    Args:
+        run: a ``taiyi recipe mini`` folder with ``report.json`` and ``models/``.
+        into: the weights folder (default: :func:`taiyi.models.bundled_dir`, the package's ``weights/``).
+        max_mb: refuse to install more than this (the package's budget for embedded weights).
+
+    Returns:
+        ``{name: bytes}`` of what was installed; ``weights/SOURCE.json`` records the run and its report figures.
+    """
+    from ..models import bundled_dir
+
+    run = Path(run)
+    report_path, models = run / "report.json", run / "models"
+    if not report_path.is_file() or not models.is_dir():
+        raise InvalidInputError(f"{run} holds no finished recipe run (report.json and models/); run taiyi recipe mini")
+    sizes = {
+        name: sum(f.stat().st_size for f in (models / name).rglob("*") if f.is_file())
+        for name in EXPORTS
+        if (models / name).is_dir()
+    }
+    missing = sorted(set(EXPORTS) - set(sizes))
+    if missing:
+        raise InvalidInputError(f"{run}/models lacks {', '.join(missing)}; rerun taiyi recipe mini --out {run}")
+    total_mb = sum(sizes.values()) / 2**20
+    if total_mb > max_mb:
+        raise InvalidInputError(f"the models of {run} take {total_mb:.1f} MB, over the {max_mb:g} MB budget")
+    target = Path(into) if into is not None else bundled_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    for name in EXPORTS:
+        _copy_export(models / name, target / name)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    source = {"run": str(run.resolve()), "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
+              "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
+              "clip": report.get("clip"), "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
+    write_json_atomic(target / "SOURCE.json", source)
+    return sizes
