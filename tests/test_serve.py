@@ -368,6 +368,19 @@ def test_upload_cap_is_enforced_while_reading(pipe_zh):
         assert httpx2.post(url + GENERATIONS, json=body(seed=2), timeout=30).status_code == 200
 
 
+def _drain(s: socket.socket) -> bytes:
+    """What the peer sent before closing (a loaded machine can fail our send before we read its answer)."""
+    s.setblocking(True)
+    s.settimeout(5)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
 def _send_chunked_until_answered(port: int, total: int) -> tuple[int, bytes]:
     head = (
         b"POST /v1/images/edits HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -388,7 +401,10 @@ def _send_chunked_until_answered(port: int, total: int) -> tuple[int, bytes]:
             want_write = sent < total
             readable, writable, _ = select.select([s], [s] if want_write else [], [], 0.5)
             if readable:
-                data = s.recv(65536)
+                try:
+                    data = s.recv(65536)
+                except ConnectionResetError:
+                    break
                 if not data:
                     break
                 response += data
@@ -397,7 +413,8 @@ def _send_chunked_until_answered(port: int, total: int) -> tuple[int, bytes]:
                     pending = chunk
                 try:
                     n = s.send(pending)
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError):  # the server answered and closed meanwhile
+                    response += _drain(s)
                     break
                 pending = pending[n:]
                 sent += n
