@@ -54,6 +54,7 @@ from ..errors import InvalidInputError
 from .common import (
     LOGS,
     METRICS,
+    MIXED_PRECISION,
     MetricsLog,
     crash_point,
     list_checkpoints,
@@ -92,7 +93,6 @@ MINIATURE_CLIP: dict = {
         "patch_size": 8,
     },
 }
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = (
     "output",

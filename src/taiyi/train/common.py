@@ -40,6 +40,32 @@ CRASH_ENV = "TAIYI_TRAIN_CRASH"  # test hook, see crash_point()
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def run_control_checks(config) -> list[tuple[bool, str]]:
+    """The ``(ok, message)`` checks every trainer's run-control settings share (precision, cadence, resume)."""
+    return [
+        (
+            config.mixed_precision in MIXED_PRECISION,
+            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {config.mixed_precision!r}",
+        ),
+        (config.val_every >= 0, f"--val-every must be 0 (at the end) or more, not {config.val_every}"),
+        (config.save_every >= 0, f"--save-every must be 0 (at the end only) or more, not {config.save_every}"),
+        (config.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {config.keep_checkpoints}"),
+        (config.log_every >= 1, f"--log-every must be at least 1, not {config.log_every}"),
+        (not (config.resume is not None and config.overwrite), "--resume and --overwrite exclude each other"),
+    ]
+
+
+def check_fp16_device(config) -> None:
+    """fp16 mixed precision needs a CUDA GPU (one line otherwise)."""
+    import torch
+
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 

@@ -60,12 +60,14 @@ from .clip import open_training_data as _open_data
 from .common import (
     METRICS,
     MetricsLog,
+    check_fp16_device,
     crash_point,
     list_checkpoints,
     load_checkpoint,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
+    run_control_checks,
     save_checkpoint,
     step_dir_name,
 )
@@ -74,7 +76,6 @@ from .common import check_output_dir as _check_output_dir
 logger = logging.getLogger("taiyi")
 
 CACHE_VERSION = "1"
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGETS = ("unet", "text", "both")
 DEFAULT_VAL_PROMPTS = ("飞流直下三千尺，油画", "小桥流水人家", "一只红色的猫")
@@ -264,22 +265,13 @@ def _validate_config(config: SDTrainConfig) -> None:
         (config.prior_data is None or len(config.data) == 1, "prior preservation takes one --data source"),
         (config.prior_loss_weight >= 0, f"--prior-loss-weight must be 0 or more, not {config.prior_loss_weight}"),
         (0 < config.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {config.ema_decay}"),
-        (
-            config.mixed_precision in MIXED_PRECISION,
-            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {config.mixed_precision!r}",
-        ),
-        (config.val_every >= 0, f"--val-every must be 0 (at the end) or more, not {config.val_every}"),
         (config.val_steps >= 1, f"--val-steps must be at least 1, not {config.val_steps}"),
-        (config.save_every >= 0, f"--save-every must be 0 (at the end only) or more, not {config.save_every}"),
-        (config.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {config.keep_checkpoints}"),
-        (config.log_every >= 1, f"--log-every must be at least 1, not {config.log_every}"),
-        (not (config.resume is not None and config.overwrite), "--resume and --overwrite exclude each other"),
+        *run_control_checks(config),
     ]
     for ok, message in checks:
         if not ok:
             raise InvalidInputError(message)
-    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
-        raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    check_fp16_device(config)
 
 
 def check_text_encoder(sd, name: str) -> None:

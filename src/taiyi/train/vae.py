@@ -45,19 +45,20 @@ from ..errors import InvalidInputError
 from .common import (
     METRICS,
     MetricsLog,
+    check_fp16_device,
     crash_point,
     list_checkpoints,
     load_checkpoint,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
+    run_control_checks,
     save_checkpoint,
 )
 from .common import check_output_dir as _check_output_dir
 
 logger = logging.getLogger("taiyi")
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SHANSHUI_PREFIX = "shanshui:"
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = (
@@ -165,21 +166,12 @@ class ImageTrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be positive"),
             (0 < self.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {self.ema_decay}"),
-            (
-                self.mixed_precision in MIXED_PRECISION,
-                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}",
-            ),
-            (self.val_every >= 0, f"--val-every must be 0 (at the end) or more, not {self.val_every}"),
-            (self.save_every >= 0, f"--save-every must be 0 (at the end only) or more, not {self.save_every}"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}"),
-            (self.log_every >= 1, f"--log-every must be at least 1, not {self.log_every}"),
-            (not (self.resume is not None and self.overwrite), "--resume and --overwrite exclude each other"),
+            *run_control_checks(self),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidInputError(message)
-        if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
-            raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+        check_fp16_device(self)
 
 
 @dataclass
