@@ -199,7 +199,9 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     row = json.loads(out.read_text(encoding="utf-8"))["results"]["夜晚"]
     assert set(row) == {"guided", "unguided"} and sum(row["guided"]["times_read"].values()) == 2
     assert main(["eval", "clip-world", "--clip", str(models / "taiyi-mini-clip"), "--n", "20"]) == 0
+    capsys.readouterr()
     assert main(["eval", "disco", "--probe", probe, "--time", "半夜"]) == 2
+    assert "'半夜' is not a time of day" in capsys.readouterr().err
 
 
 def test_embedded_names_fail_in_one_line_until_installed(tmp_path, monkeypatch, capsys):

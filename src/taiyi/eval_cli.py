@@ -115,6 +115,12 @@ def disco(
 
     settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, cutn=cutn)
     settings.check()
+    from .data.shanshui import TIMES
+    from .errors import InvalidInputError
+
+    for t in time or ():  # before any model loads
+        if t not in TIMES:
+            raise InvalidInputError(f"{t!r} is not a time of day of the 山水 world; use {', '.join(TIMES)}")
     result = evaluate_disco(
         load_uncond(model), load_clip(clip), _probe(probe), tuple(time or ("夜晚", "黄昏")),
         seeds=seeds, settings=settings,
