@@ -524,7 +524,9 @@ def cached_image_features(
     from safetensors.torch import load_file, save_file
 
     path = _cache_path(cache_dir, data, tower)
-    if path.is_file():
+    found = path.is_file()
+    accelerator.wait_for_everyone()  # every process has looked before the main one may write the cache
+    if found:
         tensors = load_file(path)
         captions = json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
         return _Table(tensors["features"], tensors["valid"].bool(), captions), path, False
