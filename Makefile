@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_MODEL := .cache/tiny-zh
 
 .PHONY: demo test lint clean
 
@@ -16,8 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m taiyi.testing $(DEMO_MODEL)
-	$(BIN)/taiyi generate "小桥流水人家，水墨" --model $(DEMO_MODEL) --seed 42 --steps 10 --output demo.png --overwrite
+	$(BIN)/taiyi generate "小桥流水人家，水墨画" --seed 42 --output demo.png --overwrite
 	$(BIN)/taiyi info demo.png
 
 test: $(STAMP)

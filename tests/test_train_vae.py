@@ -63,7 +63,9 @@ def test_final_loads_with_stock_diffusers_and_carries_the_measured_scaling_facto
     assert report["scaling_factor"] == pytest.approx(info["scaling_factor"]) and "psnr" in report
     assert (tmp_path / "run" / "loss.png").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2] and {"l1", "kl", "edge", "chroma"} <= set(rows[0])
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2] and {"l1", "kl", "edge", "chroma"} <= set(
+        rows[0]
+    )
 
 
 def test_resume_continues_with_the_same_losses(folder, tmp_path):

@@ -20,7 +20,7 @@ from .errors import InvalidInputError, OutputError
 
 clip_app = typer.Typer(help="Chinese CLIP: score, classify, index, search, eval.", no_args_is_help=True)
 
-DEFAULT_CLIP_MODEL = "taiyi-clip-b32"
+DEFAULT_CLIP_MODEL = "taiyi-mini-clip"
 
 # Options shared by every `taiyi clip` command (one definition each).
 Model = Annotated[

@@ -79,7 +79,7 @@ KNOWN_MODELS: dict[str, ModelInfo] = {
     ]
 }
 
-DEFAULT_MODEL = "taiyi-zh"
+DEFAULT_MODEL = "taiyi-mini-zh"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

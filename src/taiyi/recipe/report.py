@@ -69,10 +69,36 @@ def _grid(pipe, prompts, path: Path, *, steps: int, seed: int, per_prompt: int =
     os.replace(tmp, path)
 
 
+def _half_safetensors(folder: Path) -> None:
+    """Rewrite every ``*.safetensors`` under ``folder`` with its float32 tensors stored as float16.
+
+    Halves what the package carries; loaders read them back in the dtype they are asked for (float32
+    on CPU), so a picture differs only by float16 rounding of the weights. Integer tensors and the
+    header metadata are kept as they are.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not any(t.dtype == torch.float32 for t in tensors.values()):
+            continue
+        tensors = {k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+
 def _copy_export(src: Path, dst: Path) -> int:
+    """Copy one model folder to ``dst`` atomically, weights in float16; returns its size in bytes."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "cache", "logs", "*.tmp"))
+    _half_safetensors(tmp)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)  # package data: readable by every user
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     return sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
@@ -190,23 +216,29 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
     report_path, models = run / "report.json", run / "models"
     if not report_path.is_file() or not models.is_dir():
         raise InvalidInputError(f"{run} holds no finished recipe run (report.json and models/); run taiyi recipe mini")
-    sizes = {
-        name: sum(f.stat().st_size for f in (models / name).rglob("*") if f.is_file())
-        for name in EXPORTS
-        if (models / name).is_dir()
-    }
-    missing = sorted(set(EXPORTS) - set(sizes))
+    missing = sorted(name for name in EXPORTS if not (models / name).is_dir())
     if missing:
         raise InvalidInputError(f"{run}/models lacks {', '.join(missing)}; rerun taiyi recipe mini --out {run}")
-    total_mb = sum(sizes.values()) / 2**20
-    if total_mb > max_mb:
-        raise InvalidInputError(f"the models of {run} take {total_mb:.1f} MB, over the {max_mb:g} MB budget")
     target = Path(into) if into is not None else bundled_dir()
     target.mkdir(parents=True, exist_ok=True)
-    for name in EXPORTS:
-        _copy_export(models / name, target / name)
+    staging = target / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        sizes = {name: _copy_export(models / name, staging / name) for name in EXPORTS}
+        total_mb = sum(sizes.values()) / 2**20
+        if total_mb > max_mb:
+            raise InvalidInputError(f"the models of {run} take {total_mb:.1f} MB, over the {max_mb:g} MB budget")
+        for name in EXPORTS:
+            shutil.rmtree(target / name, ignore_errors=True)
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    source = {"run": str(run.resolve()), "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
+    recipe = json.loads((run / "recipe.json").read_text(encoding="utf-8")) if (run / "recipe.json").is_file() else {}
+    source = {"run": run.resolve().name, "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
+              "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
+              "wall_seconds": recipe.get("wall_seconds"),
               "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
               "clip": report.get("clip"), "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
     write_json_atomic(target / "SOURCE.json", source)

@@ -1,0 +1,82 @@
+"""The embedded models shipped in the package: present, within budget, stored in float16 and read back
+in float32, used when no --model is given, and they show what the prompt asks in the plain cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from taiyi.models import bundled_dir
+from taiyi.recipe.report import EXPORTS
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _package_weights(monkeypatch):
+    monkeypatch.delenv("TAIYI_WEIGHTS", raising=False)
+
+
+def test_every_embedded_model_ships_in_float16_within_the_budget():
+    from safetensors import safe_open
+
+    folder = bundled_dir()
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(EXPORTS)
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert total <= 40 * 2**20
+    for weights in folder.rglob("*.safetensors"):
+        with safe_open(weights, framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert "F32" not in dtypes, weights
+    source = json.loads((folder / "SOURCE.json").read_text(encoding="utf-8"))
+    assert source["preset"] == "full" and set(source["bytes"]) == set(EXPORTS)
+    assert all(source["stage1_frozen"][k] == {"unet": True, "vae": True} for k in source["stage1_frozen"])
+
+
+def test_generate_without_model_uses_the_embedded_chinese_model(tmp_path, capsys):
+    from PIL import Image
+
+    from taiyi.cli import main
+
+    png = tmp_path / "night.png"
+    assert main(["generate", "夜晚的高山，天上有月亮", "--seed", "3", "-o", str(png)]) == 0
+    image = Image.open(png)
+    assert image.size == (64, 64)
+    assert "Model: taiyi-mini-zh" in image.text["parameters"]
+
+
+def test_the_default_pipeline_runs_in_float32_on_cpu_and_draws_day_and_night():
+    from taiyi import load_pipeline
+
+    pipe = load_pipeline()
+    assert pipe.sd.unet.dtype == torch.float32 and pipe.sd.text_encoder.dtype == torch.float32
+
+    def sky(prompt: str) -> np.ndarray:  # the top quarter of four pictures, RGB in 0–1
+        images = pipe.generate(prompt, num_images=4, seed=0).images
+        return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32)[:16] / 255 for im in images])
+
+    night, noon = sky("夜晚的平原，写实照片"), sky("正午的平原，写实照片")
+    luminance = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    # the 山水 world's contract: night skies dark (luminance < 0.25), noon skies clearly blue
+    assert float((night @ luminance).mean()) < 0.25
+    assert noon[..., 2].mean() > noon[..., 0].mean() + 0.2 and float((noon @ luminance).mean()) > 0.3
+
+
+def test_clip_commands_default_to_the_embedded_chinese_clip(tmp_path, capsys):
+    from taiyi.cli import main
+    from taiyi.recipe.faithfulness import held_out_scenes
+
+    scenes, images = held_out_scenes(8, seed=11)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    assert (
+        main(["clip", "classify", *map(str, paths), "--labels", "清晨,正午,黄昏,夜晚", "--top-k", "1", "--json"]) == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    top = [row["labels"][0]["label"] for row in rows]
+    assert sum(t == s.time for t, s in zip(top, scenes, strict=True)) >= 7
