@@ -364,4 +364,3 @@ def test_contact_sheet_and_command_line(tmp_path, capsys):
     assert main(["--sheet", str(tmp_path / "x.png"), "--size", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("taiyi: error: size=8 is invalid") and err.count("\n") == 1
-

@@ -797,4 +797,3 @@ def convert_guided_diffusion(
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
     return out_dir
-
