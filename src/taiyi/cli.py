@@ -38,6 +38,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Guidance,
     Height,
     Lora,
+    Memory,
     Model,
     Negative,
     NoNormalize,
@@ -102,7 +103,7 @@ class _Progress:
         self.progress.update(self.task, completed=done, total=total)
 
 
-def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None):
+def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None, memory="auto"):
     _quiet_libraries()
     from .pipeline import load_pipeline
 
@@ -113,6 +114,7 @@ def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None):
         safety_checker=not no_safety_checker,
         allow_pickle=allow_pickle,
         loras=lora,
+        memory=memory,
     )
 
 
@@ -173,6 +175,7 @@ def generate(
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
+    memory: Memory = "auto",
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts-file", help="txt / jsonl / csv of prompts; output is a folder.")
     ] = None,
@@ -191,7 +194,13 @@ def generate(
         _precheck(output, overwrite, 1)
         loras = _rerender_loras(params, lora, from_image)
         pipe = _load(
-            model or params.model or None, params.dtype or dtype, device, no_safety_checker, allow_pickle, loras
+            model or params.model or None,
+            params.dtype or dtype,
+            device,
+            no_safety_checker,
+            allow_pickle,
+            loras,
+            memory,
         )
         with _Progress("rendering") as bar:
             result = pipe.rerender(params, progress=bar)
@@ -216,7 +225,7 @@ def generate(
         if state is not None:
             device = str(state.device) if device == "auto" else device
             _share_cores(world)
-        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
+        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
         out_dir = Path(output or "outputs/batch")
         mine = len(range(rank, len(rows), world))
         done = iter(range(1, mine + 1))
@@ -229,7 +238,7 @@ def generate(
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
     _save(result, output, overwrite, grid)
@@ -258,6 +267,7 @@ def edit(
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
+    memory: Memory = "auto",
 ) -> None:
     """Image to image: redraw IMAGE following a Chinese PROMPT."""
     from .io import load_image
@@ -266,7 +276,7 @@ def edit(
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
     with _Progress("editing") as bar:
         result = pipe.edit(
             init,
@@ -309,6 +319,7 @@ def inpaint(
     no_normalize: NoNormalize = False,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
+    memory: Memory = "auto",
 ) -> None:
     """Inpainting: redraw the white part of MASK following a Chinese PROMPT; keep the rest."""
     from .io import load_image
@@ -317,7 +328,7 @@ def inpaint(
     init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
     with _Progress("inpainting") as bar:
         result = pipe.inpaint(
             init,

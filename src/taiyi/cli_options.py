@@ -31,3 +31,9 @@ Lora = Annotated[
     list[str] | None,
     typer.Option("--lora", help="LoRA file (.safetensors or a taiyi train lora folder), FILE:SCALE; repeatable."),
 ]
+Memory = Annotated[
+    str,
+    typer.Option(
+        "--memory", help="auto (tiled VAE beyond the native size), low (+ attention slicing, slower) or off."
+    ),
+]

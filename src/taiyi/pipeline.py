@@ -618,6 +618,33 @@ def check_strength(strength: float, steps: int) -> None:
         raise InvalidInputError(f"strength {strength} × {steps} steps leaves no denoising step; raise either")
 
 
+MEMORY_MODES = ("auto", "low", "off")
+
+
+def apply_memory_mode(sd, mode: str) -> None:
+    """Set how a loaded ``StableDiffusionPipeline`` trades speed for memory.
+
+    - ``auto`` (the default): the VAE decodes a batch one picture at a time, and pictures larger than
+      its native size (512 px for SD v1) in overlapping tiles — nothing changes at or below that size,
+      and 1024×1024 decodes in a fraction of the memory;
+    - ``low``: also attention slicing (one head at a time; slower, for the tightest memory);
+    - ``off``: diffusers' defaults (whole-batch, untiled decoding).
+    """
+    if mode not in MEMORY_MODES:
+        raise InvalidInputError(f"unknown memory mode {mode!r}; use {', '.join(MEMORY_MODES)}")
+    if mode == "off":
+        sd.vae.disable_slicing()
+        sd.vae.disable_tiling()
+        sd.disable_attention_slicing()
+        return
+    sd.vae.enable_slicing()
+    sd.vae.enable_tiling()
+    if mode == "low":
+        sd.enable_attention_slicing("max")
+    else:
+        sd.disable_attention_slicing()
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     *,
@@ -627,6 +654,7 @@ def load_pipeline(
     allow_pickle: bool = False,
     variant: str | None = None,
     loras: list[str | os.PathLike | tuple[str | os.PathLike, float]] | None = None,
+    memory: str = "auto",
 ) -> TaiyiPipeline:
     """Load a Taiyi-format Stable Diffusion model.
 
@@ -642,6 +670,7 @@ def load_pipeline(
         variant: force a weights variant (e.g. ``"fp16"``).
         loras: LoRA files to apply, each a path, ``"FILE:SCALE"`` or ``(path, scale)`` (see
             :meth:`TaiyiPipeline.load_lora`). Checked before the model loads when they are missing or pickled.
+        memory: ``auto``, ``low`` or ``off`` (see :func:`apply_memory_mode`).
 
     Raises:
         ModelLoadError: one line naming what is missing or broken.
@@ -649,6 +678,8 @@ def load_pipeline(
     """
     from .lora import activate_loras, apply_loras, parse_lora_spec, resolve_lora_file
 
+    if memory not in MEMORY_MODES:
+        raise InvalidInputError(f"unknown memory mode {memory!r}; use {', '.join(MEMORY_MODES)}")
     specs = [parse_lora_spec(x) for x in loras or []]
     for spec in specs:  # a typo fails before the model is loaded
         resolve_lora_file(spec.path, allow_pickle=allow_pickle)
@@ -664,6 +695,7 @@ def load_pipeline(
         allow_pickle=allow_pickle,
         variant=variant,
     )
+    apply_memory_mode(sd, memory)
     pipe = TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype)
     if specs:
         pipe.loras = apply_loras(sd, specs, model=name, allow_pickle=allow_pickle)
