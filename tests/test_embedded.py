@@ -80,3 +80,18 @@ def test_clip_commands_default_to_the_embedded_chinese_clip(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     top = [row["labels"][0]["label"] for row in rows]
     assert sum(t == s.time for t, s in zip(top, scenes, strict=True)) >= 7
+
+
+def test_disco_uses_the_embedded_models_with_their_calibrated_guidance(tmp_path):
+    from PIL import Image
+
+    from taiyi.cli import main
+    from taiyi.disco_cli import guidance_defaults
+
+    assert guidance_defaults("taiyi-mini-uncond", None, None) == (10000.0, 0.1)
+    assert guidance_defaults("./my-adm-model", None, None) == (5000.0, 0.05)  # Disco Diffusion's own
+    assert guidance_defaults("taiyi-mini-uncond", 300.0, 0.2) == (300.0, 0.2)
+    png = tmp_path / "night.png"
+    assert main(["disco", "夜晚", "--steps", "2", "--cutn", "2", "--seed", "1", "-o", str(png)]) == 0
+    parameters = Image.open(png).text["parameters"]
+    assert "Model: taiyi-mini-uncond" in parameters and "CLIP guidance scale: 10000.0" in parameters

@@ -101,7 +101,12 @@ def disco(
     time: Annotated[list[str] | None, typer.Option("--time", help="Prompted time of day (repeatable).")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Pictures per prompt and mode.")] = 20,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
-    clip_guidance_scale: Annotated[float, typer.Option("--clip-guidance-scale", help="CLIP loss weight.")] = 5000.0,
+    clip_guidance_scale: Annotated[
+        float | None, typer.Option("--clip-guidance-scale", help="CLIP loss weight [as taiyi disco].")
+    ] = None,
+    clamp_max: Annotated[
+        float | None, typer.Option("--clamp-max", help="Gradient RMS clamp [as taiyi disco].")
+    ] = None,
     cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
 ) -> None:
@@ -111,9 +116,11 @@ def disco(
     _quiet_libraries()
     from .clip import load_clip
     from .disco import DiscoSettings, load_uncond
+    from .disco_cli import guidance_defaults
     from .recipe.faithfulness import evaluate_disco
 
-    settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, cutn=cutn)
+    clip_guidance_scale, clamp_max = guidance_defaults(model, clip_guidance_scale, clamp_max)
+    settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max, cutn=cutn)
     settings.check()
     from .data.shanshui import TIMES
     from .errors import InvalidInputError

@@ -287,16 +287,32 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started = time.monotonic()
 
+    def ready(name: str) -> bool:
+        return all(n in done for n in stages[name].needs)
+
+    def threads_for(name: str) -> int:
+        """--threads, or every thread the other running commands leave free when no pending stage could
+        start now (the last stages, which would otherwise leave cores idle)."""
+        if any(ready(n) for n in pending):
+            return config.threads
+        used = sum(getattr(p, "_taiyi_threads", config.threads) for n, (p, _, _) in running.items()
+                   if n != name and p is not None and p.poll() is None)  # fmt: skip
+        return max(config.threads, config.jobs * config.threads - used)
+
     def start_next_command(name: str) -> bool:
         """Start the stage's next command; False when it has none left."""
         _, queue, t0 = running[name]
         if not queue:
             return False
         argv = queue.pop(0)
+        threads = threads_for(name)
         log = open(out / "logs" / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115 (closed with the process)
-        log.write(f"$ taiyi {' '.join(argv)}\n")
+        log.write(f"$ taiyi {' '.join(argv)}  # {threads} thread(s)\n")
         log.flush()
-        proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
+        n = str(threads)
+        proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TAIYI_THREADS": n}
+        proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=out)
+        proc._taiyi_threads = threads  # type: ignore[attr-defined]
         proc._taiyi_log = log  # type: ignore[attr-defined]
         running[name] = (proc, queue, t0)
         return True
