@@ -52,7 +52,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Width,
 )
 
-DEFAULT_STEPS = 25  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
+DEFAULT_STEPS = 15  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
 DEFAULT_SCHEDULER = "dpm++"
 
 

@@ -38,7 +38,7 @@ MIN_SIDE = 64
 MAX_STEPS = 1000  # the models' training timesteps: more steps cannot add anything
 MAX_IMAGES = 64
 MAX_SEED = 2**63 - 1
-DEFAULT_STEPS = 25
+DEFAULT_STEPS = 15
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 

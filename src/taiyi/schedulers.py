@@ -84,4 +84,13 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
 
     spec = scheduler_spec(name)
     cls = getattr(diffusers, spec.class_name)
-    return cls.from_config(base_config, **spec.kwargs)
+    kwargs = dict(spec.kwargs)
+    if "clip_sample" not in base_config:
+        # DDIM/DDPM clip x0 to [-1, 1] unless told not to: right for pixels, ruinous for latents. A
+        # checkpoint whose config comes from another scheduler (DPM++ here) does not say, so say it.
+        kwargs["clip_sample"] = False
+    try:
+        return cls.from_config(base_config, **kwargs)
+    except ImportError as e:  # LMS integrates its coefficients with scipy, which taiyi does not require
+        detail = " ".join(str(e).split())
+        raise InvalidInputError(f"the {name} sampler needs a package that is not installed: {detail}") from e

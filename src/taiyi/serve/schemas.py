@@ -25,7 +25,7 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
     seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i. Default: random.")
-    steps: int | None = Field(None, description="Denoising steps (default 25).")
+    steps: int | None = Field(None, description="Denoising steps (default 15).")
     guidance: float | None = Field(None, description="Classifier-free guidance scale; default: the model's.")
     scheduler: str | None = Field(None, description="dpm++ (default), dpm++-karras, euler-a, euler, ddim, pndm, ...")
 
