@@ -270,6 +270,7 @@ def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, siz
 # --------------------------------------------------------------------------------------------------
 # Disco Diffusion on the world
 
+_UNGUIDED = {"clip_guidance_scale": 0.0, "range_scale": 0.0, "tv_scale": 0.0, "sat_scale": 0.0}
 _TIME_PROMPTS = {"夜晚": "夜晚", "黄昏": "黄昏", "清晨": "清晨", "正午": "正午"}
 
 
@@ -286,7 +287,8 @@ def evaluate_disco(
     """Does CLIP guidance steer an unconditional model to the prompted time of day?
 
     For each time value (its Chinese word is the prompt), ``seeds`` pictures are drawn with guidance and
-    the same seeds without it (guidance scale 0, same sampler); the probe reads their time and CLIP scores
+    the same seeds without any guidance (CLIP, range, TV and saturation losses all 0: the model's own
+    pictures, same sampler and noise); the probe reads their time and CLIP scores
     them against the prompt (cosine × 100).
 
     Returns:
@@ -311,7 +313,7 @@ def evaluate_disco(
         for mode in ("guided", "unguided"):
             images = []
             for seed in range(seeds):
-                run = replace(base, seed=seed, **({"clip_guidance_scale": 0.0} if mode == "unguided" else {}))
+                run = replace(base, seed=seed, **(_UNGUIDED if mode == "unguided" else {}))
                 images.append(disco_sample(model, clip, prompt, run).image)
                 done += 1
                 if progress is not None:
