@@ -70,7 +70,7 @@ def faithfulness(
 
 @eval_app.command("clip-world")
 def clip_world(
-    clip: Annotated[str, typer.Option("--clip", help="CLIP to judge (folder or short name).")],
+    clip: Annotated[str, typer.Option("--clip", help="CLIP to judge (folder or short name).")] = "taiyi-mini-clip",
     lang: Annotated[str, typer.Option("--lang", help="Labels and prompts in zh or en.")] = "zh",
     n: Annotated[int, typer.Option("--n", help="Held-out scenes.")] = 200,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
@@ -84,10 +84,8 @@ def clip_world(
 
     result = evaluate_clip(load_clip(clip), lang, n=n)
     zs = result["zero_shot"]
-    typer.echo(
-        f"zero-shot time {zs['time']:.1f}  land {zs['land']:.1f}  style {zs['style']:.1f}  "
-        f"text→image R@1 {result['text_to_image']['R@1']:.1f}  ({result['scenes']} scenes)"
-    )
+    cells = "  ".join(f"{name} {value:.1f}" for name, value in zs.items())
+    typer.echo(f"zero-shot {cells}  text→image R@1 {result['text_to_image']['R@1']:.1f}  ({result['scenes']} scenes)")
     _write_json(output, result)
 
 

@@ -214,7 +214,14 @@ def evaluate_pipeline(
 # --------------------------------------------------------------------------------------------------
 # CLIP on the world
 
-_CLIP_ATTRIBUTES = {"time": shanshui.TIMES, "land": shanshui.LANDS, "style": shanshui.STYLES}
+# attribute → its values; sky and water are judged only on scenes that have one, among the kinds present
+_CLIP_ATTRIBUTES = {
+    "time": shanshui.TIMES,
+    "sky": tuple(v for v in shanshui.SKIES if v is not None),
+    "land": shanshui.LANDS,
+    "water": tuple(v for v in shanshui.WATERS if v is not None),
+    "style": shanshui.STYLES,
+}
 _ZH_LABEL_TEMPLATES = ("{}", "一幅{}的山水画", "{}的风景")
 _EN_LABEL_TEMPLATES = ("{}", "a landscape painting, {}", "a picture of {}")
 _EN_STYLE = {"写实": "realistic", "水墨": "ink wash", "水彩": "watercolor", "油画": "oil painting"}
@@ -244,7 +251,8 @@ def held_out_scenes(n: int = 200, *, seed: int = 4321, size: int = 64) -> tuple[
 
 @torch.no_grad()
 def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, size: int = 64) -> dict:
-    """Zero-shot accuracy per attribute (time, land, style) and text→image R@1/5 on rendered held-out
+    """Zero-shot accuracy per attribute (time, land, style; sky and water among the scenes that have one)
+    and text→image R@1/5 on rendered held-out
     scenes, with ``lang`` labels and prompts (``zh`` or ``en``). ``clip`` is a :class:`~taiyi.clip.ChineseCLIP`
     (or any model with ``encode_image``, ``encode_text`` and ``label_embeddings(labels, templates)``).
     """
@@ -257,9 +265,12 @@ def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, siz
     templates = _ZH_LABEL_TEMPLATES if lang == "zh" else _EN_LABEL_TEMPLATES
     zero_shot = {}
     for name, values in _CLIP_ATTRIBUTES.items():
+        rows = [i for i, s in enumerate(scenes) if getattr(s, name) is not None]
+        if not rows:
+            continue
         labels = [_label(v, lang) for v in values]
-        logits = image_embeds @ clip.label_embeddings(labels, templates).T  # (N, V)
-        target = torch.tensor([values.index(getattr(s, name)) for s in scenes])
+        logits = image_embeds[rows] @ clip.label_embeddings(labels, templates).T  # (n, V)
+        target = torch.tensor([values.index(getattr(scenes[i], name)) for i in rows])
         zero_shot[name] = 100.0 * float((logits.argmax(-1) == target).float().mean())
     texts = [_PROMPT[lang](s) for s in scenes]
     text_embeds = clip.encode_text(texts)  # (N, D)
