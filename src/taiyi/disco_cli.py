@@ -12,16 +12,19 @@ from .cli_options import AllowPickle, Device, Output, Overwrite, Seed
 DEFAULT_UNCOND = "taiyi-mini-uncond"
 DEFAULT_CLIP = "taiyi-mini-clip"
 
-# Disco Diffusion's defaults suit its 512-px ADM models; the embedded 64-px model needs a stronger pull
-# (measured with `taiyi eval disco`: at 5000 / 0.05 the prompted night is read 70 % of the time, at
-# 10000 / 0.1 every time of day 90-100 %; see the README).
-DISCO_DEFAULTS = {"clip_guidance_scale": 5000.0, "clamp_max": 0.05}
+# Disco Diffusion's defaults (those of DiscoSettings) suit its 512-px ADM models; the embedded 64-px model
+# needs a stronger pull (measured with `taiyi eval disco`: at 5000 / 0.05 the prompted night is read 70 %
+# of the time, at 10000 / 0.1 every time of day 90-100 %; see the README).
 MODEL_DISCO_DEFAULTS = {"taiyi-mini-uncond": {"clip_guidance_scale": 10000.0, "clamp_max": 0.1}}
 
 
 def guidance_defaults(model: str, clip_guidance_scale: float | None, clamp_max: float | None) -> tuple[float, float]:
     """The CLIP guidance scale and gradient clamp to use: those given, else the model's, else Disco's."""
-    defaults = MODEL_DISCO_DEFAULTS.get(model, DISCO_DEFAULTS)
+    from .disco import DiscoSettings
+
+    disco = DiscoSettings()
+    defaults = MODEL_DISCO_DEFAULTS.get(model, {"clip_guidance_scale": disco.clip_guidance_scale,
+                                                "clamp_max": disco.clamp_max})  # fmt: skip
     return (
         defaults["clip_guidance_scale"] if clip_guidance_scale is None else clip_guidance_scale,
         defaults["clamp_max"] if clamp_max is None else clamp_max,

@@ -621,6 +621,11 @@ def check_strength(strength: float, steps: int) -> None:
 MEMORY_MODES = ("auto", "low", "off")
 
 
+def check_memory_mode(mode: str) -> None:
+    if mode not in MEMORY_MODES:
+        raise InvalidInputError(f"unknown memory mode {mode!r}; use {', '.join(MEMORY_MODES)}")
+
+
 def apply_memory_mode(sd, mode: str) -> None:
     """Set how a loaded ``StableDiffusionPipeline`` trades speed for memory.
 
@@ -630,8 +635,7 @@ def apply_memory_mode(sd, mode: str) -> None:
     - ``low``: also attention slicing (one head at a time; slower, for the tightest memory);
     - ``off``: diffusers' defaults (whole-batch, untiled decoding).
     """
-    if mode not in MEMORY_MODES:
-        raise InvalidInputError(f"unknown memory mode {mode!r}; use {', '.join(MEMORY_MODES)}")
+    check_memory_mode(mode)
     if mode == "off":
         sd.vae.disable_slicing()
         sd.vae.disable_tiling()
@@ -678,8 +682,7 @@ def load_pipeline(
     """
     from .lora import activate_loras, apply_loras, parse_lora_spec, resolve_lora_file
 
-    if memory not in MEMORY_MODES:
-        raise InvalidInputError(f"unknown memory mode {memory!r}; use {', '.join(MEMORY_MODES)}")
+    check_memory_mode(memory)  # before the model loads
     specs = [parse_lora_spec(x) for x in loras or []]
     for spec in specs:  # a typo fails before the model is loaded
         resolve_lora_file(spec.path, allow_pickle=allow_pickle)

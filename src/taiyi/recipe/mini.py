@@ -276,8 +276,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     (out / "logs").mkdir(exist_ok=True)
     stages = {s.name: s for s in _stages()}
     wanted = set(config.only or STAGES)
-    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads),
-           "TAIYI_THREADS": str(config.threads), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads are set per command (threads_for)
     status: dict[str, dict] = {}
     done = {name for name, s in stages.items() if (out / s.done).exists()}
     for name in sorted(done & wanted, key=STAGES.index):
@@ -310,7 +309,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         log.write(f"$ taiyi {' '.join(argv)}  # {threads} thread(s)\n")
         log.flush()
         n = str(threads)
-        proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TAIYI_THREADS": n}
+        proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=out)
         proc._taiyi_threads = threads  # type: ignore[attr-defined]
         proc._taiyi_log = log  # type: ignore[attr-defined]
