@@ -15,8 +15,8 @@ recipe_app = typer.Typer(
 def mini(
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder; run again to continue an interrupted run.")],
     preset: Annotated[str, typer.Option("--preset", help="full (the shipped models) or tiny (a toy run).")] = "full",
-    jobs: Annotated[int, typer.Option("--jobs", help="Stages run side by side.")] = 2,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads per stage.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", help="Stages run side by side.")] = 1,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads per stage.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, initialisation and training.")] = 0,
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only this stage (repeatable); see the stage list.")
