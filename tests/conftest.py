@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random checkpoints in the published Taiyi layouts, built once per session.
 
 The suite runs offline: ``HF_HUB_OFFLINE`` is set and ``HF_HOME`` points to an empty temporary
-folder before anything imports ``huggingface_hub`` (which reads both only once, at import).
+folder before anything imports ``huggingface_hub`` (which reads both only once, at import); taiyi's own
+cache (``TAIYI_CACHE``) is a temporary folder too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="taiyi-tests-hf-home-")
 os.environ.pop("HF_HUB_CACHE", None)  # a cache named by the caller's shell would leak real models in
+os.environ["TAIYI_CACHE"] = tempfile.mkdtemp(prefix="taiyi-tests-cache-")  # converted models (OpenVINO)
 
 import pytest  # noqa: E402
 

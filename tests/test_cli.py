@@ -290,3 +290,14 @@ def test_prompts_file_under_accelerate_launch_shares_rows_between_processes(caps
         a = np.asarray(Image.open(two / f"{i:05d}.png"), np.int16)
         b = np.asarray(Image.open(tmp_path / "one" / f"{i:05d}.png"), np.int16)
         assert np.abs(a - b).max() <= 1
+
+
+def test_python_dash_m_taiyi_is_the_taiyi_command():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "taiyi", "generate", "山水", "--backend", "nope"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "taiyi: error: unknown backend 'nope'; use auto, torch, openvino"

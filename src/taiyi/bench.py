@@ -28,7 +28,7 @@ import typer
 
 from .errors import InvalidInputError, TaiyiError
 
-ENGINES: tuple[str, ...] = ("taiyi", "stock", "stock-matched")
+ENGINES: tuple[str, ...] = ("taiyi", "taiyi-openvino", "stock", "stock-matched")
 PROMPT = "飞流直下三千尺，油画"
 
 
@@ -110,11 +110,13 @@ def measure(config: BenchConfig) -> dict:
         torch.set_num_threads(config.threads)
     device = select_device(config.device)
     t0 = time.perf_counter()
-    if config.engine == "taiyi":
+    if config.engine in ("taiyi", "taiyi-openvino"):
         from .pipeline import DEFAULT_STEPS, load_pipeline
         from .schedulers import DEFAULT_SCHEDULER
 
-        pipe = load_pipeline(config.model, device=config.device, dtype=config.dtype, safety_checker=False)
+        backend = "openvino" if config.engine == "taiyi-openvino" else "auto"
+        pipe = load_pipeline(config.model, device=config.device, dtype=config.dtype, safety_checker=False,
+                             backend=backend)  # fmt: skip
         sd = pipe.sd
         steps = config.steps or DEFAULT_STEPS
         scheduler = config.scheduler or DEFAULT_SCHEDULER
@@ -263,14 +265,14 @@ def _cpu_name() -> str | None:
 def format_table(report: dict) -> str:
     """The report as a plain-text table."""
     head = (
-        f"{'engine':<14}{'scheduler':<28}{'steps':>6}{'dtype':>10}{'s/image':>10}{'s/UNet':>9}{'text s':>8}"
+        f"{'engine':<16}{'scheduler':<28}{'steps':>6}{'dtype':>10}{'s/image':>10}{'s/UNet':>9}{'text s':>8}"
         f"{'VAE s':>8}{'peak MB':>9}"
     )
     lines = [head]
     for r in report["results"]:
         peak = r.get("peak_gpu_mb", r["peak_rss_mb"])
         lines.append(
-            f"{r['engine']:<14}{str(r['scheduler'])[:27]:<28}{r['steps']:>6}{r['dtype']:>10}{r['image_s']:>10.2f}"
+            f"{r['engine']:<16}{str(r['scheduler'])[:27]:<28}{r['steps']:>6}{r['dtype']:>10}{r['image_s']:>10.2f}"
             f"{r['unet_step_s']:>9.3f}{r['text_encode_s']:>8.3f}{r['vae_decode_s']:>8.3f}{peak:>9.0f}"
         )
     for name, value in report["ratios"].items():
@@ -291,7 +293,8 @@ def bench_command(
     steps: Annotated[int | None, typer.Option("--steps", help="taiyi's steps [its default].")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="taiyi's sampler [its default].")] = None,
     engine: Annotated[
-        list[str] | None, typer.Option("--engine", help="taiyi, stock, stock-matched (repeatable) [taiyi, stock].")
+        list[str] | None,
+        typer.Option("--engine", help="taiyi, taiyi-openvino, stock, stock-matched; repeatable [taiyi, stock]."),
     ] = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed images per engine.")] = 2,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed images first.")] = 1,

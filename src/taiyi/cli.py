@@ -32,6 +32,7 @@ app = typer.Typer(
 
 from .cli_options import (  # noqa: E402  (after the click import fallback)
     AllowPickle,
+    Backend,
     Device,
     Dtype,
     Grid,
@@ -103,7 +104,7 @@ class _Progress:
         self.progress.update(self.task, completed=done, total=total)
 
 
-def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None, memory="auto"):
+def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None, memory="auto", backend="auto"):
     _quiet_libraries()
     from .pipeline import load_pipeline
 
@@ -115,6 +116,7 @@ def _load(model, dtype, device, no_safety_checker, allow_pickle, lora=None, memo
         allow_pickle=allow_pickle,
         loras=lora,
         memory=memory,
+        backend=backend,
     )
 
 
@@ -176,6 +178,7 @@ def generate(
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
+    backend: Backend = "auto",
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts-file", help="txt / jsonl / csv of prompts; output is a folder.")
     ] = None,
@@ -201,6 +204,7 @@ def generate(
             allow_pickle,
             loras,
             memory,
+            backend,
         )
         with _Progress("rendering") as bar:
             result = pipe.rerender(params, progress=bar)
@@ -225,7 +229,7 @@ def generate(
         if state is not None:
             device = str(state.device) if device == "auto" else device
             _share_cores(world)
-        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
+        pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
         out_dir = Path(output or "outputs/batch")
         mine = len(range(rank, len(rows), world))
         done = iter(range(1, mine + 1))
@@ -238,7 +242,7 @@ def generate(
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
     _save(result, output, overwrite, grid)
@@ -268,6 +272,7 @@ def edit(
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Image to image: redraw IMAGE following a Chinese PROMPT."""
     from .io import load_image
@@ -276,7 +281,7 @@ def edit(
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("editing") as bar:
         result = pipe.edit(
             init,
@@ -320,6 +325,7 @@ def inpaint(
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Inpainting: redraw the white part of MASK following a Chinese PROMPT; keep the rest."""
     from .io import load_image
@@ -328,7 +334,7 @@ def inpaint(
     init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
     check_strength(strength, steps)
     _precheck(output, overwrite, num_images)
-    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory)
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("inpainting") as bar:
         result = pipe.inpaint(
             init,

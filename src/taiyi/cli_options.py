@@ -37,3 +37,7 @@ Memory = Annotated[
         "--memory", help="auto (tiled VAE beyond the native size), low (+ attention slicing, slower) or off."
     ),
 ]
+Backend = Annotated[
+    str,
+    typer.Option("--backend", help="Where the UNet runs: torch, openvino (CPU, converted once) or auto (torch)."),
+]

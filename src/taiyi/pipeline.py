@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .backends import check_backend, resolve_backend, use_openvino_unet
 from .encoding import PromptCache, encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
@@ -39,6 +40,7 @@ MAX_STEPS = 1000  # the models' training timesteps: more steps cannot add anythi
 MAX_IMAGES = 64
 MAX_SEED = 2**63 - 1
 DEFAULT_STEPS = 15
+_LORA_BACKEND = "LoRAs run on the torch backend; load the model with --backend torch to use them"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -137,11 +139,12 @@ class TaiyiPipeline:
     ``diffusers.StableDiffusionPipeline`` holding the weights; edit and inpaint pipelines share them.
     """
 
-    def __init__(self, sd, *, model: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, sd, *, model: str, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
         self.sd = sd
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.backend = backend  # where the UNet runs: "torch" or "openvino" (see taiyi.backends)
         self._base_scheduler_config = dict(sd.scheduler.config)
         self._pipelines: dict[type, object] = {}
         self.loras: list[LoadedLora] = []  # in the order applied
@@ -163,6 +166,8 @@ class TaiyiPipeline:
         """
         from .lora import activate_loras, apply_loras, parse_lora_spec
 
+        if self.backend != "torch":
+            raise InvalidInputError(_LORA_BACKEND)
         spec = parse_lora_spec(path)
         if spec.path == Path(os.fspath(path)):  # no ":SCALE" in it
             spec = parse_lora_spec((spec.path, scale))
@@ -659,6 +664,7 @@ def load_pipeline(
     variant: str | None = None,
     loras: list[str | os.PathLike | tuple[str | os.PathLike, float]] | None = None,
     memory: str = "auto",
+    backend: str = "auto",
 ) -> TaiyiPipeline:
     """Load a Taiyi-format Stable Diffusion model.
 
@@ -675,6 +681,8 @@ def load_pipeline(
         loras: LoRA files to apply, each a path, ``"FILE:SCALE"`` or ``(path, scale)`` (see
             :meth:`TaiyiPipeline.load_lora`). Checked before the model loads when they are missing or pickled.
         memory: ``auto``, ``low`` or ``off`` (see :func:`apply_memory_mode`).
+        backend: where the UNet runs: ``torch``, ``openvino`` (CPU, float32; converted once and cached, see
+            :mod:`taiyi.backends`) or ``auto`` (``torch`` for now).
 
     Raises:
         ModelLoadError: one line naming what is missing or broken.
@@ -683,12 +691,16 @@ def load_pipeline(
     from .lora import activate_loras, apply_loras, parse_lora_spec, resolve_lora_file
 
     check_memory_mode(memory)  # before the model loads
+    check_backend(backend)
     specs = [parse_lora_spec(x) for x in loras or []]
+    if specs and backend == "openvino":
+        raise InvalidInputError(_LORA_BACKEND)
     for spec in specs:  # a typo fails before the model is loaded
         resolve_lora_file(spec.path, allow_pickle=allow_pickle)
     folder, name = resolve_model(model if model is not None else DEFAULT_MODEL)
     dev = select_device(device)
     torch_dtype = select_dtype(dtype, dev)
+    backend = resolve_backend(backend, dev, torch_dtype)
     limit_threads()
     sd = load_stable_diffusion(
         Path(folder),
@@ -699,7 +711,9 @@ def load_pipeline(
         variant=variant,
     )
     apply_memory_mode(sd, memory)
-    pipe = TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype)
+    if backend == "openvino":
+        use_openvino_unet(sd.unet, echo=logger.info)
+    pipe = TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype, backend=backend)
     if specs:
         pipe.loras = apply_loras(sd, specs, model=name, allow_pickle=allow_pickle)
         activate_loras(sd, pipe.loras)

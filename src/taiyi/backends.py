@@ -1,0 +1,177 @@
+"""Where the UNet runs: PyTorch, or OpenVINO's CPU runtime.
+
+The UNet is the cost of a picture (every denoising step calls it, twice with guidance). With
+``backend="openvino"`` it is converted once to OpenVINO IR — traced from the loaded model, so LoRA-free
+weights of any Taiyi / SD v1 checkpoint, inpainting UNets included — saved in the cache (see
+:func:`cache_dir`) under a fingerprint of its weights and config, and run by OpenVINO's CPU plugin from
+then on. The rest of the pipeline (text encoder, scheduler, VAE) stays in PyTorch; outputs match the
+PyTorch UNet to float32 rounding (OpenVINO picks bf16 by itself only on CPUs with bf16 instructions).
+
+``auto`` is ``torch`` for now: OpenVINO is used only when asked for (``--backend openvino``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError, ModelLoadError
+
+__all__ = ["BACKENDS", "cache_dir", "check_backend", "resolve_backend", "use_openvino_unet"]
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+_IR_NAME = "unet.xml"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    return backend
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``torch`` or ``openvino`` for this device and dtype; a request that cannot be met is one line."""
+    check_backend(backend)
+    if backend != "openvino":
+        return "torch"
+    if device.type != "cpu" or dtype != torch.float32:
+        here = f"{device.type}, {str(dtype).removeprefix('torch.')}"
+        raise InvalidInputError(
+            f"the openvino backend runs on the CPU in float32 (here {here}); use --backend torch, or --device cpu"
+        )
+    if _openvino() is None:
+        raise InvalidInputError("the openvino backend needs the openvino package: pip install 'taiyi[openvino]'")
+    return "openvino"
+
+
+def cache_dir() -> Path:
+    """``TAIYI_CACHE``, else ``XDG_CACHE_HOME/taiyi``, else ``~/.cache/taiyi``."""
+    if os.environ.get("TAIYI_CACHE"):
+        return Path(os.environ["TAIYI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "taiyi"
+
+
+def unet_fingerprint(unet) -> str:
+    """A digest of the UNet's config, every tensor's bytes and the converter's version: same key, same model."""
+    ov = _openvino()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    h.update(f"openvino {ov.__version__ if ov else '-'} torch {torch.__version__}".encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class _Traceable(torch.nn.Module):
+    """The UNet with positional tensors in and one tensor out, as the converter traces it."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _convert(unet, folder: Path) -> None:
+    """Trace ``unet`` to OpenVINO IR in ``folder`` (written to a temporary folder, then renamed into place)."""
+    ov = _openvino()
+    c, s, d = unet.config.in_channels, unet.config.sample_size, unet.config.cross_attention_dim
+    example = (torch.randn(2, c, s, s), torch.tensor([500.0, 500.0]), torch.randn(2, 8, d))
+    shapes = [ov.PartialShape([-1, c, -1, -1]), ov.PartialShape([-1]), ov.PartialShape([-1, -1, d])]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless here
+        model = ov.convert_model(_Traceable(unet).eval(), example_input=example, input=shapes)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        ov.save_model(model, tmp / _IR_NAME, compress_to_fp16=False)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process converted the same model first: keep theirs
+            if not (folder / _IR_NAME).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compile_unet(unet, *, threads: int | None = None, echo=None):
+    """The UNet compiled by OpenVINO for the CPU, converting (and caching) it on first use."""
+    ov = _openvino()
+    folder = cache_dir() / "openvino" / unet_fingerprint(unet)
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    for attempt in range(2):
+        if not (folder / _IR_NAME).is_file():
+            if echo is not None:
+                echo(f"converting the UNet to OpenVINO (once; cached in {folder})")
+            try:
+                _convert(unet, folder)
+            except OSError as e:
+                raise ModelLoadError(f"cannot write the OpenVINO cache {folder}: {e.strerror or e}") from e
+            except Exception as e:  # the converter's own errors name no file; say which step failed
+                raise ModelLoadError(f"OpenVINO could not convert this UNet: {str(e).splitlines()[0][:200]}") from e
+        try:
+            return core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
+        except Exception:
+            if attempt:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache entry: convert again
+    raise AssertionError("unreachable")
+
+
+def use_openvino_unet(unet, *, threads: int | None = None, echo=None) -> None:
+    """Route ``unet``'s forward through OpenVINO (same signature, same outputs).
+
+    Calls with inputs the IR does not take (ControlNet residuals, extra conditioning, LoRA scales) go
+    to the PyTorch forward, so nothing silently changes meaning.
+    """
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    compiled = compile_unet(unet, threads=threads, echo=echo)
+    request = compiled.create_infer_request()
+    torch_forward = unet.forward
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        if args or any(v is not None for v in kwargs.values()) or sample.device.type != "cpu":
+            return torch_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        request.infer(
+            [
+                np.ascontiguousarray(sample.detach().float().numpy()),
+                np.ascontiguousarray(t.numpy()),
+                np.ascontiguousarray(encoder_hidden_states.detach().float().numpy()),
+            ]
+        )
+        out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = types.MethodType(forward, unet)
+    unet._taiyi_torch_forward = torch_forward
+
+
+def use_torch_unet(unet) -> None:
+    """Undo :func:`use_openvino_unet`."""
+    torch_forward = unet.__dict__.pop("_taiyi_torch_forward", None)
+    if torch_forward is not None:
+        unet.__dict__.pop("forward", None)

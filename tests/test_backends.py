@@ -1,0 +1,147 @@
+"""The OpenVINO UNet backend: same pictures as PyTorch, converted once and cached, every misuse one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from taiyi import backends  # noqa: E402
+from taiyi.cli import main  # noqa: E402
+from taiyi.errors import InvalidInputError  # noqa: E402
+from taiyi.pipeline import load_pipeline  # noqa: E402
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("TAIYI_CACHE", str(folder))
+    return folder / "openvino"
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_openvino_unet_draws_the_pictures_torch_draws(tiny_zh, cache):
+    torch_pipe = load_pipeline(tiny_zh, safety_checker=False, backend="torch")
+    ov_pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    assert (torch_pipe.backend, ov_pipe.backend) == ("torch", "openvino")
+    # the IR takes any batch, size and prompt length: guidance batch of 4, two sizes, a long prompt
+    long_prompt = "夕阳西下，断肠人在天涯，枯藤老树昏鸦，小桥流水人家，古道西风瘦马"
+    for size, prompt in ((64, "小桥流水人家"), (96, long_prompt)):
+        a = torch_pipe.generate(prompt, num_images=2, seed=5, steps=4, width=size, height=size)
+        b = ov_pipe.generate(prompt, num_images=2, seed=5, steps=4, width=size, height=size)
+        assert _pixels(b).shape == (2, size, size, 3)
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
+    # the UNet itself, on the same input: float32 rounding apart, the same function
+    unet = ov_pipe.sd.unet
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(3, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(3, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = torch_pipe.sd.unet(sample, torch.tensor(321), text).sample
+        got = unet(sample, torch.tensor(321), text).sample
+    cosine = torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0)
+    assert cosine > 0.99999 and (want - got).abs().max() < 1e-4
+
+
+def test_edit_and_inpaint_run_on_openvino_too(tiny_zh, tiny_inpaint, cache):
+    from PIL import Image
+
+    start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    for folder, run in (
+        (tiny_zh, lambda p: p.edit(start, "夜晚的高山", strength=0.6, steps=4, seed=1)),
+        (tiny_inpaint, lambda p: p.inpaint(start, mask, "一座小桥", steps=4, seed=1)),
+    ):
+        a = run(load_pipeline(folder, safety_checker=False, backend="torch"))
+        b = run(load_pipeline(folder, safety_checker=False, backend="openvino"))
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
+
+
+def test_conversion_happens_once_and_a_damaged_cache_is_rebuilt(tiny_zh, cache, monkeypatch):
+    load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    (entry,) = cache.iterdir()
+    assert entry.name == backends.unet_fingerprint(load_pipeline(tiny_zh, safety_checker=False).sd.unet)
+    assert (entry / "unet.xml").is_file() and (entry / "unet.bin").is_file()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".converting")]  # written aside, then moved in
+
+    converted = []
+    real_convert = backends._convert
+
+    def counted(unet, folder):
+        converted.append(folder)
+        real_convert(unet, folder)
+
+    monkeypatch.setattr(backends, "_convert", counted)
+    pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    assert converted == []  # read from the cache
+    pipe.generate("山水", steps=2, seed=0)
+
+    (entry / "unet.xml").write_text("<not an IR")
+    pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    assert converted == [entry]
+    pipe.generate("山水", steps=2, seed=0)
+
+
+def test_other_weights_get_their_own_cache_entry(tiny_zh, tiny_en, cache):
+    a = load_pipeline(tiny_zh, safety_checker=False).sd.unet
+    key = backends.unet_fingerprint(a)
+    with torch.no_grad():
+        a.conv_in.bias[0] += 1e-3
+    assert backends.unet_fingerprint(a) != key
+    load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    load_pipeline(tiny_en, safety_checker=False, backend="openvino")
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_calls_the_ir_does_not_take_go_to_torch(tiny_zh, cache):
+    pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    unet = pipe.sd.unet
+    sample, text = torch.randn(1, unet.config.in_channels, 8, 8), torch.randn(1, 5, unet.config.cross_attention_dim)
+    residual = torch.ones(1, unet.config.block_out_channels[-1], 4, 4)
+    with torch.no_grad():
+        plain = unet(sample, 10, text).sample
+        shifted = unet(sample, 10, text, mid_block_additional_residual=residual).sample
+    assert not torch.allclose(plain, shifted)  # the residual was applied, by the torch forward
+    backends.use_torch_unet(unet)
+    with torch.no_grad():
+        assert torch.allclose(unet(sample, 10, text, mid_block_additional_residual=residual).sample, shifted)
+
+
+def test_bad_backend_requests_are_one_line(tiny_zh, tmp_path, cache, monkeypatch, capsys):
+    with pytest.raises(InvalidInputError, match="unknown backend 'tpu'"):
+        load_pipeline(tiny_zh, backend="tpu")
+    with pytest.raises(InvalidInputError, match="CPU in float32"):
+        load_pipeline(tiny_zh, backend="openvino", dtype="bfloat16")
+    with pytest.raises(InvalidInputError, match="LoRAs run on the torch backend"):
+        load_pipeline(tiny_zh, backend="openvino", loras=[tmp_path / "style.safetensors"])
+    pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
+    with pytest.raises(InvalidInputError, match="LoRAs run on the torch backend"):
+        pipe.load_lora(tmp_path / "style.safetensors")
+
+    capsys.readouterr()  # the loads above
+    out = tmp_path / "x.png"
+    assert main(["generate", "山水", "--model", str(tiny_zh), "--backend", "tpu", "-o", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, "unknown backend 'tpu'")
+    monkeypatch.setattr(backends, "_openvino", lambda: None)
+    assert main(["generate", "山水", "--model", str(tiny_zh), "--backend", "openvino", "-o", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, "pip install")
+    assert not out.exists()
+
+
+def test_cli_generates_with_openvino(tiny_zh, tmp_path, cache, capsys):
+    out = tmp_path / "ov.png"
+    code = main(["generate", "山水", "--model", str(tiny_zh), "--backend", "openvino", "--steps", "3", "-o", str(out)])
+    assert code == 0 and out.is_file()
+    assert len(list(cache.iterdir())) == 1
