@@ -236,3 +236,36 @@ def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip):
     assert text.startswith("夜晚:2|晚霞:1\n") and "Seed: 7" in text and "Sampler: DDIM" in text
     assert len(list((tmp_path / "night-frames").glob("*.png"))) == 3
     assert main(argv) == 2  # no silent overwrite
+
+
+def test_latent_model_is_steered_through_its_decoder(tmp_path, clip):
+    """A latent model (taiyi train uncond --vae): Disco denoises latents and looks at decoded pictures."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+        scaling_factor=0.5,
+    )  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )  # fmt: skip
+    folder = tmp_path / "latent"
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    DDPMScheduler(clip_sample=False).save_pretrained(folder / "scheduler")
+    model = load_uncond(folder)
+    assert model.vae is not None and model.sample_size == 32 and model.channels == 4
+    base = dict(steps=6, cutn=4, seed=2, eta=0.0, range_scale=0, save_every=3)
+    plain = disco_sample(model, clip, "夜晚的高山", DiscoSettings(clip_guidance_scale=0, **base))
+    steered = disco_sample(model, clip, "夜晚的高山", DiscoSettings(clip_guidance_scale=20000, clamp_max=0.5, **base))
+    assert plain.image.size == steered.image.size == (32, 32) and plain.frames[0].size == (32, 32)
+    assert _distance(clip, steered.image, "夜晚的高山") < _distance(clip, plain.image, "夜晚的高山")
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    near = disco_sample(model, clip, "夜晚", DiscoSettings(steps=10, skip_steps=8, cutn=2, seed=5), init_image=init)
+    assert near.image.size == (32, 32)
+    with pytest.raises(InvalidInputError, match="multiple of 8"):
+        disco_sample(model, clip, "夜晚", DiscoSettings(**FAST), size=36)

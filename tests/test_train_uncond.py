@@ -9,6 +9,7 @@ refuses bad input in one line with exit 2.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -102,3 +103,49 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
         assert err.startswith("taiyi: error:") and "\n" not in err and message in err, err
     with pytest.raises(InvalidInputError, match="--noise-offset"):
         train_uncond(UncondTrainConfig(data=["shanshui:4"], output=str(tmp_path / "n"), noise_offset=-1.0))
+
+
+def _tiny_vae(folder):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+        scaling_factor=0.5,
+    )  # fmt: skip
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_latent_model_trains_on_scaled_vae_latents_and_ships_its_vae(tmp_path):
+    from taiyi.disco import load_uncond
+
+    vae_dir = _tiny_vae(tmp_path / "vae")
+    config = UncondTrainConfig(output=str(tmp_path / "run"), max_steps=2, vae=str(vae_dir), **TINY)
+    result = train_uncond(config)
+    final = result["final"]
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentUncondPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    unet_config = json.loads((final / "unet" / "config.json").read_text())
+    assert (unet_config["in_channels"], unet_config["sample_size"]) == (4, 16)  # 32 px / VAE factor 2
+    assert not json.loads((final / "scheduler" / "scheduler_config.json").read_text())["clip_sample"]
+    assert (
+        load_file(final / "vae" / "diffusion_pytorch_model.safetensors").keys()
+        == load_file(vae_dir / "diffusion_pytorch_model.safetensors").keys()
+    )
+    assert all(math.isfinite(loss) for loss in result["losses"].values()) and len(result["losses"]) == 2
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size[1] == 32  # decoded pictures
+    model = load_uncond(final)
+    assert model.vae is not None and model.factor == 2 and model.sample_size == 32
+
+
+def test_latent_model_refuses_a_folder_that_is_not_a_vae(tmp_path):
+    (tmp_path / "notvae").mkdir()
+    (tmp_path / "notvae" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(InvalidInputError, match="not an AutoencoderKL"):
+        train_uncond(
+            UncondTrainConfig(output=str(tmp_path / "run"), max_steps=1, vae=str(tmp_path / "notvae"), **TINY)
+        )

@@ -103,29 +103,52 @@ class UncondModel:
         unet: the network (output: ε, v, or 6 channels = ε + learned variance, as guided-diffusion).
         scheduler_config: the training noise schedule (a diffusers scheduler config).
         prediction_type: what the network predicts: ``epsilon``, ``v_prediction`` or ``sample``.
+        vae: for a latent model, the ``AutoencoderKL`` whose latents (× its ``scaling_factor``) the UNet
+            denoises; guidance then looks at the decoded picture and its gradient flows back through the
+            decoder. None: a pixel-space model.
     """
 
-    def __init__(self, unet, scheduler_config: dict, prediction_type: str = "epsilon", name: str = ""):
+    def __init__(self, unet, scheduler_config: dict, prediction_type: str = "epsilon", name: str = "", vae=None):
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config)
         self.prediction_type = prediction_type
         self.name = name
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         from diffusers import DDPMScheduler
 
         self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()  # (T,)
 
     @property
+    def factor(self) -> int:
+        """Pixels per latent along a side (1 for a pixel model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
     def sample_size(self) -> int:
+        """The picture side the model was trained at."""
         size = self.unet.config.sample_size
-        return int(size[0] if isinstance(size, list | tuple) else size)
+        return int(size[0] if isinstance(size, list | tuple) else size) * self.factor
 
     @property
     def channels(self) -> int:
         return int(self.unet.config.in_channels)
 
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The picture (B, 3, H, W) in [-1, 1] that x shows (differentiable: decoded for a latent model)."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x / self.vae.config.scaling_factor).sample
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's input space for a picture in [-1, 1] (the posterior mean for a latent model)."""
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's own output (in ``prediction_type``) and the predicted clean image x0, both
-        differentiable in x (B, C, H, W); t holds integer timesteps (B,)."""
+        """The network's own output (in ``prediction_type``) and the predicted clean sample x0 (pixels, or
+        latents for a latent model), both differentiable in x (B, C, H, W); t holds integer timesteps (B,)."""
         out = self.unet(x, t).sample
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (learn_sigma): the first half is the prediction
             out = out[:, : x.shape[1]]
@@ -150,8 +173,9 @@ _GUIDED_DIFFUSION_SCHEDULE = {
 
 
 def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu", allow_pickle: bool = False):
-    """Load an unconditional model: a ``DDPMPipeline``-style folder (``unet/`` + ``scheduler/``), or a bare
-    ``UNet2DModel`` folder (guided-diffusion's linear 1000-step schedule is assumed, as Disco uses).
+    """Load an unconditional model: a ``DDPMPipeline``-style folder (``unet/`` + ``scheduler/``, and ``vae/``
+    for a latent model from ``taiyi train uncond --vae``), or a bare ``UNet2DModel`` folder (guided-diffusion's
+    linear 1000-step schedule is assumed, as Disco uses).
 
     Raises:
         ModelLoadError: not such a folder (a raw ``.pt`` checkpoint is pointed to ``taiyi convert``).
@@ -181,7 +205,7 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
         found = config.get("_class_name") or (config.get("architectures") or [config.get("model_type", "model")])[0]
         raise ModelLoadError(
             f"{folder} holds a {found}, not an unconditional UNet2DModel; Disco Diffusion "
-            "needs an unconditional pixel-space model (taiyi train uncond, or taiyi convert guided-diffusion)"
+            "needs an unconditional model (taiyi train uncond, or taiyi convert guided-diffusion)"
         )
     check_weights(unet_folder, allow_pickle=allow_pickle, what=f"the model in {unet_folder}")
     try:
@@ -194,7 +218,17 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
         if schedule_path.is_file()
         else _GUIDED_DIFFUSION_SCHEDULE
     )
-    return UncondModel(unet, schedule, schedule.get("prediction_type", "epsilon"), name=name)
+    vae = None
+    if unet_folder != folder and (folder / "vae" / "config.json").is_file():
+        from .train.uncond import load_vae
+
+        vae = load_vae(folder / "vae", allow_pickle=allow_pickle).to(device)
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise ModelLoadError(
+                f"{folder}: the VAE makes {vae.config.latent_channels}-channel latents but the UNet takes "
+                f"{unet.config.in_channels} channels"
+            )
+    return UncondModel(unet, schedule, schedule.get("prediction_type", "epsilon"), name=name, vae=vae)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +441,10 @@ class CLIPGuidance:
             x = x.detach().requires_grad_(True)
             out, x0 = self.model.predict(x, t)
             if float(a.min()) < 1e-4:
-                self.last_x0, self.last_loss = x0.detach(), 0.0
+                with torch.no_grad():
+                    self.last_x0, self.last_loss = self.model.to_pixels(x0.detach()), 0.0
                 return out.detach()
+            x0 = self.model.to_pixels(x0)  # the picture the losses look at (decoded for a latent model)
             x_in_grad = self._clip_loss_grad(x0) if s.clip_guidance_scale > 0 else torch.zeros_like(x0)
             x0_leaf = x0.detach().requires_grad_(True)
             aux = (
@@ -499,8 +535,9 @@ def disco_sample(
     s.check()
     prompts = parse_prompts(prompt)
     side = int(size or model.sample_size)
-    if side % 8 or not 32 <= side <= 2048:
-        raise InvalidInputError(f"size must be a multiple of 8 between 32 and 2048, not {side}")
+    step = max(8, model.factor)
+    if side % step or not 32 <= side <= 2048:
+        raise InvalidInputError(f"size must be a multiple of {step} between 32 and 2048, not {side}")
     if s.skip_steps and init_image is None:
         raise InvalidInputError("skip-steps needs an init image (--init-image)")
     device = next(model.unet.parameters()).device
@@ -512,10 +549,10 @@ def disco_sample(
     guided = CLIPGuidance(model, clip, prompts, s, generator)
     sched = _scheduler(s.sampler, model.scheduler_config, model.prediction_type, s.steps)
     timesteps = sched.timesteps
-    shape = (1, model.channels, side, side)
+    shape = (1, model.channels, side // model.factor, side // model.factor)
     x = torch.randn(shape, generator=generator)
     if init_image is not None:
-        init = _init_latent(init_image, side)
+        init = model.from_pixels(_init_latent(init_image, side).to(device)).cpu()
         start = timesteps[s.skip_steps]
         x = sched.add_noise(init, x, start[None]) if s.skip_steps else x
         timesteps = timesteps[s.skip_steps :]
@@ -540,4 +577,6 @@ def disco_sample(
             model.unet.disable_gradient_checkpointing()
             model.unet.eval()
     settings_out = {**asdict(s), "seed": seed, "size": side, "model": model.name}
-    return DiscoResult(_to_image(x[0]), frames, settings_out, prompts, losses)
+    with torch.no_grad():
+        picture = model.to_pixels(x)[0]
+    return DiscoResult(_to_image(picture), frames, settings_out, prompts, losses)

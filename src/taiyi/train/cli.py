@@ -667,10 +667,19 @@ def uncond(
     report_to: ReportTo = None,
     log_every: LogEvery = None,
     cpu: Cpu = False,
+    vae: Annotated[
+        str | None,
+        _opt(
+            "--vae",
+            help="Train in this AutoencoderKL's latent space (folder, or pipeline with vae/).",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
 ) -> None:
-    """Train an unconditional pixel-space diffusion UNet from scratch (for CLIP-guided Disco Diffusion).
+    """Train an unconditional diffusion UNet from scratch (for CLIP-guided Disco Diffusion).
 
-    Writes OUTPUT/final, a DDPMPipeline folder (model_index.json, unet/, scheduler/).
+    Writes OUTPUT/final, a DDPMPipeline folder (model_index.json, unet/, scheduler/), plus vae/ for a
+    latent model (--vae).
     """
     given = _image_config({k: v for k, v in locals().items() if v is not None})
     from ..cli import _quiet_libraries

@@ -1,8 +1,11 @@
-"""``taiyi train uncond``: an unconditional pixel-space diffusion model (diffusers ``UNet2DModel``) from scratch.
+"""``taiyi train uncond``: an unconditional diffusion model (diffusers ``UNet2DModel``) from scratch.
 
 Taiyi Disco Diffusion (TAIYI.md §1, §2) steers an *unconditional* diffusion model with the gradients of
 Chinese-CLIP similarity at sampling time; this trains the miniature recipe's model: 64×64 RGB, a few
-million parameters, a DDPM noise schedule.
+million parameters, a DDPM noise schedule. In pixel space by default (as guided-diffusion); with ``vae``
+in the latent space of a trained ``AutoencoderKL`` (latent diffusion: the UNet works on
+``resolution / f``-sided latents, f the VAE's downsampling factor, so it learns a scene's layout in a
+fraction of the steps a pixel model needs).
 
 - Data: as ``taiyi train vae`` (folder / CSV / JSONL / ``synthetic:N`` / ``shanshui:N``; captions
   ignored), pixels scaled to [-1, 1].
@@ -13,7 +16,11 @@ million parameters, a DDPM noise schedule.
 - Validation (every ``val_every`` steps and at the end): a grid of ``val_images`` samples drawn with
   DDIM in ``val_steps`` steps from fixed seeds, saved in ``validation/``.
 - ``OUTPUT/final`` is a ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``):
-  ``diffusers.DDPMPipeline.from_pretrained(OUTPUT/final)`` loads it with no flags.
+  ``diffusers.DDPMPipeline.from_pretrained(OUTPUT/final)`` loads it with no flags. A latent model adds
+  ``vae/`` (the frozen autoencoder, whose ``scaling_factor`` the latents are multiplied by); its
+  ``model_index.json`` names the class ``LatentUncondPipeline`` — diffusers has no unconditional
+  pipeline for an ``AutoencoderKL`` (``LDMPipeline`` takes a VQ model and unscaled latents), and
+  :func:`taiyi.disco.load_uncond` reads both layouts.
 
 Checkpoints, exact resume, metrics.jsonl, loss.png and EMA come from the loop shared with
 ``taiyi train vae`` (:func:`taiyi.train.vae.run_image_training`).
@@ -21,6 +28,7 @@ Checkpoints, exact resume, metrics.jsonl, loss.png and EMA come from the loop sh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -54,6 +62,7 @@ class UncondTrainConfig(ImageTrainConfig):
         snr_gamma: min-SNR-γ loss weighting (None: plain MSE).
         val_images: samples in the validation grid.
         val_steps: DDIM steps of the validation samples.
+        vae: an ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``): train in its latent space.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -70,15 +79,18 @@ class UncondTrainConfig(ImageTrainConfig):
     lr: float = 2e-4
     batch_size: int = 32
     ema: bool = True
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
 
 
-def _validate_config(config: UncondTrainConfig) -> None:
+def _validate_config(config: UncondTrainConfig, factor: int = 1) -> None:
+    """Checks every setting; ``factor`` is the VAE's downsampling factor (1 in pixel space)."""
     config.check()
     levels = config.block_out_channels
+    side = 2 ** (len(levels) - 1) * factor
     checks = [
         (len(levels) >= 2 and all(c >= 1 for c in levels), "--block-out-channels needs 2+ widths, e.g. 32,64,128,128"),
         (
@@ -86,9 +98,9 @@ def _validate_config(config: UncondTrainConfig) -> None:
             f"--norm-num-groups {config.norm_num_groups} must divide every width of {list(levels)}",
         ),
         (
-            config.resolution % 2 ** (len(levels) - 1) == 0,
-            f"--resolution {config.resolution} must be divisible by {2 ** (len(levels) - 1)} "
-            f"({len(levels)} UNet levels)",
+            config.resolution % side == 0,
+            f"--resolution {config.resolution} must be divisible by {side} ({len(levels)} UNet levels"
+            + (f", VAE factor {factor})" if factor > 1 else ")"),
         ),
         (config.layers_per_block >= 1, f"--layers-per-block must be at least 1, not {config.layers_per_block}"),
         (
@@ -117,16 +129,18 @@ def _validate_config(config: UncondTrainConfig) -> None:
             raise InvalidInputError(message)
 
 
-def build_unet(config: UncondTrainConfig):
-    """A fresh ``UNet2DModel`` for ``resolution``² RGB images; the coarsest ``attention_levels`` levels attend."""
+def build_unet(config: UncondTrainConfig, vae=None):
+    """A fresh ``UNet2DModel`` for ``resolution``² RGB images (or their ``vae`` latents); the coarsest
+    ``attention_levels`` levels attend."""
     from diffusers import UNet2DModel
 
     n = len(config.block_out_channels)
     attend = [i >= n - config.attention_levels for i in range(n)]
+    channels = vae.config.latent_channels if vae is not None else 3
     return UNet2DModel(
-        sample_size=config.resolution,
-        in_channels=3,
-        out_channels=3,
+        sample_size=config.resolution // vae_factor(vae),
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=config.layers_per_block,
         block_out_channels=config.block_out_channels,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attend),
@@ -137,26 +151,65 @@ def build_unet(config: UncondTrainConfig):
 
 
 def build_scheduler(config: UncondTrainConfig):
-    """The DDPM noise schedule (``clip_sample`` on: pixels live in [-1, 1])."""
+    """The DDPM noise schedule (``clip_sample`` on in pixel space, where pixels live in [-1, 1])."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
         prediction_type=config.prediction_type,
-        clip_sample=True,
+        clip_sample=config.vae is None,
     )
 
 
+def vae_factor(vae) -> int:
+    """How many pixels one latent covers along a side (1 without a VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+def load_vae(path: str | os.PathLike, *, allow_pickle: bool = False):
+    """A frozen ``AutoencoderKL`` from its folder or a pipeline folder's ``vae/`` (safetensors only by default)."""
+    from diffusers import AutoencoderKL
+
+    from ..errors import ModelLoadError
+    from ..loading import check_weights
+
+    folder = Path(path)
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config = folder / "config.json"
+    if not config.is_file() or '"AutoencoderKL"' not in config.read_text(encoding="utf-8"):
+        raise InvalidInputError(f"{path} is not an AutoencoderKL folder (nor a pipeline folder with vae/)")
+    check_weights(folder, allow_pickle=allow_pickle, what=f"the VAE in {folder}")
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
+    except Exception as exc:  # noqa: BLE001 — one line for any broken folder
+        raise ModelLoadError(f"could not load {folder}: {' '.join(str(exc).split())[:200]}") from exc
+    return vae.float().eval().requires_grad_(False)
+
+
 @torch.no_grad()
-def sample_images(unet, scheduler_config: dict, n: int, steps: int, seed: int) -> list:
-    """``n`` samples drawn with DDIM in ``steps`` steps, image ``i`` from seed ``seed + i`` (PIL images)."""
+def sample_images(unet, scheduler_config: dict, n: int, steps: int, seed: int, vae=None) -> list:
+    """``n`` samples drawn with DDIM in ``steps`` steps, image ``i`` from seed ``seed + i`` (PIL images);
+    with ``vae``, latents decoded to pictures."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
-    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
+    scheduler = DDIMScheduler.from_config(scheduler_config)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return pipe(batch_size=n, generator=generators, num_inference_steps=steps).images
+    if vae is None:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=n, generator=generators, num_inference_steps=steps).images
+    from diffusers.image_processor import VaeImageProcessor
+
+    device = next(unet.parameters()).device
+    side, channels = unet.config.sample_size, unet.config.in_channels
+    latents = torch.cat([torch.randn(1, channels, side, side, generator=g) for g in generators]).to(device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        latents = scheduler.step(unet(latents, t).sample, t, latents).prev_sample
+    pixels = vae.to(device).decode(latents / vae.config.scaling_factor).sample
+    return VaeImageProcessor().postprocess(pixels, output_type="pil")
 
 
 def train_uncond(config: UncondTrainConfig) -> dict:
@@ -176,12 +229,17 @@ def train_uncond(config: UncondTrainConfig) -> dict:
     """
     from .sd import diffusion_loss
 
-    _validate_config(config)
+    vae = load_vae(config.vae) if config.vae is not None else None
+    _validate_config(config, vae_factor(vae))
     noise_scheduler = build_scheduler(config)
     n_steps = noise_scheduler.config.num_train_timesteps
 
     def loss_fn(model, pixels, g):
-        noise = torch.randn(pixels.shape, generator=g)  # (b, 3, R, R)
+        if vae is not None:  # latent diffusion: the frozen VAE's posterior sample, scaled to unit std
+            with torch.no_grad():
+                posterior = vae.to(pixels.device).encode(pixels).latent_dist
+                pixels = posterior.sample(g if pixels.device.type == "cpu" else None) * vae.config.scaling_factor
+        noise = torch.randn(pixels.shape, generator=g)  # (b, C, R, R)
         offset = torch.randn(pixels.shape[0], pixels.shape[1], 1, 1, generator=g)
         timesteps = torch.randint(0, n_steps, (pixels.shape[0],), generator=g)
         if config.noise_offset:
@@ -199,7 +257,9 @@ def train_uncond(config: UncondTrainConfig) -> dict:
             return {}
         from ..pipeline import make_grid
 
-        samples = sample_images(model, dict(noise_scheduler.config), config.val_images, config.val_steps, config.seed)
+        samples = sample_images(
+            model, dict(noise_scheduler.config), config.val_images, config.val_steps, config.seed, vae
+        )
         folder = output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{step_dir_name(step)}.png"
@@ -212,12 +272,21 @@ def train_uncond(config: UncondTrainConfig) -> dict:
         from diffusers import DDPMPipeline
 
         pipe = DDPMPipeline(unet=model, scheduler=build_scheduler(config))
-        write_folder_atomic(final_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
-        return {"parameters": sum(p.numel() for p in model.parameters())}
+
+        def write(tmp: Path) -> None:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if vae is not None:
+                vae.save_pretrained(tmp / "vae", safe_serialization=True)
+                index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+                index.update(_class_name="LatentUncondPipeline", vae=["diffusers", "AutoencoderKL"])
+                (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+        write_folder_atomic(final_dir, write)
+        return {"parameters": sum(p.numel() for p in model.parameters()), "latent": vae is not None}
 
     return run_image_training(
-        config, name="uncond", build=lambda: build_unet(config), loss_fn=loss_fn, validate=validate, export=export
+        config, name="uncond", build=lambda: build_unet(config, vae), loss_fn=loss_fn, validate=validate, export=export
     )
 
 
-__all__ = ["UncondTrainConfig", "build_scheduler", "build_unet", "sample_images", "train_uncond"]
+__all__ = ["UncondTrainConfig", "build_scheduler", "build_unet", "load_vae", "sample_images", "train_uncond"]
