@@ -725,9 +725,10 @@ def test_serve_command_refuses_bad_options_with_one_line(capsys, tmp_path):
     assert main(["--model", str(tmp_path), "--max-batch", "0"]) == 2
     assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert main(["--max-steps", "lots"]) == 2
+    assert main(["--model", str(tmp_path), "--backend", "gpu"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("taiyi: error: ") for line in lines), lines
-    assert "--max-batch" in lines[0] and "does not exist" in lines[1]
+    assert len(lines) == 4 and all(line.startswith("taiyi: error: ") for line in lines), lines
+    assert "--max-batch" in lines[0] and "does not exist" in lines[1] and "--backend" in lines[3]
 
 
 def test_serve_command_can_be_registered_with_typer():

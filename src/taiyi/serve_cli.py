@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from .cli_options import Backend
 from .errors import InvalidInputError, TaiyiError
 
 logger = logging.getLogger("taiyi.serve")
@@ -119,6 +120,7 @@ def serve(
         bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")
     ] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights.")] = False,
+    backend: Backend = "auto",
     threads: Annotated[
         int | None, typer.Option("--threads", help="Torch CPU threads; default: cores - 1 (one core serves HTTP).")
     ] = None,
@@ -150,6 +152,7 @@ def serve(
         dtype=dtype,
         safety_checker=not no_safety_checker,
         allow_pickle=allow_pickle,
+        backend=backend,
     ).check()
     try:
         import fastapi  # noqa: F401

@@ -143,6 +143,7 @@ def create_app(
             dtype=config.dtype,
             safety_checker=config.safety_checker,
             allow_pickle=config.allow_pickle,
+            backend=config.backend,
         )
         pipeline.model = public_name(pipeline.model)  # what the images' metadata records
     clip_name = None

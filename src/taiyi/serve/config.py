@@ -46,6 +46,7 @@ class ServeConfig:
         dtype: ``auto``/None, ``float32``, ``float16``, ``bfloat16``.
         safety_checker: keep the checkpoint's safety checker.
         allow_pickle: accept pickled ``.bin`` weights.
+        backend: where the UNet runs (``auto``, ``torch``, ``openvino``; see :mod:`taiyi.backends`).
     """
 
     model: str | None = None
@@ -68,6 +69,7 @@ class ServeConfig:
     dtype: str | None = None
     safety_checker: bool = True
     allow_pickle: bool = False
+    backend: str = "auto"
 
     def check(self) -> ServeConfig:
         """Refuse settings that cannot work, with one line naming the option; returns self."""
@@ -100,6 +102,9 @@ class ServeConfig:
             "--api-key must be printable ASCII without spaces (it travels in an HTTP header)",
         )
         need(self.clip_index is None or self.clip_model is not None, "--clip-index needs --clip-model")
+        from ..backends import BACKENDS
+
+        need(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         for origin in self.cors_origins:
             need(
                 origin == "*" or origin.startswith(("http://", "https://")),
