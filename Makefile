@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU build (a bare `torch` requirement can pull a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve,train]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve,train,openvino]'
 	touch $@
 
 demo: $(STAMP)

@@ -161,10 +161,14 @@ def test_tiny_recipe_models_load_and_generate(tiny_run):
 def test_recipe_rerun_skips_finished_stages(tiny_run):
     from taiyi.recipe.mini import RecipeConfig, run_recipe
 
-    out, _ = tiny_run
+    out, first = tiny_run
     lines = []
     status = run_recipe(RecipeConfig(out=str(out), preset="tiny"), echo=lines.append)
     assert all(s["status"] == "done before" for s in status.values()) and len(lines) == len(status)
+    # the time each stage took in the first run is kept: the budget is judged over all of them
+    assert {n: s.get("seconds") for n, s in status.items()} == {n: s["seconds"] for n, s in first.items()}
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["stage_seconds"] == pytest.approx(sum(s.get("seconds", 0) for s in status.values()), abs=0.2)
 
 
 def test_recipe_bad_input(tmp_path):

@@ -11,7 +11,7 @@ and an interrupted one resumes from its latest checkpoint when the recipe is run
     sd-en     "English SD": UNet on the frozen English text tower     taiyi train sd --stage 2
     sd-zh     "Taiyi SD Chinese": assemble + stage 1 (text encoder)   taiyi assemble, taiyi train sd
     sd-zh-en  "Taiyi SD bilingual": stage 1 then stage 2, zh + en     taiyi train sd
-    uncond    unconditional latent diffusion (for Disco Diffusion)    taiyi train uncond --vae
+    uncond    unconditional pixel diffusion (for Disco Diffusion)     taiyi train uncond
     report    faithfulness + CLIP evaluation, bit-identity check, report.json / report.md, exports
 
 Independent stages may run side by side (``jobs`` processes, ``threads`` each). The default is one
@@ -52,8 +52,8 @@ class Preset:
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_layers: int = 1
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    uncond_channels: tuple[int, ...] = (32, 64, 64)  # on the VAE's latents (16×16 for 64 px)
-    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 16, "sd": 32, "uncond": 32, "probe": 64})
+    uncond_channels: tuple[int, ...] = (16, 32, 64)
+    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 16, "sd": 32, "uncond": 16, "probe": 64})
     steps: dict = field(
         default_factory=lambda: {
             "probe": 1000,
@@ -64,7 +64,7 @@ class Preset:
             "sd-zh": 600,
             "sd-zh-en-1": 300,
             "sd-zh-en-2": 600,
-            "uncond": 1000,
+            "uncond": 600,
         }
     )
     lr: dict = field(
@@ -218,8 +218,7 @@ def _stages() -> list[Stage]:
     def uncond(out, p, c):
         return [
             ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
-             "--vae", str(out / "vae" / "final"), "--block-out-channels", ",".join(map(str, p.uncond_channels)),
-             "--batch-size", str(p.batch["uncond"]),
+             "--block-out-channels", ",".join(map(str, p.uncond_channels)), "--batch-size", str(p.batch["uncond"]),
              "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
              *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
         ]  # fmt: skip
@@ -241,7 +240,7 @@ def _stages() -> list[Stage]:
               build.init_english_sd),
         Stage("sd-zh", "Taiyi SD Chinese (stage 1)", ("sd-en", "clip-zh"), sd_zh, "sd-zh/final"),
         Stage("sd-zh-en", "Taiyi SD bilingual (stage 1, then stage 2)", ("sd-zh",), sd_zh_en, "sd-zh-en/final"),
-        Stage("uncond", "unconditional latent diffusion (Disco Diffusion)", ("data", "vae"), uncond, "uncond/final"),
+        Stage("uncond", "unconditional diffusion (Disco Diffusion)", ("data",), uncond, "uncond/final"),
         Stage("report", "evaluation, report and exports", ("probe", "clip-zh", "sd-zh", "sd-zh-en", "uncond"),
               report, "report.json"),
     ]  # fmt: skip
@@ -267,6 +266,19 @@ def _taiyi(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "taiyi.cli", *argv]
 
 
+def _earlier_stage_seconds(record: Path) -> dict[str, float]:
+    """Seconds of the finished stages a previous invocation recorded in ``recipe.json`` (none if unreadable)."""
+    try:
+        stages = json.loads(record.read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {
+        name: float(v["seconds"])
+        for name, v in stages.items()
+        if isinstance(v, dict) and str(v.get("status", "")).startswith("done") and "seconds" in v
+    }
+
+
 def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
     """Run (or continue) the recipe; returns ``{stage: {"status", "seconds"}}`` and writes ``OUT/recipe.json``.
 
@@ -282,9 +294,12 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads are set per command (threads_for)
     status: dict[str, dict] = {}
     done = {name for name, s in stages.items() if (out / s.done).exists()}
-    for name in sorted(done & wanted, key=STAGES.index):
-        status[name] = {"status": "done before"}
-        echo(f"[recipe] {name}: already done")
+    earlier = _earlier_stage_seconds(out / "recipe.json")
+    for name in sorted(done, key=STAGES.index):
+        # a continued run keeps what its finished stages cost (the time budget is over all of them)
+        status[name] = {"status": "done before", **({"seconds": earlier[name]} if name in earlier else {})}
+        if name in wanted:
+            echo(f"[recipe] {name}: already done")
     pending = [n for n in STAGES if n in wanted and n not in done]
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started = time.monotonic()
@@ -367,7 +382,8 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
             "config": asdict(config),
             "preset_values": asdict(PRESETS[config.preset]),
             "stages": status,
-            "wall_seconds": round(time.monotonic() - started, 1),
+            "wall_seconds": round(time.monotonic() - started, 1),  # this invocation
+            "stage_seconds": round(sum(v.get("seconds", 0) for v in status.values()), 1),  # every stage, all runs
         }
         (out / "recipe.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
     return status
