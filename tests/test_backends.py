@@ -40,7 +40,9 @@ def test_openvino_unet_draws_the_pictures_torch_draws(tiny_zh, cache):
     long_prompt = "夕阳西下，断肠人在天涯，枯藤老树昏鸦，小桥流水人家，古道西风瘦马"
     for size, prompt in ((64, "小桥流水人家"), (96, long_prompt)):
         a = torch_pipe.generate(prompt, num_images=2, seed=5, steps=4, width=size, height=size)
+        calls = ov_pipe.sd.unet._taiyi_openvino_calls
         b = ov_pipe.generate(prompt, num_images=2, seed=5, steps=4, width=size, height=size)
+        assert ov_pipe.sd.unet._taiyi_openvino_calls == calls + 4  # every step answered by OpenVINO
         assert _pixels(b).shape == (2, size, size, 3)
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
     # the UNet itself, on the same input: float32 rounding apart, the same function
@@ -65,7 +67,9 @@ def test_edit_and_inpaint_run_on_openvino_too(tiny_zh, tiny_inpaint, cache):
         (tiny_inpaint, lambda p: p.inpaint(start, mask, "一座小桥", steps=4, seed=1)),
     ):
         a = run(load_pipeline(folder, safety_checker=False, backend="torch"))
-        b = run(load_pipeline(folder, safety_checker=False, backend="openvino"))
+        ov = load_pipeline(folder, safety_checker=False, backend="openvino")
+        b = run(ov)
+        assert ov.sd.unet._taiyi_openvino_calls > 0
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
 
 
@@ -114,6 +118,7 @@ def test_calls_the_ir_does_not_take_go_to_torch(tiny_zh, cache):
         plain = unet(sample, 10, text).sample
         shifted = unet(sample, 10, text, mid_block_additional_residual=residual).sample
     assert not torch.allclose(plain, shifted)  # the residual was applied, by the torch forward
+    assert unet._taiyi_openvino_calls == 1
     backends.use_torch_unet(unet)
     with torch.no_grad():
         assert torch.allclose(unet(sample, 10, text, mid_block_additional_residual=residual).sample, shifted)

@@ -166,10 +166,12 @@ def use_openvino_unet(unet, *, threads: int | None = None, echo=None) -> None:
             ]
         )
         out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
+        self._taiyi_openvino_calls += 1
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     unet.forward = types.MethodType(forward, unet)
     unet._taiyi_torch_forward = torch_forward
+    unet._taiyi_openvino_calls = 0  # calls OpenVINO answered (the rest went to torch)
 
 
 def use_torch_unet(unet) -> None:
@@ -177,3 +179,4 @@ def use_torch_unet(unet) -> None:
     torch_forward = unet.__dict__.pop("_taiyi_torch_forward", None)
     if torch_forward is not None:
         unet.__dict__.pop("forward", None)
+        unet.__dict__.pop("_taiyi_openvino_calls", None)
