@@ -19,7 +19,10 @@ demo: $(STAMP)
 	$(BIN)/taiyi info demo.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# OpenVINO's tests run in their own process: with its runtime loaded, a later test of the same
+	# process (the tiny recipe run) crashed with SIGSEGV — under investigation, see README "Not yet".
+	$(BIN)/python -m pytest -q --ignore=tests/test_backends.py
+	$(BIN)/python -m pytest -q tests/test_backends.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
