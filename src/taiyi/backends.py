@@ -56,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if device.type != "cpu" or dtype != torch.float32:
         here = f"{device.type}, {str(dtype).removeprefix('torch.')}"
         raise InvalidInputError(
-            f"the openvino backend runs on the CPU in float32 (here {here}); use --backend torch, or --device cpu"
+            f"the openvino backend runs on the CPU in float32 (here {here}); use --backend torch, or cpu and float32"
         )
     if _openvino() is None:
         raise InvalidInputError("the openvino backend needs the openvino package: pip install 'taiyi[openvino]'")

@@ -121,7 +121,9 @@ class UncondModel:
     @property
     def factor(self) -> int:
         """Pixels per latent along a side (1 for a pixel model)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        from .train.uncond import vae_factor
+
+        return vae_factor(self.vae)
 
     @property
     def sample_size(self) -> int:
