@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -134,6 +135,21 @@ def test_samplers_are_seeded_and_save_frames(uncond, clip, sampler):
     assert len(one.frames) >= 2 and one.settings["seed"] == 3 and one.settings["sampler"] == sampler
 
 
+def test_recurrence_retakes_each_step_from_renoised_samples(uncond, clip):
+    """Self-recurrence: each step taken k times, x_{t-1} noised back to x_t in between — seeded, and k = 1 is the
+    plain sampler."""
+    once = disco_sample(uncond, clip, "夜晚", DiscoSettings(**FAST))
+    assert np.array_equal(np.asarray(once.image), np.asarray(disco_sample(uncond, clip, "夜晚", DiscoSettings(
+        recurrence=1, **FAST)).image))  # fmt: skip
+    thrice = [disco_sample(uncond, clip, "夜晚", DiscoSettings(recurrence=3, **FAST)) for _ in range(2)]
+    assert np.array_equal(np.asarray(thrice[0].image), np.asarray(thrice[1].image))
+    assert not np.array_equal(np.asarray(thrice[0].image), np.asarray(once.image))
+    assert len(thrice[0].losses) == FAST["steps"]
+    for bad, match in ((dict(recurrence=0), "recurrence must be"), (dict(recurrence=2, sampler="plms"), "ddim")):
+        with pytest.raises(InvalidInputError, match=match):
+            DiscoSettings(**bad).check()
+
+
 def test_gradient_checkpointing_gives_the_same_picture(uncond, clip):
     one = disco_sample(uncond, clip, "夜晚", DiscoSettings(**FAST))
     two = disco_sample(uncond, clip, "夜晚", DiscoSettings(gradient_checkpointing=True, **FAST))
@@ -264,6 +280,19 @@ def test_latent_model_is_steered_through_its_decoder(tmp_path, clip):
     steered = disco_sample(model, clip, "夜晚的高山", DiscoSettings(clip_guidance_scale=20000, clamp_max=0.5, **base))
     assert plain.image.size == steered.image.size == (32, 32) and plain.frames[0].size == (32, 32)
     assert _distance(clip, steered.image, "夜晚的高山") < _distance(clip, plain.image, "夜晚的高山")
+    # a model folder may name its VAE instead of carrying it (how the embedded model shares taiyi-mini-zh's)
+    vae.save_pretrained(tmp_path / "shared" / "vae")
+    shared = tmp_path / "shared" / "latent"
+    unet.save_pretrained(shared / "unet")
+    DDPMScheduler(clip_sample=False).save_pretrained(shared / "scheduler")
+    (shared / "model_index.json").write_text(
+        json.dumps({"_class_name": "LatentUncondPipeline", "_vae_path": "../vae"})
+    )
+    again = disco_sample(load_uncond(shared), clip, "夜晚的高山", DiscoSettings(clip_guidance_scale=0, **base))
+    assert np.array_equal(np.asarray(again.image), np.asarray(plain.image))
+    (shared / "model_index.json").write_text(json.dumps({"_class_name": "LatentUncondPipeline", "_vae_path": "../no"}))
+    with pytest.raises(ModelLoadError, match="_vae_path"):
+        load_uncond(shared)
     init = Image.new("RGB", (32, 32), (200, 40, 40))
     near = disco_sample(model, clip, "夜晚", DiscoSettings(steps=10, skip_steps=8, cutn=2, seed=5), init_image=init)
     assert near.image.size == (32, 32)

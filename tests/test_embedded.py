@@ -88,10 +88,13 @@ def test_disco_uses_the_embedded_models_with_their_calibrated_guidance(tmp_path)
     from taiyi.cli import main
     from taiyi.disco_cli import guidance_defaults
 
-    assert guidance_defaults("taiyi-mini-uncond", None, None) == (10000.0, 0.1)
-    assert guidance_defaults("./my-adm-model", None, None) == (5000.0, 0.05)  # Disco Diffusion's own
-    assert guidance_defaults("taiyi-mini-uncond", 300.0, 0.2) == (300.0, 0.2)
+    mini = {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3}
+    assert guidance_defaults("taiyi-mini-uncond") == mini
+    disco = {"clip_guidance_scale": 5000.0, "clamp_max": 0.05, "recurrence": 1}  # Disco Diffusion's own
+    assert guidance_defaults("./my-adm-model", clamp_max=None) == disco
+    given = {"clip_guidance_scale": 300.0, "clamp_max": 0.2, "recurrence": 1}
+    assert guidance_defaults("taiyi-mini-uncond", **given) == given
     png = tmp_path / "night.png"
     assert main(["disco", "夜晚", "--steps", "2", "--cutn", "2", "--seed", "1", "-o", str(png)]) == 0
     parameters = Image.open(png).text["parameters"]
-    assert "Model: taiyi-mini-uncond" in parameters and "CLIP guidance scale: 10000.0" in parameters
+    assert "Model: taiyi-mini-uncond" in parameters and "CLIP guidance scale: 20000.0" in parameters

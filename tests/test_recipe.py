@@ -231,7 +231,14 @@ def test_ship_installs_the_run_as_the_embedded_models(tiny_run, tmp_path, monkey
     assert "installed taiyi-mini-zh" in capsys.readouterr().out
     source = json.loads((tmp_path / "weights" / "SOURCE.json").read_text(encoding="utf-8"))
     assert source["preset"] == "tiny" and "Taiyi SD Chinese / zh" in source["faithfulness"]
+    stage_seconds = sum(s.get("seconds", 0) for s in source["stages"].values())
+    assert source["stage_seconds"] == pytest.approx(stage_seconds, abs=0.2)
     assert load_pipeline("taiyi-mini-zh").generate("夜晚的高山", steps=2, seed=0).images[0].size == (64, 64)
+    # the latent unconditional model was trained on the same VAE: the package carries it once
+    uncond = tmp_path / "weights" / "taiyi-mini-uncond"
+    index = json.loads((uncond / "model_index.json").read_text(encoding="utf-8"))
+    assert not (uncond / "vae").exists() and index["_vae_path"] == "../taiyi-mini-zh/vae" and "vae" not in index
+    assert source["bytes"]["taiyi-mini-uncond"] == sum(f.stat().st_size for f in uncond.rglob("*") if f.is_file())
     assert main(["models"]) == 0 and str(tmp_path / "weights" / "taiyi-mini-clip") in capsys.readouterr().out
     png = tmp_path / "night.png"  # disco with its default model and CLIP: the embedded ones
     assert main(["disco", "夜晚", "--steps", "2", "--cutn", "2", "--seed", "1", "-o", str(png)]) == 0

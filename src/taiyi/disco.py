@@ -13,7 +13,10 @@ The pieces, each replaceable:
   classifier guidance in score form, ``ε' = ε − √(1−ᾱ) ∇ log p`` (expressed in v or x0 for models
   that predict those). The gradient's RMS is clamped.
 - the sampler — a diffusers scheduler loop (``ddim`` with ``eta``, ``plms``, ``ddpm``) that never knows
-  about guidance.
+  about guidance. With ``recurrence`` k > 1 each step is taken k times, x_{t-1} noised back to x_t in between
+  (the self-recurrence of Bansal et al., "Universal Guidance for Diffusion Models", 2023): the guidance gets k
+  pulls per step while the model pulls the sample back toward its own pictures, so a small CLIP's gradient
+  steers a scene without turning it into a pattern that only the CLIP likes.
 
 Memory: cutouts go through CLIP ``cut_batches`` at a time, each batch's graph freed after its gradient
 with respect to the predicted image; the denoiser's graph is walked back once per step.
@@ -221,16 +224,37 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
         else _GUIDED_DIFFUSION_SCHEDULE
     )
     vae = None
-    if unet_folder != folder and (folder / "vae" / "config.json").is_file():
+    vae_folder = _vae_folder(folder) if unet_folder != folder else None
+    if vae_folder is not None:
         from .train.uncond import load_vae
 
-        vae = load_vae(folder / "vae", allow_pickle=allow_pickle).to(device)
+        vae = load_vae(vae_folder, allow_pickle=allow_pickle).to(device)
         if vae.config.latent_channels != unet.config.in_channels:
             raise ModelLoadError(
                 f"{folder}: the VAE makes {vae.config.latent_channels}-channel latents but the UNet takes "
                 f"{unet.config.in_channels} channels"
             )
     return UncondModel(unet, schedule, schedule.get("prediction_type", "epsilon"), name=name, vae=vae)
+
+
+def _vae_folder(folder: Path) -> Path | None:
+    """A latent model's autoencoder: its own ``vae/``, or the folder that ``model_index.json``'s ``_vae_path``
+    names relative to the model (how the embedded model shares ``taiyi-mini-zh``'s VAE instead of a copy);
+    None for a pixel-space model."""
+    if (folder / "vae" / "config.json").is_file():
+        return folder / "vae"
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else {}
+    except ValueError as exc:
+        raise ModelLoadError(f"{index_path} is not valid JSON: {exc}") from exc
+    shared = index.get("_vae_path") if isinstance(index, dict) else None
+    if not shared:
+        return None
+    target = (folder / str(shared)).resolve()
+    if not (target / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: its VAE {shared} (model_index.json _vae_path) is missing")
+    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +356,8 @@ class DiscoSettings:
         skip_steps: with an init image, start this many steps in (more: closer to the init image).
         seed: the seed; gradient_checkpointing: recompute UNet activations in the backward pass.
         save_every: keep the predicted image every N steps (0: none).
+        recurrence: take each step this many times from re-noised samples (1: the plain sampler; not with plms,
+            which remembers earlier steps).
     """
 
     steps: int = 50
@@ -349,6 +375,7 @@ class DiscoSettings:
     seed: int | None = None
     gradient_checkpointing: bool = False
     save_every: int = 0
+    recurrence: int = 1
 
     def check(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -369,6 +396,10 @@ class DiscoSettings:
             raise InvalidInputError(f"cut-pow must be above 0, not {self.cut_pow}")
         if self.clamp_max is not None and self.clamp_max <= 0:
             raise InvalidInputError(f"clamp-max must be above 0, not {self.clamp_max}")
+        if not 1 <= self.recurrence <= 16:
+            raise InvalidInputError(f"recurrence must be between 1 and 16, not {self.recurrence}")
+        if self.recurrence > 1 and self.sampler == "plms":
+            raise InvalidInputError("recurrence needs a sampler without memory of earlier steps; use --sampler ddim")
         if not 0 <= self.skip_steps < self.steps:
             raise InvalidInputError(
                 f"skip-steps must be from 0 to steps - 1 ({self.steps - 1}), not {self.skip_steps}"
@@ -503,6 +534,15 @@ def _init_latent(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, S, S)
 
 
+def _renoise(x: torch.Tensor, t: int, prev_t: int, alphas_cumprod: torch.Tensor, generator) -> torch.Tensor:
+    """x at step ``prev_t`` → a fresh draw at step ``t`` (q(x_t | x_prev)); prev_t −1: the clean end."""
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+    ratio = (a_t / a_prev).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+
+
 @dataclass
 class DiscoResult:
     image: Image.Image
@@ -564,11 +604,15 @@ def disco_sample(
     try:
         for i, t in enumerate(timesteps):
             t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            out = guided(x, t_batch)
             step_kwargs = {"generator": generator} if s.sampler in ("ddim", "ddpm") else {}
             if s.sampler == "ddim":
                 step_kwargs["eta"] = s.eta
-            x = sched.step(out.cpu(), t, x.cpu(), **step_kwargs).prev_sample.to(device)
+            prev_t = int(timesteps[i + 1]) if i + 1 < total else -1
+            for r in range(s.recurrence):
+                if r:  # self-recurrence: noise x_{t-1} back to x_t and take the step again
+                    x = _renoise(x, int(t), prev_t, model.alphas_cumprod, generator)
+                out = guided(x, t_batch)
+                x = sched.step(out.cpu(), t, x.cpu(), **step_kwargs).prev_sample.to(device)
             losses.append(guided.last_loss)
             if s.save_every and ((i + 1) % s.save_every == 0 or i + 1 == total) and guided.last_x0 is not None:
                 frames.append(_to_image(guided.last_x0[0]))

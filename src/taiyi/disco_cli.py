@@ -12,23 +12,26 @@ from .cli_options import AllowPickle, Device, Output, Overwrite, Seed
 DEFAULT_UNCOND = "taiyi-mini-uncond"
 DEFAULT_CLIP = "taiyi-mini-clip"
 
-# Disco Diffusion's defaults (those of DiscoSettings) suit its 512-px ADM models; the embedded 64-px model
-# needs a stronger pull (measured with `taiyi eval disco`: at 5000 / 0.05 the prompted night is read 70 %
-# of the time, at 10000 / 0.1 every time of day 90-100 %; see the README).
-MODEL_DISCO_DEFAULTS = {"taiyi-mini-uncond": {"clip_guidance_scale": 10000.0, "clamp_max": 0.1}}
+# Disco Diffusion's defaults (those of DiscoSettings) suit its 512-px ADM models. The embedded model (a latent
+# model of 64-px pictures steered by a small CLIP) needs a stronger pull and self-recurrence: each step retaken
+# from re-noised samples, which keeps the picture a scene while the gradient moves it (measured with
+# `taiyi eval disco`, see the README).
+MODEL_DISCO_DEFAULTS = {"taiyi-mini-uncond": {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3}}
+_DEFAULTED = ("clip_guidance_scale", "clamp_max", "recurrence")
 
 
-def guidance_defaults(model: str, clip_guidance_scale: float | None, clamp_max: float | None) -> tuple[float, float]:
-    """The CLIP guidance scale and gradient clamp to use: those given, else the model's, else Disco's."""
+def guidance_defaults(model: str, **given) -> dict:
+    """``clip_guidance_scale``, ``clamp_max`` and ``recurrence`` to use: those given (not None), else the model's,
+    else Disco's (:class:`~taiyi.disco.DiscoSettings`)."""
     from .disco import DiscoSettings
 
     disco = DiscoSettings()
-    defaults = MODEL_DISCO_DEFAULTS.get(model, {"clip_guidance_scale": disco.clip_guidance_scale,
-                                                "clamp_max": disco.clamp_max})  # fmt: skip
-    return (
-        defaults["clip_guidance_scale"] if clip_guidance_scale is None else clip_guidance_scale,
-        defaults["clamp_max"] if clamp_max is None else clamp_max,
-    )
+    defaults = MODEL_DISCO_DEFAULTS.get(model, {})
+    out = {}
+    for key in _DEFAULTED:
+        value = given.get(key)
+        out[key] = value if value is not None else defaults.get(key, getattr(disco, key))
+    return out
 
 
 def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
@@ -47,6 +50,7 @@ def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
         "Cutn": settings["cutn"],
         "Eta": settings["eta"],
         "Skip steps": settings["skip_steps"],
+        "Recurrence": settings["recurrence"],
     }
     return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs.items())
 
@@ -83,6 +87,10 @@ def disco(
     save_every: Annotated[
         int, typer.Option("--save-every", help="Also save the predicted picture every N steps (OUTPUT-frames/).")
     ] = 0,
+    recurrence: Annotated[
+        int | None,
+        typer.Option("--recurrence", help="Take each step this many times from re-noised samples [the model's; 1]."),
+    ] = None,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Less memory, more time (recompute UNet activations).")
     ] = False,
@@ -102,12 +110,12 @@ def disco(
         import secrets
 
         seed = secrets.randbelow(2**31)
-    clip_guidance_scale, clamp_max = guidance_defaults(model, clip_guidance_scale, clamp_max)
+    defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
+                                 recurrence=recurrence)  # fmt: skip
     settings = DiscoSettings(
-        steps=steps, sampler=sampler, eta=eta, clip_guidance_scale=clip_guidance_scale, tv_scale=tv_scale,
-        range_scale=range_scale, sat_scale=sat_scale, cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow,
-        clamp_max=clamp_max, skip_steps=skip_steps, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        save_every=save_every,
+        steps=steps, sampler=sampler, eta=eta, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale,
+        cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow, skip_steps=skip_steps, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, save_every=save_every, **defaults,
     )  # fmt: skip
     settings.check()  # bad settings fail before anything loads
     parse_prompts(prompt)

@@ -105,6 +105,9 @@ def disco(
     clamp_max: Annotated[
         float | None, typer.Option("--clamp-max", help="Gradient RMS clamp [as taiyi disco].")
     ] = None,
+    recurrence: Annotated[
+        int | None, typer.Option("--recurrence", help="Times each step is taken [as taiyi disco].")
+    ] = None,
     cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
 ) -> None:
@@ -117,8 +120,9 @@ def disco(
     from .disco_cli import guidance_defaults
     from .recipe.faithfulness import evaluate_disco
 
-    clip_guidance_scale, clamp_max = guidance_defaults(model, clip_guidance_scale, clamp_max)
-    settings = DiscoSettings(steps=steps, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max, cutn=cutn)
+    defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
+                                 recurrence=recurrence)  # fmt: skip
+    settings = DiscoSettings(steps=steps, cutn=cutn, **defaults)
     settings.check()
     from .data.shanshui import TIMES
     from .errors import InvalidInputError

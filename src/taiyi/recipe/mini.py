@@ -11,7 +11,7 @@ and an interrupted one resumes from its latest checkpoint when the recipe is run
     sd-en     "English SD": UNet on the frozen English text tower     taiyi train sd --stage 2
     sd-zh     "Taiyi SD Chinese": assemble + stage 1 (text encoder)   taiyi assemble, taiyi train sd
     sd-zh-en  "Taiyi SD bilingual": stage 1 then stage 2, zh + en     taiyi train sd
-    uncond    unconditional pixel diffusion (for Disco Diffusion)     taiyi train uncond
+    uncond    unconditional latent diffusion (for Disco Diffusion)    taiyi train uncond --vae
     report    faithfulness + CLIP evaluation, bit-identity check, report.json / report.md, exports
 
 Independent stages may run side by side (``jobs`` processes, ``threads`` each). The default is one
@@ -52,8 +52,8 @@ class Preset:
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_layers: int = 1
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    uncond_channels: tuple[int, ...] = (16, 32, 64)
-    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 16, "sd": 32, "uncond": 16, "probe": 64})
+    uncond_channels: tuple[int, ...] = (32, 64, 64)  # on the VAE's latents (16×16 for 64 px)
+    batch: dict = field(default_factory=lambda: {"clip": 128, "vae": 16, "sd": 32, "uncond": 32, "probe": 64})
     steps: dict = field(
         default_factory=lambda: {
             "probe": 1000,
@@ -64,7 +64,7 @@ class Preset:
             "sd-zh": 600,
             "sd-zh-en-1": 300,
             "sd-zh-en-2": 600,
-            "uncond": 600,
+            "uncond": 1000,
         }
     )
     lr: dict = field(
@@ -218,7 +218,8 @@ def _stages() -> list[Stage]:
     def uncond(out, p, c):
         return [
             ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
-             "--block-out-channels", ",".join(map(str, p.uncond_channels)), "--batch-size", str(p.batch["uncond"]),
+             "--vae", str(out / "vae" / "final"), "--block-out-channels", ",".join(map(str, p.uncond_channels)),
+             "--batch-size", str(p.batch["uncond"]),
              "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
              *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
         ]  # fmt: skip
@@ -240,7 +241,7 @@ def _stages() -> list[Stage]:
               build.init_english_sd),
         Stage("sd-zh", "Taiyi SD Chinese (stage 1)", ("sd-en", "clip-zh"), sd_zh, "sd-zh/final"),
         Stage("sd-zh-en", "Taiyi SD bilingual (stage 1, then stage 2)", ("sd-zh",), sd_zh_en, "sd-zh-en/final"),
-        Stage("uncond", "unconditional diffusion (Disco Diffusion)", ("data",), uncond, "uncond/final"),
+        Stage("uncond", "unconditional latent diffusion (Disco Diffusion)", ("data", "vae"), uncond, "uncond/final"),
         Stage("report", "evaluation, report and exports", ("probe", "clip-zh", "sd-zh", "sd-zh-en", "uncond"),
               report, "report.json"),
     ]  # fmt: skip

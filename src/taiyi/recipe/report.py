@@ -104,6 +104,27 @@ def _copy_export(src: Path, dst: Path) -> int:
     return sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
 
 
+def _share_vae(root: Path, latent: str, owner: str) -> dict[str, int]:
+    """If the latent model ``root/latent`` carries a VAE bit-identical to ``root/owner/vae``, drop the copy and
+    point ``model_index.json``'s ``_vae_path`` at the owner's (the package carries it once); returns the new size."""
+    copy, original = root / latent / "vae", root / owner / "vae"
+    if not (copy / "config.json").is_file() or not (original / "config.json").is_file():
+        return {}
+    a, b = _tensors(copy), _tensors(original)
+    configs = [json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (copy, original)]
+    same_config = [{k: v for k, v in c.items() if not k.startswith("_")} for c in configs]  # not _name_or_path
+    same_config = same_config[0] == same_config[1]
+    if not (same_config and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)):
+        return {}
+    index_path = root / latent / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index.pop("vae", None)
+    index["_vae_path"] = f"../{owner}/vae"
+    write_json_atomic(index_path, index)
+    shutil.rmtree(copy)
+    return {latent: sum(f.stat().st_size for f in (root / latent).rglob("*") if f.is_file())}
+
+
 def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int = 0) -> dict:
     """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc)."""
     from ..clip import load_clip
@@ -228,6 +249,7 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
     staging.mkdir()
     try:
         sizes = {name: _copy_export(models / name, staging / name) for name in EXPORTS}
+        sizes.update(_share_vae(staging, "taiyi-mini-uncond", "taiyi-mini-zh"))
         total_mb = sum(sizes.values()) / 2**20
         if total_mb > max_mb:
             raise InvalidInputError(f"the models of {run} take {total_mb:.1f} MB, over the {max_mb:g} MB budget")
@@ -240,7 +262,7 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
     recipe = json.loads((run / "recipe.json").read_text(encoding="utf-8")) if (run / "recipe.json").is_file() else {}
     source = {"run": run.resolve().name, "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
               "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
-              "wall_seconds": recipe.get("wall_seconds"),
+              "wall_seconds": recipe.get("wall_seconds"), "stage_seconds": recipe.get("stage_seconds"),
               "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
               "clip": report.get("clip"), "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
     write_json_atomic(target / "SOURCE.json", source)
