@@ -46,3 +46,14 @@ def test_ddim_on_the_embedded_model_draws_what_pndm_draws():
     ddim = np.asarray(pipe.generate("正午的高山，写实", seed=0, steps=25, scheduler="ddim").images[0], dtype=float)
     pndm = np.asarray(pipe.generate("正午的高山，写实", seed=0, steps=50, scheduler="pndm").images[0], dtype=float)
     assert np.abs(ddim - pndm).mean() < 8  # with clipped latents it was ~70 (0-255 scale)
+
+
+def test_karras_sigmas_on_a_zero_snr_model_warn(caplog):
+    from taiyi.schedulers import make_scheduler
+
+    base = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+    with caplog.at_level("WARNING", logger="taiyi.schedulers"):
+        make_scheduler("dpm++-karras", base)
+        assert not caplog.records
+        make_scheduler("dpm++-karras", {**base, "rescale_betas_zero_snr": True})
+    assert len(caplog.records) == 1 and "zero-terminal-SNR" in caplog.records[0].getMessage()
