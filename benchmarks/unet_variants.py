@@ -1,0 +1,75 @@
+"""Seconds per UNet call of the full-size Taiyi SD UNet, eager against torch.compile and channels-last, same run.
+
+One call = the classifier-free-guidance batch of 2 at the given size, float32, on the CPU (or the device given).
+Each variant is checked against the eager output (cosine, largest difference), and torch.compile's first call
+(the compilation) is reported on its own: it must pay for itself before a variant is worth a default.
+
+    python benchmarks/unet_variants.py --size 512 --calls 2 --json unet_variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import machine, prepare  # noqa: E402
+from sd_speed import full_size_checkpoint  # noqa: E402
+
+VARIANTS = ("eager", "channels-last", "compile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "taiyi-bench" / "taiyi-sd-full-random"))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--calls", type=int, default=2, help="timed calls per variant (after one warm-up)")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable (default: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    prepare(args.threads)
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = full_size_checkpoint(Path(args.cache))
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, args.size // 8, args.size // 8)
+    context = torch.randn(2, 77, 768)
+    eager = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+
+    def call(model, t: int = 500):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model(latents, torch.tensor(t), encoder_hidden_states=context).sample
+        return out, time.perf_counter() - t0
+
+    reference, _ = call(eager)
+    rows = []
+    for variant in args.variant or VARIANTS:
+        if variant == "eager":
+            model = eager
+        elif variant == "channels-last":
+            model = eager.to(memory_format=torch.channels_last)
+        else:
+            model = torch.compile(eager.to(memory_format=torch.contiguous_format))
+        out, first = call(model)
+        seconds = [call(model, 500 - 100 * i)[1] for i in range(args.calls)]
+        out, _ = call(model)
+        cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
+        row = {"variant": variant, "first_call_s": round(first, 2), "call_s": round(min(seconds), 3),
+               "cosine_to_eager": cosine, "max_abs_diff": float((out - reference).abs().max())}  # fmt: skip
+        rows.append(row)
+        print(f"{variant:>14}  first call {first:7.1f} s  per call {min(seconds):6.2f} s  cosine {cosine:.7f}",
+              flush=True)  # fmt: skip
+    report = {"size": args.size, "rows": rows, "machine": machine()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
