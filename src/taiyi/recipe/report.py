@@ -111,9 +111,11 @@ def _share_vae(root: Path, latent: str, owner: str) -> dict[str, int]:
     if not (copy / "config.json").is_file() or not (original / "config.json").is_file():
         return {}
     a, b = _tensors(copy), _tensors(original)
-    configs = [json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (copy, original)]
-    same_config = [{k: v for k, v in c.items() if not k.startswith("_")} for c in configs]  # not _name_or_path
-    same_config = same_config[0] == same_config[1]
+    config_a, config_b = (
+        {k: v for k, v in json.loads((f / "config.json").read_text(encoding="utf-8")).items() if not k.startswith("_")}
+        for f in (copy, original)
+    )  # keys such as _name_or_path say where a copy came from, not what it is
+    same_config = config_a == config_b
     if not (same_config and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)):
         return {}
     index_path = root / latent / "model_index.json"
