@@ -26,12 +26,8 @@ def guidance_defaults(model: str, **given) -> dict:
     from .disco import DiscoSettings
 
     disco = DiscoSettings()
-    defaults = MODEL_DISCO_DEFAULTS.get(model, {})
-    out = {}
-    for key in _DEFAULTED:
-        value = given.get(key)
-        out[key] = value if value is not None else defaults.get(key, getattr(disco, key))
-    return out
+    chosen = {key: getattr(disco, key) for key in _DEFAULTED} | MODEL_DISCO_DEFAULTS.get(model, {})
+    return chosen | {key: value for key, value in given.items() if key in chosen and value is not None}
 
 
 def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
