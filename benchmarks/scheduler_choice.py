@@ -10,6 +10,10 @@ starting noise — and scored two ways:
 
     python benchmarks/scheduler_choice.py --json scheduler_choice.json
     python benchmarks/scheduler_choice.py --settings pndm:50,dpm++:10 --seen 4 --held-out 2   # quick look
+    python benchmarks/scheduler_choice.py --settings pndm:50:1,dpm++:15:1,dpm++:15:0.5   # third field: guidance end
+
+A setting is ``scheduler:steps[:guidance_end]``; guidance end is the fraction of steps that run classifier-free
+guidance (1 when left out here, whatever taiyi's default), and "UNet calls" counts each guided step as 2.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ DEFAULT_SETTINGS = "pndm:50,dpm++:25,dpm++:15,dpm++:10,dpm++:8,dpm++:6,unipc:10,
 ATTRS = ("time", "sky", "land", "water", "style", "things")
 
 
-def _settings(text: str) -> list[tuple[str, int]]:
+def _settings(text: str) -> list[tuple[str, int, float]]:
     out = []
     for item in text.split(","):
-        name, _, steps = item.strip().partition(":")
-        out.append((name, int(steps)))
+        name, steps, *end = item.strip().split(":")
+        out.append((name, int(steps), float(end[0]) if end else 1.0))
     return out
 
 
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from taiyi import load_pipeline
     from taiyi.models import resolve_model
+    from taiyi.pipeline import guidance_steps
     from taiyi.recipe.faithfulness import eval_prompts, judge
     from taiyi.recipe.probe import AttributeProbe
 
@@ -62,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args.settings)
     reference: dict[tuple[str, int], np.ndarray] = {}
     rows = []
-    for k, (scheduler, steps) in enumerate(settings):
+    for k, (scheduler, steps, end) in enumerate(settings):
         drawn: dict[tuple[str, int], np.ndarray] = {}
 
-        def draw(prompt, n, first_seed, scheduler=scheduler, steps=steps, drawn=drawn):
-            images = pipe.generate(prompt, num_images=n, seed=first_seed, scheduler=scheduler, steps=steps).images
+        def draw(prompt, n, first_seed, scheduler=scheduler, steps=steps, end=end, drawn=drawn):
+            images = pipe.generate(
+                prompt, num_images=n, seed=first_seed, scheduler=scheduler, steps=steps, guidance_end=end
+            ).images
             for i, image in enumerate(images):
                 drawn[(prompt, first_seed + i)] = np.asarray(image.convert("RGB"), dtype=np.float64)
             return images
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "scheduler": scheduler,
             "steps": steps,
+            "guidance_end": end,
+            "unet_calls": steps + guidance_steps(end, steps),
             "seen": result["seen"],
             "held_out": result["held_out"],
             "all": result["all"],
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         cells = " ".join(f"{a} {row['all'].get(a, float('nan')):5.1f}" for a in ATTRS)
         print(
-            f"{scheduler:>8}:{steps:<3} {cells} | Δ {row['mean_abs_diff_to_reference']:5.2f} "
+            f"{scheduler:>8}:{steps:<3} end {end:<4} {cells} | Δ {row['mean_abs_diff_to_reference']:5.2f} "
             f"PSNR {row['psnr_to_reference_db']:5.2f} | {row['seconds_per_image']:.3f} s/image",
             flush=True,
         )

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="taiyi's steps (default: its own)")
     parser.add_argument("--scheduler", default=None, help="taiyi's sampler (default: its own)")
+    parser.add_argument("--guidance-end", type=float, default=None, help="taiyi's guided fraction (default: its own)")
     parser.add_argument("--engine", action="append", help="taiyi, stock, stock-matched (repeatable)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     report = bench(
         model, engines=tuple(args.engine or ("taiyi", "stock", "stock-matched")), size=args.size, steps=args.steps,
         scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, device=args.device, dtype=args.dtype,
-        threads=args.threads,
+        threads=args.threads, guidance_end=args.guidance_end,
     )  # fmt: skip
     report["model_name"] = args.model
     print(format_table(report))

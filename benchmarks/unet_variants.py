@@ -1,7 +1,10 @@
 """Seconds per UNet call of the full-size Taiyi SD UNet, eager against torch.compile and channels-last, same run.
 
 One call = the classifier-free-guidance batch of 2 at the given size, float32, on the CPU (or the device given).
-Each variant is checked against the eager output (cosine, largest difference), and torch.compile's first call
+`compile-frozen` is torch.compile with inductor's `freezing` (weights folded as constants, oneDNN weight
+prepacking: the CPU inference setting PyTorch recommends); `batch-1` is the eager UNet on the conditional half
+only (what a step without classifier-free guidance costs). Each variant is checked against the eager output
+(cosine, largest difference), and torch.compile's first call
 (the compilation) is reported on its own: it must pay for itself before a variant is worth a default.
 
     python benchmarks/unet_variants.py --size 512 --calls 2 --json unet_variants.json
@@ -19,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import machine, prepare  # noqa: E402
 from sd_speed import full_size_checkpoint  # noqa: E402
 
-VARIANTS = ("eager", "channels-last", "compile")
+VARIANTS = ("eager", "channels-last", "compile", "compile-frozen", "batch-1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,27 +44,32 @@ def main(argv: list[str] | None = None) -> int:
     context = torch.randn(2, 77, 768)
     eager = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
 
-    def call(model, t: int = 500):
+    def call(model, t: int = 500, batch: int = 2):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model(latents, torch.tensor(t), encoder_hidden_states=context).sample
+            out = model(latents[:batch], torch.tensor(t), encoder_hidden_states=context[:batch]).sample
         return out, time.perf_counter() - t0
 
     reference, _ = call(eager)
     rows = []
     for variant in args.variant or VARIANTS:
-        if variant == "eager":
+        if variant in ("eager", "batch-1"):
             model = eager
         elif variant == "channels-last":
             model = eager.to(memory_format=torch.channels_last)
         else:
+            import torch._inductor.config as inductor
+
+            inductor.freezing = variant == "compile-frozen"
+            torch._dynamo.reset()
             model = torch.compile(eager.to(memory_format=torch.contiguous_format))
-        out, first = call(model)
-        seconds = [call(model, 500 - 100 * i)[1] for i in range(args.calls)]
-        out, _ = call(model)
-        cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
+        batch = 1 if variant == "batch-1" else 2
+        out, first = call(model, batch=batch)
+        seconds = [call(model, 500 - 100 * i, batch)[1] for i in range(args.calls)]
+        out, _ = call(model, batch=batch)
+        cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), reference[:batch].flatten(), dim=0))
         row = {"variant": variant, "first_call_s": round(first, 2), "call_s": round(min(seconds), 3),
-               "cosine_to_eager": cosine, "max_abs_diff": float((out - reference).abs().max())}  # fmt: skip
+               "cosine_to_eager": cosine, "max_abs_diff": float((out - reference[:batch]).abs().max())}  # fmt: skip
         rows.append(row)
         print(f"{variant:>14}  first call {first:7.1f} s  per call {min(seconds):6.2f} s  cosine {cosine:.7f}",
               flush=True)  # fmt: skip

@@ -87,13 +87,17 @@ def test_grid_and_folder_output(capsys, tmp_path, tiny_zh):
 
 def test_prompts_file_batch_is_resumable(capsys, tmp_path, tiny_zh):
     prompts = tmp_path / "p.jsonl"
-    rows = [{"prompt": "清晨的高山", "seed": 1}, {"prompt": "夜晚的湖泊", "seed": 2, "num_images": 2, "steps": 2}]
+    rows = [
+        {"prompt": "清晨的高山", "seed": 1, "guidance_end": 0.5},
+        {"prompt": "夜晚的湖泊", "seed": 2, "num_images": 2, "steps": 2},
+    ]
     prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     out = tmp_path / "batch"
     code, stdout, _ = run(capsys, "generate", "--prompts-file", prompts, "-m", tiny_zh, *FAST, "-o", out)
     assert code == 0 and "2 written, 0 already there" in stdout
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001-0.png", "00001-1.png"]
     assert read_parameters(out / "00001-1.png").seed == 3 and read_parameters(out / "00001-1.png").steps == 2
+    assert read_parameters(out / "00000.png").guidance_end == 0.5
     before = (out / "00000.png").stat().st_mtime_ns
     (out / "00001-1.png").unlink()  # as if the job had been killed part-way
     code, stdout, _ = run(capsys, "generate", "--prompts-file", prompts, "-m", tiny_zh, *FAST, "-o", out)
@@ -142,6 +146,8 @@ BAD_GENERATE = [
     (["generate", "山", "--steps", "0"], "steps must be between"),
     (["generate", "山", "--steps", str(10**9)], "steps must be between"),
     (["generate", "山", "--guidance", "-1"], "guidance"),
+    (["generate", "山", "--guidance-end", "0"], "guidance end"),
+    (["generate", "山", "--guidance-end", "1.5"], "guidance end"),
     (["generate", "山", "-k", "0"], "num_images"),
     (["generate", "山", "--scheduler", "heun"], "unknown scheduler"),
     (["generate", "山", "--dtype", "int8"], "unknown dtype"),

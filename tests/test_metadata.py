@@ -45,6 +45,7 @@ VARIED = [
     ),
     GenerationParameters(prompt="", negative_prompt="only a negative", scheduler="ddim", strength=1.0),
     GenerationParameters(prompt="Steps: 1, Seed: 2, Size: 3x3", model=r"C:\models\my, model", guidance=12.25),
+    GenerationParameters(prompt="山水", guidance_end=0.4, steps=12),
     GenerationParameters(prompt='"quoted" prompt', negative_prompt=" leading space", seed=-1, scheduler="unipc"),
 ]
 

@@ -571,3 +571,78 @@ def test_prompt_cache_encodes_each_text_once_and_draws_the_same(tiny_zh):
     assert np.abs(np.asarray(fresh, np.int16) - np.asarray(first, np.int16)).max() <= 1
     pipe.generate("夜晚", steps=2, seed=3)
     assert len(calls) == 3  # a new prompt: only it is encoded (the negative is cached)
+
+
+# --- guidance on the first part of the steps only ----------------------------------------------------
+
+
+def unet_batches(pipe, run) -> list[int]:
+    """The batch size of every UNet call ``run()`` makes."""
+    sizes: list[int] = []
+    handle = pipe.sd.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return sizes
+
+
+@pytest.mark.parametrize(("end", "guided"), [(1.0, 6), (0.5, 3), (0.4, 3), (0.01, 1)])
+def test_guidance_end_guides_only_the_first_steps(pipe_zh, end, guided):
+    sizes = unet_batches(
+        pipe_zh, lambda: pipe_zh.generate(PROMPT, steps=6, guidance=7.5, guidance_end=end, seed=SEED, num_images=2)
+    )
+    assert sizes == [4] * guided + [2] * (6 - guided)  # CFG doubles the batch while it runs
+
+
+def test_guidance_end_does_nothing_without_guidance(pipe_zh):
+    full = pipe_zh.generate(PROMPT, steps=4, guidance=1.0, guidance_end=1.0, seed=SEED).images[0]
+    sizes = unet_batches(
+        pipe_zh, lambda: pipe_zh.generate(PROMPT, steps=4, guidance=1.0, guidance_end=0.5, seed=SEED).images[0]
+    )
+    assert sizes == [1] * 4
+    again = pipe_zh.generate(PROMPT, steps=4, guidance=1.0, guidance_end=0.5, seed=SEED).images[0]
+    assert np.array_equal(np.asarray(full), np.asarray(again))
+
+
+def test_guidance_end_counts_the_steps_an_edit_runs(pipe_zh):
+    # strength 0.5 of 6 steps runs 3; guidance on the first ceil(0.5 × 3) = 2 of them
+    sizes = unet_batches(
+        pipe_zh,
+        lambda: pipe_zh.edit(noise_image(64, 64), PROMPT, strength=0.5, steps=6, guidance_end=0.5, seed=SEED),
+    )
+    assert sizes == [2, 2, 1]
+
+
+def test_inpaint_with_guidance_end_keeps_the_outside(inpainter):
+    image, mask = noise_image(64, 64, seed=1), centre_mask(64, 64)
+    sizes = unet_batches(
+        inpainter, lambda: inpainter.inpaint(image, mask, PROMPT, steps=4, guidance_end=0.5, seed=SEED, num_images=2)
+    )
+    assert sizes == [4, 4, 2, 2]
+    result = inpainter.inpaint(image, mask, PROMPT, steps=4, guidance_end=0.5, seed=SEED)
+    diff = np.abs(pixels(result.images[0]) - pixels(image))
+    inside = np.asarray(mask) >= 128
+    assert diff[~inside].max() <= 2 and diff[inside].mean() > 20
+    assert result.parameters[0].guidance_end == 0.5
+
+
+def test_guidance_end_is_recorded_and_rerenders_bit_identically(pipe_zh, tmp_path):
+    result = pipe_zh.generate(PROMPT, steps=4, guidance_end=0.5, seed=SEED, num_images=2)
+    paths = result.save(tmp_path)
+    params = read_parameters(paths[1])
+    assert params.guidance_end == 0.5 and "CFG end: 0.5" in params.to_text()
+    again = pipe_zh.rerender(params)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
+
+
+def test_guidance_end_of_one_is_not_written(pipe_zh):
+    params = pipe_zh.generate(PROMPT, steps=2, guidance_end=1.0, seed=SEED).parameters[0]
+    assert "CFG end" not in params.to_text()
+
+
+@pytest.mark.parametrize("end", [0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_bad_guidance_end_is_invalid_input(pipe_zh, end):
+    with pytest.raises(InvalidInputError, match="guidance end") as exc_info:
+        pipe_zh.generate(PROMPT, steps=2, guidance_end=end)
+    assert_one_line(exc_info)

@@ -270,6 +270,11 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(pipe_zh
                 "n=10000": (client.post(GENERATIONS, json=body(n=10000), headers=auth), 400, "invalid_value"),
                 "size": (client.post(GENERATIONS, json=body(size="100000x100000"), headers=auth), 400, "invalid_size"),
                 "steps=10**9": (client.post(GENERATIONS, json=body(steps=10**9), headers=auth), 400, "invalid_value"),
+                "guidance_end=0": (
+                    client.post(GENERATIONS, json=body(guidance_end=0), headers=auth),
+                    400,
+                    "invalid_value",
+                ),
                 "unknown field": (
                     client.post(GENERATIONS, json=body(negative="x"), headers=auth),
                     400,
@@ -333,6 +338,7 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(pipe_zh
                     assert response.headers["www-authenticate"] == "Bearer"
             assert error_of(cases["n=10000"][0])["param"] == "n"
             assert error_of(cases["steps=10**9"][0])["param"] == "steps"
+            assert error_of(cases["guidance_end=0"][0])["param"] == "guidance_end"
             ok = client.post(GENERATIONS, json=body(seed=1), headers=auth)
             assert ok.status_code == 200 and ok.json()["data"][0]["seed"] == 1
             assert client.get("/healthz").status_code == 200  # open to probes without the key

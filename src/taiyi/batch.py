@@ -29,6 +29,7 @@ OVERRIDES = {
     "negative_prompt": str,
     "steps": int,
     "guidance": float,
+    "guidance_end": float,
     "seed": int,
     "num_images": int,
     "width": int,

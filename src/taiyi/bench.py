@@ -47,6 +47,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
+    guidance_end: float | None = None  # taiyi engines only; None: taiyi's default
 
 
 class _Timer:
@@ -111,7 +112,7 @@ def measure(config: BenchConfig) -> dict:
     device = select_device(config.device)
     t0 = time.perf_counter()
     if config.engine in ("taiyi", "taiyi-openvino"):
-        from .pipeline import DEFAULT_STEPS, load_pipeline
+        from .pipeline import DEFAULT_STEPS, check_guidance_end, load_pipeline
         from .schedulers import DEFAULT_SCHEDULER
 
         backend = "openvino" if config.engine == "taiyi-openvino" else "auto"
@@ -120,13 +121,15 @@ def measure(config: BenchConfig) -> dict:
         sd = pipe.sd
         steps = config.steps or DEFAULT_STEPS
         scheduler = config.scheduler or DEFAULT_SCHEDULER
+        guidance_end = check_guidance_end(config.guidance_end)
 
         def run(seed: int):
             kwargs = {"guidance": config.guidance} if config.guidance is not None else {}
             pipe.generate(PROMPT, steps=steps, seed=seed, width=config.size, height=config.size,
-                          scheduler=scheduler, **kwargs)  # fmt: skip
+                          scheduler=scheduler, guidance_end=guidance_end, **kwargs)  # fmt: skip
 
-        settings = {"scheduler": scheduler, "steps": steps, "dtype": str(pipe.dtype).removeprefix("torch.")}
+        settings = {"scheduler": scheduler, "steps": steps, "guidance_end": guidance_end,
+                    "dtype": str(pipe.dtype).removeprefix("torch.")}  # fmt: skip
     else:
         from diffusers import StableDiffusionPipeline
 
@@ -154,7 +157,8 @@ def measure(config: BenchConfig) -> dict:
             sd(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=config.size, width=config.size,
                generator=generator)  # fmt: skip
 
-        settings = {"scheduler": scheduler, "steps": steps, "dtype": str(dtype).removeprefix("torch.")}
+        settings = {"scheduler": scheduler, "steps": steps, "guidance_end": 1.0,
+                    "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     load_seconds = time.perf_counter() - t0
     for i in range(config.warmup):
         run(1000 + i)
@@ -205,6 +209,7 @@ def bench(
     device: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    guidance_end: float | None = None,
 ) -> dict:
     """Measure ``engines`` on ``model`` and return ``{"machine", "results": [...], "ratios": {...}}``."""
     for engine in engines:
@@ -212,13 +217,15 @@ def bench(
             raise InvalidInputError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
     if runs < 1 or warmup < 0:
         raise InvalidInputError("--runs must be at least 1 and --warmup 0 or more")
+    if guidance_end is not None and not 0 < guidance_end <= 1:
+        raise InvalidInputError(f"--guidance-end must be above 0 and at most 1, not {guidance_end}")
     if size % 8 or not 64 <= size <= 2048:
         raise InvalidInputError(f"--size must be a multiple of 8 between 64 and 2048, not {size}")
     results = []
     for engine in engines:
         own = engine != "stock"  # stock runs at the model card's defaults
         config = BenchConfig(engine, model, size, steps if own else None, scheduler if own else None, None, runs,
-                             warmup, device, dtype, threads)  # fmt: skip
+                             warmup, device, dtype, threads, guidance_end)  # fmt: skip
         results.append(run_engine(config))
     ratios = {}
     base = next((r for r in results if r["engine"] == "taiyi"), None)
@@ -265,15 +272,16 @@ def _cpu_name() -> str | None:
 def format_table(report: dict) -> str:
     """The report as a plain-text table."""
     head = (
-        f"{'engine':<16}{'scheduler':<28}{'steps':>6}{'dtype':>10}{'s/image':>10}{'s/UNet':>9}{'text s':>8}"
-        f"{'VAE s':>8}{'peak MB':>9}"
+        f"{'engine':<16}{'scheduler':<28}{'steps':>6}{'CFG end':>8}{'dtype':>10}{'s/image':>10}{'s/UNet':>9}"
+        f"{'text s':>8}{'VAE s':>8}{'peak MB':>9}"
     )
     lines = [head]
     for r in report["results"]:
         peak = r.get("peak_gpu_mb", r["peak_rss_mb"])
         lines.append(
-            f"{r['engine']:<16}{str(r['scheduler'])[:27]:<28}{r['steps']:>6}{r['dtype']:>10}{r['image_s']:>10.2f}"
-            f"{r['unet_step_s']:>9.3f}{r['text_encode_s']:>8.3f}{r['vae_decode_s']:>8.3f}{peak:>9.0f}"
+            f"{r['engine']:<16}{str(r['scheduler'])[:27]:<28}{r['steps']:>6}{r.get('guidance_end', 1.0):>8g}"
+            f"{r['dtype']:>10}{r['image_s']:>10.2f}{r['unet_step_s']:>9.3f}{r['text_encode_s']:>8.3f}"
+            f"{r['vae_decode_s']:>8.3f}{peak:>9.0f}"
         )
     for name, value in report["ratios"].items():
         lines.append(f"{name}: {value:.2f}×")
@@ -292,6 +300,9 @@ def bench_command(
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 512,
     steps: Annotated[int | None, typer.Option("--steps", help="taiyi's steps [its default].")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="taiyi's sampler [its default].")] = None,
+    guidance_end: Annotated[
+        float | None, typer.Option("--guidance-end", help="taiyi's fraction of guided steps [its default].")
+    ] = None,
     engine: Annotated[
         list[str] | None,
         typer.Option("--engine", help="taiyi, taiyi-openvino, stock, stock-matched; repeatable [taiyi, stock]."),
@@ -309,6 +320,7 @@ def bench_command(
     report = bench(
         model or DEFAULT_MODEL, engines=tuple(engine or ("taiyi", "stock")), size=size, steps=steps,
         scheduler=scheduler, runs=runs, warmup=warmup, device=device, dtype=dtype, threads=threads,
+        guidance_end=guidance_end,
     )  # fmt: skip
     typer.echo(format_table(report))
     if output:

@@ -10,6 +10,10 @@ Model = Annotated[str | None, typer.Option("--model", "-m", help="Short name, hu
 Negative = Annotated[str | None, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
 Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (1-1000).")]
 Guidance = Annotated[float | None, typer.Option("--guidance", "-g", help="CFG scale (default: the model's).")]
+GuidanceEnd = Annotated[
+    float | None,
+    typer.Option("--guidance-end", help="Fraction of the steps that run CFG, (0, 1] (default: taiyi's)."),
+]
 Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Seed of the first image; image i uses seed+i.")]
 NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per prompt.")]
 Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]

@@ -48,6 +48,7 @@ _FIELD_KEYS = frozenset(
     [
         "Steps",
         "CFG scale",
+        "CFG end",
         "Seed",
         "Size",
         "Model",
@@ -124,6 +125,8 @@ class GenerationParameters:
             ``extras["Sampler"]`` (and ``extras["Schedule type"]``), and re-rendering raises
             :class:`InvalidInputError` when it looks the scheduler up.
         guidance: classifier-free guidance scale (A1111 "CFG scale").
+        guidance_end: fraction of the steps that ran guidance (taiyi's "CFG end"); recorded only when below 1,
+            so a text without it (any other tool's) reads as guidance on every step.
         seed: the seed that produced this image.
         width: image width in pixels.
         height: image height in pixels.
@@ -143,6 +146,7 @@ class GenerationParameters:
     steps: int = 25
     scheduler: str = "dpm++"
     guidance: float = 7.5
+    guidance_end: float = 1.0
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -178,6 +182,10 @@ class GenerationParameters:
             pairs += [("Sampler", spec.a1111_sampler), ("Schedule type", spec.a1111_schedule)]
         pairs += [
             ("CFG scale", _format_float(self.guidance)),
+        ]
+        if self.guidance_end < 1:
+            pairs.append(("CFG end", _format_float(self.guidance_end)))
+        pairs += [
             ("Seed", str(self.seed)),
             ("Size", f"{self.width}x{self.height}"),
         ]
@@ -245,6 +253,8 @@ class GenerationParameters:
                 params.steps = _parse_int(key, value)
             elif key == "CFG scale":
                 params.guidance = _parse_float(key, value)
+            elif key == "CFG end":
+                params.guidance_end = _parse_float(key, value)
             elif key == "Seed":
                 params.seed = _parse_int(key, value)
             elif key == "Size":

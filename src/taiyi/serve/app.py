@@ -428,7 +428,9 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         check_text("negative_prompt", body.negative_prompt, config.max_prompt_chars, required=False)
         default = state.pipe.default_size
         width, height = parse_size(body.size or f"{default}x{default}", config.max_side)
-        sampling = check_sampling(body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe)
+        sampling = check_sampling(
+            body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe, guidance_end=body.guidance_end
+        )
         spec = GenerationSpec(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or "",
@@ -470,6 +472,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         seed: Annotated[int | None, Form()] = None,
         steps: Annotated[int | None, Form()] = None,
         guidance: Annotated[float | None, Form()] = None,
+        guidance_end: Annotated[float | None, Form()] = None,
         scheduler: Annotated[str | None, Form()] = None,
         strength: Annotated[float | None, Form(description="In (0, 1]; default 0.6, or 1.0 with a mask.")] = None,
     ) -> JSONResponse:
@@ -478,7 +481,9 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         n = check_int("n", n, 1, config.max_n, why=" on this server")
         revised = check_text("prompt", prompt, config.max_prompt_chars, required=True)
         check_text("negative_prompt", negative_prompt, config.max_prompt_chars, required=False)
-        sampling = check_sampling(steps, guidance, scheduler, config=config, pipe=state.pipe)
+        sampling = check_sampling(
+            steps, guidance, scheduler, config=config, pipe=state.pipe, guidance_end=guidance_end
+        )
         seeds = check_seeds(seed, n)
         target = parse_size(size, config.max_side) if size else None
         image_bytes = await image.read()
@@ -499,6 +504,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             negative_prompt=negative_prompt or None,
             steps=sampling.steps,
             guidance=sampling.guidance,
+            guidance_end=sampling.guidance_end,
             scheduler=sampling.scheduler,
         )
 

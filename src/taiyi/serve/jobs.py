@@ -37,7 +37,7 @@ class GenerationSpec:
     def key(self, model: str) -> tuple:
         """Requests with equal keys are computed as rows of one call."""
         s = self.sampling
-        return ("generate", model, self.width, self.height, s.steps, s.scheduler, s.guidance)
+        return ("generate", model, self.width, self.height, s.steps, s.scheduler, s.guidance, s.guidance_end)
 
 
 def run_generations(pipe, jobs: list[Job], should_abort: AbortCheck, max_batch: int) -> list[Any]:
@@ -61,6 +61,7 @@ def run_generations(pipe, jobs: list[Job], should_abort: AbortCheck, max_batch: 
             seeds=[r[3] for r in chunk],
             steps=first.sampling.steps,
             guidance=first.sampling.guidance,
+            guidance_end=first.sampling.guidance_end,
             scheduler=first.sampling.scheduler,
             width=first.width,
             height=first.height,

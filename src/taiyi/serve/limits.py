@@ -120,16 +120,25 @@ class Sampling:
     steps: int
     guidance: float
     scheduler: str
+    guidance_end: float
 
 
 def check_sampling(
-    steps: int | None, guidance: float | None, scheduler: str | None, *, config: ServeConfig, pipe
+    steps: int | None,
+    guidance: float | None,
+    scheduler: str | None,
+    *,
+    config: ServeConfig,
+    pipe,
+    guidance_end: float | None = None,
 ) -> Sampling:
-    from ..pipeline import DEFAULT_STEPS
+    from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_STEPS
 
     steps = check_int("steps", DEFAULT_STEPS if steps is None else steps, 1, config.max_steps, why=" on this server")
     guidance = check_float("guidance", pipe.default_guidance if guidance is None else guidance, 0.0, 100.0)
-    return Sampling(steps, guidance, check_scheduler(scheduler))
+    end = DEFAULT_GUIDANCE_END if guidance_end is None else guidance_end
+    end = check_float("guidance_end", end, 0, 1, low_open=True)
+    return Sampling(steps, guidance, check_scheduler(scheduler), end)
 
 
 def check_model(model: str | None, served: str) -> None:

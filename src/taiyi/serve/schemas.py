@@ -27,6 +27,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i. Default: random.")
     steps: int | None = Field(None, description="Denoising steps (default 15).")
     guidance: float | None = Field(None, description="Classifier-free guidance scale; default: the model's.")
+    guidance_end: float | None = Field(None, description="Fraction of the steps that run guidance, (0, 1].")
     scheduler: str | None = Field(None, description="dpm++ (default), dpm++-karras, euler-a, euler, ddim, pndm, ...")
 
 
