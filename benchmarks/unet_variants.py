@@ -4,8 +4,8 @@ One call = the classifier-free-guidance batch of 2 at the given size, float32, o
 `compile-frozen` is torch.compile with inductor's `freezing` (weights folded as constants, oneDNN weight
 prepacking: the CPU inference setting PyTorch recommends); `batch-1` is the eager UNet on the conditional half
 only (what a step without classifier-free guidance costs). Each variant is checked against the eager output
-(cosine, largest difference), and torch.compile's first call
-(the compilation) is reported on its own: it must pay for itself before a variant is worth a default.
+(cosine, largest difference), and torch.compile's first call (the compilation) is reported on its own: it must
+pay for itself before a variant is worth a default.
 
     python benchmarks/unet_variants.py --size 512 --calls 2 --json unet_variants.json
 """

@@ -8,12 +8,13 @@ import pytest
 
 from taiyi.bench import bench, format_table
 from taiyi.errors import InvalidInputError
+from taiyi.schedulers import DEFAULT_SCHEDULER
 
 
 def test_bench_measures_taiyi_and_stock_on_the_same_weights(tiny_zh):
     report = bench(str(tiny_zh), engines=("taiyi", "stock"), size=64, steps=3, runs=1, warmup=0, threads=1)
     taiyi, stock = report["results"]
-    assert (taiyi["engine"], taiyi["steps"], taiyi["scheduler"]) == ("taiyi", 3, "dpm++")
+    assert (taiyi["engine"], taiyi["steps"], taiyi["scheduler"]) == ("taiyi", 3, DEFAULT_SCHEDULER)
     assert (stock["engine"], stock["steps"]) == ("stock", 50)  # the model card's defaults, not ours
     assert stock["scheduler"] == "PNDMScheduler"
     # classifier-free guidance: one batched UNet call per step (PNDM's PLMS takes one extra warm-up call)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from taiyi.cli import main
 from taiyi.metadata import read_parameters
+from taiyi.schedulers import DEFAULT_SCHEDULER, scheduler_spec
 from taiyi.testing import populate_hf_cache
 
 FAST = ["--steps", "3"]
@@ -46,10 +47,12 @@ def test_generate_writes_png_with_parameters(capsys, tmp_path, tiny_zh):
     code, stdout, _ = run(capsys, "generate", "小桥流水人家，水墨", "-m", tiny_zh, "--seed", 7, *FAST, "-o", out)
     assert code == 0 and stdout.strip() == str(out)
     params = read_parameters(out)
-    assert (params.prompt, params.seed, params.steps, params.scheduler) == ("小桥流水人家，水墨", 7, 3, "dpm++")
+    assert (params.prompt, params.seed, params.steps) == ("小桥流水人家，水墨", 7, 3)
+    assert params.scheduler == DEFAULT_SCHEDULER
     assert (params.width, params.height, params.dtype) == (64, 64, "float32")
     code, stdout, _ = run(capsys, "info", out)
-    assert code == 0 and stdout.startswith("小桥流水人家，水墨\nSteps: 3, Sampler: DPM++ 2M")
+    sampler = scheduler_spec(DEFAULT_SCHEDULER).a1111_sampler
+    assert code == 0 and stdout.startswith(f"小桥流水人家，水墨\nSteps: 3, Sampler: {sampler},")
     code, stdout, _ = run(capsys, "info", out, "--json")
     assert json.loads(stdout)["seed"] == 7
 

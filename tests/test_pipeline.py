@@ -16,6 +16,7 @@ from taiyi.errors import InvalidInputError, OutputError
 from taiyi.metadata import read_parameters
 from taiyi.pipeline import GenerationResult, load_pipeline
 from taiyi.prompts import normalize_prompt
+from taiyi.schedulers import DEFAULT_SCHEDULER
 
 PROMPT = "小桥流水人家，油画"  # left unchanged by normalisation, so stock diffusers sees the same text
 STEPS = 3
@@ -52,11 +53,12 @@ def assert_one_line(exc_info) -> str:
 
 
 def stock_scheduler(name: str, config):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    return {"pndm": PNDMScheduler, "ddim": DDIMScheduler}[name].from_config(config)
+    if name in ("dpm++", "dpm++-sde"):
+        algorithm = "sde-dpmsolver++" if name == "dpm++-sde" else "dpmsolver++"
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2)
+    return {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "deis": DEISMultistepScheduler}[name].from_config(config)
 
 
 def stock_pipeline(folder, cls_name: str = "StableDiffusionPipeline"):
@@ -92,7 +94,7 @@ def test_comparison_prompt_is_left_unchanged_by_normalisation():
     assert normalize_prompt(PROMPT) == PROMPT
 
 
-@pytest.mark.parametrize("scheduler", ["dpm++", "pndm", "ddim"])
+@pytest.mark.parametrize("scheduler", ["dpm++", "pndm", "ddim", "deis", "dpm++-sde"])
 @pytest.mark.parametrize("layout", ["zh", "en"])
 def test_text_to_image_equals_stock_diffusers(pipes, stock, layout, scheduler):
     pipe, ref = pipes[layout], stock(layout)
@@ -150,6 +152,17 @@ def test_no_seed_picks_a_random_one_that_reproduces(pipe_zh):
     assert np.array_equal(pixels(result.images[0]), pixels(again.images[0]))
 
 
+@pytest.mark.parametrize("scheduler", ["dpm++-sde", "euler-a"])
+def test_stochastic_samplers_reproduce_by_seed_in_a_batch_too(pipe_zh, scheduler):
+    """Samplers that add fresh noise draw it from each image's own seeded generator."""
+    batch = pipe_zh.generate(PROMPT, steps=STEPS, seed=SEED, num_images=2, scheduler=scheduler).images
+    for i, image in enumerate(batch):
+        single = pipe_zh.generate(PROMPT, steps=STEPS, seed=SEED + i, scheduler=scheduler).images[0]
+        assert max_diff(image, single) <= 1
+    other = pipe_zh.generate(PROMPT, steps=STEPS, seed=SEED + 5, scheduler=scheduler).images[0]
+    assert max_diff(batch[0], other) > 10
+
+
 @pytest.mark.parametrize("layout", ["zh", "en"])
 def test_batch_equals_singles_at_consecutive_seeds(pipes, layout):
     pipe = pipes[layout]
@@ -159,7 +172,7 @@ def test_batch_equals_singles_at_consecutive_seeds(pipes, layout):
         single = pipe.generate(PROMPT, steps=STEPS, seed=SEED + i).images[0]
         assert max_diff(image, single) <= 1
         assert (params.seed, params.batch_pos, params.batch_size) == (SEED + i, i, 3)
-        assert params.prompt == PROMPT and params.steps == STEPS and params.scheduler == "dpm++"
+        assert params.prompt == PROMPT and params.steps == STEPS and params.scheduler == DEFAULT_SCHEDULER
         assert (params.width, params.height) == (64, 64) and params.strength is None
     assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 5
 
@@ -344,7 +357,7 @@ def test_long_clip_prompt_uses_every_token(pipe_en, stock, log_warnings):
     assert torch.allclose(negative[:, 77:154], negative[:, :77])  # "" padded with empty chunks
 
     with log_warnings.at_level(logging.WARNING, logger="taiyi"):
-        long_image = pipe_en.generate(prompt, steps=STEPS, guidance=7.5, seed=SEED).images[0]
+        long_image = pipe_en.generate(prompt, steps=STEPS, guidance=7.5, seed=SEED, scheduler="dpm++").images[0]
     assert not [r for r in log_warnings.records if r.name == "taiyi"], "nothing is dropped, so nothing to warn about"
     ref = stock("en")
     ref.scheduler = stock_scheduler("dpm++", ref.scheduler.config)
@@ -645,4 +658,29 @@ def test_guidance_end_of_one_is_not_written(pipe_zh):
 def test_bad_guidance_end_is_invalid_input(pipe_zh, end):
     with pytest.raises(InvalidInputError, match="guidance end") as exc_info:
         pipe_zh.generate(PROMPT, steps=2, guidance_end=end)
+    assert_one_line(exc_info)
+
+
+def test_align_your_steps_sampler_equals_stock_diffusers_with_those_timesteps(pipe_zh, stock):
+    from diffusers.schedulers import AysSchedules
+
+    ref = stock("zh")
+    ref.scheduler = stock_scheduler("dpm++-sde", ref.scheduler.config)
+    expected = ref(
+        prompt=PROMPT,
+        timesteps=AysSchedules["StableDiffusionTimesteps"],
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+    ).images[0]
+    result = pipe_zh.generate(PROMPT, steps=10, guidance=7.5, guidance_end=1.0, seed=SEED, scheduler="dpm++-sde-ays")
+    assert max_diff(result.images[0], expected) <= 1
+    text = result.parameters[0].to_text()
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Align Your Steps" in text
+
+
+def test_align_your_steps_with_too_many_steps_is_invalid_input(pipe_zh):
+    with pytest.raises(InvalidInputError, match="at most") as exc_info:
+        pipe_zh.generate(PROMPT, steps=900, scheduler="dpm++-sde-ays")
     assert_one_line(exc_info)

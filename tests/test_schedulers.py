@@ -57,3 +57,17 @@ def test_karras_sigmas_on_a_zero_snr_model_warn(caplog):
         assert not caplog.records
         make_scheduler("dpm++-karras", {**base, "rescale_betas_zero_snr": True})
     assert len(caplog.records) == 1 and "zero-terminal-SNR" in caplog.records[0].getMessage()
+
+
+def test_align_your_steps_timesteps_are_the_published_ones_at_ten_and_interpolated_otherwise():
+    from diffusers.schedulers import AysSchedules
+
+    from taiyi.schedulers import ays_timesteps, sampling_kwargs
+
+    assert ays_timesteps(10) == AysSchedules["StableDiffusionTimesteps"]
+    nine = ays_timesteps(9)
+    assert len(nine) == 9 and nine[0] == 999 and nine[-1] == 24 and nine == sorted(nine, reverse=True)
+    assert sampling_kwargs("dpm++-sde-ays", 10) == {"timesteps": AysSchedules["StableDiffusionTimesteps"]}
+    assert sampling_kwargs("dpm++", 10) == {"num_inference_steps": 10}
+    with pytest.raises(InvalidInputError, match="at most 430 steps"):
+        ays_timesteps(1000)

@@ -134,7 +134,7 @@ def measure(config: BenchConfig) -> dict:
         from diffusers import StableDiffusionPipeline
 
         from .models import resolve_model
-        from .schedulers import make_scheduler
+        from .schedulers import make_scheduler, sampling_kwargs
 
         folder, _ = resolve_model(config.model)
         dtype = select_dtype(config.dtype, device)
@@ -148,14 +148,16 @@ def measure(config: BenchConfig) -> dict:
             scheduler = config.scheduler or DEFAULT_SCHEDULER
             sd.scheduler = make_scheduler(scheduler, dict(sd.scheduler.config))
             steps = config.steps or DEFAULT_STEPS
+            sampling = sampling_kwargs(scheduler, steps)
         else:
             scheduler, steps = type(sd.scheduler).__name__, config.steps or 50
+            sampling = {"num_inference_steps": steps}
         guidance = config.guidance if config.guidance is not None else 7.5
 
         def run(seed: int):
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            sd(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=config.size, width=config.size,
-               generator=generator)  # fmt: skip
+            sd(PROMPT, guidance_scale=guidance, height=config.size, width=config.size, generator=generator,
+               **sampling)  # fmt: skip
 
         settings = {"scheduler": scheduler, "steps": steps, "guidance_end": 1.0,
                     "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip

@@ -54,8 +54,8 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Width,
 )
 
-DEFAULT_STEPS = 15  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
-DEFAULT_SCHEDULER = "dpm++"
+DEFAULT_STEPS = 9  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
+DEFAULT_SCHEDULER = "dpm++-sde-ays"
 
 
 def _quiet_libraries() -> None:

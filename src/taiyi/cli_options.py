@@ -19,7 +19,11 @@ NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per p
 Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]
 Height = Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8, 64-2048.")]
 Scheduler = Annotated[
-    str, typer.Option("--scheduler", help="dpm++, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc.")
+    str,
+    typer.Option(
+        "--scheduler",
+        help="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc.",
+    ),
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]

@@ -31,7 +31,7 @@ from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from .prompts import check_prompt, normalize_prompt
-from .schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_spec
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs
 
 logger = logging.getLogger("taiyi")
 
@@ -40,8 +40,8 @@ MIN_SIDE = 64
 MAX_STEPS = 1000  # the models' training timesteps: more steps cannot add anything
 MAX_IMAGES = 64
 MAX_SEED = 2**63 - 1
-DEFAULT_STEPS = 15
-DEFAULT_GUIDANCE_END = 1.0  # fraction of the steps that run classifier-free guidance (README: how it was chosen)
+DEFAULT_STEPS = 9  # with DEFAULT_SCHEDULER and DEFAULT_GUIDANCE_END: chosen by measured faithfulness (README)
+DEFAULT_GUIDANCE_END = 0.9  # fraction of the steps that run classifier-free guidance
 _LORA_BACKEND = "LoRAs run on the torch backend; load the model with --backend torch to use them"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -152,6 +152,10 @@ class TaiyiPipeline:
         self._pipelines: dict[type, object] = {}
         self.loras: list[LoadedLora] = []  # in the order applied
         self.prompt_cache = PromptCache()
+        if device.type == "cpu":
+            # oneDNN convolutions run the VAE 1.1× faster in channels-last on CPU (README, "Measuring speed");
+            # the UNet is slower that way, so it stays contiguous.
+            sd.vae.to(memory_format=torch.channels_last)
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, *, allow_pickle: bool = False) -> TaiyiPipeline:
         """Apply a LoRA file (diffusers, peft or Kohya/A1111 format) on top of those already applied.
@@ -304,7 +308,7 @@ class TaiyiPipeline:
             raise InvalidInputError(f"guidance must be 0 or more, not {guidance} (7.5 is usual; 1 turns it off)")
         _check_range("guidance", guidance, 0.0, 100.0)
         _check_range("num_images", num_images, 1, MAX_IMAGES)
-        scheduler_spec(scheduler)
+        sampling_kwargs(scheduler, steps)  # an unknown sampler, or more steps than it can take
         text = normalize_prompt(prompt) if normalize else prompt
         check_prompt(text)
         negative = negative_prompt or ""
@@ -338,11 +342,11 @@ class TaiyiPipeline:
             out = sd(
                 prompt_embeds=embeds,
                 negative_prompt_embeds=negative_embeds,
-                num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=generators,
                 callback_on_step_end=callback if stop_cfg or progress is not None else None,
                 callback_on_step_end_tensor_inputs=halved if stop_cfg else ["latents"],
+                **sampling_kwargs(scheduler, steps),
                 **kwargs,
             )
         nsfw = [bool(x) for x in (out.nsfw_content_detected or [False] * len(out.images))]

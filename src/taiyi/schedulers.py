@@ -22,6 +22,7 @@ class SchedulerSpec:
     a1111_sampler: str  # "Sampler:" value in the parameters chunk
     a1111_schedule: str = "Automatic"  # "Schedule type:" value
     kwargs: dict[str, Any] = field(default_factory=dict)
+    timesteps: str | None = None  # "ays": Align Your Steps timesteps instead of the config's spacing
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
@@ -40,6 +41,21 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
             "Karras",
             kwargs={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
         ),
+        SchedulerSpec(
+            "dpm++-sde",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M SDE",
+            kwargs={"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        ),
+        SchedulerSpec(
+            "dpm++-sde-ays",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M SDE",
+            "Align Your Steps",
+            kwargs={"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+            timesteps="ays",
+        ),
+        SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS"),
         SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", "Euler a"),
         SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler"),
         SchedulerSpec("ddim", "DDIMScheduler", "DDIM"),
@@ -49,7 +65,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     ]
 }
 
-DEFAULT_SCHEDULER = "dpm++"
+DEFAULT_SCHEDULER = "dpm++-sde-ays"
 
 
 def scheduler_spec(name: str) -> SchedulerSpec:
@@ -74,6 +90,36 @@ def spec_from_a1111(sampler: str, schedule: str | None = None) -> SchedulerSpec:
         if spec.a1111_sampler == sampler and spec.a1111_schedule == "Automatic":
             return spec
     raise InvalidInputError(f"sampler {sampler!r} is not one taiyi can run; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def _ays(steps: int) -> list[int]:
+    import numpy as np
+    from diffusers.schedulers import AysSchedules
+
+    published = np.log(np.asarray(AysSchedules["StableDiffusionTimesteps"], dtype=np.float64))
+    where = np.linspace(0, 1, len(published))
+    return np.rint(np.exp(np.interp(np.linspace(0, 1, steps), where, published))).astype(int).tolist()
+
+
+def ays_timesteps(steps: int) -> list[int]:
+    """Align Your Steps timesteps (Sabour et al., 2024) for SD v1: diffusers' published 10-step schedule,
+    log-linearly interpolated to other step counts as AUTOMATIC1111 does.
+
+    Raises:
+        InvalidInputError: so many steps that two would fall on the same timestep.
+    """
+    timesteps = _ays(steps)
+    if len(set(timesteps)) < steps:
+        most = next(n for n in range(steps, 0, -1) if len(set(_ays(n))) == n)
+        raise InvalidInputError(f"the Align Your Steps sampler takes at most {most} steps, not {steps}")
+    return timesteps
+
+
+def sampling_kwargs(name: str, steps: int) -> dict[str, Any]:
+    """The diffusers pipeline arguments that set ``steps`` denoising steps for sampler ``name``."""
+    if scheduler_spec(name).timesteps == "ays":
+        return {"timesteps": ays_timesteps(steps)}
+    return {"num_inference_steps": steps}
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]):

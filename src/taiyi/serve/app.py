@@ -635,8 +635,8 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
 
     @app.get("/healthz", tags=["meta"], summary="Liveness, limits and what the server offers (no key needed)")
     async def healthz() -> JSONResponse:
-        from ..pipeline import DEFAULT_STEPS
-        from ..schedulers import SCHEDULERS
+        from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_STEPS
+        from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
         worker = state.worker
         ok = not worker.closing and (worker.alive or not worker.started)
@@ -651,6 +651,8 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             "clip_index": state.index is not None,
             "default_size": state.pipe.default_size,
             "default_steps": DEFAULT_STEPS,
+            "default_scheduler": DEFAULT_SCHEDULER,
+            "default_guidance_end": DEFAULT_GUIDANCE_END,
             "default_guidance": state.pipe.default_guidance,
             "schedulers": list(SCHEDULERS),
             "limits": {

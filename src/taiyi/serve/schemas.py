@@ -25,10 +25,12 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
     seed: int | None = Field(None, description="Seed of the first image; image i uses seed+i. Default: random.")
-    steps: int | None = Field(None, description="Denoising steps (default 15).")
+    steps: int | None = Field(None, description="Denoising steps (default 9).")
     guidance: float | None = Field(None, description="Classifier-free guidance scale; default: the model's.")
     guidance_end: float | None = Field(None, description="Fraction of the steps that run guidance, (0, 1].")
-    scheduler: str | None = Field(None, description="dpm++ (default), dpm++-karras, euler-a, euler, ddim, pndm, ...")
+    scheduler: str | None = Field(
+        None, description="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, euler-a, pndm, ..."
+    )
 
 
 class ImageData(BaseModel):

@@ -377,7 +377,7 @@
       $("size").add(option);
     }
     for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
-    $("scheduler").value = "dpm++";
+    $("scheduler").value = info.default_scheduler;
     for (const id of ["steps", "edit-steps"]) {
       $(id).max = String(info.limits.max_steps);
       $(id).value = String(Math.min(info.default_steps, info.limits.max_steps));
