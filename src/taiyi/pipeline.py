@@ -391,7 +391,7 @@ class TaiyiPipeline:
             steps: denoising steps (1–1000).
             guidance: classifier-free guidance scale (≥ 0; ≤ 1 disables it); None takes the model's default.
             guidance_end: in (0, 1]; guidance runs on the first ``ceil(guidance_end × steps)`` steps and the rest
-                are single conditional UNet calls (half the cost). None takes :data:`DEFAULT_GUIDANCE_END`.
+                are single conditional UNet calls (about half the cost). None takes :data:`DEFAULT_GUIDANCE_END`.
             seed: seed of the first image; image ``i`` uses ``seed + i``. None picks one at random.
             num_images: images to draw in one batch.
             width: multiple of 8 in [64, 2048]; None takes the model's native size. Same for ``height``.
@@ -471,9 +471,10 @@ class TaiyiPipeline:
             width=width,
             height=height,
         )
-        shared = (steps, guidance, scheduler, normalize, width, height, None)
         params = [
-            self._params(p, neg or "", *shared, [s], guidance_end)[0]
+            self._params(p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end)[
+                0
+            ]
             for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True)
         ]
         return GenerationResult(images, params, nsfw)
