@@ -128,6 +128,26 @@ def test_resume_continues_with_the_same_losses(setup, tmp_path):
     assert _changed(tmp_path / "a" / "final" / TEXT, tmp_path / "b" / "final" / TEXT) == set()
 
 
+@pytest.mark.parametrize(
+    ("schedule", "factors"), [("cosine", [0.0, 1.0, 0.75, 0.25]), ("linear", [0.0, 1.0, 2 / 3, 1 / 3])]
+)
+def test_lr_scheduler_decays_to_zero_and_a_killed_run_resumes_on_it(setup, tmp_path, schedule, factors):
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], lr_scheduler=schedule, warmup_steps=1, max_steps=4, **FAST)
+    straight = train_sd(SDTrainConfig(output=str(tmp_path / "a"), **{**settings, "save_every": 2}, keep_checkpoints=2))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == pytest.approx([1e-3 * f for f in factors])
+    # killed after its step-2 checkpoint: the resumed run continues the same decay, with the same losses
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "b" / "final")
+    resumed = train_sd(SDTrainConfig(output=str(tmp_path / "b"), resume="latest", **settings))
+    assert resumed["resumed_from"].name == "step-000002"
+    assert resumed["losses"] == pytest.approx({3: straight["losses"][3], 4: straight["losses"][4]}, abs=1e-6)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == pytest.approx([1e-3 * f for f in factors])
+
+
 def test_cached_latents_give_the_loss_of_encoding_every_step(setup, tmp_path):
     base, zh, _ = setup
     settings = dict(model=str(base), data=[str(zh)], max_steps=1, **FAST)
@@ -198,6 +218,7 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
         (["train", "sd", "--model", str(narrow), "--data", str(zh), "--output", str(tmp_path / "n")] + fast, "wide"),
         (args[:-2] + ["--stage", "3"] + fast, "--stage"),
         (args + fast + ["--mix-ratio", "0.5"], "--mix-ratio"),
+        (args + fast + ["--lr-scheduler", "exponential"], "--lr-scheduler"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -9,6 +9,8 @@ PSNR and grey/ink chroma; the CLI maps flags to the same function and refuses ba
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -82,6 +84,24 @@ def test_resume_continues_with_the_same_losses(folder, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_cosine_schedule_decays_to_zero_and_resumes_on_it(folder, tmp_path):
+    settings = dict(data=[str(folder)], lr=1e-3, lr_scheduler="cosine", warmup_steps=1, **TINY)
+    straight = train_vae(VAETrainConfig(output=str(tmp_path / "a"), max_steps=5, **settings))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.0, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 4)), 5e-4, 1e-3 * 0.5 * (1 - 0.5**0.5)])
+    first = train_vae(VAETrainConfig(output=str(tmp_path / "b"), max_steps=5, **{**settings, "save_every": 2}))
+    shutil.rmtree(tmp_path / "b" / "final")
+    for later in ("step-000004", "step-000005"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / later, ignore_errors=True)
+    resumed = train_vae(
+        VAETrainConfig(output=str(tmp_path / "b"), max_steps=5, resume="latest", **{**settings, "save_every": 2})
+    )
+    assert resumed["resumed_from"].name == "step-000002"
+    assert first["losses"] == pytest.approx(straight["losses"], abs=1e-6)
+    assert resumed["losses"] == pytest.approx({k: straight["losses"][k] for k in (3, 4, 5)}, abs=1e-6)
+
+
 def test_metrics_helpers():
     grey = torch.zeros(1, 3, 4, 4)
     assert chroma(grey) == 0.0 and chroma(torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)) == 1.0
@@ -100,6 +120,7 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
     cases = [
         (["train", "vae", "--data", str(empty), "--output", str(tmp_path / "e")] + fast, "no image"),
         (args + fast + ["--lr", "-1"], "--lr must be positive"),
+        (args + fast + ["--lr-scheduler", "step"], "--lr-scheduler must be one of constant, linear, cosine"),
         (args + fast, "holds this run already"),
         (args + fast[:4] + ["--norm-num-groups", "3"], "--norm-num-groups"),
         (args + ["--block-out-channels", "8,x"], "comma-separated"),

@@ -44,7 +44,7 @@ def faithfulness(
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Pictures per prompt (≥ 8).")] = 8,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps [the pipeline's default].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale [the model's default].")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Sampler [dpm++].")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Sampler [the pipeline's default].")] = None,
     size: Annotated[int, typer.Option("--size", help="Picture side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first picture.")] = 0,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the full result as JSON.")] = None,

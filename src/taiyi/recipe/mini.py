@@ -78,9 +78,10 @@ class Preset:
         }
     )
     noise_offset: float = 0.1
+    lr_scheduler: str = "cosine"  # after the warm-up, for the VAE, SD and unconditional stages (CLIP: cosine)
     eval_prompts: tuple[int, int] = (24, 12)  # seen, held-out
     eval_images: int = 8
-    eval_steps: int = 25
+    eval_steps: int | None = None  # None: the pipeline's default sampler, steps and guidance span
 
 
 PRESETS: dict[str, Preset] = {
@@ -177,14 +178,15 @@ def _stages() -> list[Stage]:
         return [
             ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
              "--block-out-channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
-             "--lr", str(p.lr["vae"]), "--val-fraction", "0.02", *_train_common(out, "vae", p.steps["vae"], c.seed)]
+             "--lr", str(p.lr["vae"]), "--lr-scheduler", p.lr_scheduler,
+             "--warmup-steps", str(min(50, p.steps["vae"] // 10)), "--val-fraction", "0.02", *_train_common(out, "vae", p.steps["vae"], c.seed)]
         ]  # fmt: skip
 
     def sd_common(p, steps, lr):
         return ["--resolution", str(p.size), "--batch-size", str(p.batch["sd"]), "--lr", str(lr),
                 "--noise-offset", str(p.noise_offset), "--caption-dropout", "0.1", "--val-every", "0",
-                "--warmup-steps", str(min(50, steps // 10)),
-                "--val-steps", str(p.eval_steps)]  # fmt: skip
+                "--warmup-steps", str(min(50, steps // 10)), "--lr-scheduler", p.lr_scheduler,
+                *(["--val-steps", str(p.eval_steps)] if p.eval_steps else [])]  # fmt: skip
 
     def sd_en(out, p, c):
         return [
@@ -220,7 +222,9 @@ def _stages() -> list[Stage]:
             ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
              "--vae", str(out / "vae" / "final"), "--block-out-channels", ",".join(map(str, p.uncond_channels)),
              "--batch-size", str(p.batch["uncond"]),
-             "--lr", str(p.lr["uncond"]), "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
+             "--lr", str(p.lr["uncond"]), "--lr-scheduler", p.lr_scheduler,
+             "--warmup-steps", str(min(50, p.steps["uncond"] // 10)),
+             "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
              *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
         ]  # fmt: skip
 

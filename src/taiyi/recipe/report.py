@@ -55,13 +55,14 @@ def frozen_check(base: Path, trained: Path, components=("unet", "vae")) -> dict[
     return result
 
 
-def _grid(pipe, prompts, path: Path, *, steps: int, seed: int, per_prompt: int = 4) -> None:
+def _grid(pipe, prompts, path: Path, *, steps: int | None, seed: int, per_prompt: int = 4) -> None:
     from ..pipeline import make_grid
 
     images = []
+    sampling = {} if steps is None else {"steps": steps}  # None: the pipeline's defaults
     for j, prompt in enumerate(prompts):
         images += pipe.generate(
-            prompt, num_images=per_prompt, seed=seed + 100 * j, steps=steps, width=64, height=64
+            prompt, num_images=per_prompt, seed=seed + 100 * j, width=64, height=64, **sampling
         ).images
     grid = make_grid(images, cols=per_prompt)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -130,7 +131,7 @@ def _share_vae(root: Path, latent: str, owner: str) -> dict[str, int]:
 def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int = 0) -> dict:
     """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc)."""
     from ..clip import load_clip
-    from ..pipeline import load_pipeline
+    from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_SCHEDULER, DEFAULT_STEPS, load_pipeline
     from .faithfulness import eval_prompts, evaluate_clip, evaluate_pipeline
     from .mini import PRESETS
     from .probe import AttributeProbe
@@ -146,6 +147,11 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     probe = AttributeProbe.from_pretrained(run / "probe")
     n_seen, n_held = preset.eval_prompts
     report: dict = {"preset": preset_name, "seed": seed, "faithfulness": {}, "clip": {}, "grids": {}}
+    report["sampling"] = (
+        {"scheduler": DEFAULT_SCHEDULER, "steps": DEFAULT_STEPS, "guidance_end": DEFAULT_GUIDANCE_END}
+        if preset.eval_steps is None
+        else {"scheduler": DEFAULT_SCHEDULER, "steps": preset.eval_steps}
+    )
     (run / "grids").mkdir(exist_ok=True)
     for title, sub, langs in _JUDGED_MODELS:
         pipe = load_pipeline(run / sub, device="cpu")
@@ -190,6 +196,8 @@ def _row(values: dict, attrs=_ATTRS) -> str:
 def _write_markdown(run: Path, report: dict) -> None:
     lines = ["# taiyi recipe mini — report", "", f"Preset `{report['preset']}`, seed {report['seed']}.", ""]
     lines += ["## Faithfulness (attribute probe, % of pictures showing what the prompt asked)", ""]
+    if "sampling" in report:
+        lines += [f"Sampling: {', '.join(f'{k} {v}' for k, v in report['sampling'].items())}.", ""]
     lines += ["| model / prompts | combos | " + " | ".join(_ATTRS) + " |", "|---|---|" + "---|" * len(_ATTRS)]
     for name, result in report["faithfulness"].items():
         for group in ("seen", "held_out"):

@@ -201,7 +201,11 @@ _WeightDecay = Annotated[
     float | None, _opt("--weight-decay", help="AdamW weight decay [0.1; dreambooth 0.01].", panel=_PANEL_OPT)
 ]
 _WarmupSteps = Annotated[
-    int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
+    int | None, _opt("--warmup-steps", help="Linear warm-up, then --lr-scheduler [0].", panel=_PANEL_OPT)
+]
+_LrScheduler = Annotated[
+    str | None,
+    _opt("--lr-scheduler", help="After warm-up: constant, or linear/cosine decay to 0 [constant].", panel=_PANEL_OPT),
 ]
 _MaxSteps = Annotated[
     int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes; dreambooth 400].", panel=_PANEL_OPT)
@@ -310,6 +314,7 @@ def sd(
     lr: _Lr = None,
     weight_decay: _WeightDecay = None,
     warmup_steps: _WarmupSteps = None,
+    lr_scheduler: _LrScheduler = None,
     max_steps: _MaxSteps = None,
     epochs: _Epochs = None,
     max_grad_norm: _MaxGradNorm = None,
@@ -362,6 +367,7 @@ def lora(
     lr: _Lr = None,
     weight_decay: _WeightDecay = None,
     warmup_steps: _WarmupSteps = None,
+    lr_scheduler: _LrScheduler = None,
     max_steps: _MaxSteps = None,
     epochs: _Epochs = None,
     max_grad_norm: _MaxGradNorm = None,
@@ -439,6 +445,7 @@ def dreambooth(
     lr: _Lr = None,
     weight_decay: _WeightDecay = None,
     warmup_steps: _WarmupSteps = None,
+    lr_scheduler: _LrScheduler = None,
     max_steps: _MaxSteps = None,
     max_grad_norm: _MaxGradNorm = None,
     prediction_type: _PredictionType = None,
@@ -507,8 +514,9 @@ ImageBatch = Annotated[
 GradAccum = Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimizer step [1].", panel=_PANEL_OPT)]
 WeightDecay = Annotated[float | None, _opt("--weight-decay", help="AdamW weight decay [0].", panel=_PANEL_OPT)]
 WarmupSteps = Annotated[
-    int | None, _opt("--warmup-steps", help="Linear warm-up, then constant [0].", panel=_PANEL_OPT)
+    int | None, _opt("--warmup-steps", help="Linear warm-up, then --lr-scheduler [0].", panel=_PANEL_OPT)
 ]
+LrScheduler = _LrScheduler
 MaxSteps = Annotated[int | None, _opt("--max-steps", help="Optimizer steps [--epochs passes].", panel=_PANEL_OPT)]
 Epochs = Annotated[int | None, _opt("--epochs", help="Passes over the images [1].", panel=_PANEL_OPT)]
 MaxGradNorm = Annotated[float | None, _opt("--max-grad-norm", help="Clip the gradient norm [1.0].", panel=_PANEL_OPT)]
@@ -574,6 +582,7 @@ def vae(
     lr: Annotated[float | None, _opt("--lr", help="Learning rate [1e-3].", panel=_PANEL_OPT)] = None,
     weight_decay: WeightDecay = None,
     warmup_steps: WarmupSteps = None,
+    lr_scheduler: LrScheduler = None,
     max_steps: MaxSteps = None,
     epochs: Epochs = None,
     max_grad_norm: MaxGradNorm = None,
@@ -644,6 +653,7 @@ def uncond(
     lr: Annotated[float | None, _opt("--lr", help="Learning rate [2e-4].", panel=_PANEL_OPT)] = None,
     weight_decay: WeightDecay = None,
     warmup_steps: WarmupSteps = None,
+    lr_scheduler: LrScheduler = None,
     max_steps: MaxSteps = None,
     epochs: Epochs = None,
     max_grad_norm: MaxGradNorm = None,

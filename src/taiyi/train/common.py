@@ -41,6 +41,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+# Learning-rate schedules after the linear warm-up, by diffusers' names (``--lr-scheduler``): constant, or a
+# decay to zero at the run's last step.
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 def run_control_checks(config) -> list[tuple[bool, str]]:
@@ -56,6 +59,28 @@ def run_control_checks(config) -> list[tuple[bool, str]]:
         (config.log_every >= 1, f"--log-every must be at least 1, not {config.log_every}"),
         (not (config.resume is not None and config.overwrite), "--resume and --overwrite exclude each other"),
     ]
+
+
+def lr_scheduler_check(name: str) -> tuple[bool, str]:
+    """The ``(ok, message)`` check of an ``--lr-scheduler`` value."""
+    return name in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {name!r}"
+
+
+def make_lr_scheduler(optimizer, name: str, *, warmup_steps: int, total_steps: int):
+    """diffusers' learning-rate schedule ``name`` (see :data:`LR_SCHEDULERS`): a linear warm-up over
+    ``warmup_steps``, then constant, or a linear or cosine decay reaching zero at ``total_steps``.
+
+    The decay follows ``total_steps`` of the invocation: extending a finished run (a larger ``--max-steps``
+    with ``--resume``) stretches the schedule over the new total.
+    """
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        "constant_with_warmup" if name == "constant" else name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=max(total_steps, 1),
+    )
 
 
 def check_fp16_device(config) -> None:

@@ -64,6 +64,8 @@ from .common import (
     crash_point,
     list_checkpoints,
     load_checkpoint,
+    lr_scheduler_check,
+    make_lr_scheduler,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
@@ -116,7 +118,8 @@ class SDTrainConfig:
         batch_size: global batch of one micro-step, all processes together.
         grad_accum: micro-steps per optimizer step.
         lr, weight_decay, betas, eps: AdamW (Taiyi: lr 1e-4, weight decay 0.1; none on biases and norms).
-        warmup_steps: linear warm-up steps, then a constant learning rate.
+        warmup_steps: linear warm-up steps, then ``lr_scheduler``.
+        lr_scheduler: ``constant`` (diffusers' default), or ``linear`` / ``cosine`` decay to zero at the last step.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
         epochs: passes over the data when ``max_steps`` is not given.
         max_grad_norm: clip the gradient norm (None: off).
@@ -171,6 +174,7 @@ class SDTrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_scheduler: str = "constant"
     max_steps: int | None = None
     epochs: int = 1
     max_grad_norm: float | None = 1.0
@@ -242,6 +246,7 @@ def _validate_config(config: SDTrainConfig) -> None:
         (config.lr > 0, f"--lr must be positive, not {config.lr}"),
         (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
         (config.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+        lr_scheduler_check(config.lr_scheduler),
         (config.max_steps is None or config.max_steps >= 1, f"--max-steps must be at least 1, not {config.max_steps}"),
         (config.epochs >= 1, f"--epochs must be at least 1, not {config.epochs}"),
         (config.max_grad_norm is None or config.max_grad_norm > 0, "--max-grad-norm must be positive"),
@@ -552,7 +557,6 @@ def train_sd(config: SDTrainConfig) -> dict:
     """
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
-    from transformers import get_constant_schedule_with_warmup
 
     from ..assemble import write_pipeline_folder
     from ..loading import load_stable_diffusion
@@ -717,7 +721,9 @@ def train_sd(config: SDTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(
         _param_groups(trainable, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
     )
-    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    scheduler = make_lr_scheduler(
+        optimizer, config.lr_scheduler, warmup_steps=config.warmup_steps, total_steps=total_steps
+    )
     model, optimizer = accelerator.prepare(trainable, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     ema = None

@@ -49,6 +49,8 @@ from .common import (
     crash_point,
     list_checkpoints,
     load_checkpoint,
+    lr_scheduler_check,
+    make_lr_scheduler,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
@@ -91,7 +93,9 @@ class ImageTrainConfig:
         batch_size: global batch of one micro-step, all processes together.
         grad_accum: micro-steps per optimizer step.
         lr, weight_decay: AdamW (no weight decay on biases and norms).
-        warmup_steps: linear warm-up, then a constant learning rate (a finished run can be extended).
+        warmup_steps: linear warm-up, then ``lr_scheduler``.
+        lr_scheduler: ``constant`` (a finished run can be extended as it was), or ``linear`` / ``cosine`` decay
+            to zero at the last step.
         max_steps: optimizer steps (default: ``epochs`` passes over the training images).
         epochs: passes when ``max_steps`` is not given.
         max_grad_norm: clip the gradient norm (None: off).
@@ -122,6 +126,7 @@ class ImageTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_scheduler: str = "constant"
     max_steps: int | None = None
     epochs: int = 1
     max_grad_norm: float | None = 1.0
@@ -162,6 +167,7 @@ class ImageTrainConfig:
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, not {self.weight_decay}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, not {self.warmup_steps}"),
+            lr_scheduler_check(self.lr_scheduler),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, not {self.max_steps}"),
             (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be positive"),
@@ -357,7 +363,6 @@ def run_image_training(
         "model", "export" (what ``export`` returned)}``.
     """
     from accelerate.utils import set_seed
-    from transformers import get_constant_schedule_with_warmup
 
     from .clip import _flat_hparams, _make_accelerator, _param_groups
     from .sd import plot_losses
@@ -395,7 +400,9 @@ def run_image_training(
         return order[position * config.batch_size : (position + 1) * config.batch_size]
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    scheduler = make_lr_scheduler(
+        optimizer, config.lr_scheduler, warmup_steps=config.warmup_steps, total_steps=total_steps
+    )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     ema = None
