@@ -179,7 +179,8 @@ def _stages() -> list[Stage]:
             ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
              "--block-out-channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
              "--lr", str(p.lr["vae"]), "--lr-scheduler", p.lr_scheduler,
-             "--warmup-steps", str(min(50, p.steps["vae"] // 10)), "--val-fraction", "0.02", *_train_common(out, "vae", p.steps["vae"], c.seed)]
+             "--warmup-steps", str(min(50, p.steps["vae"] // 10)), "--val-fraction", "0.02",
+             *_train_common(out, "vae", p.steps["vae"], c.seed)]
         ]  # fmt: skip
 
     def sd_common(p, steps, lr):
