@@ -136,6 +136,10 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
         assert set(result["seen"]) >= {"time", "land", "style"} and result["images"] == 3 * 2
     assert set(report["clip"]) == {"Taiyi-CLIP (Chinese)", "English CLIP"}
     assert (out / "report.md").read_text(encoding="utf-8").startswith("# taiyi recipe mini")
+    # recipe.json is written after every stage: the report sees what every stage before it cost
+    assert set(report["stages"]) == set(STAGES) - {"report"}
+    assert all(report["stages"][n]["seconds"] == status[n]["seconds"] for n in report["stages"])
+    assert report["sampling"] == {"scheduler": "dpm++-sde-ays", "steps": 2}  # the tiny preset's steps
     for name in ("taiyi-mini-zh", "taiyi-mini-zh-en", "taiyi-mini-clip", "taiyi-mini-uncond", "taiyi-mini-probe"):
         assert (out / "models" / name).is_dir()
 

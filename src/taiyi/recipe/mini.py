@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InvalidInputError, TaiyiError
+from ..train.common import write_json_atomic
 
 __all__ = ["PRESETS", "Preset", "RecipeConfig", "STAGES", "run_recipe"]
 
@@ -340,11 +341,23 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         running[name] = (proc, queue, t0)
         return True
 
+    def write_record() -> None:
+        record = {
+            "preset": config.preset,
+            "config": asdict(config),
+            "preset_values": asdict(PRESETS[config.preset]),
+            "stages": status,
+            "wall_seconds": round(time.monotonic() - started, 1),  # this invocation
+            "stage_seconds": round(sum(v.get("seconds", 0) for v in status.values()), 1),  # every stage, all runs
+        }
+        write_json_atomic(out / "recipe.json", record)
+
     def finish(name: str, ok: bool) -> None:
         _, _, t0 = running.pop(name)
         seconds = time.monotonic() - t0
         status[name] = {"status": "done" if ok else "failed", "seconds": round(seconds, 1)}
         echo(f"[recipe] {name}: {'done' if ok else 'FAILED'} in {seconds / 60:.1f} min")
+        write_record()  # after every stage, so the report stage sees what the stages before it cost
 
     try:
         while pending or running:
@@ -383,15 +396,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         for proc, _, _ in running.values():
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-        record = {
-            "preset": config.preset,
-            "config": asdict(config),
-            "preset_values": asdict(PRESETS[config.preset]),
-            "stages": status,
-            "wall_seconds": round(time.monotonic() - started, 1),  # this invocation
-            "stage_seconds": round(sum(v.get("seconds", 0) for v in status.values()), 1),  # every stage, all runs
-        }
-        (out / "recipe.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        write_record()
     return status
 
 
