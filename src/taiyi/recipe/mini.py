@@ -79,7 +79,10 @@ class Preset:
         }
     )
     noise_offset: float = 0.1
-    lr_scheduler: str = "cosine"  # after the warm-up, for the VAE, SD and unconditional stages (CLIP: cosine)
+    # after the warm-up, for the VAE, SD and unconditional stages (CLIP decays with a cosine of its own).
+    # constant: a run with every one of them cosine (mini3) had a sharper VAE but less faithful SD models
+    lr_scheduler: str = "constant"
+    image_warmup_steps: int = 0  # of the VAE and unconditional stages (the SD stages warm up for 10 %, ≤ 50 steps)
     eval_prompts: tuple[int, int] = (24, 12)  # seen, held-out
     eval_images: int = 8
     eval_steps: int | None = None  # None: the pipeline's default sampler, steps and guidance span
@@ -180,7 +183,7 @@ def _stages() -> list[Stage]:
             ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
              "--block-out-channels", ",".join(map(str, p.vae_channels)), "--batch-size", str(p.batch["vae"]),
              "--lr", str(p.lr["vae"]), "--lr-scheduler", p.lr_scheduler,
-             "--warmup-steps", str(min(50, p.steps["vae"] // 10)), "--val-fraction", "0.02",
+             "--warmup-steps", str(p.image_warmup_steps), "--val-fraction", "0.02",
              *_train_common(out, "vae", p.steps["vae"], c.seed)]
         ]  # fmt: skip
 
@@ -225,7 +228,7 @@ def _stages() -> list[Stage]:
              "--vae", str(out / "vae" / "final"), "--block-out-channels", ",".join(map(str, p.uncond_channels)),
              "--batch-size", str(p.batch["uncond"]),
              "--lr", str(p.lr["uncond"]), "--lr-scheduler", p.lr_scheduler,
-             "--warmup-steps", str(min(50, p.steps["uncond"] // 10)),
+             "--warmup-steps", str(p.image_warmup_steps),
              "--noise-offset", str(p.noise_offset), "--val-fraction", "0.02",
              *_train_common(out, "uncond", p.steps["uncond"], c.seed)]
         ]  # fmt: skip

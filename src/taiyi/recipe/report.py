@@ -274,6 +274,7 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
               "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
               "wall_seconds": recipe.get("wall_seconds"), "stage_seconds": recipe.get("stage_seconds"),
               "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
-              "clip": report.get("clip"), "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
+              "sampling": report.get("sampling"), "clip": report.get("clip"),
+              "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
     write_json_atomic(target / "SOURCE.json", source)
     return sizes
