@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -684,3 +690,25 @@ def test_align_your_steps_with_too_many_steps_is_invalid_input(pipe_zh):
     with pytest.raises(InvalidInputError, match="at most") as exc_info:
         pipe_zh.generate(PROMPT, steps=900, scheduler="dpm++-sde-ays")
     assert_one_line(exc_info)
+
+
+def test_cpu_pipelines_keep_freed_memory_in_the_heap_unless_told_not_to():
+    """On Linux/glibc a CPU pipeline raises malloc's mmap and trim thresholds once per process (no page
+    faults per UNet call); TAIYI_CPU_ALLOCATOR=system leaves the C library alone."""
+    import platform
+
+    code = (
+        "import json, taiyi.backends as b; from taiyi import load_pipeline; from taiyi.testing import "
+        "make_tiny_pipeline; p = load_pipeline(make_tiny_pipeline(__import__('sys').argv[1])); "
+        "print(json.dumps([b._allocator_tuned, b.tune_cpu_allocator()]))"
+    )
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    for env, expected in (({}, glibc), ({"TAIYI_CPU_ALLOCATOR": "system"}, False)):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(Path(tempfile.mkdtemp()) / "tiny")],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(out.strip().splitlines()[-1]) == [expected, expected], env

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .backends import check_backend, resolve_backend, use_openvino_unet
+from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet
 from .encoding import PromptCache, encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
@@ -156,6 +156,7 @@ class TaiyiPipeline:
             # oneDNN convolutions run the VAE 1.1× faster in channels-last on CPU (README, "Measuring speed");
             # the UNet is slower that way, so it stays contiguous.
             sd.vae.to(memory_format=torch.channels_last)
+            tune_cpu_allocator()  # freed activations stay in the heap: no page faults per UNet call
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, *, allow_pickle: bool = False) -> TaiyiPipeline:
         """Apply a LoRA file (diffusers, peft or Kohya/A1111 format) on top of those already applied.
