@@ -147,11 +147,8 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     probe = AttributeProbe.from_pretrained(run / "probe")
     n_seen, n_held = preset.eval_prompts
     report: dict = {"preset": preset_name, "seed": seed, "faithfulness": {}, "clip": {}, "grids": {}}
-    report["sampling"] = (
-        {"scheduler": DEFAULT_SCHEDULER, "steps": DEFAULT_STEPS, "guidance_end": DEFAULT_GUIDANCE_END}
-        if preset.eval_steps is None
-        else {"scheduler": DEFAULT_SCHEDULER, "steps": preset.eval_steps}
-    )
+    steps = DEFAULT_STEPS if preset.eval_steps is None else preset.eval_steps
+    report["sampling"] = {"scheduler": DEFAULT_SCHEDULER, "steps": steps, "guidance_end": DEFAULT_GUIDANCE_END}
     (run / "grids").mkdir(exist_ok=True)
     for title, sub, langs in _JUDGED_MODELS:
         pipe = load_pipeline(run / sub, device="cpu")
