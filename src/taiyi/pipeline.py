@@ -472,12 +472,11 @@ class TaiyiPipeline:
             width=width,
             height=height,
         )
-        params = [
-            self._params(p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end)[
-                0
-            ]
-            for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True)
-        ]
+        params = []
+        for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True):  # one seed each: one parameter set
+            params += self._params(
+                p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end
+            )
         return GenerationResult(images, params, nsfw)
 
     @property
