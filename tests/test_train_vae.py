@@ -103,6 +103,20 @@ def test_cosine_schedule_decays_to_zero_and_resumes_on_it(folder, tmp_path):
     assert resumed["losses"] == pytest.approx({k: straight["losses"][k] for k in (3, 4, 5)}, abs=1e-6)
 
 
+def test_a_run_recorded_before_lr_scheduler_existed_still_resumes(folder, tmp_path):
+    settings = dict(data=[str(folder)], **{**TINY, "save_every": 1})
+    train_vae(VAETrainConfig(output=str(tmp_path / "r"), max_steps=1, **settings))
+    recorded = tmp_path / "r" / "run_config.json"
+    old = {k: v for k, v in json.loads(recorded.read_text()).items() if k != "lr_scheduler"}
+    recorded.write_text(json.dumps(old))
+    resumed = train_vae(VAETrainConfig(output=str(tmp_path / "r"), max_steps=2, resume="latest", **settings))
+    assert resumed["resumed_from"].name == "step-000001" and sorted(resumed["losses"]) == [2]
+    with pytest.raises(InvalidInputError, match="lr_scheduler"):  # a different schedule is another run
+        train_vae(
+            VAETrainConfig(output=str(tmp_path / "r"), max_steps=3, resume="latest", lr_scheduler="cosine", **settings)
+        )
+
+
 def test_metrics_helpers():
     grey = torch.zeros(1, 3, 4, 4)
     assert chroma(grey) == 0.0 and chroma(torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)) == 1.0

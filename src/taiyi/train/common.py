@@ -44,6 +44,9 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # Learning-rate schedules after the linear warm-up, by diffusers' names (``--lr-scheduler``): constant, or a
 # decay to zero at the run's last step.
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+# Settings added after runs were recorded without them, with the value those runs trained with: a recorded
+# run that lacks one still resumes when the new run keeps that value.
+ADDED_SETTINGS = {"lr_scheduler": "constant"}
 
 
 def run_control_checks(config) -> list[tuple[bool, str]]:
@@ -136,6 +139,7 @@ def check_output_dir(
             raise InvalidInputError(
                 f"{recorded_path} is unreadable ({exc}); remove it or choose a new --output"
             ) from exc
+        recorded = {**{k: v for k, v in ADDED_SETTINGS.items() if k in config}, **recorded}
         changed = sorted(
             k for k in set(recorded) | set(config) if k not in ignore and recorded.get(k) != config.get(k)
         )
