@@ -3,9 +3,12 @@
 One call = the classifier-free-guidance batch of 2 at the given size, float32, on the CPU (or the device given).
 `compile-frozen` is torch.compile with inductor's `freezing` (weights folded as constants, oneDNN weight
 prepacking: the CPU inference setting PyTorch recommends); `batch-1` is the eager UNet on the conditional half
-only (what a step without classifier-free guidance costs). Each variant is checked against the eager output
-(cosine, largest difference), and torch.compile's first call (the compilation) is reported on its own: it must
-pay for itself before a variant is worth a default.
+only (what a step without classifier-free guidance costs); `onnxruntime` is the same UNet exported to ONNX
+(opset 17, fixed shapes, external weights, kept under ``--cache``) and run by ONNX Runtime's CPU provider with
+every graph optimisation and the same thread count — it needs ``pip install onnxruntime onnx`` (a run of all
+variants leaves it out without them), and its export and loading are reported as its setup. Each variant is
+checked against the eager output (cosine, largest difference), and torch.compile's first call (the compilation)
+is reported on its own: it must pay for itself before a variant is worth a default.
 
     python benchmarks/unet_variants.py --size 512 --calls 2 --json unet_variants.json
 """
@@ -13,16 +16,58 @@ pay for itself before a variant is worth a default.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import machine, prepare  # noqa: E402
 from sd_speed import full_size_checkpoint  # noqa: E402
 
-VARIANTS = ("eager", "channels-last", "compile", "compile-frozen", "batch-1")
+VARIANTS = ("eager", "channels-last", "compile", "compile-frozen", "batch-1", "onnxruntime")
+
+
+class OnnxRuntimeUNet:
+    """The UNet exported once to ONNX and run by ONNX Runtime, called like the diffusers model."""
+
+    def __init__(self, unet, latents, context, folder: Path) -> None:
+        import onnxruntime
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, sample, timestep, context):
+                return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+        path = folder / "unet.onnx"
+        if not path.exists():  # exported into a temporary folder, renamed into place when complete
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".exporting-", dir=folder.parent))
+            with torch.inference_mode(False), torch.no_grad():
+                torch.onnx.export(Wrapped().eval(), (latents, torch.tensor(500), context), str(tmp / path.name),
+                                  dynamo=False, opset_version=17, input_names=["sample", "timestep", "context"],
+                                  output_names=["out"])  # fmt: skip
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        import torch
+
+        feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "context": encoder_hidden_states.numpy()}
+        return SimpleNamespace(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
     reference, _ = call(eager)
     rows = []
-    for variant in args.variant or VARIANTS:
+    variants = args.variant or VARIANTS
+    if "onnxruntime" in variants and importlib.util.find_spec("onnxruntime") is None:
+        if args.variant:
+            parser.exit(2, "the onnxruntime variant needs: pip install onnxruntime onnx\n")
+        variants = tuple(v for v in variants if v != "onnxruntime")
+    for variant in variants:
+        start = time.perf_counter()
         if variant in ("eager", "batch-1"):
             model = eager
+        elif variant == "onnxruntime":
+            model = OnnxRuntimeUNet(eager, latents, context, Path(args.cache) / f"onnx-{args.size}")
         elif variant == "channels-last":
             model = eager.to(memory_format=torch.channels_last)
         else:
@@ -64,15 +117,17 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()
             model = torch.compile(eager.to(memory_format=torch.contiguous_format))
         batch = 1 if variant == "batch-1" else 2
+        setup = time.perf_counter() - start
         out, first = call(model, batch=batch)
         seconds = [call(model, 500 - 100 * i, batch)[1] for i in range(args.calls)]
         out, _ = call(model, batch=batch)
         cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), reference[:batch].flatten(), dim=0))
-        row = {"variant": variant, "first_call_s": round(first, 2), "call_s": round(min(seconds), 3),
-               "cosine_to_eager": cosine, "max_abs_diff": float((out - reference[:batch]).abs().max())}  # fmt: skip
+        row = {"variant": variant, "setup_s": round(setup, 2), "first_call_s": round(first, 2),
+               "call_s": round(min(seconds), 3), "cosine_to_eager": cosine,
+               "max_abs_diff": float((out - reference[:batch]).abs().max())}  # fmt: skip
         rows.append(row)
-        print(f"{variant:>14}  first call {first:7.1f} s  per call {min(seconds):6.2f} s  cosine {cosine:.7f}",
-              flush=True)  # fmt: skip
+        print(f"{variant:>14}  setup {setup:6.1f} s  first call {first:7.1f} s  per call {min(seconds):6.2f} s"
+              f"  cosine {cosine:.7f}", flush=True)  # fmt: skip
     report = {"size": args.size, "rows": rows, "machine": machine()}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -614,6 +614,17 @@ def test_guidance_end_guides_only_the_first_steps(pipe_zh, end, guided):
     assert sizes == [4] * guided + [2] * (6 - guided)  # CFG doubles the batch while it runs
 
 
+def test_the_defaults_guide_every_step_but_the_last(pipe_zh):
+    """The default sampling is what the README's speed and faithfulness tables measured: 9 steps, the first 8
+    guided (a CFG batch of 2 per picture), the last one conditional call."""
+    from taiyi.pipeline import DEFAULT_STEPS
+
+    sizes = unet_batches(pipe_zh, lambda: pipe_zh.generate(PROMPT, seed=SEED))
+    assert DEFAULT_STEPS == 9 and sizes == [2] * 8 + [1]
+    assert pipe_zh.generate(PROMPT, seed=SEED, steps=1).parameters[0].steps == 1  # one step: it is guided
+    assert unet_batches(pipe_zh, lambda: pipe_zh.generate(PROMPT, seed=SEED, steps=1)) == [2]
+
+
 def test_guidance_end_does_nothing_without_guidance(pipe_zh):
     full = pipe_zh.generate(PROMPT, steps=4, guidance=1.0, guidance_end=1.0, seed=SEED).images[0]
     sizes = unet_batches(
