@@ -7,9 +7,10 @@ weights of any Taiyi / SD v1 checkpoint, inpainting UNets included — saved in 
 then on. The rest of the pipeline (text encoder, scheduler, VAE) stays in PyTorch; outputs match the
 PyTorch UNet to float32 rounding (OpenVINO picks bf16 by itself only on CPUs with bf16 instructions).
 
-``auto`` is ``torch``: on the 2-core AVX2 machine this was measured on, OpenVINO's float32 UNet was no
-faster at full size (11.86 vs 11.99 s per call at 512², 2.6× the peak memory) and 1.3× faster only on
-the small embedded model, whose first use would pay the conversion. ``--backend openvino`` asks for it.
+``auto`` is ``torch``: on the 2-core AVX2 machine this was measured on, OpenVINO's float32 UNet was
+1.02–1.11× faster per call at full size (512², both orders in the same run) but peaked at 2.2× the memory
+(12.9 GB for one picture, where PyTorch fits 1024² in 8 GB), and 1.3× faster on the small embedded model,
+whose first use would pay the conversion. ``--backend openvino`` asks for it.
 """
 
 from __future__ import annotations
