@@ -9,6 +9,7 @@ counted; the CLI maps flags to the same function and refuses bad input in one li
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -230,6 +231,31 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
                 model=str(base), data=[str(zh)], output=str(tmp_path / "h"), mixed_precision="fp16", cpu=True
             )
         )
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_path, capsys, monkeypatch):
+    from taiyi.train import common
+
+    base, zh, _ = setup
+    out = tmp_path / "full"
+    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "3",
+            "--save-every", "1", "--resolution", "32", "--batch-size", "2", "--report-to", "none", "--val-every", "0",
+            "--resume", "latest"]  # fmt: skip
+    append = common.MetricsLog.append
+
+    def full_after_step_2(self, row):
+        if row.get("step", 0) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        append(self, row)
+
+    monkeypatch.setattr(common.MetricsLog, "append", full_after_step_2)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("taiyi: error: no space left on device writing") and "--resume latest" in err, err
+    assert [c.name for c in common.list_checkpoints(out)] == ["step-000001"]
+    monkeypatch.setattr(common.MetricsLog, "append", append)
+    assert main(args) == 0  # space freed: the run goes on from its checkpoint
+    assert (out / "final").is_dir()
 
 
 def _narrow_pipeline(base: Path, out: Path) -> None:

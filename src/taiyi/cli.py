@@ -5,6 +5,7 @@ User mistakes end with one line on stderr (``taiyi: error: ...``) and exit statu
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -459,6 +460,13 @@ def _run_app(argv: list[str] | None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("taiyi: interrupted", file=sys.stderr)
         return _exit(130, argv)
+    except OSError as exc:  # a full disk anywhere (a log line, a cache): one line, not a traceback
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"taiyi: error: no space left on device{where}; free space and run again (a training run goes on "
+              "from its last checkpoint with --resume latest)", file=sys.stderr)  # fmt: skip
+        return _exit(2, argv)
     return _exit(0, argv)
 
 
