@@ -244,7 +244,9 @@ def test_a_full_disk_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_p
     append = common.MetricsLog.append
 
     def full_after_step_2(self, row):
-        if row.get("step", 0) >= 2:
+        if row.get("step", 0) >= 2:  # the disk fills halfway through the line
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write('{"step": 2, "kind": "tr')
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         append(self, row)
 
@@ -254,8 +256,10 @@ def test_a_full_disk_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_p
     assert err.startswith("taiyi: error: no space left on device writing") and "--resume latest" in err, err
     assert [c.name for c in common.list_checkpoints(out)] == ["step-000001"]
     monkeypatch.setattr(common.MetricsLog, "append", append)
-    assert main(args) == 0  # space freed: the run goes on from its checkpoint
+    assert main(args) == 0  # space freed: the run goes on from its checkpoint, past the torn metrics line
     assert (out / "final").is_dir()
+    rows = common.MetricsLog(out / "metrics.jsonl").read()
+    assert [row["step"] for row in rows if row.get("kind") == "train"] == [1, 2, 3]
 
 
 def _narrow_pipeline(base: Path, out: Path) -> None:

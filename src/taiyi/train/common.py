@@ -346,9 +346,18 @@ class MetricsLog:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def read(self) -> list[dict]:
+        """The rows; a torn line (a run killed, or a disk filled, while writing it) is left out."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
 
 def crash_point(where: str, step: int) -> None:
