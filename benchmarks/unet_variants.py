@@ -39,24 +39,21 @@ class OnnxRuntimeUNet:
         import onnxruntime
         import torch
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.unet = unet
-
-            def forward(self, sample, timestep, context):
-                return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        from taiyi.backends import _Traceable  # the UNet as OpenVINO's converter traces it
 
         path = folder / "unet.onnx"
         if not path.exists():  # exported into a temporary folder, renamed into place when complete
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".exporting-", dir=folder.parent))
-            with torch.inference_mode(False), torch.no_grad():
-                torch.onnx.export(Wrapped().eval(), (latents, torch.tensor(500), context), str(tmp / path.name),
-                                  dynamo=False, opset_version=17, input_names=["sample", "timestep", "context"],
-                                  output_names=["out"])  # fmt: skip
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    torch.onnx.export(_Traceable(unet).eval(), (latents, torch.tensor(500), context),
+                                      str(tmp / path.name), dynamo=False, opset_version=17,
+                                      input_names=["sample", "timestep", "context"], output_names=["out"])  # fmt: skip
+                shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
