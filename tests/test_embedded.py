@@ -124,6 +124,7 @@ def test_guidance_end_is_diffusers_dynamic_cfg_recipe_on_the_embedded_model():
                 prompt=prompt,
                 num_inference_steps=steps,
                 guidance_scale=pipe.default_guidance,
+                guidance_rescale=pipe.default_guidance_rescale,  # the embedded models' zero-SNR default, 1
                 height=64,
                 width=64,
                 generator=torch.Generator("cpu").manual_seed(3),
@@ -137,3 +138,36 @@ def test_guidance_end_is_diffusers_dynamic_cfg_recipe_on_the_embedded_model():
     assert diff(ours, recipe(-1)).max() <= 1
     assert diff(ours, full).mean() > 5  # the unguided steps change the picture
     assert diff(ours, recipe(0)).mean() > 5  # and they follow the prompt, not the empty negative
+
+
+def test_the_embedded_models_rescale_guidance_as_diffusers_does():
+    """Zero-terminal-SNR models (the embedded ones) default to diffusers' ``guidance_rescale`` = 1: the same
+    picture as the stock pipeline given that value, a different one from plain CFG, and recorded."""
+    from taiyi import load_pipeline
+
+    pipe = load_pipeline()
+    assert pipe.sd.scheduler.config.rescale_betas_zero_snr and pipe.default_guidance_rescale == 1.0
+    prompt = "夜晚的平原，江河，水墨画"
+    result = pipe.generate(prompt, steps=4, guidance_end=1.0, seed=5, scheduler="dpm++")
+    plain = pipe.generate(prompt, steps=4, guidance_end=1.0, guidance_rescale=0, seed=5, scheduler="dpm++")
+
+    def stock(rescale: float):
+        with torch.inference_mode():
+            return pipe.sd(
+                prompt=prompt,
+                num_inference_steps=4,
+                guidance_scale=7.5,
+                guidance_rescale=rescale,
+                height=64,
+                width=64,
+                generator=torch.Generator("cpu").manual_seed(5),
+            ).images[0]
+
+    def diff(a, b):
+        return np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+
+    assert diff(result.images[0], stock(1.0)).max() <= 1
+    assert diff(plain.images[0], stock(0.0)).max() <= 1
+    assert diff(result.images[0], plain.images[0]).mean() > 3
+    assert result.parameters[0].guidance_rescale == 1.0 and "CFG rescale: 1," in result.parameters[0].to_text()
+    assert "CFG rescale" not in plain.parameters[0].to_text()

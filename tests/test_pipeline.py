@@ -677,6 +677,39 @@ def test_bad_guidance_end_is_invalid_input(pipe_zh, end):
     assert_one_line(exc_info)
 
 
+# --- guidance rescale (diffusers' guidance_rescale) ----------------------------------------------------
+
+
+def test_guidance_rescale_defaults_to_zero_for_the_usual_noise_schedule(pipe_zh):
+    assert not pipe_zh.sd.scheduler.config.get("rescale_betas_zero_snr") and pipe_zh.default_guidance_rescale == 0
+    params = pipe_zh.generate(PROMPT, steps=2, seed=SEED).parameters[0]
+    assert params.guidance_rescale == 0 and "CFG rescale" not in params.to_text()
+
+
+def test_guidance_rescale_is_recorded_and_rerenders_bit_identically(pipe_zh, tmp_path):
+    result = pipe_zh.generate(PROMPT, steps=3, guidance_rescale=0.7, seed=SEED, num_images=2)
+    plain = pipe_zh.generate(PROMPT, steps=3, seed=SEED, num_images=2)
+    assert not np.array_equal(np.asarray(result.images[1]), np.asarray(plain.images[1]))
+    params = read_parameters(result.save(tmp_path)[1])
+    assert params.guidance_rescale == 0.7 and "CFG rescale: 0.7" in params.to_text()
+    again = pipe_zh.rerender(params)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
+
+
+def test_guidance_rescale_reaches_every_row_of_a_batched_call(pipe_zh):
+    one = pipe_zh.generate(PROMPT, steps=2, guidance_rescale=0.5, seed=SEED)
+    rows = pipe_zh.generate_many([PROMPT, "夜晚"], seeds=[SEED, 1], steps=2, guidance_rescale=0.5)
+    assert [p.guidance_rescale for p in rows.parameters] == [0.5, 0.5]
+    assert np.abs(pixels(rows.images[0]) - pixels(one.images[0])).max() <= 2
+
+
+@pytest.mark.parametrize("rescale", [-0.1, 1.5, float("nan"), "0.5", True])
+def test_bad_guidance_rescale_is_invalid_input(pipe_zh, rescale):
+    with pytest.raises(InvalidInputError, match="guidance rescale") as exc_info:
+        pipe_zh.generate(PROMPT, steps=2, guidance_rescale=rescale)
+    assert_one_line(exc_info)
+
+
 def test_align_your_steps_sampler_equals_stock_diffusers_with_those_timesteps(pipe_zh, stock):
     from diffusers.schedulers import AysSchedules
 

@@ -139,7 +139,12 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     # recipe.json is written after every stage: the report sees what every stage before it cost
     assert set(report["stages"]) == set(STAGES) - {"report"}
     assert all(report["stages"][n]["seconds"] == status[n]["seconds"] for n in report["stages"])
-    assert report["sampling"] == {"scheduler": "dpm++-sde-ays", "steps": 2, "guidance_end": 0.85}  # tiny: 2 steps
+    assert report["sampling"] == {  # tiny: 2 steps; zero-terminal-SNR models: guidance rescaled
+        "scheduler": "dpm++-sde-ays",
+        "steps": 2,
+        "guidance_end": 0.85,
+        "guidance_rescale": 1.0,
+    }
     for name in ("taiyi-mini-zh", "taiyi-mini-zh-en", "taiyi-mini-clip", "taiyi-mini-uncond", "taiyi-mini-probe"):
         assert (out / "models" / name).is_dir()
 

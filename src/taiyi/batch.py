@@ -30,6 +30,7 @@ OVERRIDES = {
     "steps": int,
     "guidance": float,
     "guidance_end": float,
+    "guidance_rescale": float,
     "seed": int,
     "num_images": int,
     "width": int,

@@ -14,6 +14,12 @@ GuidanceEnd = Annotated[
     float | None,
     typer.Option("--guidance-end", help="Fraction of the steps that run CFG, (0, 1] (default: taiyi's)."),
 ]
+GuidanceRescale = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-rescale", help="CFG rescale φ in [0, 1] (default: 1 for zero-terminal-SNR models, else 0)."
+    ),
+]
 Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Seed of the first image; image i uses seed+i.")]
 NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per prompt.")]
 Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]

@@ -49,6 +49,7 @@ _FIELD_KEYS = frozenset(
         "Steps",
         "CFG scale",
         "CFG end",
+        "CFG rescale",
         "Seed",
         "Size",
         "Model",
@@ -127,6 +128,8 @@ class GenerationParameters:
         guidance: classifier-free guidance scale (A1111 "CFG scale").
         guidance_end: fraction of the steps that ran guidance (taiyi's "CFG end"); recorded only when below 1,
             so a text without it (any other tool's) reads as guidance on every step.
+        guidance_rescale: the guidance rescale factor φ (Lin et al. 2023; diffusers' ``guidance_rescale``, taiyi's
+            "CFG rescale"); recorded only when above 0, so a text without it reads as plain guidance.
         seed: the seed that produced this image.
         width: image width in pixels.
         height: image height in pixels.
@@ -147,6 +150,7 @@ class GenerationParameters:
     scheduler: str = "dpm++"
     guidance: float = 7.5
     guidance_end: float = 1.0
+    guidance_rescale: float = 0.0
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -185,6 +189,8 @@ class GenerationParameters:
         ]
         if self.guidance_end < 1:
             pairs.append(("CFG end", _format_float(self.guidance_end)))
+        if self.guidance_rescale > 0:
+            pairs.append(("CFG rescale", _format_float(self.guidance_rescale)))
         pairs += [
             ("Seed", str(self.seed)),
             ("Size", f"{self.width}x{self.height}"),
@@ -255,6 +261,8 @@ class GenerationParameters:
                 params.guidance = _parse_float(key, value)
             elif key == "CFG end":
                 params.guidance_end = _parse_float(key, value)
+            elif key == "CFG rescale":
+                params.guidance_rescale = _parse_float(key, value)
             elif key == "Seed":
                 params.seed = _parse_int(key, value)
             elif key == "Size":

@@ -44,6 +44,10 @@ DEFAULT_STEPS = 9  # with DEFAULT_SCHEDULER and DEFAULT_GUIDANCE_END: chosen by 
 # The fraction of the steps that run classifier-free guidance: the first ceil(end × steps) do, so at the
 # default 9 steps the first 8 are guided and the last is one conditional call.
 DEFAULT_GUIDANCE_END = 0.85
+# Guidance rescale φ (Lin et al. 2023, diffusers' ``guidance_rescale``) for models whose noise schedule reaches
+# pure noise (zero terminal SNR, like the embedded models): plain CFG over-saturates them. 1.0 was measured
+# (README: faithfulness of the embedded models, two prompt sets); the paper used 0.7. Other models: 0, as stock.
+ZERO_SNR_GUIDANCE_RESCALE = 1.0
 _LORA_BACKEND = "LoRAs run on the torch backend; load the model with --backend torch to use them"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -229,6 +233,7 @@ class TaiyiPipeline:
         strength: float | None,
         seeds: list[int],
         guidance_end: float = 1.0,
+        guidance_rescale: float = 0.0,
     ) -> list[GenerationParameters]:
         base = GenerationParameters(
             prompt=prompt,
@@ -237,6 +242,7 @@ class TaiyiPipeline:
             scheduler=scheduler,
             guidance=guidance,
             guidance_end=guidance_end,
+            guidance_rescale=guidance_rescale,
             width=width,
             height=height,
             model=self.model,
@@ -292,6 +298,7 @@ class TaiyiPipeline:
             strength,
             seeds,
             job.guidance_end,
+            call_kwargs.get("guidance_rescale", 0.0),
         )
         return GenerationResult(images, params, nsfw)
 
@@ -378,6 +385,7 @@ class TaiyiPipeline:
         steps: int = DEFAULT_STEPS,
         guidance: float | None = None,
         guidance_end: float | None = None,
+        guidance_rescale: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
         width: int | None = None,
@@ -395,6 +403,9 @@ class TaiyiPipeline:
             guidance: classifier-free guidance scale (≥ 0; ≤ 1 disables it); None takes the model's default.
             guidance_end: in (0, 1]; guidance runs on the first ``ceil(guidance_end × steps)`` steps and the rest
                 are single conditional UNet calls (about half the cost). None takes :data:`DEFAULT_GUIDANCE_END`.
+            guidance_rescale: φ in [0, 1], diffusers' ``guidance_rescale``: the guided prediction's spread is
+                pulled back toward the conditional one's (0: plain CFG). None takes the model's default
+                (:attr:`default_guidance_rescale`).
             seed: seed of the first image; image ``i`` uses ``seed + i``. None picks one at random.
             num_images: images to draw in one batch.
             width: multiple of 8 in [64, 2048]; None takes the model's native size. Same for ``height``.
@@ -406,7 +417,10 @@ class TaiyiPipeline:
         width, height = width or self.default_size, height or self.default_size
         validate_size(width, height)
         job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
-        return self._draw(job, self.sd, seed, progress, size=(width, height), width=width, height=height)
+        rescale = self._guidance_rescale(guidance_rescale)
+        return self._draw(
+            job, self.sd, seed, progress, size=(width, height), width=width, height=height, guidance_rescale=rescale
+        )
 
     def generate_many(
         self,
@@ -417,6 +431,7 @@ class TaiyiPipeline:
         steps: int = DEFAULT_STEPS,
         guidance: float | None = None,
         guidance_end: float | None = None,
+        guidance_rescale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         scheduler: str = DEFAULT_SCHEDULER,
@@ -445,6 +460,7 @@ class TaiyiPipeline:
             raise InvalidInputError("prompts, negative_prompts and seeds must have the same length")
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
+        rescale = self._guidance_rescale(guidance_rescale)
         width, height = width or self.default_size, height or self.default_size
         validate_size(width, height)
         texts, negatives = [], []
@@ -473,11 +489,12 @@ class TaiyiPipeline:
             progress=progress,
             width=width,
             height=height,
+            guidance_rescale=rescale,
         )
         params = []
         for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True):  # one seed each: one parameter set
             params += self._params(
-                p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end
+                p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end, rescale
             )
         return GenerationResult(images, params, nsfw)
 
@@ -485,6 +502,18 @@ class TaiyiPipeline:
     def default_guidance(self) -> float:
         info = next((m for m in KNOWN_MODELS.values() if m.repo_id == self.model or m.name == self.model), None)
         return info.guidance if info and info.guidance else 7.5
+
+    @property
+    def default_guidance_rescale(self) -> float:
+        """:data:`ZERO_SNR_GUIDANCE_RESCALE` when the model's noise schedule has zero terminal SNR, else 0."""
+        return ZERO_SNR_GUIDANCE_RESCALE if self._base_scheduler_config.get("rescale_betas_zero_snr") else 0.0
+
+    def _guidance_rescale(self, value: float | None) -> float:
+        if value is None:
+            return self.default_guidance_rescale
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise InvalidInputError(f"guidance rescale must be between 0 and 1 (0: plain CFG), not {value}")
+        return float(value)
 
     def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
         from .io import load_image
@@ -638,6 +667,7 @@ class TaiyiPipeline:
             steps=params.steps,
             guidance=params.guidance,
             guidance_end=params.guidance_end,
+            guidance_rescale=params.guidance_rescale,
             seed=params.seed - params.batch_pos,
             num_images=params.batch_size,
             width=params.width,

@@ -152,6 +152,7 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     (run / "grids").mkdir(exist_ok=True)
     for title, sub, langs in _JUDGED_MODELS:
         pipe = load_pipeline(run / sub, device="cpu")
+        report["sampling"]["guidance_rescale"] = pipe.default_guidance_rescale  # the same for every model of a run
         for lang in langs:
             result = evaluate_pipeline(
                 pipe, probe, lang, n_seen=n_seen, n_held_out=n_held, images_per_prompt=preset.eval_images,
