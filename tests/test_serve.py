@@ -145,10 +145,21 @@ def test_generation_answers_openai_shape_with_seeds_and_parameters_chunk(pipe_zh
         text = image.text["parameters"]
         assert text == item["parameters"]
         assert text.startswith("小橋流水人家\n") and f"Seed: {item['seed']}," in text and "Steps: 2," in text
+    assert "CFG rescale" not in payload["data"][0]["parameters"]  # this model's default: plain CFG
     # Each image is the one its seed draws alone (rows are independent).
     alone = pipe_zh.generate_many(["小橋流水人家"], seeds=[6], steps=STEPS)
     diff = np.abs(np.asarray(decode(payload["data"][1]), np.int16) - np.asarray(alone.images[0], np.int16))
     assert diff.max() <= 2
+
+
+def test_guidance_rescale_is_a_request_setting_recorded_in_the_image(pipe_zh):
+    with serve_client(pipe_zh) as client:
+        response = client.post(GENERATIONS, json=body("夜晚的江河", seed=3, guidance_rescale=0.7))
+    assert response.status_code == 200, response.text
+    item = response.json()["data"][0]
+    assert "CFG rescale: 0.7," in item["parameters"]
+    alone = pipe_zh.generate_many(["夜晚的江河"], seeds=[3], steps=STEPS, guidance_rescale=0.7)
+    assert np.abs(np.asarray(decode(item), np.int16) - np.asarray(alone.images[0], np.int16)).max() <= 2
 
 
 def test_compatible_requests_share_one_call_and_equal_their_singles(pipe_zh):
@@ -275,6 +286,11 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(pipe_zh
                     400,
                     "invalid_value",
                 ),
+                "guidance_rescale=2": (
+                    client.post(GENERATIONS, json=body(guidance_rescale=2), headers=auth),
+                    400,
+                    "invalid_value",
+                ),
                 "unknown field": (
                     client.post(GENERATIONS, json=body(negative="x"), headers=auth),
                     400,
@@ -339,6 +355,7 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(pipe_zh
             assert error_of(cases["n=10000"][0])["param"] == "n"
             assert error_of(cases["steps=10**9"][0])["param"] == "steps"
             assert error_of(cases["guidance_end=0"][0])["param"] == "guidance_end"
+            assert error_of(cases["guidance_rescale=2"][0])["param"] == "guidance_rescale"
             ok = client.post(GENERATIONS, json=body(seed=1), headers=auth)
             assert ok.status_code == 200 and ok.json()["data"][0]["seed"] == 1
             assert client.get("/healthz").status_code == 200  # open to probes without the key

@@ -127,7 +127,8 @@ def create_app(
     Args:
         config: limits and switches; default :class:`ServeConfig()`.
         pipeline: a :class:`~taiyi.pipeline.TaiyiPipeline` (or anything with its ``generate_many``/``edit``/
-            ``inpaint``, ``model``, ``default_size`` and ``default_guidance``). Only the worker thread calls it.
+            ``inpaint``, ``model``, ``default_size``, ``default_guidance`` and ``default_guidance_rescale``). Only the
+            worker thread calls it.
         clip: a :class:`~taiyi.clip.ChineseCLIP`; default: loaded from ``config.clip_model`` if set.
         clip_index: a :class:`~taiyi.clip_index.ClipIndex`; default: loaded from ``config.clip_index`` if set.
 
@@ -429,7 +430,13 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         default = state.pipe.default_size
         width, height = parse_size(body.size or f"{default}x{default}", config.max_side)
         sampling = check_sampling(
-            body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe, guidance_end=body.guidance_end
+            body.steps,
+            body.guidance,
+            body.scheduler,
+            config=config,
+            pipe=state.pipe,
+            guidance_end=body.guidance_end,
+            guidance_rescale=body.guidance_rescale,
         )
         spec = GenerationSpec(
             prompt=body.prompt,
@@ -654,6 +661,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             "default_scheduler": DEFAULT_SCHEDULER,
             "default_guidance_end": DEFAULT_GUIDANCE_END,
             "default_guidance": state.pipe.default_guidance,
+            "default_guidance_rescale": state.pipe.default_guidance_rescale,
             "schedulers": list(SCHEDULERS),
             "limits": {
                 "max_n": config.max_n,

@@ -37,7 +37,10 @@ class GenerationSpec:
     def key(self, model: str) -> tuple:
         """Requests with equal keys are computed as rows of one call."""
         s = self.sampling
-        return ("generate", model, self.width, self.height, s.steps, s.scheduler, s.guidance, s.guidance_end)
+        return (
+            "generate", model, self.width, self.height, s.steps, s.scheduler, s.guidance, s.guidance_end,
+            s.guidance_rescale,
+        )  # fmt: skip
 
 
 def run_generations(pipe, jobs: list[Job], should_abort: AbortCheck, max_batch: int) -> list[Any]:
@@ -62,6 +65,7 @@ def run_generations(pipe, jobs: list[Job], should_abort: AbortCheck, max_batch: 
             steps=first.sampling.steps,
             guidance=first.sampling.guidance,
             guidance_end=first.sampling.guidance_end,
+            guidance_rescale=first.sampling.guidance_rescale,
             scheduler=first.sampling.scheduler,
             width=first.width,
             height=first.height,

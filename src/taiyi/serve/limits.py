@@ -121,6 +121,7 @@ class Sampling:
     guidance: float
     scheduler: str
     guidance_end: float
+    guidance_rescale: float = 0.0  # text-to-image only
 
 
 def check_sampling(
@@ -131,6 +132,7 @@ def check_sampling(
     config: ServeConfig,
     pipe,
     guidance_end: float | None = None,
+    guidance_rescale: float | None = None,
 ) -> Sampling:
     from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_STEPS
 
@@ -138,7 +140,9 @@ def check_sampling(
     guidance = check_float("guidance", pipe.default_guidance if guidance is None else guidance, 0.0, 100.0)
     end = DEFAULT_GUIDANCE_END if guidance_end is None else guidance_end
     end = check_float("guidance_end", end, 0, 1, low_open=True)
-    return Sampling(steps, guidance, check_scheduler(scheduler), end)
+    rescale = pipe.default_guidance_rescale if guidance_rescale is None else guidance_rescale
+    rescale = check_float("guidance_rescale", rescale, 0.0, 1.0)
+    return Sampling(steps, guidance, check_scheduler(scheduler), end, rescale)
 
 
 def check_model(model: str | None, served: str) -> None:

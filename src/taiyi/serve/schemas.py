@@ -28,6 +28,9 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, description="Denoising steps (default 9).")
     guidance: float | None = Field(None, description="Classifier-free guidance scale; default: the model's.")
     guidance_end: float | None = Field(None, description="Fraction of the steps that run guidance, (0, 1].")
+    guidance_rescale: float | None = Field(
+        None, description="Guidance rescale φ in [0, 1]; default: 1 for zero-terminal-SNR models, else 0."
+    )
     scheduler: str | None = Field(
         None, description="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, euler-a, pndm, ..."
     )
