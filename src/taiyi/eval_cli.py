@@ -44,9 +44,13 @@ def faithfulness(
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Pictures per prompt (≥ 8).")] = 8,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps [the pipeline's default].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale [the model's default].")] = None,
+    guidance_rescale: Annotated[
+        float | None, typer.Option("--guidance-rescale", help="CFG rescale φ [the model's default].")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Sampler [the pipeline's default].")] = None,
     size: Annotated[int, typer.Option("--size", help="Picture side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first picture.")] = 0,
+    prompt_seed: Annotated[int, typer.Option("--prompt-seed", help="Which evaluation scenes and prompts.")] = 1234,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the full result as JSON.")] = None,
 ) -> None:
     """Per-attribute accuracy of a text-to-image model on evaluation prompts (never training captions),
@@ -61,7 +65,8 @@ def faithfulness(
     pipe = load_pipeline(model)
     result = evaluate_pipeline(
         pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,
-        guidance=guidance, scheduler=scheduler, size=size, seed=seed,
+        guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler, size=size, seed=seed,
+        prompt_seed=prompt_seed,
     )  # fmt: skip
     result["model"] = str(model or "default")
     _table({"seen": result["seen"], "held-out": result["held_out"], "all": result["all"]})

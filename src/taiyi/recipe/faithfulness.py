@@ -175,6 +175,7 @@ def evaluate_pipeline(
     images_per_prompt: int = 8,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_rescale: float | None = None,
     scheduler: str | None = None,
     size: int = 64,
     seed: int = 0,
@@ -189,7 +190,7 @@ def evaluate_pipeline(
         lang: ``zh``, ``en`` or ``mixed`` prompts.
         n_seen, n_held_out: prompts from seen and held-out combinations.
         images_per_prompt: pictures per prompt.
-        steps, guidance, scheduler: sampling settings (None: the pipeline's defaults).
+        steps, guidance, guidance_rescale, scheduler: sampling settings (None: the pipeline's defaults).
         size: picture side in pixels.
         seed: first picture seed; prompt_seed: which evaluation scenes.
         progress: called with ``(prompts done, prompts)``.
@@ -201,6 +202,8 @@ def evaluate_pipeline(
         kwargs["guidance"] = guidance
     if scheduler is not None:
         kwargs["scheduler"] = scheduler
+    if guidance_rescale is not None:
+        kwargs["guidance_rescale"] = guidance_rescale
 
     def draw(prompt: str, n: int, first_seed: int) -> list[Image.Image]:
         return pipe.generate(prompt, num_images=n, seed=first_seed, **kwargs).images
