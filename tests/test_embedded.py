@@ -137,7 +137,7 @@ def test_guidance_end_is_diffusers_dynamic_cfg_recipe_on_the_embedded_model():
 
     assert diff(ours, recipe(-1)).max() <= 1
     assert diff(ours, full).mean() > 5  # the unguided steps change the picture
-    assert diff(ours, recipe(0)).mean() > 5  # and they follow the prompt, not the empty negative
+    assert diff(ours, recipe(0)).mean() > 3  # and they follow the prompt, not the empty negative
 
 
 def test_the_embedded_models_rescale_guidance_as_diffusers_does():

@@ -203,6 +203,11 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["images"] == 6 and set(result["seen"]) >= {"time", "land", "style"}
+    other = tmp_path / "faith-other.json"  # other scenes, plain CFG
+    assert main([*argv[:-1], str(other), "--prompt-seed", "7", "--guidance-rescale", "0"]) == 0
+    again = json.loads(other.read_text(encoding="utf-8"))
+    assert again["guidance_rescale"] == 0 and "guidance_rescale" not in result
+    assert [p["prompt"] for p in again["prompts"]] != [p["prompt"] for p in result["prompts"]]
     assert "held-out" in capsys.readouterr().out
     out = tmp_path / "disco.json"
     argv = ["eval", "disco", "--probe", probe, "--model", str(models / "taiyi-mini-uncond"), "--clip",
