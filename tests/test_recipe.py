@@ -22,6 +22,20 @@ def test_eval_prompts_are_distinct_split_and_language_independent():
         fa.eval_prompts("fr")
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_bad_prompt_seed_is_one_line_and_exit_2(seed, tmp_path, capsys):
+    from taiyi.cli import main
+    from taiyi.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="prompt seed"):
+        fa.eval_prompts("zh", seed=seed)
+    out = tmp_path / "faith.json"
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        assert main(["eval", "faithfulness", "--prompt-seed", str(seed), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "prompt seed" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_prompt_targets_name_only_what_the_prompt_says():
     scene = shanshui.Scene("夜晚", None, "高山", None, frozenset({"松树"}), "水墨")
     assert fa.prompt_targets(scene) == {"time": "夜晚", "land": "高山", "style": "水墨", "things": {"松树"}}

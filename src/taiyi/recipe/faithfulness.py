@@ -66,6 +66,8 @@ def eval_prompts(lang: str = "zh", *, n_seen: int = 24, n_held_out: int = 12, se
     The same ``seed`` gives the same scenes in every language, so models are compared on one set.
     """
     _check_lang(lang)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"the prompt seed must be a whole number of 0 or more, not {seed!r}")
     if n_seen < 0 or n_held_out < 0 or n_seen + n_held_out == 0:
         raise InvalidInputError("ask for at least one evaluation prompt (n_seen + n_held_out ≥ 1)")
     out: list[EvalPrompt] = []
