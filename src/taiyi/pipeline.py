@@ -511,8 +511,9 @@ class TaiyiPipeline:
     def _guidance_rescale(self, value: float | None) -> float:
         if value is None:
             return self.default_guidance_rescale
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise InvalidInputError(f"guidance rescale must be between 0 and 1 (0: plain CFG), not {value}")
+        if isinstance(value, bool):
+            raise InvalidInputError(f"guidance rescale must be a number between 0 and 1 (0: plain CFG), not {value}")
+        _check_range("guidance rescale", value, 0.0, 1.0)
         return float(value)
 
     def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
