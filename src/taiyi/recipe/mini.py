@@ -188,8 +188,11 @@ def _stages() -> list[Stage]:
              *_train_common(out, "vae", p.steps["vae"], c.seed)]
         ]  # fmt: skip
 
-    def sd_common(p, steps, lr):
-        return ["--resolution", str(p.size), "--batch-size", str(p.batch["sd"]), "--lr", str(lr),
+    def sd_common(out, p, steps, lr):
+        # one latent cache for every SD stage: its key (data file, VAE weights, resolution) is the same
+        # for all of them, so each data file is encoded once per run rather than once per stage
+        return ["--resolution", str(p.size), "--cache-dir", str(out / "cache"),
+                "--batch-size", str(p.batch["sd"]), "--lr", str(lr),
                 "--noise-offset", str(p.noise_offset), "--caption-dropout", "0.1", "--val-every", "0",
                 "--warmup-steps", str(min(50, steps // 10)), "--lr-scheduler", p.lr_scheduler,
                 *(["--snr-gamma", str(p.snr_gamma)] if p.snr_gamma else []),
@@ -198,7 +201,7 @@ def _stages() -> list[Stage]:
     def sd_en(out, p, c):
         return [
             ["train", "sd", "--model", str(out / "init" / "sd-en"), "--data", _data(out, "en"), "--stage", "2",
-             "--freeze-text-encoder", *sd_common(p, p.steps["sd-en"], p.lr["sd-unet"]),
+             "--freeze-text-encoder", *sd_common(out, p, p.steps["sd-en"], p.lr["sd-unet"]),
              "--val-prompt", "A realistic landscape of tall peaks at night.",
              *_train_common(out, "sd-en", p.steps["sd-en"], c.seed)]
         ]  # fmt: skip
@@ -208,7 +211,7 @@ def _stages() -> list[Stage]:
             ["assemble", "--base", str(out / "sd-en" / "final"), "--text-encoder", str(out / "clip-zh" / "final"),
              "--out", str(out / "init" / "sd-zh"), "--max-length", str(p.text_max_length), "--overwrite"],
             ["train", "sd", "--model", str(out / "init" / "sd-zh"), "--data", _data(out, "zh"), "--stage", "1",
-             *sd_common(p, p.steps["sd-zh"], p.lr["sd-text"]), "--val-prompt", "夜晚的高山，水墨画",
+             *sd_common(out, p, p.steps["sd-zh"], p.lr["sd-text"]), "--val-prompt", "夜晚的高山，水墨画",
              *_train_common(out, "sd-zh", p.steps["sd-zh"], c.seed)],
         ]  # fmt: skip
 
@@ -216,10 +219,11 @@ def _stages() -> list[Stage]:
         mixed = ["--data", _data(out, "zh"), "--data", _data(out, "en"), "--mix-ratio", "0.5"]
         return [
             ["train", "sd", "--model", str(out / "init" / "sd-zh"), *mixed, "--stage", "1",
-             *sd_common(p, p.steps["sd-zh-en-1"], p.lr["sd-text"]), "--val-prompt", "夜晚的高山，ink wash painting",
+             *sd_common(out, p, p.steps["sd-zh-en-1"], p.lr["sd-text"]),
+             "--val-prompt", "夜晚的高山，ink wash painting",
              *_train_common(out, "sd-zh-en-1", p.steps["sd-zh-en-1"], c.seed)],
             ["train", "sd", "--model", str(out / "sd-zh-en-1" / "final"), *mixed, "--stage", "2",
-             *sd_common(p, p.steps["sd-zh-en-2"], p.lr["sd-unet"] / 4),
+             *sd_common(out, p, p.steps["sd-zh-en-2"], p.lr["sd-unet"] / 4),
              "--val-prompt", "夜晚的高山，ink wash painting",
              *_train_common(out, "sd-zh-en", p.steps["sd-zh-en-2"], c.seed)],
         ]  # fmt: skip

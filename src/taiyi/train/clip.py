@@ -533,7 +533,7 @@ def cached_image_features(
     table = _encode_all(data, clip, accelerator, config)
     if accelerator.is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         captions = torch.frombuffer(
             bytearray(json.dumps(table.captions, ensure_ascii=False).encode()), dtype=torch.uint8
         )

@@ -381,7 +381,7 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
                 ),
             }
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a shared cache folder may have two writers
             save_file(tensors, str(tmp), metadata={"source": data.name, "resolution": str(resolution)})
             os.replace(tmp, path)
             computed = True
