@@ -158,6 +158,35 @@ def test_cached_latents_give_the_loss_of_encoding_every_step(setup, tmp_path):
     assert cached["losses"][1] == pytest.approx(fresh["losses"][1], abs=1e-5)
 
 
+def test_manifests_of_the_same_images_share_one_latent_cache_and_keep_their_captions(tmp_path):
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+
+    from taiyi.train.clip import open_training_data
+    from taiyi.train.sd import cached_latents
+
+    folder = write_folder(tmp_path / "scenes", 3, seed=0, size=32)
+    images = sorted(p.name for p in folder.glob("*.png"))
+    zh, en = tmp_path / "zh.jsonl", tmp_path / "en.jsonl"
+    zh.write_text(
+        "".join(json.dumps({"image": f"scenes/{n}", "caption": f"山水{i}"}) + "\n" for i, n in enumerate(images))
+    )
+    rows = [{"image": f"scenes/{n}", "caption": f"landscape {i}"} for i, n in enumerate(images)]
+    rows[1]["caption"] = ""  # a row without a usable caption: left out of this source only
+    en.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vae = AutoencoderKL.from_pretrained(make_tiny_pipeline(tmp_path / "sd", text_encoder="bert") / "vae")
+    config, accelerator, cache = SDTrainConfig(model="", data=[], output=""), Accelerator(cpu=True), tmp_path / "cache"
+    a, path_a, computed_a = cached_latents(open_training_data(str(zh), config, 32), vae, accelerator, 32, cache)
+    b, path_b, computed_b = cached_latents(open_training_data(str(en), config, 32), vae, accelerator, 32, cache)
+    assert path_a == path_b and computed_a and not computed_b
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
+    assert a.captions == ["山水0", "山水1", "山水2"]
+    assert b.captions[0] == "landscape 0" and b.valid.tolist() == [True, False, True]
+    (folder / images[2]).write_bytes(b"not a picture")  # another image file: another key, computed again
+    c, path_c, computed_c = cached_latents(open_training_data(str(zh), config, 32), vae, accelerator, 32, cache)
+    assert path_c != path_a and computed_c and c.valid.tolist() == [True, True, False]
+
+
 def test_two_sources_mix_and_long_captions_are_truncated(setup, tmp_path):
     base, zh, en = setup
     long = tmp_path / "long"

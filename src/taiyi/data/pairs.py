@@ -127,12 +127,18 @@ class _FolderRows:
     def key(self, index: int) -> str:
         return self.images[index]
 
-    def read(self, index: int) -> Pair:
+    def image_file(self, index: int) -> Path:
+        return self.root / self.images[index]
+
+    def caption(self, index: int) -> str:
         caption_file = self.captions[index]
         if caption_file is None:
             raise SkipSample("missing caption")
-        caption = clean_caption(decode_text(_read_bytes(self.root / caption_file, "caption")))
-        image = decode_image(_read_bytes(self.root / self.images[index], "image"))
+        return clean_caption(decode_text(_read_bytes(self.root / caption_file, "caption")))
+
+    def read(self, index: int) -> Pair:
+        caption = self.caption(index)
+        image = decode_image(_read_bytes(self.image_file(index), "image"))
         return Pair(self.images[index], image, caption)
 
 
@@ -148,15 +154,24 @@ class _TableRows:
     def key(self, index: int) -> str:
         return str(index)
 
-    def read(self, index: int) -> Pair:
+    def image_file(self, index: int) -> Path:
+        image_ref = self.rows[index][0]
+        if image_ref is None:
+            raise SkipSample("invalid row")
+        if not image_ref.strip():
+            raise SkipSample("missing image")
+        return self.base / image_ref.strip()  # an absolute path stays absolute
+
+    def caption(self, index: int) -> str:
         image_ref, caption_value = self.rows[index]
         if image_ref is None:
             raise SkipSample("invalid row")
-        caption = clean_caption(caption_value)
-        if not image_ref.strip():
-            raise SkipSample("missing image")
-        image = decode_image(_read_bytes(self.base / image_ref.strip(), "image"))  # an absolute path stays absolute
-        return Pair(str(index), image, caption, image_id=image_ref.strip())
+        return clean_caption(caption_value)
+
+    def read(self, index: int) -> Pair:
+        caption = self.caption(index)
+        image = decode_image(_read_bytes(self.image_file(index), "image"))
+        return Pair(str(index), image, caption, image_id=self.rows[index][0].strip())
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
@@ -317,12 +332,30 @@ class IndexedPairs(torch.utils.data.Dataset):
         return [self._rows.key(i) for i in range(len(self._rows))]
 
     def __getitem__(self, index: int) -> Pair | None:
-        index = range(len(self._rows))[index]  # negative indices; IndexError past the end
+        return self._skip(range(len(self._rows))[index], self._rows.read)  # negative indices; IndexError past the end
+
+    def _skip(self, index: int, read: Callable):
         try:
-            return self._rows.read(index)
+            return read(index)
         except SkipSample as skipped:
             self.skips.add(skipped.reason, self._rows.key(index))
             return None
+
+    def image_file(self, index: int) -> Path | None:
+        """Where sample ``index``'s image should be (not opened), or ``None`` for a row naming none."""
+        try:
+            return self._rows.image_file(range(len(self._rows))[index])
+        except SkipSample:
+            return None
+
+    def image(self, index: int) -> Image.Image | None:
+        """Sample ``index``'s image alone (its caption unread), or ``None`` (counted in ``skips``)."""
+        index = range(len(self._rows))[index]
+        return self._skip(index, lambda i: decode_image(_read_bytes(self._rows.image_file(i), "image")))
+
+    def caption(self, index: int) -> str | None:
+        """Sample ``index``'s caption alone (its image unread), or ``None`` (counted in ``skips``)."""
+        return self._skip(range(len(self._rows))[index], self._rows.caption)
 
     def __repr__(self) -> str:
         return f"IndexedPairs({self.name!r}, {self.kind}, {len(self._rows)} rows)"

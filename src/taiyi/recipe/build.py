@@ -6,7 +6,9 @@ recipe downloads (a pretrained Chinese BERT, SD v1-4's UNet); in miniature they 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -21,13 +23,40 @@ __all__ = ["write_data", "write_clip_config", "init_text_tower", "init_english_s
 CAPTION_LANGS = ("zh", "en", "mixed")
 
 
+def _render_images(folder: str, n: int, seed: int, size: int, indices: range) -> None:
+    """Write ``data/images/NNNNNN.png`` for ``indices`` (a worker's share; a picture depends only on its index)."""
+    data = shanshui.ShanshuiDataset(n, seed, size, "train", "zh")
+    for i in indices:
+        path = Path(folder) / "images" / f"{i:06d}.png"
+        if not path.is_file():  # a rerun after an interruption keeps what was rendered
+            tmp = path.with_name(f".{path.name}.tmp")
+            data[i].image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+
+
 def write_data(out: Path, preset, config) -> None:
     """Render ``preset.n_train`` training scenes (split ``train``: no held-out combination) once, as
     ``data/images/NNNNNN.png``, with one manifest per caption language (``zh.jsonl``, ``en.jsonl``,
-    ``mixed.jsonl``: the same images, captions of that language) and ``scenes.jsonl`` (true attributes)."""
+    ``mixed.jsonl``: the same images, captions of that language) and ``scenes.jsonl`` (true attributes).
+
+    Pictures are rendered by ``jobs × threads`` worker processes (a picture depends only on its index, so
+    the files are the same for any number of workers); captions and attributes by this process."""
     folder = out / "data"
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(config.jobs * config.threads, os.cpu_count() or 1))
+    chunk = max(256, -(-preset.n_train // (workers * 8)))
+    shares = [range(a, min(a + chunk, preset.n_train)) for a in range(0, preset.n_train, chunk)]
+    args = (str(folder), preset.n_train, config.seed, preset.size)
+    if workers == 1 or len(shares) == 1:
+        for share in shares:
+            _render_images(*args, share)
+    else:
+        # spawn, not fork: the parent may already run torch's thread pools
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for future in [pool.submit(_render_images, *args, share) for share in shares]:
+                future.result()
     data = {
         lang: shanshui.ShanshuiDataset(preset.n_train, config.seed, preset.size, "train", lang)
         for lang in CAPTION_LANGS
@@ -35,12 +64,6 @@ def write_data(out: Path, preset, config) -> None:
     rows: dict[str, list[str]] = {lang: [] for lang in (*CAPTION_LANGS, "scenes")}
     for i in range(preset.n_train):
         name = f"images/{i:06d}.png"
-        path = folder / name
-        if not path.is_file():  # a rerun after an interruption keeps what was rendered
-            pair = data["zh"][i]
-            tmp = path.with_name(f".{path.name}.tmp")
-            pair.image.save(tmp, format="PNG")
-            os.replace(tmp, path)
         for lang in CAPTION_LANGS:
             caption = data[lang].caption(i).text
             rows[lang].append(json.dumps({"image": name, "caption": caption}, ensure_ascii=False))

@@ -77,7 +77,7 @@ from .common import check_output_dir as _check_output_dir
 
 logger = logging.getLogger("taiyi")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: keyed by the images, captions read from the source
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGETS = ("unet", "text", "both")
 DEFAULT_VAL_PROMPTS = ("飞流直下三千尺，油画", "小桥流水人家", "一只红色的猫")
@@ -338,12 +338,37 @@ class _Latents:
     captions: list[str]
 
 
+def _images_fingerprint(pairs) -> str | None:
+    """What identifies the images of an indexed source, row by row: each image file's resolved path, size
+    and modification time (``None`` for sources without image files: synthetic pairs)."""
+    if not hasattr(pairs, "image_file"):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for i in range(len(pairs)):
+        file = pairs.image_file(i)
+        try:
+            st = file.stat() if file is not None else None
+        except OSError:
+            st = None
+        digest.update(
+            f"{file.resolve() if file else ''}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode()
+        )
+    return digest.hexdigest()
+
+
 def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir: Path) -> tuple[_Latents, Path, bool]:
-    """Load the latent cache of ``data`` or compute it (main process) and store it; returns (table, path, computed)."""
+    """Load the latent cache of ``data`` or compute it (main process) and store it; returns (table, path, computed).
+
+    The cache is keyed by the images (their files, the VAE's weights, the resolution), not by the captions:
+    sources that list the same pictures with other captions (a Chinese and an English manifest) share one
+    file, and captions are read from the source itself. Sources without image files (``synthetic:N``)
+    keep their captions in the cache.
+    """
     from safetensors.torch import load_file, save_file
 
+    images = _images_fingerprint(data.pairs)
     key = hashlib.blake2b(
-        f"{CACHE_VERSION}|{data.fingerprint}|{vae_fingerprint(vae)}|{resolution}".encode(), digest_size=8
+        f"{CACHE_VERSION}|{images or data.fingerprint}|{vae_fingerprint(vae)}|{resolution}".encode(), digest_size=8
     ).hexdigest()
     path = cache_dir / f"latents-{key}.safetensors"
     computed = False
@@ -355,19 +380,23 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
             means, stds, valid, captions = [], [], [], []
             n = len(data.pairs)
             for start in range(0, n, 16):
-                pairs = [data.pairs[i] for i in range(start, min(start + 16, n))]
-                kept = [p for p in pairs if p is not None]
+                if images:
+                    pictures = [data.pairs.image(i) for i in range(start, min(start + 16, n))]
+                    texts = [""] * len(pictures)
+                else:
+                    pairs = [data.pairs[i] for i in range(start, min(start + 16, n))]
+                    pictures = [p.image if p is not None else None for p in pairs]
+                    texts = [p.caption if p is not None else "" for p in pairs]
+                kept = [p for p in pictures if p is not None]
                 if kept:
-                    mean, std = encode_posterior(
-                        vae, preprocess([p.image for p in kept], resolution), accelerator.device
-                    )
+                    mean, std = encode_posterior(vae, preprocess(kept, resolution), accelerator.device)
                 it = iter(range(len(kept)))
-                for p in pairs:
-                    if p is None:
+                for picture, text in zip(pictures, texts, strict=True):
+                    if picture is None:
                         means.append(None), stds.append(None), valid.append(False), captions.append("")
                     else:
                         j = next(it)
-                        means.append(mean[j]), stds.append(std[j]), valid.append(True), captions.append(p.caption)
+                        means.append(mean[j]), stds.append(std[j]), valid.append(True), captions.append(text)
             shape = next((m.shape for m in means if m is not None), None)
             if shape is None:
                 raise InvalidInputError(f"data source {data.name} holds no readable image-text pair")
@@ -376,10 +405,11 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
                 "mean": torch.stack([m if m is not None else zero for m in means]).contiguous(),
                 "std": torch.stack([s if s is not None else zero for s in stds]).contiguous(),
                 "valid": torch.tensor(valid, dtype=torch.uint8),
-                "captions": torch.frombuffer(
-                    bytearray(json.dumps(captions, ensure_ascii=False).encode()), dtype=torch.uint8
-                ),
             }
+            if not images:
+                tensors["captions"] = torch.frombuffer(
+                    bytearray(json.dumps(captions, ensure_ascii=False).encode()), dtype=torch.uint8
+                )
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a shared cache folder may have two writers
             save_file(tensors, str(tmp), metadata={"source": data.name, "resolution": str(resolution)})
@@ -387,8 +417,14 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
             computed = True
         accelerator.wait_for_everyone()
     tensors = load_file(path)
-    captions = json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
-    return _Latents(tensors["mean"], tensors["std"], tensors["valid"].bool(), captions), path, computed
+    valid = tensors["valid"].bool()
+    if "captions" in tensors:
+        captions = json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
+    else:  # keyed by the images: this source's own captions (a row without a usable one is left out)
+        captions = [data.pairs.caption(i) if valid[i] else None for i in range(len(valid))]
+        valid &= torch.tensor([c is not None for c in captions], dtype=torch.bool)
+        captions = [c or "" for c in captions]
+    return _Latents(tensors["mean"], tensors["std"], valid, captions), path, computed
 
 
 # --------------------------------------------------------------------------------------------------
