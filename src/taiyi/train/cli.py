@@ -685,6 +685,12 @@ def uncond(
             panel=_PANEL_OPT,
         ),
     ] = None,
+    cache_dir: Annotated[
+        str | None,
+        _opt(
+            "--cache-dir", help="With --vae: encode each image once into this latent cache [off].", panel=_PANEL_DATA
+        ),
+    ] = None,
 ) -> None:
     """Train an unconditional diffusion UNet from scratch (for CLIP-guided Disco Diffusion).
 

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import InvalidInputError
 from .common import step_dir_name
-from .vae import Images, ImageTrainConfig, run_image_training, write_folder_atomic
+from .vae import RESUMABLE_CHANGES, SHANSHUI_PREFIX, Images, ImageTrainConfig, run_image_training, write_folder_atomic
 
 logger = logging.getLogger("taiyi")
 
@@ -63,6 +63,9 @@ class UncondTrainConfig(ImageTrainConfig):
         val_images: samples in the validation grid.
         val_steps: DDIM steps of the validation samples.
         vae: an ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``): train in its latent space.
+        cache_dir: with ``vae``, encode each image once into this latent cache (``taiyi train sd``'s, keyed
+            by the images and the VAE, so a recipe's SD stages and this one share it) instead of every
+            step; the same latents either way. Folder, CSV and JSONL sources only; not with ``hflip``.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -80,6 +83,7 @@ class UncondTrainConfig(ImageTrainConfig):
     batch_size: int = 32
     ema: bool = True
     vae: str | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +127,11 @@ def _validate_config(config: UncondTrainConfig, factor: int = 1) -> None:
         (config.snr_gamma is None or config.snr_gamma > 0, "--snr-gamma must be positive"),
         (config.val_images >= 0, f"--val-images must be 0 or more, not {config.val_images}"),
         (config.val_steps >= 1, f"--val-steps must be at least 1, not {config.val_steps}"),
+        (config.cache_dir is None or config.vae is not None, "--cache-dir caches VAE latents: give --vae too"),
+        (
+            config.cache_dir is None or not config.hflip,
+            "--cache-dir keeps the latents of unflipped images; drop --hflip or --cache-dir",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -234,8 +243,30 @@ def train_uncond(config: UncondTrainConfig) -> dict:
     noise_scheduler = build_scheduler(config)
     n_steps = noise_scheduler.config.num_train_timesteps
 
+    def cached_posteriors(images: Images, accelerator):
+        """``batch(indices)`` → the cached posterior mean and std of those images, (b, 2 × C, h, w)."""
+        from .clip import open_training_data
+        from .sd import cached_latents
+
+        means, stds = [], []
+        for source in config.data:
+            if source.startswith(SHANSHUI_PREFIX):
+                raise InvalidInputError(f"--cache-dir needs folder, CSV or JSONL sources, not {source}")
+            ds = open_training_data(source, config, config.resolution)
+            table, path, computed = cached_latents(ds, vae, accelerator, config.resolution, Path(config.cache_dir))
+            # the images load_images kept: rows with a readable image and caption, in order
+            means.append(table.mean[table.valid]), stds.append(table.std[table.valid])
+            logger.info("latents of %s: %s %s", source, "computed and cached in" if computed else "loaded from", path)
+        mean, std = torch.cat(means), torch.cat(stds)
+        if len(mean) != len(images.pixels):  # a source changed between the two reads
+            raise InvalidInputError(f"{len(images.pixels)} images read but {len(mean)} latents cached; run again")
+        return lambda indices: torch.cat([mean[indices], std[indices]], dim=1)
+
     def loss_fn(model, pixels, g):
-        if vae is not None:  # latent diffusion: the frozen VAE's posterior sample, scaled to unit std
+        if vae is not None and config.cache_dir is not None:  # the cached posterior: sampled as below
+            mean, std = pixels.chunk(2, dim=1)
+            pixels = (mean + std * torch.randn(mean.shape, generator=g)) * vae.config.scaling_factor
+        elif vae is not None:  # latent diffusion: the frozen VAE's posterior sample, scaled to unit std
             with torch.no_grad():
                 posterior = vae.to(pixels.device).encode(pixels).latent_dist
                 pixels = posterior.sample(g if pixels.device.type == "cpu" else None) * vae.config.scaling_factor
@@ -285,7 +316,14 @@ def train_uncond(config: UncondTrainConfig) -> dict:
         return {"parameters": sum(p.numel() for p in model.parameters()), "latent": vae is not None}
 
     return run_image_training(
-        config, name="uncond", build=lambda: build_unet(config, vae), loss_fn=loss_fn, validate=validate, export=export
+        config,
+        name="uncond",
+        build=lambda: build_unet(config, vae),
+        loss_fn=loss_fn,
+        validate=validate,
+        export=export,
+        resumable=(*RESUMABLE_CHANGES, "cache_dir"),
+        inputs=cached_posteriors if config.cache_dir is not None else None,
     )
 
 

@@ -345,6 +345,7 @@ def run_image_training(
     validate: Callable[[nn.Module, Images, int, Path], dict],
     export: Callable[[nn.Module, Images, Path], dict],
     resumable: tuple[str, ...] = RESUMABLE_CHANGES,
+    inputs: Callable[[Images, object], Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> dict:
     """Train ``build()`` on ``config.data``'s images: the loop of ``taiyi train vae`` and ``taiyi train uncond``.
 
@@ -356,6 +357,8 @@ def run_image_training(
             every random draw of a micro-step must come from that generator (exact resume).
         validate: ``validate(model, images, step, output) → metrics row`` (main process; eval mode).
         export: ``export(model, images, final_dir) → info`` writes ``final_dir`` (main process).
+        inputs: ``inputs(images, accelerator) → batch(indices)``: what ``loss_fn`` gets in place of the
+            pixels of ``indices`` (e.g. cached latents); called once, before training.
 
     Returns:
         ``{"step", "total_steps", "output", "final", "checkpoint", "losses" ({step: loss} of this call),
@@ -374,6 +377,7 @@ def run_image_training(
     checkpoint = resolve_resume(output, config.resume)
     images = load_images(config)
     accelerator = _make_accelerator(config, output)
+    batch_of = inputs(images, accelerator) if inputs is not None else images.batch
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
@@ -472,7 +476,7 @@ def run_image_training(
     while step < total_steps:
         indices = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
         g = _micro_generator(config.seed, micro)
-        pixels = images.batch(indices)  # (b, 3, R, R)
+        pixels = batch_of(indices)  # (b, 3, R, R), or what ``inputs`` gives
         if config.hflip:
             flip = torch.rand(len(pixels), generator=g) < 0.5
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
