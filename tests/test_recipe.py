@@ -161,8 +161,8 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     }
     for name in ("taiyi-mini-zh", "taiyi-mini-zh-en", "taiyi-mini-clip", "taiyi-mini-uncond", "taiyi-mini-probe"):
         assert (out / "models" / name).is_dir()
-    # the SD and unconditional stages share one latent cache, keyed by the images: zh and en list the same
-    # pictures, which are encoded once per run, not once per stage or per caption language
+    # the SD stages share one latent cache, keyed by the images: zh and en list the same pictures, which
+    # are encoded once per run, not once per stage or per caption language
     assert len(list((out / "cache").glob("latents-*.safetensors"))) == 1
     assert not any(
         (out / stage / "cache").exists() for stage in ("sd-en", "sd-zh", "sd-zh-en-1", "sd-zh-en", "uncond")

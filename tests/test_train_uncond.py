@@ -154,8 +154,7 @@ def test_latent_model_refuses_a_folder_that_is_not_a_vae(tmp_path):
 def test_cached_latents_train_the_same_weights_as_encoding_every_step(tmp_path):
     """--cache-dir encodes each image once (the SD trainer's cache, keyed by the images) and draws the
     posterior sample from the same generator as encoding every step: the same training up to float
-    rounding (a convolution's result may depend on the batch an image is encoded in; with the recipe's VAE
-    and batches it does not, and the recipe's unconditional model is bit-identical either way)."""
+    rounding (a convolution's result may depend on the batch an image is encoded in)."""
     from taiyi.data.shanshui import write_folder
 
     vae_dir = _tiny_vae(tmp_path / "vae")

@@ -232,8 +232,7 @@ def _stages() -> list[Stage]:
     def uncond(out, p, c):
         return [
             ["train", "uncond", "--data", _data(out, "zh"), "--resolution", str(p.size),
-             "--vae", str(out / "vae" / "final"), "--cache-dir", str(out / "cache"),
-             "--block-out-channels", ",".join(map(str, p.uncond_channels)),
+             "--vae", str(out / "vae" / "final"), "--block-out-channels", ",".join(map(str, p.uncond_channels)),
              "--batch-size", str(p.batch["uncond"]),
              "--lr", str(p.lr["uncond"]), "--lr-scheduler", p.lr_scheduler,
              "--warmup-steps", str(p.image_warmup_steps),

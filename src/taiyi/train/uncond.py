@@ -64,8 +64,10 @@ class UncondTrainConfig(ImageTrainConfig):
         val_steps: DDIM steps of the validation samples.
         vae: an ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``): train in its latent space.
         cache_dir: with ``vae``, encode each image once into this latent cache (``taiyi train sd``'s, keyed
-            by the images and the VAE, so a recipe's SD stages and this one share it) instead of every
-            step; the same latents either way. Folder, CSV and JSONL sources only; not with ``hflip``.
+            by the images, the VAE and the resolution, so runs on the same pictures share it) instead of
+            every step. The same latents up to float rounding (a convolution's result can depend on the
+            batch an image is encoded in), so not bit-identical to a run without it. Folder, CSV and
+            JSONL sources only; not with ``hflip``.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
