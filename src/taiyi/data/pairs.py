@@ -138,8 +138,7 @@ class _FolderRows:
 
     def read(self, index: int) -> Pair:
         caption = self.caption(index)
-        image = decode_image(_read_bytes(self.image_file(index), "image"))
-        return Pair(self.images[index], image, caption)
+        return Pair(self.images[index], _read_image(self.image_file(index)), caption)
 
 
 class _TableRows:
@@ -170,8 +169,11 @@ class _TableRows:
 
     def read(self, index: int) -> Pair:
         caption = self.caption(index)
-        image = decode_image(_read_bytes(self.image_file(index), "image"))
-        return Pair(str(index), image, caption, image_id=self.rows[index][0].strip())
+        return Pair(str(index), _read_image(self.image_file(index)), caption, image_id=self.rows[index][0].strip())
+
+
+def _read_image(path: Path) -> Image.Image:
+    return decode_image(_read_bytes(path, "image"))
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
@@ -350,8 +352,7 @@ class IndexedPairs(torch.utils.data.Dataset):
 
     def image(self, index: int) -> Image.Image | None:
         """Sample ``index``'s image alone (its caption unread), or ``None`` (counted in ``skips``)."""
-        index = range(len(self._rows))[index]
-        return self._skip(index, lambda i: decode_image(_read_bytes(self._rows.image_file(i), "image")))
+        return self._skip(range(len(self._rows))[index], lambda i: _read_image(self._rows.image_file(i)))
 
     def caption(self, index: int) -> str | None:
         """Sample ``index``'s caption alone (its image unread), or ``None`` (counted in ``skips``)."""

@@ -134,6 +134,10 @@ def _validate_config(config: UncondTrainConfig, factor: int = 1) -> None:
             config.cache_dir is None or not config.hflip,
             "--cache-dir keeps the latents of unflipped images; drop --hflip or --cache-dir",
         ),
+        *(
+            (not source.startswith(SHANSHUI_PREFIX), f"--cache-dir needs folder, CSV or JSONL sources, not {source}")
+            for source in (config.data if config.cache_dir is not None else ())
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -252,8 +256,6 @@ def train_uncond(config: UncondTrainConfig) -> dict:
 
         means, stds = [], []
         for source in config.data:
-            if source.startswith(SHANSHUI_PREFIX):
-                raise InvalidInputError(f"--cache-dir needs folder, CSV or JSONL sources, not {source}")
             ds = open_training_data(source, config, config.resolution)
             table, path, computed = cached_latents(ds, vae, accelerator, config.resolution, Path(config.cache_dir))
             # the images load_images kept: rows with a readable image and caption, in order
