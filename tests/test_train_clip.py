@@ -515,7 +515,13 @@ def english_run(english, tmp_path_factory):
     """4 steps from scratch with a checkpoint at step 2: the reference for resuming and the loading tests."""
     output = tmp_path_factory.mktemp("new") / "run"
     torch.manual_seed(123)  # the run seeds itself: what the caller did before must not matter
-    return train_new(english, output, max_steps=4, save_every=2, keep_checkpoints=5)
+    # one thread, as the tests that resume it: a module fixture is set up before the autouse one_thread
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_new(english, output, max_steps=4, save_every=2, keep_checkpoints=5)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_new_clip_trains_both_towers_and_learns_the_tokenizer(english, english_run, tmp_path):
