@@ -24,11 +24,15 @@ def prepare(threads: int | None) -> None:
 def machine() -> dict:
     import torch
 
+    from taiyi.backends import cpu_bf16_instructions
+    from taiyi.bench import _cpu_name
     from taiyi.loading import cpu_count
 
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_name(),
+        "cpu_bf16": cpu_bf16_instructions(),
         "usable_cores": cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -1,14 +1,16 @@
-"""Seconds per UNet call of the full-size Taiyi SD UNet, eager against torch.compile and channels-last, same run.
+"""Seconds per UNet call of the full-size Taiyi SD UNet, eager against bf16, torch.compile, OpenVINO…, same run.
 
 One call = the classifier-free-guidance batch of 2 at the given size, float32, on the CPU (or the device given).
 `compile-frozen` is torch.compile with inductor's `freezing` (weights folded as constants, oneDNN weight
-prepacking: the CPU inference setting PyTorch recommends); `batch-1` is the eager UNet on the conditional half
-only (what a step without classifier-free guidance costs); `onnxruntime` is the same UNet exported to ONNX
-(opset 17, fixed shapes, external weights, kept under ``--cache``) and run by ONNX Runtime's CPU provider with
+prepacking: the CPU inference setting PyTorch recommends); `batch-1` is the eager UNet on the conditional half only
+(what a step without classifier-free guidance costs); `bf16` is the eager UNet under CPU bfloat16 autocast;
+`openvino` is taiyi's OpenVINO backend at OpenVINO's own precision (bf16 on CPUs with bf16 instructions, which the
+report's machine lists) and `openvino-f32` the same IR held to float32; `onnxruntime` is the same UNet exported to
+ONNX (opset 17, fixed shapes, external weights, kept under ``--cache``) and run by ONNX Runtime's CPU provider with
 every graph optimisation and the same thread count — it needs ``pip install onnxruntime onnx`` (a run of all
-variants leaves it out without them), and its export and loading are reported as its setup. Each variant is
-checked against the eager output (cosine, largest difference), and torch.compile's first call (the compilation)
-is reported on its own: it must pay for itself before a variant is worth a default.
+variants leaves it out without them), and its export and loading are reported as its setup. Each variant is checked
+against the eager output (cosine, largest difference), and torch.compile's first call (the compilation) is reported
+on its own: it must pay for itself before a variant is worth a default.
 
     python benchmarks/unet_variants.py --size 512 --calls 2 --json unet_variants.json
 """
@@ -29,7 +31,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import machine, prepare  # noqa: E402
 from sd_speed import full_size_checkpoint  # noqa: E402
 
-VARIANTS = ("eager", "channels-last", "compile", "compile-frozen", "batch-1", "onnxruntime")
+VARIANTS = (
+    "eager",
+    "channels-last",
+    "bf16",
+    "compile",
+    "compile-frozen",
+    "batch-1",
+    "openvino",
+    "openvino-f32",
+    "onnxruntime",
+)
 
 
 class OnnxRuntimeUNet:
@@ -67,6 +79,38 @@ class OnnxRuntimeUNet:
         return SimpleNamespace(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
+class OpenVinoUNet:
+    """taiyi's OpenVINO backend (the converted, cached IR), called like the diffusers model."""
+
+    def __init__(self, unet, precision: str | None) -> None:
+        from taiyi.backends import compile_unet
+
+        self.request = compile_unet(unet, precision=precision).create_infer_request()
+        self.precision = self.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string()
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        import numpy as np
+        import torch
+
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        self.request.infer([sample.numpy(), np.ascontiguousarray(t.numpy()), encoder_hidden_states.numpy()])
+        return SimpleNamespace(sample=torch.from_numpy(self.request.get_output_tensor(0).data.copy()))
+
+
+class Bf16Autocast:
+    """The eager UNet under CPU bfloat16 autocast, float32 out."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        return SimpleNamespace(sample=out.float())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "taiyi-bench" / "taiyi-sd-full-random"))
@@ -95,16 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     reference, _ = call(eager)
     rows = []
     variants = args.variant or VARIANTS
-    if "onnxruntime" in variants and importlib.util.find_spec("onnxruntime") is None:
-        if args.variant:
-            parser.exit(2, "the onnxruntime variant needs: pip install onnxruntime onnx\n")
-        variants = tuple(v for v in variants if v != "onnxruntime")
+    for package, needs in (("onnxruntime", ("onnxruntime",)), ("openvino", ("openvino", "openvino-f32"))):
+        if importlib.util.find_spec(package) is None and set(needs) & set(variants):
+            if args.variant:
+                parser.exit(2, f"the {'/'.join(needs)} variant needs: pip install {package}\n")
+            variants = tuple(v for v in variants if v not in needs)
     for variant in variants:
-        start = time.perf_counter()
+        start, notes = time.perf_counter(), ""
         if variant in ("eager", "batch-1"):
             model = eager
         elif variant == "onnxruntime":
             model = OnnxRuntimeUNet(eager, latents, context, Path(args.cache) / f"onnx-{args.size}")
+        elif variant in ("openvino", "openvino-f32"):
+            model = OpenVinoUNet(eager, "f32" if variant == "openvino-f32" else None)
+            notes = f"OpenVINO precision {model.precision}"
+        elif variant == "bf16":
+            model = Bf16Autocast(eager)
         elif variant == "channels-last":
             model = eager.to(memory_format=torch.channels_last)
         else:
@@ -121,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), reference[:batch].flatten(), dim=0))
         row = {"variant": variant, "setup_s": round(setup, 2), "first_call_s": round(first, 2),
                "call_s": round(min(seconds), 3), "cosine_to_eager": cosine,
-               "max_abs_diff": float((out - reference[:batch]).abs().max())}  # fmt: skip
+               "max_abs_diff": float((out - reference[:batch]).abs().max()), "notes": notes}  # fmt: skip
         rows.append(row)
         print(f"{variant:>14}  setup {setup:6.1f} s  first call {first:7.1f} s  per call {min(seconds):6.2f} s"
-              f"  cosine {cosine:.7f}", flush=True)  # fmt: skip
+              f"  cosine {cosine:.7f}  {notes}", flush=True)  # fmt: skip
     report = {"size": args.size, "rows": rows, "machine": machine()}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -29,7 +29,15 @@ import torch
 
 from .errors import InvalidInputError, ModelLoadError
 
-__all__ = ["BACKENDS", "cache_dir", "check_backend", "resolve_backend", "tune_cpu_allocator", "use_openvino_unet"]
+__all__ = [
+    "BACKENDS",
+    "cache_dir",
+    "check_backend",
+    "cpu_bf16_instructions",
+    "resolve_backend",
+    "tune_cpu_allocator",
+    "use_openvino_unet",
+]
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
 _IR_NAME = "unet.xml"
@@ -160,12 +168,28 @@ def _convert(unet, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def compile_unet(unet, *, threads: int | None = None, echo=None):
-    """The UNet compiled by OpenVINO for the CPU, converting (and caching) it on first use."""
+def cpu_bf16_instructions() -> list[str]:
+    """This CPU's bfloat16 instruction sets (``avx512_bf16``, ``amx_bf16``) as Linux reports them; [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+
+
+def compile_unet(unet, *, threads: int | None = None, precision: str | None = None, echo=None):
+    """The UNet compiled by OpenVINO for the CPU, converting (and caching) it on first use.
+
+    ``precision`` is OpenVINO's inference precision hint (``"f32"``, ``"bf16"``); None leaves OpenVINO's
+    own choice, which is bf16 on CPUs with bf16 instructions and f32 elsewhere.
+    """
     ov = _openvino()
     folder = cache_dir() / "openvino" / unet_fingerprint(unet)
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
     for attempt in range(2):
         if not (folder / _IR_NAME).is_file():
             if echo is not None:

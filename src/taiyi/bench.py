@@ -246,10 +246,12 @@ def machine() -> dict:
 
     import torch
 
+    from .backends import cpu_bf16_instructions
     from .loading import cpu_count
 
     info = {
         "processor": _cpu_name() or platform.machine(),
+        "cpu_bf16": cpu_bf16_instructions(),
         "usable_cores": cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -289,7 +291,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{name}: {value:.2f}×")
     m = report["machine"]
     lines.append(
-        f"machine: {m['processor']}, {m['usable_cores']} cores, torch {m['torch']}"
+        f"machine: {m['processor']}, {m['usable_cores']} cores"
+        + (f" ({', '.join(m['cpu_bf16'])})" if m.get("cpu_bf16") else "")
+        + f", torch {m['torch']}"
         + (f", {m['gpu']}" if "gpu" in m else "")
     )
     return "\n".join(lines)
