@@ -4,13 +4,18 @@ The UNet is the cost of a picture (every denoising step calls it, twice with gui
 ``backend="openvino"`` it is converted once to OpenVINO IR — traced from the loaded model, so LoRA-free
 weights of any Taiyi / SD v1 checkpoint, inpainting UNets included — saved in the cache (see
 :func:`cache_dir`) under a fingerprint of its weights and config, and run by OpenVINO's CPU plugin from
-then on. The rest of the pipeline (text encoder, scheduler, VAE) stays in PyTorch; outputs match the
-PyTorch UNet to float32 rounding (OpenVINO picks bf16 by itself only on CPUs with bf16 instructions).
+then on. The rest of the pipeline (text encoder, scheduler, VAE) stays in PyTorch. OpenVINO picks the
+precision: bf16 on CPUs with bf16 instructions (``avx512_bf16``/AMX; UNet outputs within cosine 0.9997 of
+float32 at full size), float32 elsewhere (float32 rounding apart from PyTorch).
 
-``auto`` is ``torch``: on the 2-core AVX2 machine this was measured on, OpenVINO's float32 UNet was
-1.02–1.11× faster per call at full size (512², both orders in the same run) but peaked at 2.2× the memory
-(12.9 GB for one picture, where PyTorch fits 1024² in 8 GB), and 1.3× faster on the small embedded model,
-whose first use would pay the conversion. ``--backend openvino`` asks for it.
+``auto`` is ``openvino`` on CPUs with bf16 instructions when the package is installed, ``torch`` elsewhere,
+from measurements of the full-size UNet (512², classifier-free-guidance batch of 2, same run each):
+- 16-core Xeon with AMX: PyTorch float32 1.92 s per call, PyTorch bf16 autocast 0.85, OpenVINO bf16 0.63,
+  OpenVINO float32 1.76; a default picture 19.6 s (PyTorch) against 12.1 s (OpenVINO) at 6.3 against
+  11.8 GB peak — so there OpenVINO is the default, and ``--memory low`` or a LoRA keeps PyTorch;
+- the 2-core AVX2 machine of the README's figures: OpenVINO's float32 UNet 1.02–1.11× faster per call but
+  2.2× the memory (12.9 GB for one picture, where PyTorch fits 1024² in 8 GB) — so there it is ``torch``.
+``--backend openvino`` asks for it anywhere.
 """
 
 from __future__ import annotations
@@ -99,9 +104,21 @@ def _openvino():
     return openvino
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``torch`` or ``openvino`` for this device and dtype; a request that cannot be met is one line."""
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, *, memory: str = "auto", loras: bool = False
+) -> str:
+    """``torch`` or ``openvino`` for this device and dtype; a request that cannot be met is one line.
+
+    ``auto`` is ``openvino`` where it was measured to win — a CPU with bf16 instructions (OpenVINO then
+    runs the UNet in bf16), float32 weights, the openvino package installed — unless the ``low`` memory
+    mode or LoRAs ask for PyTorch; everywhere else it is ``torch``.
+    """
     check_backend(backend)
+    if backend == "auto":
+        wins = device.type == "cpu" and dtype == torch.float32 and bool(cpu_bf16_instructions())
+        if wins and memory != "low" and not loras and _openvino() is not None:
+            return "openvino"
+        return "torch"
     if backend != "openvino":
         return "torch"
     if device.type != "cpu" or dtype != torch.float32:
@@ -239,6 +256,7 @@ def use_openvino_unet(unet, *, threads: int | None = None, echo=None) -> None:
     unet.forward = types.MethodType(forward, unet)
     unet._taiyi_torch_forward = torch_forward
     unet._taiyi_openvino_calls = 0  # calls OpenVINO answered (the rest went to torch)
+    unet._taiyi_openvino_precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32 or bf16
 
 
 def use_torch_unet(unet) -> None:
@@ -247,3 +265,4 @@ def use_torch_unet(unet) -> None:
     if torch_forward is not None:
         unet.__dict__.pop("forward", None)
         unet.__dict__.pop("_taiyi_openvino_calls", None)
+        unet.__dict__.pop("_taiyi_openvino_precision", None)

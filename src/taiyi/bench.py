@@ -58,6 +58,7 @@ class _Timer:
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
+            self._sync()  # work queued before the call (a sampler step) is not the call's
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -129,7 +130,9 @@ def measure(config: BenchConfig) -> dict:
                           scheduler=scheduler, guidance_end=guidance_end, **kwargs)  # fmt: skip
 
         settings = {"scheduler": scheduler, "steps": steps, "guidance_end": guidance_end,
-                    "dtype": str(pipe.dtype).removeprefix("torch.")}  # fmt: skip
+                    "dtype": str(pipe.dtype).removeprefix("torch."), "backend": pipe.backend}  # fmt: skip
+        if pipe.backend == "openvino":  # the precision OpenVINO runs the UNet in (bf16 on CPUs that have it)
+            settings["dtype"] = f"ov-{sd.unet._taiyi_openvino_precision}"
     else:
         from diffusers import StableDiffusionPipeline
 

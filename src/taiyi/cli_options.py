@@ -53,5 +53,9 @@ Memory = Annotated[
 ]
 Backend = Annotated[
     str,
-    typer.Option("--backend", help="Where the UNet runs: torch, openvino (CPU, converted once) or auto (torch)."),
+    typer.Option(
+        "--backend",
+        help="Where the UNet runs: torch, openvino (CPU, converted once) or auto (openvino on CPUs with bf16"
+        " instructions when installed, else torch).",
+    ),
 ]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet
+from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet, use_torch_unet
 from .encoding import PromptCache, encode_prompts
 from .errors import InvalidInputError
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
@@ -154,6 +154,7 @@ class TaiyiPipeline:
         self.device = device
         self.dtype = dtype
         self.backend = backend  # where the UNet runs: "torch" or "openvino" (see taiyi.backends)
+        self.backend_chosen = False  # True when backend "auto" chose it: a LoRA then moves the UNet to torch
         self._base_scheduler_config = dict(sd.scheduler.config)
         self._pipelines: dict[type, object] = {}
         self.loras: list[LoadedLora] = []  # in the order applied
@@ -180,12 +181,17 @@ class TaiyiPipeline:
         """
         from .lora import activate_loras, apply_loras, parse_lora_spec
 
-        if self.backend != "torch":
+        if self.backend != "torch" and not self.backend_chosen:
             raise InvalidInputError(_LORA_BACKEND)
         spec = parse_lora_spec(path)
         if spec.path == Path(os.fspath(path)):  # no ":SCALE" in it
             spec = parse_lora_spec((spec.path, scale))
-        self.loras += apply_loras(self.sd, [spec], model=self.model, allow_pickle=allow_pickle, start=len(self.loras))
+        loras = apply_loras(self.sd, [spec], model=self.model, allow_pickle=allow_pickle, start=len(self.loras))
+        if self.backend != "torch":  # chosen by "auto": the converted UNet has no LoRA in it
+            use_torch_unet(self.sd.unet)
+            self.backend = "torch"
+            logger.info("the UNet runs in PyTorch from now on: LoRAs are applied there")
+        self.loras += loras
         activate_loras(self.sd, self.loras)
         return self
 
@@ -765,8 +771,9 @@ def load_pipeline(
         loras: LoRA files to apply, each a path, ``"FILE:SCALE"`` or ``(path, scale)`` (see
             :meth:`TaiyiPipeline.load_lora`). Checked before the model loads when they are missing or pickled.
         memory: ``auto``, ``low`` or ``off`` (see :func:`apply_memory_mode`).
-        backend: where the UNet runs: ``torch``, ``openvino`` (CPU, float32; converted once and cached, see
-            :mod:`taiyi.backends`) or ``auto`` (``torch`` for now).
+        backend: where the UNet runs: ``torch``, ``openvino`` (CPU, float32 weights; converted once and
+            cached, see :mod:`taiyi.backends`) or ``auto`` (``openvino`` on CPUs with bf16 instructions
+            when it is installed, unless ``memory="low"`` or LoRAs; else ``torch``).
 
     Raises:
         ModelLoadError: one line naming what is missing or broken.
@@ -784,7 +791,8 @@ def load_pipeline(
     folder, name = resolve_model(model if model is not None else DEFAULT_MODEL)
     dev = select_device(device)
     torch_dtype = select_dtype(dtype, dev)
-    backend = resolve_backend(backend, dev, torch_dtype)
+    requested = backend
+    backend = resolve_backend(backend, dev, torch_dtype, memory=memory, loras=bool(specs))
     limit_threads()
     sd = load_stable_diffusion(
         Path(folder),
@@ -798,6 +806,7 @@ def load_pipeline(
     if backend == "openvino":
         use_openvino_unet(sd.unet, echo=logger.info)
     pipe = TaiyiPipeline(sd, model=name, device=dev, dtype=torch_dtype, backend=backend)
+    pipe.backend_chosen = requested == "auto"
     if specs:
         pipe.loras = apply_loras(sd, specs, model=name, allow_pickle=allow_pickle)
         activate_loras(sd, pipe.loras)
