@@ -198,6 +198,10 @@ def test_recipe_rerun_skips_finished_stages(tiny_run):
     assert {n: s.get("seconds") for n, s in status.items()} == {n: s["seconds"] for n, s in first.items()}
     record = json.loads((out / "recipe.json").read_text())
     assert record["stage_seconds"] == pytest.approx(sum(s.get("seconds", 0) for s in status.values()), abs=0.2)
+    # the host's speed, measured once by the invocation that ran stages, kept by the one that ran none
+    (calibration,) = record["calibrations"]
+    assert 0 < calibration["seconds_best"] <= calibration["seconds_median"] and calibration["threads"] >= 1
+    assert "Host calibration" in (out / "report.md").read_text()
 
 
 def test_recipe_bad_input(tmp_path):

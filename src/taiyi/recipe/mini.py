@@ -297,6 +297,64 @@ def _earlier_stage_seconds(record: Path) -> dict[str, float]:
     }
 
 
+CALIBRATION_WORKLOAD = "4 SGD steps of a 3-layer 64-channel conv net on 32×4×32×32, seeded; median and best of 5"
+
+
+def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
+    """Seconds a fixed small training workload takes here: how fast this host is today.
+
+    The same code on the same machine ran up to 1.7× slower on some days, so a stage's minutes mean
+    little without the host's speed beside them; ``recipe.json`` keeps one figure per invocation.
+    """
+    import statistics
+
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(
+                torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.SiLU(),
+                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.SiLU(),
+                torch.nn.Conv2d(64, 4, 3, padding=1),
+            )  # fmt: skip
+        x = torch.randn(32, 4, 32, 32, generator=gen)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+        def step() -> None:
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
+    return {
+        "seconds_median": round(statistics.median(times), 3),
+        "seconds_best": round(min(times), 3),
+        "threads": threads,
+        "workload": CALIBRATION_WORKLOAD,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _earlier_calibrations(record: Path) -> list[dict]:
+    try:
+        found = json.loads(record.read_text(encoding="utf-8")).get("calibrations", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+
+
 def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
     """Run (or continue) the recipe; returns ``{stage: {"status", "seconds"}}`` and writes ``OUT/recipe.json``.
 
@@ -313,12 +371,16 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     status: dict[str, dict] = {}
     done = {name for name, s in stages.items() if (out / s.done).exists()}
     earlier = _earlier_stage_seconds(out / "recipe.json")
+    calibrations = _earlier_calibrations(out / "recipe.json")
     for name in sorted(done, key=STAGES.index):
         # a continued run keeps what its finished stages cost (the time budget is over all of them)
         status[name] = {"status": "done before", **({"seconds": earlier[name]} if name in earlier else {})}
         if name in wanted:
             echo(f"[recipe] {name}: already done")
     pending = [n for n in STAGES if n in wanted and n not in done]
+    if pending:  # this invocation's host speed, beside the minutes its stages take
+        calibrations.append(host_calibration(config.threads))
+        echo(f"[recipe] host calibration: {calibrations[-1]['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD})")
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started = time.monotonic()
 
@@ -360,6 +422,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
             "stages": status,
             "wall_seconds": round(time.monotonic() - started, 1),  # this invocation
             "stage_seconds": round(sum(v.get("seconds", 0) for v in status.values()), 1),  # every stage, all runs
+            "calibrations": calibrations,  # one per invocation that ran stages (host_calibration)
         }
         write_json_atomic(out / "recipe.json", record)
 

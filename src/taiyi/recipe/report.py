@@ -180,7 +180,9 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     report["exports_total_mb"] = round(sum(sizes.values()) / 2**20, 2)
     recipe_json = run / "recipe.json"
     if recipe_json.is_file():
-        report["stages"] = json.loads(recipe_json.read_text(encoding="utf-8")).get("stages", {})
+        recorded = json.loads(recipe_json.read_text(encoding="utf-8"))
+        report["stages"] = recorded.get("stages", {})
+        report["calibrations"] = recorded.get("calibrations", [])
     report["report_seconds"] = round(time.monotonic() - t0, 1)
     _write_markdown(run, report)
     write_json_atomic(run / "report.json", report)
@@ -223,6 +225,11 @@ def _write_markdown(run: Path, report: dict) -> None:
         for name, st in report["stages"].items():
             minutes = f"{st['seconds'] / 60:.1f}" if "seconds" in st else "–"
             lines.append(f"| {name} | {st['status']} | {minutes} |")
+        for c in report.get("calibrations", []):
+            lines.append(
+                f"\nHost calibration {c.get('at', '')}: {c.get('seconds_median')} s median, "
+                f"{c.get('seconds_best')} s best ({c.get('workload', '')}, {c.get('threads')} threads)"
+            )
     lines += ["", f"Exports under `models/`: {report['exports_total_mb']} MB in all."]
     path = run / "report.md"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -271,6 +278,7 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
     source = {"run": run.resolve().name, "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
               "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
               "wall_seconds": recipe.get("wall_seconds"), "stage_seconds": recipe.get("stage_seconds"),
+              "calibrations": recipe.get("calibrations"),
               "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
               "sampling": report.get("sampling"), "clip": report.get("clip"),
               "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
