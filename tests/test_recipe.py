@@ -204,6 +204,19 @@ def test_recipe_rerun_skips_finished_stages(tiny_run):
     assert "Host calibration" in (out / "report.md").read_text()
 
 
+def test_recipe_with_a_relative_out_folder(tmp_path, monkeypatch):
+    """The stages run inside the run folder: a relative --out (README's own command) must still put every
+    stage's output there, not in a copy of the path nested inside it."""
+    from taiyi.recipe.mini import RecipeConfig, run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    status = run_recipe(RecipeConfig(out="runs/mini", preset="tiny", only=["data", "probe"]), echo=lambda _: None)
+    assert {n: s["status"] for n, s in status.items()} == {"data": "done", "probe": "done"}
+    probe = tmp_path / "runs" / "mini" / "probe"
+    assert (probe / "config.json").is_file() and (probe / "model.safetensors").is_file()
+    assert not (tmp_path / "runs/mini/runs").exists()
+
+
 def test_recipe_bad_input(tmp_path):
     from taiyi.errors import InvalidInputError
     from taiyi.recipe.mini import RecipeConfig, run_recipe

@@ -362,7 +362,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         TaiyiError: a stage failed (its log is named in the message); finished stages stay finished.
     """
     preset = _check(config)
-    out = Path(config.out)
+    out = Path(config.out).resolve()  # the stages run in it (cwd), so the paths they are given must not be relative
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     stages = {s.name: s for s in _stages()}
@@ -462,6 +462,9 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
                     finish(name, False)
                     raise TaiyiError(f"recipe stage {name} failed (exit {code}); see {out / 'logs' / (name + '.log')}")
                 if not start_next_command(name):
+                    if not (out / stages[name].done).exists():
+                        finish(name, False)
+                        raise TaiyiError(f"recipe stage {name} ended without writing {out / stages[name].done}")
                     finish(name, True)
                     done.add(name)
             if running:
