@@ -31,9 +31,10 @@ def mini(
     _quiet_libraries()
     from .mini import RecipeConfig, run_recipe
 
-    run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only),
-               echo=typer.echo)  # fmt: skip
-    typer.echo(f"{out}/report.md")
+    status = run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only),
+                        echo=typer.echo)  # fmt: skip
+    if status.get("report", {}).get("status") in ("done", "done before"):  # name the report only when there is one
+        typer.echo(f"{out}/report.md")
 
 
 @recipe_app.command()

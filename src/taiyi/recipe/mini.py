@@ -10,7 +10,8 @@ and an interrupted one resumes from its latest checkpoint when the recipe is run
     vae       the autoencoder                                        taiyi train vae
     sd-en     "English SD": UNet on the frozen English text tower     taiyi train sd --stage 2
     sd-zh     "Taiyi SD Chinese": assemble + stage 1 (text encoder)   taiyi assemble, taiyi train sd
-    sd-zh-en  "Taiyi SD bilingual": stage 1 then stage 2, zh + en     taiyi train sd
+    sd-zh-en  "Taiyi SD bilingual": stage 2 (UNet too) on zh + en,   taiyi train sd --stage 2
+              from the Chinese model (its stage 1: text encoder only, Chinese data)
     uncond    unconditional latent diffusion (for Disco Diffusion)    taiyi train uncond --vae
     report    faithfulness + CLIP evaluation, bit-identity check, report.json / report.md, exports
 
@@ -64,8 +65,7 @@ class Preset:
             "vae": 1000,
             "sd-en": 1500,
             "sd-zh": 600,
-            "sd-zh-en-1": 300,
-            "sd-zh-en-2": 600,
+            "sd-zh-en": 900,  # stage 2; its stage 1 is the Chinese model's (Taiyi: stage 1 on Chinese data only)
             "uncond": 1000,
         }
     )
@@ -105,10 +105,7 @@ PRESETS: dict[str, Preset] = {
         vae_channels=(16, 32, 32),
         uncond_channels=(16, 32),
         batch={"clip": 8, "vae": 4, "sd": 4, "uncond": 4, "probe": 8},
-        steps={
-            k: 3
-            for k in ("probe", "clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en-1", "sd-zh-en-2", "uncond")
-        },
+        steps={k: 3 for k in ("probe", "clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en", "uncond")},
         eval_prompts=(2, 1),
         eval_images=2,
         eval_steps=2,
@@ -218,16 +215,15 @@ def _stages() -> list[Stage]:
         ]  # fmt: skip
 
     def sd_zh_en(out, p, c):
+        # Taiyi's bilingual recipe: stage 1 trains the text encoder on Chinese data only (that is the Chinese
+        # model, sd-zh), stage 2 unfreezes the UNet on Chinese + English. Measured against a stage 1 of its own
+        # on mixed captions (300 steps, then 600 of stage 2): English sky 53 → 80 %, Chinese sky 77 → 90 % (README)
         mixed = ["--data", _data(out, "zh"), "--data", _data(out, "en"), "--mix-ratio", "0.5"]
         return [
-            ["train", "sd", "--model", str(out / "init" / "sd-zh"), *mixed, "--stage", "1",
-             *sd_common(out, p, p.steps["sd-zh-en-1"], p.lr["sd-text"]),
+            ["train", "sd", "--model", str(out / "sd-zh" / "final"), *mixed, "--stage", "2",
+             *sd_common(out, p, p.steps["sd-zh-en"], p.lr["sd-unet"] / 4),
              "--val-prompt", "夜晚的高山，ink wash painting",
-             *_train_common(out, "sd-zh-en-1", p.steps["sd-zh-en-1"], c.seed)],
-            ["train", "sd", "--model", str(out / "sd-zh-en-1" / "final"), *mixed, "--stage", "2",
-             *sd_common(out, p, p.steps["sd-zh-en-2"], p.lr["sd-unet"] / 4),
-             "--val-prompt", "夜晚的高山，ink wash painting",
-             *_train_common(out, "sd-zh-en", p.steps["sd-zh-en-2"], c.seed)],
+             *_train_common(out, "sd-zh-en", p.steps["sd-zh-en"], c.seed)],
         ]  # fmt: skip
 
     def uncond(out, p, c):
@@ -257,7 +253,7 @@ def _stages() -> list[Stage]:
         Stage("sd-en", "English SD (UNet on the frozen English tower)", ("vae", "clip-en"), sd_en, "sd-en/final",
               build.init_english_sd),
         Stage("sd-zh", "Taiyi SD Chinese (stage 1)", ("sd-en", "clip-zh"), sd_zh, "sd-zh/final"),
-        Stage("sd-zh-en", "Taiyi SD bilingual (stage 1, then stage 2)", ("sd-zh",), sd_zh_en, "sd-zh-en/final"),
+        Stage("sd-zh-en", "Taiyi SD bilingual (stage 2 on the Chinese model)", ("sd-zh",), sd_zh_en, "sd-zh-en/final"),
         Stage("uncond", "unconditional latent diffusion (Disco Diffusion)", ("data", "vae"), uncond, "uncond/final"),
         Stage("report", "evaluation, report and exports", ("probe", "clip-zh", "sd-zh", "sd-zh-en", "uncond"),
               report, "report.json"),
@@ -284,17 +280,20 @@ def _taiyi(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "taiyi.cli", *argv]
 
 
-def _earlier_stage_seconds(record: Path) -> dict[str, float]:
-    """Seconds of the finished stages a previous invocation recorded in ``recipe.json`` (none if unreadable)."""
+def _earlier_record(record: Path) -> tuple[dict[str, float], list[dict]]:
+    """What a previous invocation recorded in ``recipe.json``: the seconds of its finished stages and the
+    host calibrations (both empty if the file is missing or unreadable)."""
     try:
-        stages = json.loads(record.read_text(encoding="utf-8")).get("stages", {})
+        found = json.loads(record.read_text(encoding="utf-8"))
+        stages, calibrations = found.get("stages", {}), found.get("calibrations", [])
     except (OSError, ValueError, AttributeError):
-        return {}
-    return {
+        return {}, []
+    seconds = {
         name: float(v["seconds"])
-        for name, v in stages.items()
+        for name, v in (stages.items() if isinstance(stages, dict) else ())
         if isinstance(v, dict) and str(v.get("status", "")).startswith("done") and "seconds" in v
     }
+    return seconds, [c for c in calibrations if isinstance(c, dict)] if isinstance(calibrations, list) else []
 
 
 CALIBRATION_WORKLOAD = "4 SGD steps of a 3-layer 64-channel conv net on 32×4×32×32, seeded; median and best of 5"
@@ -347,14 +346,6 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
     }
 
 
-def _earlier_calibrations(record: Path) -> list[dict]:
-    try:
-        found = json.loads(record.read_text(encoding="utf-8")).get("calibrations", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
-
-
 def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
     """Run (or continue) the recipe; returns ``{stage: {"status", "seconds"}}`` and writes ``OUT/recipe.json``.
 
@@ -370,8 +361,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads are set per command (threads_for)
     status: dict[str, dict] = {}
     done = {name for name, s in stages.items() if (out / s.done).exists()}
-    earlier = _earlier_stage_seconds(out / "recipe.json")
-    calibrations = _earlier_calibrations(out / "recipe.json")
+    earlier, calibrations = _earlier_record(out / "recipe.json")
     for name in sorted(done, key=STAGES.index):
         # a continued run keeps what its finished stages cost (the time budget is over all of them)
         status[name] = {"status": "done before", **({"seconds": earlier[name]} if name in earlier else {})}

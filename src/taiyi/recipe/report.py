@@ -168,7 +168,6 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     report["clip"]["English CLIP"] = evaluate_clip(load_clip(run / "clip-en" / "final", device="cpu"), "en")
     report["stage1_frozen"] = {
         "Taiyi SD Chinese vs English SD": frozen_check(run / "sd-en" / "final", run / "sd-zh" / "final"),
-        "bilingual stage 1 vs English SD": frozen_check(run / "sd-en" / "final", run / "sd-zh-en-1" / "final"),
     }
     exports = run / "models"
     exports.mkdir(exist_ok=True)
@@ -217,7 +216,7 @@ def _write_markdown(run: Path, report: dict) -> None:
     for name, grid in report["grids"].items():
         lines += [f"**{name}** — rows: " + " / ".join(grid["prompts"]), "", f"![{name}]({grid['file']})", ""]
     lines += ["## Loss curves", ""]
-    for sub in ("clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en-1", "sd-zh-en", "uncond"):
+    for sub in ("clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en", "uncond"):
         if (run / sub / "loss.png").is_file():
             lines.append(f"![{sub}]({sub}/loss.png)")
     if "stages" in report:
