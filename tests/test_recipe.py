@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -227,6 +228,25 @@ def test_recipe_bad_input(tmp_path):
         run_recipe(RecipeConfig(out=str(tmp_path), only=["sd-xl"]))
     with pytest.raises(InvalidInputError, match="needs"):
         run_recipe(RecipeConfig(out=str(tmp_path), preset="tiny", only=["sd-zh"]))
+    (tmp_path / "a-file").write_text("kept")
+    for out in ("a-file", "a-file/run"):
+        with pytest.raises(InvalidInputError, match="cannot use .* as the run folder"):
+            run_recipe(RecipeConfig(out=str(tmp_path / out), preset="tiny", only=["data"]))
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
+def test_recipe_stage_that_writes_nothing_fails(tmp_path, monkeypatch):
+    """A stage whose commands exit 0 but leave no marker file is a failure, not a finished stage."""
+    from taiyi.errors import TaiyiError
+    from taiyi.recipe import mini
+
+    monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", "pass"])  # succeeds, writes nothing
+    with pytest.raises(TaiyiError, match="recipe stage probe ended without writing"):
+        mini.run_recipe(
+            mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"]), echo=lambda _: None
+        )
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert record["stages"]["probe"]["status"] == "failed"
 
 
 def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):

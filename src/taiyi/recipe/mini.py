@@ -354,8 +354,10 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     """
     preset = _check(config)
     out = Path(config.out).resolve()  # the stages run in it (cwd), so the paths they are given must not be relative
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+    try:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out names a file, or a folder inside one, or one that cannot be written
+        raise InvalidInputError(f"cannot use {config.out} as the run folder: {exc.strerror}") from None
     stages = {s.name: s for s in _stages()}
     wanted = set(config.only or STAGES)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads are set per command (threads_for)
