@@ -249,6 +249,8 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
         (args[:-2] + ["--stage", "3"] + fast, "--stage"),
         (args + fast + ["--mix-ratio", "0.5"], "--mix-ratio"),
         (args + fast + ["--lr-scheduler", "exponential"], "--lr-scheduler"),
+        (args + fast + ["--teacher", str(base)], "--teacher-data"),
+        (args + fast + ["--teacher", str(base), "--teacher-data", str(zh), "--teacher-weight", "0"], "(0, 1]"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -483,3 +485,67 @@ def test_bad_data_is_refused_in_one_line_and_long_captions_are_counted_in_a_warn
     assert result["truncated"] == 2  # the long caption, once in each of the two steps
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith("2 training captions were longer than") and "512 tokens" in w for w in warnings), warnings
+
+
+def _manifest(folder: Path, path: Path, caption) -> Path:
+    """A JSONL of ``folder``'s pictures in name order, captioned by ``caption(i, own caption)``."""
+    names = sorted(p.name for p in folder.glob("*.png"))
+    rows = [
+        {"image": f"{folder.name}/{n}", "caption": caption(i, (folder / n).with_suffix(".txt").read_text("utf-8"))}
+        for i, n in enumerate(names)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_teacher_replaces_the_target_by_its_prediction(setup, tmp_path):
+    """--teacher: the target is the teacher's prediction for the same noisy latent and timestep, on the
+    teacher data's caption of the same picture. A teacher equal to the student (no dropout) on the same
+    captions predicts exactly what the student does: the loss is 0 and nothing moves. On other captions
+    the loss is positive and stage 1 still trains only the text encoder."""
+    base, zh, _ = setup
+    quiet = _without_dropout(base, tmp_path / "quiet")
+    shutil.copytree(zh, tmp_path / "zh")
+    data = _manifest(tmp_path / "zh", tmp_path / "zh.jsonl", lambda i, c: c)
+    same = _manifest(tmp_path / "zh", tmp_path / "same.jsonl", lambda i, c: c)
+    other = _manifest(tmp_path / "zh", tmp_path / "other.jsonl", lambda i, c: f"夜晚的高山，第{i}幅")
+    settings = dict(model=str(quiet), data=[str(data)], stage=1, max_steps=2, snr_gamma=5.0, **FAST)
+    settings["weight_decay"] = 0.0
+    alike = train_sd(SDTrainConfig(output=str(tmp_path / "a"), teacher=str(quiet), teacher_data=str(same), **settings))
+    assert alike["losses"] == {1: 0.0, 2: 0.0}
+    assert _changed(quiet / TEXT, alike["final"] / TEXT) == set()
+    taught = train_sd(
+        SDTrainConfig(output=str(tmp_path / "t"), teacher=str(quiet), teacher_data=str(other), **settings)
+    )
+    plain = train_sd(SDTrainConfig(output=str(tmp_path / "p"), **settings))
+    assert all(v > 0 for v in taught["losses"].values()) and taught["losses"] != plain["losses"]
+    assert _changed(quiet / UNET, taught["final"] / UNET) == set()
+    assert len(_changed(quiet / TEXT, taught["final"] / TEXT)) > 10
+    half = train_sd(
+        SDTrainConfig(
+            output=str(tmp_path / "h"), teacher=str(quiet), teacher_data=str(same), teacher_weight=0.5, **settings
+        )
+    )
+    assert half["losses"][1] == pytest.approx(0.5 * plain["losses"][1], rel=1e-5)  # the teacher's share is 0
+
+
+def test_a_teacher_must_share_the_pictures_and_the_latent_space(setup, tmp_path):
+    base, zh, _ = setup
+    shutil.copytree(zh, tmp_path / "zh")
+    data = _manifest(tmp_path / "zh", tmp_path / "zh.jsonl", lambda i, c: c)
+    settings = dict(model=str(base), data=[str(data)], max_steps=1, **FAST)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(reversed(data.read_text(encoding="utf-8").splitlines(keepends=True))), "utf-8")
+    with pytest.raises(InvalidInputError, match="row for row"):
+        train_sd(SDTrainConfig(output=str(tmp_path / "r"), teacher=str(base), teacher_data=str(shuffled), **settings))
+    other_vae = shutil.copytree(base, tmp_path / "other-vae")
+    tensors = load_file(other_vae / VAE)
+    tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(other_vae / VAE))
+    with pytest.raises(InvalidInputError, match="another VAE"):
+        train_sd(SDTrainConfig(output=str(tmp_path / "v"), teacher=str(other_vae), teacher_data=str(data), **settings))
+    with pytest.raises(InvalidInputError, match="go together"):
+        train_sd(SDTrainConfig(output=str(tmp_path / "g"), teacher=str(base), **settings))
+    assert not any((tmp_path / d / "run_config.json").exists() for d in "rvg")

@@ -322,6 +322,26 @@ def sd(
     caption_dropout: _CaptionDropout = None,
     snr_gamma: _SnrGamma = None,
     noise_offset: _NoiseOffset = None,
+    teacher: Annotated[
+        str | None,
+        _opt(
+            "--teacher",
+            help="Learn from this pipeline's predictions (e.g. the English SD) on --teacher-data's captions [off].",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
+    teacher_data: Annotated[
+        str | None,
+        _opt(
+            "--teacher-data",
+            help="The --data pictures, row for row, captioned in the teacher's language (.jsonl/.csv).",
+            panel=_PANEL_DATA,
+        ),
+    ] = None,
+    teacher_weight: Annotated[
+        float | None,
+        _opt("--teacher-weight", help="Share of the teacher's target in the loss, in (0, 1] [1].", panel=_PANEL_OPT),
+    ] = None,
     ema: _Ema = False,
     ema_decay: _EmaDecay = None,
     mixed_precision: _MixedPrecision = None,

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..data.decode import SkipSample
 from ..errors import InvalidInputError
 from .clip import _DataSet, _flat_hparams, _make_accelerator, _param_groups
 from .clip import open_training_data as _open_data
@@ -137,6 +138,16 @@ class SDTrainConfig:
         prior_data: DreamBooth prior preservation: class pairs drawn alongside ``data`` (one per instance
             sample); the loss is the instance loss + ``prior_loss_weight`` × the class loss.
         prior_loss_weight: the weight of the prior-preservation loss.
+        teacher: a Stable Diffusion pipeline (folder, short name or hub id) whose predictions the trained model
+            learns from, e.g. the English SD a Chinese text encoder is aligned to. Each sample's target becomes
+            the teacher's prediction for the same noisy latent, conditioned on ``teacher_data``'s caption of the
+            same picture, instead of (or mixed with, ``teacher_weight``) the noise / velocity. In expectation
+            this is the same target — a model that denoises perfectly predicts the mean of the noise given the
+            noisy latent and caption — with far less variance per sample. Needs the same VAE and prediction type.
+        teacher_data: the pictures of ``data``, row for row, captioned in the teacher's language (a JSONL or
+            CSV listing the same image files in the same order: the English twins of a Chinese manifest).
+        teacher_weight: the loss is (1 − w) × the diffusion loss + w × the distillation loss (both min-SNR-γ
+            weighted alike).
         ema: keep an exponential moving average of the trained weights and export it.
         ema_decay: its decay.
         mixed_precision: ``auto``, ``no``, ``fp16`` (GPU only) or ``bf16``.
@@ -187,6 +198,9 @@ class SDTrainConfig:
     lora_target: str = "unet"
     prior_data: str | None = None
     prior_loss_weight: float = 1.0
+    teacher: str | None = None
+    teacher_data: str | None = None
+    teacher_weight: float = 1.0
     ema: bool = False
     ema_decay: float = 0.9999
     mixed_precision: str = "auto"
@@ -269,6 +283,16 @@ def _validate_config(config: SDTrainConfig) -> None:
         ),
         (config.prior_data is None or len(config.data) == 1, "prior preservation takes one --data source"),
         (config.prior_loss_weight >= 0, f"--prior-loss-weight must be 0 or more, not {config.prior_loss_weight}"),
+        (
+            (config.teacher is None) == (config.teacher_data is None),
+            "--teacher and --teacher-data go together: the teacher model and the same pictures in its language",
+        ),
+        (
+            config.teacher is None or (len(config.data) == 1 and config.prior_data is None),
+            "--teacher takes one --data source (no mixing, no prior preservation)",
+        ),
+        (config.teacher is None or config.lora_rank is None, "--teacher trains whole weights; drop LoRA's --rank"),
+        (0 < config.teacher_weight <= 1, f"--teacher-weight must lie in (0, 1], not {config.teacher_weight}"),
         (0 < config.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {config.ema_decay}"),
         (config.val_steps >= 1, f"--val-steps must be at least 1, not {config.val_steps}"),
         *run_control_checks(config),
@@ -428,6 +452,73 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
 
 
 # --------------------------------------------------------------------------------------------------
+# A teacher
+
+
+@dataclass
+class _Teacher:
+    """A frozen pipeline's text encoder, tokenizer and UNet; its predictions are the student's targets."""
+
+    text_encoder: nn.Module
+    tokenizer: object
+    unet: nn.Module
+
+    @torch.no_grad()
+    def predict(self, captions: list[str], noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        ids, mask, _ = tokenize(self.tokenizer, self.text_encoder, captions, noisy.device)
+        hidden = self.text_encoder(ids, attention_mask=mask)[0]  # (B, L, D)
+        return self.unet(noisy, timesteps, hidden).sample  # (B, 4, h, w)
+
+
+def load_teacher(config: SDTrainConfig, vae, noise_scheduler, prediction_type: str, device) -> _Teacher:
+    """The frozen teacher of ``config.teacher``; it must share the trained model's latent space (its VAE),
+    noise schedule and prediction type, or its predictions would not be targets for the same noisy latents."""
+    from ..loading import load_stable_diffusion
+    from ..models import resolve_model
+
+    folder, name = resolve_model(config.teacher)
+    sd = load_stable_diffusion(
+        Path(folder), device=torch.device("cpu"), dtype=torch.float32, safety_checker=False,
+        allow_pickle=config.allow_pickle,
+    )  # fmt: skip
+    if vae_fingerprint(sd.vae) != vae_fingerprint(vae):
+        raise InvalidInputError(
+            f"the teacher {name} has another VAE than the model: its predictions live in another latent space"
+        )
+    kind = sd.scheduler.config.get("prediction_type", "epsilon")
+    if kind != prediction_type:
+        raise InvalidInputError(f"the teacher {name} predicts {kind!r} where the model predicts {prediction_type!r}")
+    theirs = type(noise_scheduler).from_config(sd.scheduler.config).alphas_cumprod
+    if theirs.shape != noise_scheduler.alphas_cumprod.shape or not torch.equal(theirs, noise_scheduler.alphas_cumprod):
+        raise InvalidInputError(f"the teacher {name} has another noise schedule than the model")
+    sd.text_encoder.requires_grad_(False).eval().to(device)
+    sd.unet.requires_grad_(False).eval().to(device)
+    return _Teacher(sd.text_encoder, sd.tokenizer, sd.unet)
+
+
+def teacher_captions(config: SDTrainConfig, data: _DataSet) -> list[str | None]:
+    """Per row of ``data``, its picture's caption in ``config.teacher_data`` (None where that row is unusable).
+
+    Raises:
+        InvalidInputError: the teacher data does not list the same pictures in the same order.
+    """
+    teacher = _open_data(config.teacher_data, config, config.resolution)
+    mine, theirs = _images_fingerprint(data.pairs), _images_fingerprint(teacher.pairs)
+    if mine is None or mine != theirs:
+        raise InvalidInputError(
+            f"--teacher-data {teacher.name} must list the pictures of --data {data.name}, row for row "
+            f"({len(teacher.pairs)} rows against {len(data.pairs)})"
+        )
+    out: list[str | None] = []
+    for i in range(len(teacher.pairs)):
+        try:
+            out.append(teacher.pairs.caption(i))
+        except SkipSample:
+            out.append(None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # The model being trained
 
 
@@ -504,9 +595,13 @@ def diffusion_loss(
     noise_scheduler,
     prediction_type: str,
     snr_gamma: float | None = None,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE to the noise (epsilon) or the velocity (v_prediction), optionally min-SNR-γ weighted per sample."""
-    if prediction_type == "epsilon":
+    """MSE to the noise (epsilon) or the velocity (v_prediction), optionally min-SNR-γ weighted per sample;
+    ``target`` replaces that target (a teacher's prediction), weighted alike."""
+    if target is not None:
+        pass
+    elif prediction_type == "epsilon":
         target = noise
     else:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -652,6 +747,7 @@ def train_sd(config: SDTrainConfig) -> dict:
     vae.to(device)
     unet.to(device)
     text_encoder.to(device)
+    teacher = load_teacher(config, vae, noise_scheduler, prediction_type, device) if config.teacher else None
 
     # --- data --------------------------------------------------------------------------------------
     prior = config.prior_data is not None
@@ -687,6 +783,10 @@ def train_sd(config: SDTrainConfig) -> dict:
         torch.nonzero(t.valid).flatten() if t is not None else torch.arange(len(ds.pairs))
         for t, ds in zip(tables, sources, strict=True)
     ]
+    taught: list[str | None] | None = None
+    if teacher is not None:
+        taught = teacher_captions(config, sources[0])
+        pools[0] = pools[0][torch.tensor([taught[int(i)] is not None for i in pools[0]], dtype=torch.bool)]
     for pool, ds in zip(pools, sources, strict=True):
         if len(pool) == 0:
             raise InvalidInputError(f"data source {ds.name} holds no readable image-text pair")
@@ -731,8 +831,9 @@ def train_sd(config: SDTrainConfig) -> dict:
         return [(0, int(i)) for i in order[position * config.batch_size : (position + 1) * config.batch_size]]
 
     def read_batch(items: list[tuple[int, int]]):
-        """(mean, std (b, 4, h, w), captions, skipped, is_prior (b,)) of this process's readable samples."""
-        means, stds, captions, images, skipped, kept = [], [], [], [], 0, []
+        """(mean, std (b, 4, h, w), captions, skipped, is_prior (b,), the teacher's captions or None) of this
+        process's readable samples."""
+        means, stds, captions, images, skipped, kept, theirs = [], [], [], [], 0, [], []
         for s, i in items:
             table = tables[s]
             if table is not None:
@@ -744,13 +845,15 @@ def train_sd(config: SDTrainConfig) -> dict:
                     continue
                 images.append(pair.image), captions.append(pair.caption)
             kept.append(prior and s == 1)
+            theirs.append(taught[i] if taught is not None else None)
         is_prior = torch.tensor(kept, dtype=torch.bool)
+        theirs = theirs if taught is not None else None
         if images:
             mean, std = encode_posterior(vae, preprocess(images, config.resolution), device)
-            return mean, std, captions, skipped, is_prior
+            return mean, std, captions, skipped, is_prior, theirs
         if not means:
-            return None, None, captions, skipped, is_prior
-        return torch.stack(means), torch.stack(stds), captions, skipped, is_prior
+            return None, None, captions, skipped, is_prior, theirs
+        return torch.stack(means), torch.stack(stds), captions, skipped, is_prior, theirs
 
     # --- optimizer, schedule, accelerate -------------------------------------------------------------
     trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet, lora_only=lora)
@@ -865,7 +968,7 @@ def train_sd(config: SDTrainConfig) -> dict:
         per_step = (2 if prior else 1) * config.batch_size  # with prior preservation: + one class sample each
         share = slice(rank * len(items), (rank + 1) * len(items))
         drop = torch.rand(per_step, generator=g)[share] < config.caption_dropout
-        mean, std, captions, skipped, is_prior = read_batch(items)
+        mean, std, captions, skipped, is_prior, theirs = read_batch(items)
         skipped_total += skipped
         if mean is None:
             raise InvalidInputError(
@@ -873,6 +976,8 @@ def train_sd(config: SDTrainConfig) -> dict:
             )
         kept_drop = drop[: len(captions)]
         captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
+        if theirs is not None:  # a dropped caption is dropped for the teacher too: its unconditional prediction
+            theirs = ["" if d else c for c, d in zip(theirs, kept_drop.tolist(), strict=True)]
         rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
         latent_eps = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
         noise = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
@@ -911,6 +1016,15 @@ def train_sd(config: SDTrainConfig) -> dict:
                 loss = diffusion_loss(
                     prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
                 )
+            if teacher is not None:
+                with accelerator.autocast():
+                    target = teacher.predict(theirs, noisy, timesteps)
+                distill = diffusion_loss(
+                    prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma,
+                    target=target,
+                )  # fmt: skip
+                w = config.teacher_weight
+                loss = distill if w == 1 else (1 - w) * loss + w * distill
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
