@@ -527,6 +527,15 @@ def test_a_teacher_replaces_the_target_by_its_prediction(setup, tmp_path):
         )
     )
     assert half["losses"][1] == pytest.approx(0.5 * plain["losses"][1], rel=1e-5)  # the teacher's share is 0
+    mixed = train_sd(
+        SDTrainConfig(
+            **{**settings, "data": [str(data), str(other)]},
+            output=str(tmp_path / "m"),
+            teacher=str(quiet),
+            teacher_data=[str(same), str(other)],  # each source in the teacher's words: its own captions here
+        )
+    )
+    assert mixed["losses"] == {1: 0.0, 2: 0.0}
 
 
 def test_a_teacher_must_share_the_pictures_and_the_latent_space(setup, tmp_path):
@@ -546,6 +555,10 @@ def test_a_teacher_must_share_the_pictures_and_the_latent_space(setup, tmp_path)
     save_file(tensors, str(other_vae / VAE))
     with pytest.raises(InvalidInputError, match="another VAE"):
         train_sd(SDTrainConfig(output=str(tmp_path / "v"), teacher=str(other_vae), teacher_data=str(data), **settings))
+    with pytest.raises(InvalidInputError, match="once per --data"):
+        train_sd(
+            SDTrainConfig(output=str(tmp_path / "o"), teacher=str(base), teacher_data=[str(data)] * 2, **settings)
+        )
     with pytest.raises(InvalidInputError, match="go together"):
         train_sd(SDTrainConfig(output=str(tmp_path / "g"), teacher=str(base), **settings))
-    assert not any((tmp_path / d / "run_config.json").exists() for d in "rvg")
+    assert not any((tmp_path / d / "run_config.json").exists() for d in "rvog")

@@ -331,10 +331,10 @@ def sd(
         ),
     ] = None,
     teacher_data: Annotated[
-        str | None,
+        list[str] | None,
         _opt(
             "--teacher-data",
-            help="The --data pictures, row for row, captioned in the teacher's language (.jsonl/.csv).",
+            help="Per --data: its pictures, row for row, captioned in the teacher's language (.jsonl/.csv).",
             panel=_PANEL_DATA,
         ),
     ] = None,

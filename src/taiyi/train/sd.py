@@ -144,8 +144,9 @@ class SDTrainConfig:
             same picture, instead of (or mixed with, ``teacher_weight``) the noise / velocity. In expectation
             this is the same target — a model that denoises perfectly predicts the mean of the noise given the
             noisy latent and caption — with far less variance per sample. Needs the same VAE and prediction type.
-        teacher_data: the pictures of ``data``, row for row, captioned in the teacher's language (a JSONL or
-            CSV listing the same image files in the same order: the English twins of a Chinese manifest).
+        teacher_data: one per ``data`` source: its pictures, row for row, captioned in the teacher's language (a
+            JSONL or CSV listing the same image files in the same order: the English twins of a Chinese
+            manifest; for a source already in that language, the source itself).
         teacher_weight: the loss is (1 − w) × the diffusion loss + w × the distillation loss (both min-SNR-γ
             weighted alike).
         ema: keep an exponential moving average of the trained weights and export it.
@@ -199,7 +200,7 @@ class SDTrainConfig:
     prior_data: str | None = None
     prior_loss_weight: float = 1.0
     teacher: str | None = None
-    teacher_data: str | None = None
+    teacher_data: list[str] | None = None
     teacher_weight: float = 1.0
     ema: bool = False
     ema_decay: float = 0.9999
@@ -225,6 +226,10 @@ class SDTrainConfig:
         if isinstance(self.data, str):
             self.data = [self.data]
         self.data = list(self.data)
+        if isinstance(self.teacher_data, str):
+            self.teacher_data = [self.teacher_data]
+        if self.teacher_data is not None:
+            self.teacher_data = list(self.teacher_data)
         self.val_prompts = list(self.val_prompts)
 
     def to_json(self) -> dict:
@@ -288,9 +293,10 @@ def _validate_config(config: SDTrainConfig) -> None:
             "--teacher and --teacher-data go together: the teacher model and the same pictures in its language",
         ),
         (
-            config.teacher is None or (len(config.data) == 1 and config.prior_data is None),
-            "--teacher takes one --data source (no mixing, no prior preservation)",
+            config.teacher_data is None or len(config.teacher_data) == len(config.data),
+            "give --teacher-data once per --data source (the same pictures, in the teacher's language)",
         ),
+        (config.teacher is None or config.prior_data is None, "--teacher does not combine with prior preservation"),
         (config.teacher is None or config.lora_rank is None, "--teacher trains whole weights; drop LoRA's --rank"),
         (0 < config.teacher_weight <= 1, f"--teacher-weight must lie in (0, 1], not {config.teacher_weight}"),
         (0 < config.ema_decay < 1, f"--ema-decay must lie in (0, 1), not {config.ema_decay}"),
@@ -496,13 +502,13 @@ def load_teacher(config: SDTrainConfig, vae, noise_scheduler, prediction_type: s
     return _Teacher(sd.text_encoder, sd.tokenizer, sd.unet)
 
 
-def teacher_captions(config: SDTrainConfig, data: _DataSet) -> list[str | None]:
-    """Per row of ``data``, its picture's caption in ``config.teacher_data`` (None where that row is unusable).
+def teacher_captions(config: SDTrainConfig, source: str, data: _DataSet) -> list[str | None]:
+    """Per row of ``data``, its picture's caption in ``source`` (None where that row is unusable).
 
     Raises:
-        InvalidInputError: the teacher data does not list the same pictures in the same order.
+        InvalidInputError: ``source`` does not list the same pictures in the same order.
     """
-    teacher = _open_data(config.teacher_data, config, config.resolution)
+    teacher = _open_data(source, config, config.resolution)
     mine, theirs = _images_fingerprint(data.pairs), _images_fingerprint(teacher.pairs)
     if mine is None or mine != theirs:
         raise InvalidInputError(
@@ -783,10 +789,11 @@ def train_sd(config: SDTrainConfig) -> dict:
         torch.nonzero(t.valid).flatten() if t is not None else torch.arange(len(ds.pairs))
         for t, ds in zip(tables, sources, strict=True)
     ]
-    taught: list[str | None] | None = None
+    taught: list[list[str | None]] | None = None
     if teacher is not None:
-        taught = teacher_captions(config, sources[0])
-        pools[0] = pools[0][torch.tensor([taught[int(i)] is not None for i in pools[0]], dtype=torch.bool)]
+        taught = [teacher_captions(config, src, ds) for src, ds in zip(config.teacher_data, sources, strict=True)]
+        for k, pool in enumerate(pools):
+            pools[k] = pool[torch.tensor([taught[k][int(i)] is not None for i in pool], dtype=torch.bool)]
     for pool, ds in zip(pools, sources, strict=True):
         if len(pool) == 0:
             raise InvalidInputError(f"data source {ds.name} holds no readable image-text pair")
@@ -845,7 +852,7 @@ def train_sd(config: SDTrainConfig) -> dict:
                     continue
                 images.append(pair.image), captions.append(pair.caption)
             kept.append(prior and s == 1)
-            theirs.append(taught[i] if taught is not None else None)
+            theirs.append(taught[s][i] if taught is not None else None)
         is_prior = torch.tensor(kept, dtype=torch.bool)
         theirs = theirs if taught is not None else None
         if images:
