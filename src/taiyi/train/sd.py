@@ -463,17 +463,16 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
 
 @dataclass
 class _Teacher:
-    """A frozen pipeline's text encoder, tokenizer and UNet; its predictions are the student's targets."""
+    """A frozen pipeline (its tokenizer and a denoiser with nothing trained); its predictions are targets."""
 
-    text_encoder: nn.Module
     tokenizer: object
-    unet: nn.Module
+    denoiser: _Denoiser
 
     @torch.no_grad()
     def predict(self, captions: list[str], noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        ids, mask, _ = tokenize(self.tokenizer, self.text_encoder, captions, noisy.device)
-        hidden = self.text_encoder(ids, attention_mask=mask)[0]  # (B, L, D)
-        return self.unet(noisy, timesteps, hidden).sample  # (B, 4, h, w)
+        encoder = self.denoiser._frozen["text_encoder"]
+        ids, mask, _ = tokenize(self.tokenizer, encoder, captions, noisy.device)
+        return self.denoiser(ids, mask, noisy, timesteps)  # (B, 4, h, w)
 
 
 def load_teacher(config: SDTrainConfig, vae, noise_scheduler, prediction_type: str, device) -> _Teacher:
@@ -499,7 +498,7 @@ def load_teacher(config: SDTrainConfig, vae, noise_scheduler, prediction_type: s
         raise InvalidInputError(f"the teacher {name} has another noise schedule than the model")
     sd.text_encoder.requires_grad_(False).eval().to(device)
     sd.unet.requires_grad_(False).eval().to(device)
-    return _Teacher(sd.text_encoder, sd.tokenizer, sd.unet)
+    return _Teacher(sd.tokenizer, _Denoiser(sd.text_encoder, sd.unet, train_text=False, train_unet=False))
 
 
 def teacher_captions(config: SDTrainConfig, source: str, data: _DataSet) -> list[str | None]:
@@ -605,12 +604,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """MSE to the noise (epsilon) or the velocity (v_prediction), optionally min-SNR-γ weighted per sample;
     ``target`` replaces that target (a teacher's prediction), weighted alike."""
-    if target is not None:
-        pass
-    elif prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    if target is None:
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma is None:
         return per_sample.mean()
