@@ -337,6 +337,31 @@ def test_dataset_splits_and_true_attributes():
     assert isinstance(scene, Scene)
 
 
+@pytest.mark.parametrize("lang", ["zh", "en", "mixed"])
+def test_negative_captions_change_one_named_attribute_and_keep_held_out_combinations_out(lang):
+    data = ShanshuiDataset(300, seed=5, split="train", captions=lang)
+    changed = Counter()
+    for i in range(300):
+        scene, negative, caption = data.scene(i), data.negative_scene(i), data.caption(i)
+        fields = [
+            f for f in ("time", "sky", "land", "water", "things", "style") if getattr(scene, f) != getattr(negative, f)
+        ]
+        assert len(fields) == 1, (scene, negative)
+        field = fields[0]
+        if field == "things":  # one named thing swapped for one the scene lacks: as many things as before
+            assert len(negative.things) == len(scene.things)
+            assert scene.things - negative.things <= caption.mentions
+        else:
+            assert field in caption.mentions and getattr(negative, field) is not None
+        assert not is_held_out(negative)
+        text = data.negative_caption(i)
+        assert text.text != caption.text and text.template.split("/")[0] == lang
+        assert text == data.negative_caption(i)  # deterministic by (seed, index)
+        changed[field] += 1
+    # the sun and the moon each belong to two times of day, so a sky never changes alone
+    assert set(changed) == {"time", "land", "water", "things", "style"}, changed
+
+
 def test_write_folder_round_trips_through_open_pairs(tmp_path):
     out = write_folder(tmp_path / "pairs", 6, seed=2, size=32, captions="mixed")
     data = ShanshuiDataset(6, seed=2, size=32, captions="mixed")

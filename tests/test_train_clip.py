@@ -145,6 +145,26 @@ def test_contrastive_loss_is_symmetric_infonce_with_clamped_scale():
     assert float(high.grad) == 0.0
 
 
+def test_hard_negatives_are_scored_against_every_image_and_only_image_to_text():
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(6, DIM, generator=g), torch.randn(6, DIM, generator=g)
+    scale = torch.tensor(math.log(20.0))
+    plain = contrastive_loss(image, text, scale)
+    # Negatives that repeat the batch's texts double every image→text column, the positive's too: that
+    # term rises by exactly log 2, the text→image term not at all.
+    doubled = contrastive_loss(image, text, scale, text.clone())
+    assert torch.allclose(doubled, plain + math.log(2.0) / 2, atol=1e-6)
+    # With captions that match their images, negatives close to the captions cost far more than unrelated ones.
+    text = image + 0.2 * torch.randn(6, DIM, generator=g)
+    plain = contrastive_loss(image, text, scale)
+    negative = (text + 0.2 * torch.randn(6, DIM, generator=g)).requires_grad_(True)
+    hard = contrastive_loss(image, text, scale, negative)
+    unrelated = contrastive_loss(image, text, scale, torch.randn(6, DIM, generator=g))
+    assert float(hard.detach()) > 5 * float(unrelated - plain) > 0
+    hard.backward()
+    assert negative.grad is not None and float(negative.grad.abs().sum()) > 0
+
+
 # ---------------------------------------------------------------------------------------------------- frozen tower
 
 
@@ -366,6 +386,64 @@ def test_unreadable_samples_are_skipped_and_counted(towers, tmp_path):
     assert uncached["step"] == 4 and uncached["skipped"] >= 1
 
 
+def _jsonl_with_negatives(folder: Path, n: int, *, without: set[int] = frozenset()) -> tuple[Path, dict[str, str]]:
+    from taiyi.train.synthetic import SyntheticPairs
+
+    folder.mkdir()
+    pairs = SyntheticPairs(n, image_size=32)
+    rows, negatives = [], {}
+    for i in range(n):
+        pairs[i].image.save(folder / f"{i:02d}.png")
+        row = {"image": f"{i:02d}.png", "caption": pairs[i].caption}
+        if i not in without:
+            row["negative"] = negatives[pairs[i].caption] = pairs[(i + 1) % n].caption + " (not this)"
+        rows.append(json.dumps(row))
+    (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder / "pairs.jsonl", negatives
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_negative_column_adds_each_rows_own_negative_and_leaves_out_rows_without_one(
+    towers, tmp_path, monkeypatch, cached
+):
+    manifest, negatives = _jsonl_with_negatives(tmp_path / "pairs", 24, without={3, 11})
+    texts_of_steps = []
+    original = ChineseCLIP.tokenize
+
+    def recording(self, texts):
+        texts_of_steps.append(list(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(ChineseCLIP, "tokenize", recording)
+    result = train(
+        towers,
+        tmp_path / "run",
+        data=str(manifest),
+        negative_column="negative",
+        batch_size=4,
+        max_steps=4,
+        val_fraction=0.0,
+        cache_image_features=cached,
+    )
+    assert result["step"] == 4
+    steps = [texts for texts in texts_of_steps if len(texts) == 8]  # the training batches: 4 captions + 4 negatives
+    assert len(steps) == 4
+    for texts in steps:
+        captions, hard = texts[:4], texts[4:]
+        assert hard == [negatives[c] for c in captions]  # row for row; rows 3 and 11 have none and never train
+    plain = train(towers, tmp_path / "plain", data=str(manifest), batch_size=4, max_steps=1, val_fraction=0.0)
+    assert train_losses(tmp_path / "run")[1] != pytest.approx(plain["losses"][1])
+
+
+def test_negative_column_needs_a_manifest_that_has_it(towers, tmp_path):
+    manifest, _ = _jsonl_with_negatives(tmp_path / "pairs", 12, without=set(range(12)))
+    with pytest.raises(InvalidInputError, match="no 'negative' column"):
+        train(towers, tmp_path / "a", data=str(manifest), negative_column="negative", batch_size=4, max_steps=1)
+    with pytest.raises(InvalidInputError, match="needs a CSV or JSONL"):
+        train(towers, tmp_path / "b", negative_column="negative", max_steps=1)  # synthetic:64
+    assert not (tmp_path / "a" / "run_config.json").exists() and not (tmp_path / "b" / "run_config.json").exists()
+
+
 def test_tar_shards_train_through_the_feature_cache(towers, tmp_path):
     import io
     import tarfile
@@ -442,6 +520,7 @@ def test_cli_trains_on_synthetic_data_and_refuses_to_clobber_a_run(towers, tmp_p
         ({"resume": "NOWHERE"}, "no complete checkpoint"),
         ({"init_from": "somewhere"}, "exactly one of"),
         ({"val_fraction": 1.5}, "--val-fraction"),
+        ({"negative_column": "negative"}, "needs a CSV or JSONL"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(towers, tmp_path, capsys, extra, message):

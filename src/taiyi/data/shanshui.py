@@ -41,7 +41,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -1662,6 +1662,42 @@ def _sample_rngs(seed: int, index: int) -> tuple[np.random.Generator, int | list
     )
 
 
+def _swap_one(scene: Scene, named: frozenset[str], g: np.random.Generator, split: str) -> Scene:
+    """``scene`` with one named attribute (or named thing) changed to another value, keeping which
+    attributes are present (so a caption draws the same mentions); the rules of the world hold."""
+    options = _swaps(scene, named, split) or _swaps(scene, frozenset(_VALUES), split)
+    # one attribute at random first, then one of its values: each named attribute is as likely as any other
+    fields = sorted({_changed_field(scene, o) for o in options})
+    field = fields[int(g.integers(len(fields)))]
+    chosen = [o for o in options if _changed_field(scene, o) == field]
+    return chosen[int(g.integers(len(chosen)))]
+
+
+def _swaps(scene: Scene, named: frozenset[str], split: str) -> list[Scene]:
+    options: list[Scene] = []
+    for field in ("time", "sky", "land", "water", "style"):
+        if field not in named:
+            continue
+        for value in _VALUES[field]:
+            if value is None or value == getattr(scene, field):
+                continue
+            try:
+                options.append(replace(scene, **{field: value}))
+            except InvalidInputError:
+                continue
+    for thing in named & set(THINGS):
+        for new in set(THINGS) - scene.things:  # the same number of things, one of them another
+            try:
+                options.append(replace(scene, things=(scene.things - {thing}) | {new}))
+            except InvalidInputError:
+                continue
+    return [o for o in options if not is_held_out(o)] if split == "train" else options
+
+
+def _changed_field(a: Scene, b: Scene) -> str:
+    return next(f for f in ("time", "sky", "land", "water", "things", "style") if getattr(a, f) != getattr(b, f))
+
+
 def _check_dataset_args(n: int, seed: int, size: int, split: str, captions: str) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise InvalidInputError(f"n={n!r} is invalid; give the number of samples, an int ≥ 0")
@@ -1716,6 +1752,21 @@ class ShanshuiDataset(torch.utils.data.Dataset):
     def caption(self, index: int) -> Caption:
         """Sample ``index``'s caption with its frame and what it mentions."""
         return self._caption(self.scene(index), _sample_rngs(self.seed, self._index(index))[2])
+
+    def negative_scene(self, index: int) -> Scene:
+        """Sample ``index``'s scene with one attribute (or thing) that its caption names changed to another
+        value — what :meth:`negative_caption` describes. It obeys the world's rules and, in the ``train``
+        split, is never a held-out combination (those stay out of all training text, negatives included)."""
+        index = self._index(index)
+        named = self.caption(index).mentions
+        return _swap_one(self.scene(index), named, np.random.default_rng([self.seed, index, 3]), self.split)
+
+    def negative_caption(self, index: int) -> Caption:
+        """A hard negative for sample ``index``'s caption (NegCLIP's swapped-attribute negatives): the caption
+        of :meth:`negative_scene`, drawn with the same caption stream, so that frame and wording stay as close
+        to the true caption as the new value allows."""
+        index = self._index(index)
+        return self._caption(self.negative_scene(index), _sample_rngs(self.seed, index)[2])
 
     def _caption(self, scene: Scene, rng: np.random.Generator) -> Caption:
         lang = self.captions

@@ -80,6 +80,14 @@ def clip(
     caption_column: Annotated[
         str | None, _opt("--caption-column", help="CSV/JSONL caption column [caption].", panel=_PANEL_DATA)
     ] = None,
+    negative_column: Annotated[
+        str | None,
+        _opt(
+            "--negative-column",
+            help="CSV/JSONL column of hard-negative captions, one per row (NegCLIP) [off].",
+            panel=_PANEL_DATA,
+        ),
+    ] = None,
     val_data: Annotated[
         str | None, _opt("--val-data", help="Held-out pairs (default: a share of --data).", panel=_PANEL_DATA)
     ] = None,

@@ -129,6 +129,9 @@ class ClipTrainConfig:
         init_from: a taiyi Chinese CLIP folder (``ChineseCLIP.save_pretrained``) to start from instead.
         allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
         image_column, caption_column: CSV columns / JSONL fields of image paths and captions.
+        negative_column: CSV column / JSONL field of each row's hard-negative caption (NegCLIP): a caption
+            that does not describe the row's image, scored against every image of the batch in the
+            image→text term. Rows without one are left out of training.
         val_data: held-out pairs for validation; by default ``val_fraction`` of ``data`` is held out.
         val_fraction: share of ``data`` held out for validation (0 with no ``val_data``: no validation).
         val_max: at most this many validation pairs (retrieval among 1000 is the usual benchmark size).
@@ -170,6 +173,7 @@ class ClipTrainConfig:
     allow_pickle: bool = False
     image_column: str = "image"
     caption_column: str = "caption"
+    negative_column: str | None = None
     val_data: str | None = None
     val_fraction: float = 0.05
     val_max: int = 1000
@@ -310,7 +314,10 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negative_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch: mean of image→text and text→image cross-entropy.
 
@@ -318,13 +325,20 @@ def contrastive_loss(
         image_features: this process's unnormalised image features (b, D); pair i is (image i, text i).
         text_features: this process's unnormalised text features (b, D).
         logit_scale: log temperature; ``exp`` is clamped to 100 (CLIP, Taiyi-CLIP).
+        negative_features: hard-negative captions' features (b, D), row i a caption that does not describe
+            image i (NegCLIP, Yuksekgonul et al. 2023): every image is scored against them as well as
+            against the batch's texts; the text→image term is unchanged.
     """
     image = gather_features(F.normalize(image_features.float(), dim=-1))  # (G, D)
     text = gather_features(F.normalize(text_features.float(), dim=-1))  # (G, D)
     scale = logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
     logits = scale * image @ text.T  # (G, G): row i = image i against every text
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if negative_features is None:
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    negative = gather_features(F.normalize(negative_features.float(), dim=-1))  # (G, D)
+    image_to_text = torch.cat([logits, scale * image @ negative.T], dim=1)  # (G, 2G)
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 class _Trainable(nn.Module):
@@ -651,6 +665,27 @@ def _make_accelerator(config: ClipTrainConfig, output: Path):
     )
 
 
+def _as_indices(indices) -> list[int]:
+    return indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+
+
+def _negative_captions(data: _DataSet, config: ClipTrainConfig, n: int) -> list[str | None]:
+    """Each row's hard-negative caption from ``--negative-column`` (``None`` where the row has none)."""
+    from ..data import IndexedPairs
+
+    if getattr(data.pairs, "kind", None) not in ("csv", "jsonl"):
+        raise InvalidInputError("--negative-column needs a CSV or JSONL --data (a column beside the captions)")
+    missing = f"{data.name} has no {config.negative_column!r} column (--negative-column)"
+    try:
+        pairs = IndexedPairs(config.data, image_column=config.image_column, caption_column=config.negative_column)
+    except InvalidInputError:
+        raise InvalidInputError(missing) from None
+    out = [(text or "").strip() or None for text in map(pairs.caption, range(n))]
+    if all(t is None for t in out):
+        raise InvalidInputError(missing)
+    return out
+
+
 def _captions(data: _DataSet, indices: list[int]) -> list[str]:
     """The captions of samples ``indices`` (unreadable ones left out)."""
     pairs = data.pairs
@@ -873,6 +908,22 @@ def train_clip(config: ClipTrainConfig) -> dict:
         table.valid if table is not None else None,
         val_table.valid if val_table is not None else None,
     )
+    negatives = None
+    if config.negative_column is not None:
+        negatives = _negative_captions(data, config, n_samples)
+        keep = torch.tensor([negatives[i] is not None for i in train_idx.tolist()], dtype=torch.bool)
+        if main and int((~keep).sum()):
+            logger.warning(
+                "%d training rows have no --negative-column %r caption and are left out",
+                int((~keep).sum()),
+                config.negative_column,
+            )
+        train_idx = train_idx[keep]
+        if len(train_idx) < config.batch_size:
+            raise InvalidInputError(
+                f"only {len(train_idx)} training rows of {data.name} have a {config.negative_column!r} caption; "
+                f"--batch-size is {config.batch_size}"
+            )
     batches_per_epoch = len(train_idx) // config.batch_size
     # Recorded once the model and the data have loaded: a run that fails on a typo leaves no run behind.
     accelerator.wait_for_everyone()
@@ -1058,20 +1109,23 @@ def train_clip(config: ClipTrainConfig) -> dict:
                     f"({skipped_total} unreadable samples so far) or raise --batch-size"
                 )
         with accelerator.accumulate(model):
-            tokens = clip.tokenize(captions)
+            hard = [negatives[i] for i in _as_indices(indices)] if negatives is not None else []
+            tokens = clip.tokenize(captions + hard)  # one text-tower pass for captions and negatives
             with accelerator.autocast():
                 text_features, image_features, scale = model(
                     tokens["input_ids"],
                     tokens["attention_mask"],
                     pixel_values=None if frozen else pixels.to(accelerator.device),
                 )
+            negative_features = text_features[len(captions) :] if hard else None
+            text_features = text_features[: len(captions)]
             if image_features is None:
                 image_features = (
                     features_on_device[indices.to(accelerator.device)]
                     if features_on_device is not None
                     else _frozen_image_features(clip, pixels, accelerator)
                 )
-            loss = contrastive_loss(image_features, text_features, scale)
+            loss = contrastive_loss(image_features, text_features, scale, negative_features)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
