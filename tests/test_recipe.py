@@ -88,6 +88,108 @@ def test_judge_counts_hits_per_attribute_and_group():
     assert result["held_out"] == {"time": 100.0, "land": 0.0, "style": 100.0}
     assert result["all"]["time"] == 75.0 and result["images"] == 4
     assert result["prompts"][0]["hits"]["things"] == [1, 4]
+    assert result["stderr"]["seen"] == {}  # one prompt per group: nothing to take a spread over
+
+
+def _judged(prompts, time_hits, images=3):
+    """A judge result where prompt ``j`` gets its time of day right on ``time_hits[j]`` of its ``images``
+    pictures and every other attribute right on all of them."""
+    from PIL import Image
+
+    pictures, answers = {}, {}
+    for item, hits in zip(prompts, time_hits, strict=True):
+        pictures[item.text] = [Image.new("RGB", (4, 4)) for _ in range(images)]
+        truth = {**fa.prompt_targets(item.scene), "things": set(item.scene.things)}
+        wrong = next(t for t in shanshui.TIMES if t != item.scene.time)
+        for i, im in enumerate(pictures[item.text]):
+            answers[id(im)] = {**truth, "time": item.scene.time if i < hits else wrong}
+    draw = lambda text, n, seed: pictures[text][:n]  # noqa: E731
+    return fa.judge(draw, prompts, _ScriptedProbe(answers), images_per_prompt=images)
+
+
+def test_judge_standard_errors_count_prompts_not_pictures():
+    """Pictures of one prompt are alike: the standard error is taken over prompts (cluster-robust)."""
+    prompts = fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=7)
+    # each prompt's pictures all right or all wrong: half the seen prompts right → p = 0.5 over m = 4 prompts,
+    # SE = sqrt(p (1 − p) / (m − 1)) whatever the pictures per prompt
+    for images in (3, 8):
+        result = _judged(prompts, [images, 0, images, 0, images, images], images)
+        assert result["seen"]["time"] == 50.0
+        assert result["stderr"]["seen"]["time"] == pytest.approx(100 * (0.25 / 3) ** 0.5)
+        assert result["stderr"]["held_out"]["time"] == 0.0 and result["stderr"]["seen"]["land"] == 0.0
+    # the same 50 % from every prompt getting half its pictures right: no spread between prompts
+    even = _judged(prompts, [1, 1, 1, 1, 1, 1], images=2)
+    assert even["seen"]["time"] == 50.0 and even["stderr"]["seen"]["time"] == 0.0
+    assert even["prompts"][0]["scene"] == prompts[0].scene.as_dict()
+    # one prompt judges nothing to spread over: no standard error
+    lone = _judged(fa.eval_prompts("zh", n_seen=1, n_held_out=0, seed=7), [1], images=2)
+    assert lone["seen"]["time"] == 50.0 and "time" not in lone["stderr"]["seen"]
+
+
+def test_compare_pairs_results_over_the_same_scenes():
+    zh = fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=7)
+    en = fa.eval_prompts("en", n_seen=4, n_held_out=2, seed=7)
+    a = _judged(zh, [3, 3, 2, 1, 3, 0])
+    b = _judged(en, [2, 2, 1, 0, 3, 0])  # one picture worse on every seen prompt: a steady lead
+    diff = fa.compare(a, b)
+    assert diff["prompts"] == 6
+    assert diff["seen"]["time"] == {"diff": pytest.approx(100 / 3), "se": pytest.approx(0.0, abs=1e-9)}
+    assert diff["held_out"]["time"]["diff"] == 0.0 and diff["seen"]["land"] == {"diff": 0.0, "se": 0.0}
+    # unpaired, each score on its own would carry its prompts' spread
+    assert a["stderr"]["seen"]["time"] > 10
+    assert fa.compare(a, a)["seen"]["time"] == {"diff": 0.0, "se": 0.0}
+    other = _judged(fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=8), [3] * 6)
+    with pytest.raises(fa.InvalidInputError, match="not judged on the same scenes"):
+        fa.compare(a, other)
+    old = {**a, "prompts": [{k: v for k, v in row.items() if k != "scene"} for row in a["prompts"]]}
+    with pytest.raises(fa.InvalidInputError, match="rows with scenes"):
+        fa.compare(old, b)
+
+
+def test_eval_compare_command(tmp_path, capsys):
+    from taiyi.cli import main
+
+    zh = fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=7)
+    en = fa.eval_prompts("en", n_seen=4, n_held_out=2, seed=7)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_judged(zh, [3, 3, 2, 1, 3, 0]), ensure_ascii=False))
+    b.write_text(json.dumps(_judged(en, [2, 2, 1, 0, 3, 0])))
+    out = tmp_path / "diff.json"
+    assert main(["eval", "compare", str(a), str(b), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "paired over 6 prompts" in printed and "+33.3 ± 0.0" in printed
+    assert json.loads(out.read_text())["seen"]["time"]["diff"] == pytest.approx(100 / 3)
+    (tmp_path / "bad.json").write_text("{not json")
+    for argv in (["eval", "compare", str(a), str(tmp_path / "none.json")],
+                 ["eval", "compare", str(a), str(tmp_path / "bad.json")]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("no such file" in err[0] or "not a faithfulness result" in err[0])
+
+
+def test_targets_say_how_far_a_miss_is():
+    from taiyi.recipe.report import targets
+
+    prompts = {lang: fa.eval_prompts(lang, n_seen=4, n_held_out=2, seed=7) for lang in ("zh", "en")}
+    faith = {
+        "English SD / en": _judged(prompts["en"], [3, 3, 3, 3, 3, 3]),
+        "Taiyi SD Chinese / zh": _judged(prompts["zh"], [3, 3, 3, 0, 3, 3]),
+    }
+    rows = {row["target"]: row for row in targets(faith)}
+    assert list(rows) == [
+        "Taiyi SD Chinese / zh, seen",
+        "Taiyi SD Chinese / zh: held-out − seen",
+        "Taiyi SD Chinese / zh − English SD / en, seen",
+        "Taiyi SD Chinese / zh − English SD / en, held-out",
+    ]
+    floors = rows["Taiyi SD Chinese / zh, seen"]
+    assert floors["cells"]["time"]["value"] == 75.0 and set(floors["cells"]) <= {"time", "land", "water", "style"}
+    se = floors["cells"]["time"]["se"]
+    assert floors["verdict"] == f"missed: time ({15 / se:.1f} SE)"
+    assert rows["Taiyi SD Chinese / zh: held-out − seen"]["verdict"] == "met"  # +25: held-out ahead
+    paired = rows["Taiyi SD Chinese / zh − English SD / en, seen"]
+    assert paired["cells"]["time"]["value"] == -25.0 and paired["verdict"].startswith("missed: time (")
+    assert rows["Taiyi SD Chinese / zh − English SD / en, held-out"]["verdict"] == "met"
 
 
 def test_frozen_check_sees_a_one_bit_change(tiny_zh, copy_checkpoint):
@@ -150,7 +252,10 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     for result in report["faithfulness"].values():
         assert set(result["seen"]) >= {"time", "land", "style"} and result["images"] == 3 * 2
     assert set(report["clip"]) == {"Taiyi-CLIP (Chinese)", "English CLIP"}
-    assert (out / "report.md").read_text(encoding="utf-8").startswith("# taiyi recipe mini")
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# taiyi recipe mini") and "## Targets" in markdown
+    # the targets: floors, held-out vs seen, and three models paired against the English SD (seen, held-out)
+    assert len(report["targets"]) == 2 + 3 * 2 and all(row["verdict"] for row in report["targets"])
     # recipe.json is written after every stage: the report sees what every stage before it cost
     assert set(report["stages"]) == set(STAGES) - {"report"}
     assert all(report["stages"][n]["seconds"] == status[n]["seconds"] for n in report["stages"])

@@ -25,11 +25,39 @@ def _probe(name: str):
     return AttributeProbe.from_pretrained(resolve_model(name)[0])
 
 
-def _table(rows: dict[str, dict[str, float]]) -> None:
-    attrs = ("time", "sky", "land", "water", "style", "things")
-    typer.echo("combos     " + "".join(f"{a:>8}" for a in attrs))
+_ATTRS = ("time", "sky", "land", "water", "style", "things")
+
+
+def _cell(value: float | None, se: float | None, *, sign: bool = False) -> str:
+    if value is None:
+        return f"{'–':>14}"
+    text = f"{value:+.1f}" if sign else f"{value:.1f}"
+    return f"{text + (f' ± {se:.1f}' if se is not None else ''):>14}"
+
+
+def _table(rows: dict[str, dict[str, float]], stderr: dict[str, dict[str, float]] | None = None) -> None:
+    """Per-attribute percentages, each with its standard error where one is known."""
+    stderr = stderr or {}
+    typer.echo("combos     " + "".join(f"{a:>14}" for a in _ATTRS))
     for name, values in rows.items():
-        typer.echo(f"{name:<11}" + "".join(f"{values[a]:>8.1f}" if a in values else f"{'–':>8}" for a in attrs))
+        se = stderr.get(name, {})
+        typer.echo(f"{name:<11}" + "".join(_cell(values.get(a), se.get(a)) for a in _ATTRS))
+
+
+def _read_result(path: str) -> dict:
+    from pathlib import Path
+
+    from .errors import InvalidInputError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path} is not a faithfulness result (JSON): {exc}") from None
+    if not isinstance(data, dict) or "seen" not in data:
+        raise InvalidInputError(f"{path} is not a faithfulness result (taiyi eval faithfulness -o writes one)")
+    return data
 
 
 @eval_app.command()
@@ -69,7 +97,31 @@ def faithfulness(
         prompt_seed=prompt_seed,
     )  # fmt: skip
     result["model"] = str(model or "default")
-    _table({"seen": result["seen"], "held-out": result["held_out"], "all": result["all"]})
+    se = result["stderr"]
+    _table({"seen": result["seen"], "held-out": result["held_out"], "all": result["all"]},
+           {"seen": se["seen"], "held-out": se["held_out"], "all": se["all"]})  # fmt: skip
+    typer.echo("(% of pictures the probe reads as prompted, ± one standard error over prompts)")
+    _write_json(output, result)
+
+
+@eval_app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="Faithfulness result (JSON from taiyi eval faithfulness -o).")],
+    b: Annotated[str, typer.Argument(help="The result to subtract, judged on the same scenes.")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the differences as JSON.")] = None,
+) -> None:
+    """Paired difference A − B of two faithfulness results on the same evaluation scenes (any prompt languages),
+    per attribute, with its standard error over prompts."""
+    from .recipe.faithfulness import compare as paired
+
+    result = paired(_read_result(a), _read_result(b))
+    typer.echo(f"A − B in points, paired over {result['prompts']} prompts (± one standard error)")
+    groups = {"seen": "seen", "held-out": "held_out", "all": "all"}
+    typer.echo("combos     " + "".join(f"{x:>14}" for x in _ATTRS))
+    for label, group in groups.items():
+        row = result[group]
+        cells = (_cell(row[x]["diff"], row[x]["se"], sign=True) if x in row else _cell(None, None) for x in _ATTRS)
+        typer.echo(f"{label:<11}" + "".join(cells))
     _write_json(output, result)
 
 

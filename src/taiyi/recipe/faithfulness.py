@@ -36,6 +36,7 @@ __all__ = [
     "eval_prompts",
     "prompt_targets",
     "judge",
+    "compare",
     "evaluate_pipeline",
     "evaluate_clip",
 ]
@@ -113,6 +114,40 @@ def _percent(hits: dict[str, list[bool]]) -> dict[str, float]:
     return {name: 100.0 * sum(v) / len(v) for name in JUDGED if (v := hits.get(name))}
 
 
+def _in_group(row: dict, group: str) -> bool:
+    return group == "all" or row["held_out"] == (group == "held_out")
+
+
+def _influence(rows: Sequence[dict], group: str, name: str) -> tuple[list[float], int] | None:
+    """Each prompt's share of the error of the group's score for ``name`` (points; zero where the prompt does
+    not judge it), and how many prompts judge it — the prompt is the unit of sampling, because the pictures
+    of one prompt are alike (a model tends to draw the same thing for every seed)."""
+    counts = [row["hits"].get(name, (0, 0)) if _in_group(row, group) else (0, 0) for row in rows]
+    total = sum(n for _, n in counts)
+    if total == 0:
+        return None
+    p = sum(h for h, _ in counts) / total
+    return [100.0 * (h - p * n) / total for h, n in counts], sum(1 for _, n in counts if n)
+
+
+def _cluster_se(influence: Sequence[float], m: int) -> float | None:
+    """Cluster-robust standard error from per-prompt influences (``m`` prompts; none below two)."""
+    if m < 2:
+        return None
+    return float(np.sqrt(m / (m - 1) * sum(u * u for u in influence)))
+
+
+def _stderr(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for group in ("seen", "held_out", "all"):
+        out[group] = {}
+        for name in JUDGED:
+            inf = _influence(rows, group, name)
+            if inf is not None and (se := _cluster_se(*inf)) is not None:
+                out[group][name] = se
+    return out
+
+
 def judge(
     draw: Callable[[str, int, int], Sequence[Image.Image]],
     prompts: Sequence[EvalPrompt],
@@ -133,8 +168,10 @@ def judge(
         progress: called with ``(prompts done, prompts)``.
 
     Returns:
-        ``{"seen": {attr: %}, "held_out": {attr: %}, "all": {attr: %}, "images": N, "prompts": [...]}``;
-        each prompt row has its text, held-out flag and per-attribute hit counts.
+        ``{"seen": {attr: %}, "held_out": {attr: %}, "all": {attr: %}, "stderr": {group: {attr: points}},
+        "images": N, "prompts": [...]}``; each prompt row has its text, scene, held-out flag and per-attribute
+        hit counts. The standard errors treat the prompt as the unit of sampling (cluster-robust): pictures of
+        one prompt are alike, so they shrink with more prompts far more than with more pictures per prompt.
     """
     if images_per_prompt < 1:
         raise InvalidInputError(f"images_per_prompt must be ≥ 1, not {images_per_prompt}")
@@ -153,6 +190,7 @@ def judge(
         rows.append(
             {
                 "prompt": item.text,
+                "scene": item.scene.as_dict(),
                 "held_out": item.held_out,
                 "hits": {name: [sum(v), len(v)] for name, v in prompt_hits.items()},
             }
@@ -161,10 +199,47 @@ def judge(
             progress(j + 1, len(prompts))
     return {
         **{group: _percent(hits) for group, hits in groups.items()},
+        "stderr": _stderr(rows),
         "images": images_per_prompt * len(prompts),
         "images_per_prompt": images_per_prompt,
         "prompts": rows,
     }
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Paired difference ``a − b`` of two :func:`judge` results on the same evaluation scenes (in any prompt
+    language), per group and attribute, in points, with its standard error: the prompt is the unit of sampling
+    and both results saw the same scenes, so what the scenes themselves make easy or hard cancels out.
+
+    Returns ``{"seen": {attr: {"diff": d, "se": s}}, "held_out": {...}, "all": {...}, "prompts": m}``.
+    Raises :class:`~taiyi.errors.InvalidInputError` if the two were not judged on the same scenes.
+    """
+    rows_a, rows_b = a.get("prompts"), b.get("prompts")
+    if not rows_a or not rows_b or any("scene" not in row for row in (*rows_a, *rows_b)):
+        raise InvalidInputError(
+            "both results need their per-prompt rows with scenes, as taiyi eval faithfulness -o writes them"
+        )
+    same = len(rows_a) == len(rows_b) and all(
+        ra["held_out"] == rb["held_out"] and ra["scene"] == rb["scene"] for ra, rb in zip(rows_a, rows_b, strict=False)
+    )
+    if not same:
+        raise InvalidInputError(
+            "the two results were not judged on the same scenes; judge both with the same --seen, --held-out "
+            "and --prompt-seed"
+        )
+    out: dict = {"prompts": len(rows_a)}
+    for group in ("seen", "held_out", "all"):
+        out[group] = {}
+        for name in JUDGED:
+            if name not in a.get(group, {}) or name not in b.get(group, {}):
+                continue
+            inf_a, inf_b = _influence(rows_a, group, name), _influence(rows_b, group, name)
+            if inf_a is None or inf_b is None:
+                continue
+            m = max(inf_a[1], inf_b[1])
+            se = _cluster_se([ua - ub for ua, ub in zip(inf_a[0], inf_b[0], strict=True)], m)
+            out[group][name] = {"diff": a[group][name] - b[group][name], "se": se}
+    return out
 
 
 def evaluate_pipeline(

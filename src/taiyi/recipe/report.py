@@ -15,7 +15,7 @@ import torch
 from ..errors import InvalidInputError
 from ..train.common import write_json_atomic
 
-__all__ = ["frozen_check", "write_report", "EXPORTS"]
+__all__ = ["frozen_check", "targets", "write_report", "EXPORTS"]
 
 # exported name → run subfolder
 EXPORTS: dict[str, str] = {
@@ -33,6 +33,69 @@ _JUDGED_MODELS = (
     ("Taiyi SD bilingual", "sd-zh-en/final", ("zh", "en", "mixed")),
 )
 _ATTRS = ("time", "sky", "land", "water", "style", "things")
+
+_ENGLISH = "English SD / en"
+_CHINESE = "Taiyi SD Chinese / zh"
+# the recipe's quality targets: the Chinese model's floors on Chinese prompts (seen combinations), and the
+# largest shortfalls allowed against the English SD (paired over the same scenes) and of held-out
+# combinations against seen ones
+_FLOORS = {"time": 90.0, "land": 85.0, "water": 80.0, "style": 80.0}
+_BEHIND_ENGLISH = -3.0
+_HELD_OUT_BEHIND = -15.0
+
+
+def _verdict(cells: dict[str, dict], bound: float | dict[str, float]) -> str:
+    """ "met", or which attributes fall below their bound and by how many standard errors."""
+    misses = []
+    for name, cell in cells.items():
+        low = bound[name] if isinstance(bound, dict) else bound
+        if cell["value"] < low:
+            se = cell.get("se")
+            misses.append(f"{name} ({(low - cell['value']) / se:.1f} SE)" if se else name)
+    return "met" if not misses else "missed: " + ", ".join(misses)
+
+
+def targets(faithfulness: dict) -> list[dict]:
+    """The recipe's quality targets judged on a report's faithfulness results, each with its figures, their
+    standard errors (the prompt is the unit of sampling) and a verdict that says how many standard errors a
+    miss is — a miss of one or two standard errors is within what another set of prompts could show.
+
+    Rows: the Chinese model's floors (seen combinations); its held-out minus seen combinations; the Chinese
+    model and the bilingual one (Chinese and English prompts) each minus the English SD, paired over the same
+    scenes, seen and held-out combinations. Rows whose results are missing are left out.
+    """
+    from .faithfulness import compare
+
+    rows: list[dict] = []
+    zh = faithfulness.get(_CHINESE)
+    if zh is not None:
+        se = zh.get("stderr", {}).get("seen", {})
+        cells = {a: {"value": zh["seen"][a], "se": se.get(a)} for a in _FLOORS if a in zh["seen"]}
+        rows.append({"target": f"{_CHINESE}, seen", "bound": dict(_FLOORS), "cells": cells,
+                     "verdict": _verdict(cells, _FLOORS)})  # fmt: skip
+        ses = zh.get("stderr", {})
+        cells = {}
+        for a in _ATTRS:
+            if a in zh["seen"] and a in zh["held_out"]:
+                s1, s2 = ses.get("seen", {}).get(a), ses.get("held_out", {}).get(a)
+                se = (s1**2 + s2**2) ** 0.5 if s1 is not None and s2 is not None else None
+                cells[a] = {"value": zh["held_out"][a] - zh["seen"][a], "se": se}
+        rows.append({"target": f"{_CHINESE}: held-out − seen", "bound": _HELD_OUT_BEHIND, "cells": cells,
+                     "verdict": _verdict(cells, _HELD_OUT_BEHIND)})  # fmt: skip
+    en = faithfulness.get(_ENGLISH)
+    if en is not None:
+        for name in (_CHINESE, "Taiyi SD bilingual / zh", "Taiyi SD bilingual / en"):
+            if name not in faithfulness:
+                continue
+            try:
+                paired = compare(faithfulness[name], en)
+            except InvalidInputError:
+                continue  # judged on other scenes (or before rows had them): no paired figure
+            for group in ("seen", "held_out"):
+                cells = {a: {"value": d["diff"], "se": d["se"]} for a, d in paired[group].items()}
+                rows.append({"target": f"{name} − {_ENGLISH}, {group.replace('_', '-')}", "bound": _BEHIND_ENGLISH,
+                             "cells": cells, "verdict": _verdict(cells, _BEHIND_ENGLISH)})  # fmt: skip
+    return rows
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -164,6 +227,7 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
         _grid(pipe, prompts, grid, steps=preset.eval_steps, seed=seed)
         report["grids"][title] = {"file": str(grid.relative_to(run)), "prompts": prompts}
         del pipe
+    report["targets"] = targets(report["faithfulness"])
     report["clip"]["Taiyi-CLIP (Chinese)"] = evaluate_clip(load_clip(run / "clip-zh" / "final", device="cpu"), "zh")
     report["clip"]["English CLIP"] = evaluate_clip(load_clip(run / "clip-en" / "final", device="cpu"), "en")
     report["stage1_frozen"] = {
@@ -188,8 +252,32 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     return report
 
 
-def _row(values: dict, attrs=_ATTRS) -> str:
-    return " | ".join(f"{values[a]:.0f}" if a in values else "–" for a in attrs)
+def _row(values: dict, stderr: dict | None = None, attrs=_ATTRS) -> str:
+    stderr = stderr or {}
+    return " | ".join(
+        (f"{values[a]:.0f}" + (f" ± {stderr[a]:.0f}" if stderr.get(a) is not None else "")) if a in values else "–"
+        for a in attrs
+    )
+
+
+def _target_lines(rows: list[dict]) -> list[str]:
+    lines = ["| target | bound | " + " | ".join(_ATTRS) + " | verdict |", "|---|---|" + "---|" * (len(_ATTRS) + 1)]
+    for row in rows:
+        bound = row["bound"]
+        if isinstance(bound, dict):
+            bound_text = ", ".join(f"{a} ≥ {v:.0f}" for a, v in bound.items())
+        else:
+            bound_text = f"≥ {bound:+.0f} each"
+        cells = []
+        for a in _ATTRS:
+            cell = row["cells"].get(a)
+            if cell is None:
+                cells.append("–")
+                continue
+            text = f"{cell['value']:.0f}" if isinstance(bound, dict) else f"{cell['value']:+.0f}"
+            cells.append(text + (f" ± {cell['se']:.0f}" if cell.get("se") is not None else ""))
+        lines.append(f"| {row['target']} | {bound_text} | " + " | ".join(cells) + f" | {row['verdict']} |")
+    return lines
 
 
 def _write_markdown(run: Path, report: dict) -> None:
@@ -200,7 +288,13 @@ def _write_markdown(run: Path, report: dict) -> None:
     lines += ["| model / prompts | combos | " + " | ".join(_ATTRS) + " |", "|---|---|" + "---|" * len(_ATTRS)]
     for name, result in report["faithfulness"].items():
         for group in ("seen", "held_out"):
-            lines.append(f"| {name} | {group} | {_row(result[group])} |")
+            lines.append(f"| {name} | {group} | {_row(result[group], result.get('stderr', {}).get(group))} |")
+    if report.get("targets"):
+        lines += ["", "± one standard error, the prompt the unit of sampling (the pictures of one prompt are alike).",
+                  "", "## Targets", "",
+                  "Differences are paired over the same scenes; a miss of one or two standard errors (SE) is within",
+                  "what another set of evaluation prompts could show.", ""]  # fmt: skip
+        lines += _target_lines(report["targets"])
     clip_attrs = ("time", "sky", "land", "water", "style")
     header = "| model | " + " | ".join(clip_attrs) + " | text→image R@1 |"
     lines += ["", "## CLIP on held-out scenes (zero-shot %; sky and water among scenes that have one)", "",
