@@ -126,6 +126,40 @@ def test_judge_standard_errors_count_prompts_not_pictures():
     assert lone["seen"]["time"] == 50.0 and "time" not in lone["stderr"]["seen"]
 
 
+def test_judge_draws_several_prompts_per_batch_with_the_same_seeds():
+    """``draw_rows`` batches whole prompts; every picture keeps the seed ``draw`` would give it."""
+    from PIL import Image
+
+    prompts = fa.eval_prompts("zh", n_seen=5, n_held_out=2, seed=7)
+    calls = []
+
+    def picture(text, seed):  # the scripted probe reads time right on even seeds
+        im = Image.new("RGB", (4, 4))
+        scene = next(p.scene for p in prompts if p.text == text)
+        answers[id(im)] = {**fa.prompt_targets(scene), "things": set(scene.things),
+                           "time": scene.time if seed % 2 == 0 else "?"}  # fmt: skip
+        keep.append(im)
+        return im
+
+    def draw(text, n, first):
+        calls.append(("one", [first + i for i in range(n)]))
+        return [picture(text, first + i) for i in range(n)]
+
+    def draw_rows(texts, seeds):
+        calls.append(("rows", seeds))
+        return [picture(t, s) for t, s in zip(texts, seeds, strict=True)]
+
+    answers, keep = {}, []
+    probe = _ScriptedProbe(answers)
+    one = fa.judge(draw, prompts, probe, images_per_prompt=3, seed=10)
+    assert [c for c, _ in calls] == ["one"] * 7
+    calls.clear()
+    batched = fa.judge(draw, prompts, probe, images_per_prompt=3, seed=10, draw_rows=draw_rows, rows_per_call=6)
+    assert [c for c, _ in calls] == ["rows", "rows", "rows", "one"]  # 2 + 2 + 2 prompts, then the last alone
+    assert [s for _, seeds in calls for s in seeds] == list(range(10, 10 + 3 * 7))
+    assert batched == one
+
+
 def test_compare_pairs_results_over_the_same_scenes():
     zh = fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=7)
     en = fa.eval_prompts("en", n_seen=4, n_held_out=2, seed=7)

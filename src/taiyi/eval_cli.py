@@ -67,9 +67,9 @@ def faithfulness(
     ] = "taiyi-mini-probe",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pipeline (default: the embedded one).")] = None,
     lang: Annotated[str, typer.Option("--lang", help="Prompt language: zh, en or mixed.")] = "zh",
-    seen: Annotated[int, typer.Option("--seen", help="Prompts from combinations seen in training.")] = 24,
-    held_out: Annotated[int, typer.Option("--held-out", help="Prompts from held-out combinations.")] = 12,
-    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Pictures per prompt (≥ 8).")] = 8,
+    seen: Annotated[int, typer.Option("--seen", help="Prompts from combinations seen in training.")] = 192,
+    held_out: Annotated[int, typer.Option("--held-out", help="Prompts from held-out combinations.")] = 96,
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help="Pictures per prompt.")] = 2,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps [the pipeline's default].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale [the model's default].")] = None,
     guidance_rescale: Annotated[

@@ -60,7 +60,7 @@ def _check_lang(lang: str) -> None:
         raise InvalidInputError(f"lang {lang!r} is invalid; use one of {', '.join(LANGS)}")
 
 
-def eval_prompts(lang: str = "zh", *, n_seen: int = 24, n_held_out: int = 12, seed: int = 1234) -> list[EvalPrompt]:
+def eval_prompts(lang: str = "zh", *, n_seen: int = 192, n_held_out: int = 96, seed: int = 1234) -> list[EvalPrompt]:
     """Distinct evaluation scenes — ``n_seen`` from combinations seen in training, ``n_held_out`` from the
     held-out ones — each with its fixed full-attribute prompt in ``lang`` (``zh``, ``en`` or ``mixed``).
 
@@ -153,9 +153,11 @@ def judge(
     prompts: Sequence[EvalPrompt],
     probe,
     *,
-    images_per_prompt: int = 8,
+    images_per_prompt: int = 2,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    draw_rows: Callable[[list[str], list[int]], Sequence[Image.Image]] | None = None,
+    rows_per_call: int = 16,
 ) -> dict:
     """Draw ``images_per_prompt`` pictures per prompt and score them with the probe.
 
@@ -163,9 +165,13 @@ def judge(
         draw: ``draw(prompt, n, seed) → n images`` (image ``i`` seeded ``seed + i``).
         prompts: from :func:`eval_prompts`.
         probe: an :class:`~taiyi.recipe.probe.AttributeProbe` (anything with ``predict(images) → list[dict]``).
-        images_per_prompt: pictures per prompt (≥ 8 for a standard error near ±3 points per attribute).
+        images_per_prompt: pictures per prompt. The pictures of one prompt are alike, so more prompts buy more
+            precision than more pictures per prompt (README, "How precise the judging is").
         seed: seed of the first picture of the first prompt; prompt ``j`` starts at ``seed + j × n``.
         progress: called with ``(prompts done, prompts)``.
+        draw_rows: ``draw_rows(prompts, seeds) → one image per row``: the pictures ``draw`` would give (within
+            float rounding), several prompts to a batch; used when a call can hold more than one prompt.
+        rows_per_call: pictures per ``draw_rows`` call (whole prompts).
 
     Returns:
         ``{"seen": {attr: %}, "held_out": {attr: %}, "all": {attr: %}, "stderr": {group: {attr: points}},
@@ -175,34 +181,46 @@ def judge(
     """
     if images_per_prompt < 1:
         raise InvalidInputError(f"images_per_prompt must be ≥ 1, not {images_per_prompt}")
+    n = images_per_prompt
+    per_call = max(1, rows_per_call // n) if draw_rows is not None else 1
     groups: dict[str, dict[str, list[bool]]] = {"seen": {}, "held_out": {}, "all": {}}
-    rows = []
-    for j, item in enumerate(prompts):
-        images = list(draw(item.text, images_per_prompt, seed + j * images_per_prompt))
-        targets = prompt_targets(item.scene)
-        prompt_hits: dict[str, list[bool]] = {}
-        for prediction in probe.predict(images):
-            for name, values in _hits(prediction, targets).items():
-                prompt_hits.setdefault(name, []).extend(values)
-        for group in ("held_out" if item.held_out else "seen", "all"):
-            for name, values in prompt_hits.items():
-                groups[group].setdefault(name, []).extend(values)
-        rows.append(
-            {
-                "prompt": item.text,
-                "scene": item.scene.as_dict(),
-                "held_out": item.held_out,
-                "hits": {name: [sum(v), len(v)] for name, v in prompt_hits.items()},
-            }
-        )
+    rows: list[dict] = []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start : start + per_call]
+        if len(chunk) == 1:
+            drawn = [list(draw(chunk[0].text, n, seed + start * n))]
+        else:
+            texts = [item.text for item in chunk for _ in range(n)]
+            images = list(draw_rows(texts, [seed + start * n + i for i in range(len(texts))]))
+            drawn = [images[k * n : (k + 1) * n] for k in range(len(chunk))]
+        for item, images in zip(chunk, drawn, strict=True):
+            rows.append(_score(item, images, probe, groups))
         if progress is not None:
-            progress(j + 1, len(prompts))
+            progress(len(rows), len(prompts))
     return {
         **{group: _percent(hits) for group, hits in groups.items()},
         "stderr": _stderr(rows),
-        "images": images_per_prompt * len(prompts),
-        "images_per_prompt": images_per_prompt,
+        "images": n * len(prompts),
+        "images_per_prompt": n,
         "prompts": rows,
+    }
+
+
+def _score(item: EvalPrompt, images: Sequence[Image.Image], probe, groups: dict) -> dict:
+    """One prompt's pictures read by the probe: its row; its hits are added to ``groups``."""
+    targets = prompt_targets(item.scene)
+    prompt_hits: dict[str, list[bool]] = {}
+    for prediction in probe.predict(images):
+        for name, values in _hits(prediction, targets).items():
+            prompt_hits.setdefault(name, []).extend(values)
+    for group in ("held_out" if item.held_out else "seen", "all"):
+        for name, values in prompt_hits.items():
+            groups[group].setdefault(name, []).extend(values)
+    return {
+        "prompt": item.text,
+        "scene": item.scene.as_dict(),
+        "held_out": item.held_out,
+        "hits": {name: [sum(v), len(v)] for name, v in prompt_hits.items()},
     }
 
 
@@ -247,9 +265,9 @@ def evaluate_pipeline(
     probe,
     lang: str = "zh",
     *,
-    n_seen: int = 24,
-    n_held_out: int = 12,
-    images_per_prompt: int = 8,
+    n_seen: int = 192,
+    n_held_out: int = 96,
+    images_per_prompt: int = 2,
     steps: int | None = None,
     guidance: float | None = None,
     guidance_rescale: float | None = None,
@@ -285,8 +303,13 @@ def evaluate_pipeline(
     def draw(prompt: str, n: int, first_seed: int) -> list[Image.Image]:
         return pipe.generate(prompt, num_images=n, seed=first_seed, **kwargs).images
 
+    def draw_rows(texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        return pipe.generate_many(texts, seeds=seeds, **kwargs).images
+
     prompts = eval_prompts(lang, n_seen=n_seen, n_held_out=n_held_out, seed=prompt_seed)
-    result = judge(draw, prompts, probe, images_per_prompt=images_per_prompt, seed=seed, progress=progress)
+    result = judge(
+        draw, prompts, probe, images_per_prompt=images_per_prompt, seed=seed, progress=progress, draw_rows=draw_rows
+    )
     settings = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
     return {"lang": lang, "size": size, **settings, **result}
 

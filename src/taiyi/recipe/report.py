@@ -260,6 +260,12 @@ def _row(values: dict, stderr: dict | None = None, attrs=_ATTRS) -> str:
     )
 
 
+def _signed(value: float) -> str:
+    """A whole-point difference with its sign (``+4``, ``−8``, ``0``)."""
+    whole = round(value)
+    return "0" if whole == 0 else f"{whole:+d}".replace("-", "−")
+
+
 def _target_lines(rows: list[dict]) -> list[str]:
     lines = ["| target | bound | " + " | ".join(_ATTRS) + " | verdict |", "|---|---|" + "---|" * (len(_ATTRS) + 1)]
     for row in rows:
@@ -267,14 +273,14 @@ def _target_lines(rows: list[dict]) -> list[str]:
         if isinstance(bound, dict):
             bound_text = ", ".join(f"{a} ≥ {v:.0f}" for a, v in bound.items())
         else:
-            bound_text = f"≥ {bound:+.0f} each"
+            bound_text = f"≥ {_signed(bound)} each"
         cells = []
         for a in _ATTRS:
             cell = row["cells"].get(a)
             if cell is None:
                 cells.append("–")
                 continue
-            text = f"{cell['value']:.0f}" if isinstance(bound, dict) else f"{cell['value']:+.0f}"
+            text = f"{cell['value']:.0f}" if isinstance(bound, dict) else _signed(cell["value"])
             cells.append(text + (f" ± {cell['se']:.0f}" if cell.get("se") is not None else ""))
         lines.append(f"| {row['target']} | {bound_text} | " + " | ".join(cells) + f" | {row['verdict']} |")
     return lines
@@ -372,7 +378,9 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
               "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
               "wall_seconds": recipe.get("wall_seconds"), "stage_seconds": recipe.get("stage_seconds"),
               "calibrations": recipe.get("calibrations"),
-              "faithfulness": {k: {g: v[g] for g in ("seen", "held_out")} for k, v in report["faithfulness"].items()},
+              "faithfulness": {k: {g: v[g] for g in ("seen", "held_out", "stderr") if g in v}
+                               for k, v in report["faithfulness"].items()},
+              "targets": report.get("targets"),
               "sampling": report.get("sampling"), "clip": report.get("clip"),
               "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
     write_json_atomic(target / "SOURCE.json", source)
