@@ -330,7 +330,9 @@ def test_recipe_rerun_skips_finished_stages(tiny_run):
 
     out, first = tiny_run
     lines = []
+    before = (out / "recipe.json").read_bytes()
     status = run_recipe(RecipeConfig(out=str(out), preset="tiny"), echo=lines.append)
+    assert (out / "recipe.json").read_bytes() == before  # a run that ran nothing keeps the record of the one that did
     assert all(s["status"] == "done before" for s in status.values()) and len(lines) == len(status)
     # the time each stage took in the first run is kept: the budget is judged over all of them
     assert {n: s.get("seconds") for n, s in status.items()} == {n: s["seconds"] for n, s in first.items()}

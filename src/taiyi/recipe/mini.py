@@ -376,7 +376,8 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         calibrations.append(host_calibration(config.threads))
         echo(f"[recipe] host calibration: {calibrations[-1]['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD})")
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
-    started = time.monotonic()
+    started: set[str] = set()  # stages this invocation ran
+    began = time.monotonic()
 
     def ready(name: str) -> bool:
         return all(n in done for n in stages[name].needs)
@@ -414,7 +415,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
             "config": asdict(config),
             "preset_values": asdict(PRESETS[config.preset]),
             "stages": status,
-            "wall_seconds": round(time.monotonic() - started, 1),  # this invocation
+            "wall_seconds": round(time.monotonic() - began, 1),  # this invocation
             "stage_seconds": round(sum(v.get("seconds", 0) for v in status.values()), 1),  # every stage, all runs
             "calibrations": calibrations,  # one per invocation that ran stages (host_calibration)
         }
@@ -439,6 +440,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
                 if missing:
                     continue
                 pending.remove(name)
+                started.add(name)
                 echo(f"[recipe] {name}: {stage.title} …")
                 t0 = time.monotonic()
                 if stage.prepare is not None:
@@ -467,7 +469,8 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         for proc, _, _ in running.values():
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-        write_record()
+        if started or not (out / "recipe.json").exists():  # a run that ran nothing keeps the record it found
+            write_record()
     return status
 
 
