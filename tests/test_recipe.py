@@ -290,6 +290,10 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     assert markdown.startswith("# taiyi recipe mini") and "## Targets" in markdown
     # the targets: floors, held-out vs seen, and three models paired against the English SD (seen, held-out)
     assert len(report["targets"]) == 2 + 3 * 2 and all(row["verdict"] for row in report["targets"])
+    assert "bit-identical: met" in markdown
+    # the budget over every stage, this report's own time included
+    stages_seconds = sum(st["seconds"] for st in report["stages"].values()) + report["report_seconds"]
+    assert report["budget"] == {"minutes": round(stages_seconds / 60, 1), "bound": 60.0, "verdict": "met"}
     # recipe.json is written after every stage: the report sees what every stage before it cost
     assert set(report["stages"]) == set(STAGES) - {"report"}
     assert all(report["stages"][n]["seconds"] == status[n]["seconds"] for n in report["stages"])

@@ -42,6 +42,7 @@ _CHINESE = "Taiyi SD Chinese / zh"
 _FLOORS = {"time": 90.0, "land": 85.0, "water": 80.0, "style": 80.0}
 _BEHIND_ENGLISH = -3.0
 _HELD_OUT_BEHIND = -15.0
+BUDGET_MINUTES = 60.0  # the whole recipe on 2 CPU cores
 
 
 def _verdict(cells: dict[str, dict], bound: float | dict[str, float]) -> str:
@@ -247,6 +248,11 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
         report["stages"] = recorded.get("stages", {})
         report["calibrations"] = recorded.get("calibrations", [])
     report["report_seconds"] = round(time.monotonic() - t0, 1)
+    if "stages" in report:  # every stage's time but an earlier report's, and this report's own
+        seconds = sum(st.get("seconds", 0) for name, st in report["stages"].items() if name != "report")
+        minutes = round((seconds + report["report_seconds"]) / 60, 1)
+        report["budget"] = {"minutes": minutes, "bound": BUDGET_MINUTES,
+                            "verdict": "met" if minutes <= BUDGET_MINUTES else "missed"}  # fmt: skip
     _write_markdown(run, report)
     write_json_atomic(run / "report.json", report)
     return report
@@ -301,6 +307,12 @@ def _write_markdown(run: Path, report: dict) -> None:
                   "Differences are paired over the same scenes; a miss of one or two standard errors (SE) is within",
                   "what another set of evaluation prompts could show.", ""]  # fmt: skip
         lines += _target_lines(report["targets"])
+        frozen = all(all(check.values()) for check in report.get("stage1_frozen", {}).values())
+        lines += ["", f"- Stage 1 left every UNet and VAE tensor bit-identical: {'met' if frozen else 'missed'}"]
+        if "budget" in report:
+            b = report["budget"]
+            lines.append(f"- The whole recipe in ≤ {b['bound']:.0f} minutes: {b['minutes']} minutes over all stages, "
+                         f"this report's included — {b['verdict']} (host speed: see Stages)")  # fmt: skip
     clip_attrs = ("time", "sky", "land", "water", "style")
     header = "| model | " + " | ".join(clip_attrs) + " | text→image R@1 |"
     lines += ["", "## CLIP on held-out scenes (zero-shot %; sky and water among scenes that have one)", "",
@@ -380,7 +392,7 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
               "calibrations": recipe.get("calibrations"),
               "faithfulness": {k: {g: v[g] for g in ("seen", "held_out", "stderr") if g in v}
                                for k, v in report["faithfulness"].items()},
-              "targets": report.get("targets"),
+              "targets": report.get("targets"), "budget": report.get("budget"),
               "sampling": report.get("sampling"), "clip": report.get("clip"),
               "stage1_frozen": report.get("stage1_frozen")}  # fmt: skip
     write_json_atomic(target / "SOURCE.json", source)
