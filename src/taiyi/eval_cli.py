@@ -86,16 +86,18 @@ def faithfulness(
     from .cli import _quiet_libraries
 
     _quiet_libraries()
+    from .cli import _Progress
     from .pipeline import load_pipeline
     from .recipe.faithfulness import evaluate_pipeline
 
     judge = _probe(probe)
     pipe = load_pipeline(model)
-    result = evaluate_pipeline(
-        pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,
-        guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler, size=size, seed=seed,
-        prompt_seed=prompt_seed,
-    )  # fmt: skip
+    with _Progress("prompts judged") as bar:
+        result = evaluate_pipeline(
+            pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,
+            guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler, size=size, seed=seed,
+            prompt_seed=prompt_seed, progress=bar,
+        )  # fmt: skip
     result["model"] = str(model or "default")
     se = result["stderr"]
     _table({"seen": result["seen"], "held-out": result["held_out"], "all": result["all"]},
