@@ -178,6 +178,17 @@ def test_compare_pairs_results_over_the_same_scenes():
     old = {**a, "prompts": [{k: v for k, v in row.items() if k != "scene"} for row in a["prompts"]]}
     with pytest.raises(fa.InvalidInputError, match="rows with scenes"):
         fa.compare(old, b)
+    # rows that are not what judge writes: refused in one line, never a KeyError
+    broken = [
+        [{k: v for k, v in row.items() if k != "held_out"} for row in a["prompts"]],
+        [{**row, "hits": {"time": [5, 3]}} for row in a["prompts"]],
+        [{**row, "hits": {"time": "3/3"}} for row in a["prompts"]],
+        "abc",
+        [],
+    ]
+    for rows in broken:
+        with pytest.raises(fa.InvalidInputError, match="rows with scenes"):
+            fa.compare({**a, "prompts": rows}, b)
 
 
 def test_eval_compare_command(tmp_path, capsys):

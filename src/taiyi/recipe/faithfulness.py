@@ -118,16 +118,16 @@ def _in_group(row: dict, group: str) -> bool:
     return group == "all" or row["held_out"] == (group == "held_out")
 
 
-def _influence(rows: Sequence[dict], group: str, name: str) -> tuple[list[float], int] | None:
+def _influence(rows: Sequence[dict], group: str, name: str) -> tuple[list[float], int, float] | None:
     """Each prompt's share of the error of the group's score for ``name`` (points; zero where the prompt does
-    not judge it), and how many prompts judge it — the prompt is the unit of sampling, because the pictures
-    of one prompt are alike (a model tends to draw the same thing for every seed)."""
+    not judge it), how many prompts judge it, and the score (%) — the prompt is the unit of sampling, because
+    the pictures of one prompt are alike (a model tends to draw the same thing for every seed)."""
     counts = [row["hits"].get(name, (0, 0)) if _in_group(row, group) else (0, 0) for row in rows]
     total = sum(n for _, n in counts)
     if total == 0:
         return None
     p = sum(h for h, _ in counts) / total
-    return [100.0 * (h - p * n) / total for h, n in counts], sum(1 for _, n in counts if n)
+    return [100.0 * (h - p * n) / total for h, n in counts], sum(1 for _, n in counts if n), 100.0 * p
 
 
 def _cluster_se(influence: Sequence[float], m: int) -> float | None:
@@ -143,7 +143,7 @@ def _stderr(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
         out[group] = {}
         for name in JUDGED:
             inf = _influence(rows, group, name)
-            if inf is not None and (se := _cluster_se(*inf)) is not None:
+            if inf is not None and (se := _cluster_se(inf[0], inf[1])) is not None:
                 out[group][name] = se
     return out
 
@@ -232,11 +232,7 @@ def compare(a: dict, b: dict) -> dict:
     Returns ``{"seen": {attr: {"diff": d, "se": s}}, "held_out": {...}, "all": {...}, "prompts": m}``.
     Raises :class:`~taiyi.errors.InvalidInputError` if the two were not judged on the same scenes.
     """
-    rows_a, rows_b = a.get("prompts"), b.get("prompts")
-    if not rows_a or not rows_b or any("scene" not in row for row in (*rows_a, *rows_b)):
-        raise InvalidInputError(
-            "both results need their per-prompt rows with scenes, as taiyi eval faithfulness -o writes them"
-        )
+    rows_a, rows_b = _judged_rows(a), _judged_rows(b)
     same = len(rows_a) == len(rows_b) and all(
         ra["held_out"] == rb["held_out"] and ra["scene"] == rb["scene"] for ra, rb in zip(rows_a, rows_b, strict=False)
     )
@@ -249,15 +245,43 @@ def compare(a: dict, b: dict) -> dict:
     for group in ("seen", "held_out", "all"):
         out[group] = {}
         for name in JUDGED:
-            if name not in a.get(group, {}) or name not in b.get(group, {}):
-                continue
             inf_a, inf_b = _influence(rows_a, group, name), _influence(rows_b, group, name)
             if inf_a is None or inf_b is None:
                 continue
             m = max(inf_a[1], inf_b[1])
             se = _cluster_se([ua - ub for ua, ub in zip(inf_a[0], inf_b[0], strict=True)], m)
-            out[group][name] = {"diff": a[group][name] - b[group][name], "se": se}
+            out[group][name] = {"diff": inf_a[2] - inf_b[2], "se": se}
     return out
+
+
+def _judged_rows(result) -> list[dict]:
+    """A result's per-prompt rows, checked: each with its scene, held-out flag and hit counts."""
+
+    def counts(v) -> bool:
+        return (
+            isinstance(v, list | tuple)
+            and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and 0 <= v[0] <= v[1]
+        )
+
+    rows = result.get("prompts") if isinstance(result, dict) else None
+    if not (
+        isinstance(rows, list)
+        and rows
+        and all(
+            isinstance(row, dict)
+            and isinstance(row.get("scene"), dict)
+            and isinstance(row.get("held_out"), bool)
+            and isinstance(row.get("hits"), dict)
+            and all(counts(v) for v in row["hits"].values())
+            for row in rows
+        )
+    ):
+        raise InvalidInputError(
+            "both results need their per-prompt rows with scenes, as taiyi eval faithfulness -o writes them"
+        )
+    return rows
 
 
 def evaluate_pipeline(
