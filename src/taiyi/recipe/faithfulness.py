@@ -69,7 +69,9 @@ def eval_prompts(lang: str = "zh", *, n_seen: int = 192, n_held_out: int = 96, s
     _check_lang(lang)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidInputError(f"the prompt seed must be a whole number of 0 or more, not {seed!r}")
-    if n_seen < 0 or n_held_out < 0 or n_seen + n_held_out == 0:
+    if n_seen < 0 or n_held_out < 0:
+        raise InvalidInputError(f"prompt counts must be 0 or more, not {n_seen} seen and {n_held_out} held-out")
+    if n_seen + n_held_out == 0:
         raise InvalidInputError("ask for at least one evaluation prompt (n_seen + n_held_out ≥ 1)")
     out: list[EvalPrompt] = []
     for split, n, offset in (("train", n_seen, 0), ("heldout", n_held_out, 1)):
