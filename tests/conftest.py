@@ -7,6 +7,7 @@ cache (``TAIYI_CACHE``) is a temporary folder too.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="taiyi-tests-hf-home-")
 os.environ.pop("HF_HUB_CACHE", None)  # a cache named by the caller's shell would leak real models in
 os.environ["TAIYI_CACHE"] = tempfile.mkdtemp(prefix="taiyi-tests-cache-")  # converted models (OpenVINO)
+for _folder in (os.environ["HF_HOME"], os.environ["TAIYI_CACHE"]):  # gone with the test process
+    atexit.register(shutil.rmtree, _folder, ignore_errors=True)
 
 import pytest  # noqa: E402
 
