@@ -458,6 +458,8 @@ def test_ship_installs_the_run_as_the_embedded_models(tiny_run, tmp_path, monkey
     assert "installed taiyi-mini-zh" in capsys.readouterr().out
     source = json.loads((tmp_path / "weights" / "SOURCE.json").read_text(encoding="utf-8"))
     assert source["preset"] == "tiny" and "Taiyi SD Chinese / zh" in source["faithfulness"]
+    configs = list((tmp_path / "weights").rglob("config.json"))  # no path of the machine that built them
+    assert configs and not any("_name_or_path" in f.read_text(encoding="utf-8") for f in configs)
     stage_seconds = sum(s.get("seconds", 0) for s in source["stages"].values())
     assert source["stage_seconds"] == pytest.approx(stage_seconds, abs=0.2)
     assert load_pipeline("taiyi-mini-zh").generate("夜晚的高山", steps=2, seed=0).images[0].size == (64, 64)

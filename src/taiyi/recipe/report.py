@@ -162,6 +162,10 @@ def _copy_export(src: Path, dst: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", "cache", "logs", "*.tmp"))
     _half_safetensors(tmp)
+    for config in tmp.rglob("config.json"):  # _name_or_path: the run folder it was loaded from (a local path)
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(values, dict) and values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for f in tmp.rglob("*"):
         f.chmod(0o755 if f.is_dir() else 0o644)  # package data: readable by every user
     shutil.rmtree(dst, ignore_errors=True)
