@@ -8,8 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -735,7 +733,7 @@ def test_align_your_steps_with_too_many_steps_is_invalid_input(pipe_zh):
     assert_one_line(exc_info)
 
 
-def test_cpu_pipelines_keep_freed_memory_in_the_heap_unless_told_not_to():
+def test_cpu_pipelines_keep_freed_memory_in_the_heap_unless_told_not_to(tmp_path):
     """On Linux/glibc a CPU pipeline raises malloc's mmap and trim thresholds once per process (no page
     faults per UNet call); TAIYI_CPU_ALLOCATOR=system leaves the C library alone."""
     import platform
@@ -746,9 +744,9 @@ def test_cpu_pipelines_keep_freed_memory_in_the_heap_unless_told_not_to():
         "print(json.dumps([b._allocator_tuned, b.tune_cpu_allocator()]))"
     )
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    for env, expected in (({}, glibc), ({"TAIYI_CPU_ALLOCATOR": "system"}, False)):
+    for i, (env, expected) in enumerate((({}, glibc), ({"TAIYI_CPU_ALLOCATOR": "system"}, False))):
         out = subprocess.run(
-            [sys.executable, "-c", code, str(Path(tempfile.mkdtemp()) / "tiny")],
+            [sys.executable, "-c", code, str(tmp_path / f"tiny{i}")],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
