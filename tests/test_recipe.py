@@ -212,6 +212,75 @@ def test_eval_compare_command(tmp_path, capsys):
         assert len(err) == 1 and ("no such file" in err[0] or "not a faithfulness result" in err[0])
 
 
+def test_by_value_says_which_values_a_model_misses():
+    zh = fa.eval_prompts("zh", n_seen=8, n_held_out=4, seed=7)
+    hits = [3, 0, 2, 3, 1, 3, 0, 3, 3, 2, 0, 3]
+    a = _judged(zh, hits)
+    table = fa.by_value(a)
+    assert set(table) == set(fa.BY_VALUE)
+    for value, cells in table["time"].items():
+        for group, held in (("seen", False), ("held_out", True)):
+            mine = [h for item, h in zip(zh, hits, strict=True) if item.scene.time == value and item.held_out == held]
+            if not mine:
+                assert group not in cells
+                continue
+            assert cells[group]["pct"] == pytest.approx(100 * sum(mine) / (3 * len(mine)))
+            assert cells[group]["prompts"] == len(mine) and cells[group]["images"] == 3 * len(mine)
+            assert (cells[group]["se"] is None) == (len(mine) < 2)
+    # every picture is counted under exactly one value; attributes other than time are right everywhere
+    assert sum(c["all"]["images"] for c in table["time"].values()) == 3 * len(zh)
+    assert all(c["all"]["pct"] == 100.0 for c in table["land"].values())
+    # paired: one picture worse on every seen prompt is a steady 33.3-point lead for each value
+    en = fa.eval_prompts("en", n_seen=8, n_held_out=4, seed=7)
+    b = _judged(en, [h - 1 if not item.held_out and h else h for item, h in zip(en, hits, strict=True)])
+    diff = fa.by_value(a, b)
+    for value, cells in diff["time"].items():
+        if "seen" in cells and all(h for item, h in zip(zh, hits, strict=True)
+                                   if item.scene.time == value and not item.held_out):  # fmt: skip
+            assert cells["seen"]["diff"] == pytest.approx(100 / 3)
+            assert cells["seen"]["se"] in (None, pytest.approx(0.0, abs=1e-9))
+        if "held_out" in cells:
+            assert cells["held_out"]["diff"] == 0.0
+    assert all(c["all"]["diff"] == 0.0 for c in fa.by_value(a, a)["water"].values())
+    other = _judged(fa.eval_prompts("zh", n_seen=8, n_held_out=4, seed=8), [3] * 12)
+    with pytest.raises(fa.InvalidInputError, match="not judged on the same scenes"):
+        fa.by_value(a, other)
+    with pytest.raises(fa.InvalidInputError, match="rows with scenes"):
+        fa.by_value({**a, "prompts": []})
+
+
+def test_eval_breakdown_command(tmp_path, capsys):
+    from taiyi.cli import main
+
+    zh = fa.eval_prompts("zh", n_seen=4, n_held_out=2, seed=7)
+    en = fa.eval_prompts("en", n_seen=4, n_held_out=2, seed=7)
+    a_result, b_result = _judged(zh, [3, 3, 3, 3, 3, 3]), _judged(en, [2, 2, 2, 2, 3, 3])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(a_result, ensure_ascii=False))
+    b.write_text(json.dumps(b_result, ensure_ascii=False))
+    out = tmp_path / "by-value.json"
+    assert main(["eval", "breakdown", str(a), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per prompted value" in printed and zh[0].scene.time in printed and "100.0 ± 0.0" in printed
+    assert json.loads(out.read_text()) == fa.by_value(a_result)
+    assert main(["eval", "breakdown", str(a), str(b)]) == 0
+    assert "+33.3" in capsys.readouterr().out
+    # a recipe report holds several results: --entry picks one (for both files unless told otherwise)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"faithfulness": {"zh": a_result, "en": b_result}}, ensure_ascii=False))
+    assert main(["eval", "breakdown", str(report), str(report), "--entry", "zh", "--baseline-entry", "en"]) == 0
+    assert "+33.3" in capsys.readouterr().out
+    for argv, says in (
+        (["eval", "breakdown", str(report)], "needs --entry"),
+        (["eval", "breakdown", str(report), "--entry", "fr"], "has no result 'fr'; it has: zh, en"),
+        (["eval", "breakdown", str(a), "--entry", "zh"], "not a recipe report"),
+        (["eval", "breakdown", str(tmp_path / "none.json")], "no such file"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
+
+
 def test_targets_say_how_far_a_miss_is():
     from taiyi.recipe.report import targets
 
@@ -417,11 +486,13 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["images"] == 6 and set(result["seen"]) >= {"time", "land", "style"}
     other = tmp_path / "faith-other.json"  # other scenes, plain CFG
-    assert main([*argv[:-1], str(other), "--prompt-seed", "7", "--guidance-rescale", "0"]) == 0
+    assert "held-out" in capsys.readouterr().out
+    assert main([*argv[:-1], str(other), "--prompt-seed", "7", "--guidance-rescale", "0", "--by-value"]) == 0
     again = json.loads(other.read_text(encoding="utf-8"))
     assert again["guidance_rescale"] == 0 and "guidance_rescale" not in result
     assert [p["prompt"] for p in again["prompts"]] != [p["prompt"] for p in result["prompts"]]
-    assert "held-out" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # --by-value: the per-value table after the per-attribute one
+    assert "attribute value" in printed and again["prompts"][0]["scene"]["time"] in printed.split("attribute value")[1]
     out = tmp_path / "disco.json"
     argv = ["eval", "disco", "--probe", probe, "--model", str(models / "taiyi-mini-uncond"), "--clip",
             str(models / "taiyi-mini-clip"), "--time", "夜晚", "--seeds", "2", "--steps", "2", "--cutn", "2",

@@ -44,7 +44,30 @@ def _table(rows: dict[str, dict[str, float]], stderr: dict[str, dict[str, float]
         typer.echo(f"{name:<11}" + "".join(_cell(values.get(a), se.get(a)) for a in _ATTRS))
 
 
-def _read_result(path: str) -> dict:
+def _pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (a Chinese character takes two)."""
+    import unicodedata
+
+    used = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(0, width - used)
+
+
+def _by_value_table(table: dict, *, sign: bool = False) -> None:
+    """Per attribute and prompted value: seen / held-out / all, ± standard error, and the pictures judged."""
+    key = "diff" if sign else "pct"
+    typer.echo(_pad("attribute", 10) + _pad("value", 8) + "".join(f"{g:>14}" for g in ("seen", "held-out", "all"))
+               + f"{'pictures':>10}")  # fmt: skip
+    for name, values in table.items():
+        for value, cells in values.items():
+            row = "".join(
+                _cell(c[key], c["se"], sign=sign) if (c := cells.get(g)) else _cell(None, None)
+                for g in ("seen", "held_out", "all")
+            )
+            images = cells.get("all", {}).get("images", 0)
+            typer.echo(_pad(name, 10) + _pad(str(value), 8) + row + f"{images:>10}")
+
+
+def _read_result(path: str, entry: str | None = None) -> dict:
     from pathlib import Path
 
     from .errors import InvalidInputError
@@ -55,8 +78,16 @@ def _read_result(path: str) -> dict:
         raise InvalidInputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInputError(f"{path} is not a faithfulness result (JSON): {exc}") from None
+    if entry is not None:  # a recipe report holds one result per model and prompt language
+        results = data.get("faithfulness") if isinstance(data, dict) else None
+        if not isinstance(results, dict):
+            raise InvalidInputError(f"{path} is not a recipe report (report.json): it has no faithfulness results")
+        if entry not in results:
+            raise InvalidInputError(f"{path} has no result {entry!r}; it has: {', '.join(results)}")
+        data = results[entry]
     if not isinstance(data, dict) or "seen" not in data:
-        raise InvalidInputError(f"{path} is not a faithfulness result (taiyi eval faithfulness -o writes one)")
+        hint = "; a recipe report needs --entry" if isinstance(data, dict) and "faithfulness" in data else ""
+        raise InvalidInputError(f"{path} is not a faithfulness result (taiyi eval faithfulness -o writes one){hint}")
     return data
 
 
@@ -80,6 +111,9 @@ def faithfulness(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first picture.")] = 0,
     prompt_seed: Annotated[int, typer.Option("--prompt-seed", help="Which evaluation scenes and prompts.")] = 1234,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the full result as JSON.")] = None,
+    per_value: Annotated[
+        bool, typer.Option("--by-value", help="Also each attribute per prompted value (river, lake, …).")
+    ] = False,
 ) -> None:
     """Per-attribute accuracy of a text-to-image model on evaluation prompts (never training captions),
     seen and held-out attribute combinations separately."""
@@ -103,6 +137,11 @@ def faithfulness(
     _table({"seen": result["seen"], "held-out": result["held_out"], "all": result["all"]},
            {"seen": se["seen"], "held-out": se["held_out"], "all": se["all"]})  # fmt: skip
     typer.echo("(% of pictures the probe reads as prompted, ± one standard error over prompts)")
+    if per_value:
+        from .recipe.faithfulness import by_value
+
+        typer.echo("")
+        _by_value_table(by_value(result))
     _write_json(output, result)
 
 
@@ -125,6 +164,36 @@ def compare(
         cells = (_cell(row[x]["diff"], row[x]["se"], sign=True) if x in row else _cell(None, None) for x in _ATTRS)
         typer.echo(f"{label:<11}" + "".join(cells))
     _write_json(output, result)
+
+
+@eval_app.command()
+def breakdown(
+    result: Annotated[str, typer.Argument(help="Faithfulness result (JSON from taiyi eval faithfulness -o).")],
+    baseline: Annotated[
+        str | None, typer.Argument(help="Optional: a result judged on the same scenes, to subtract.")
+    ] = None,
+    entry: Annotated[
+        str | None,
+        typer.Option("--entry", help="Read RESULT (and BASELINE) from a recipe report.json, e.g. 'English SD / en'."),
+    ] = None,
+    baseline_entry: Annotated[
+        str | None, typer.Option("--baseline-entry", help="BASELINE's entry when it differs from --entry.")
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write the breakdown as JSON.")] = None,
+) -> None:
+    """Each attribute per prompted value (which waters, times, skies … a model misses) of a saved result;
+    with BASELINE, the paired difference RESULT − BASELINE per value."""
+    from .recipe.faithfulness import by_value
+
+    mine = _read_result(result, entry)
+    theirs = None if baseline is None else _read_result(baseline, baseline_entry or entry)
+    table = by_value(mine, theirs)
+    if theirs is None:
+        typer.echo("% of pictures the probe reads as prompted, per prompted value (± one standard error over prompts)")
+    else:
+        typer.echo("RESULT − BASELINE in points per prompted value, paired on the same scenes (± one standard error)")
+    _by_value_table(table, sign=theirs is not None)
+    _write_json(output, table)
 
 
 @eval_app.command("clip-world")

@@ -256,6 +256,52 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
+# attributes broken down by value (``things`` is judged per named thing but stored per prompt: not broken down)
+BY_VALUE: tuple[str, ...] = ("time", "sky", "land", "water", "style")
+
+
+def by_value(result: dict, baseline: dict | None = None) -> dict:
+    """Each attribute's score per prompted value (a river, a lake, a waterfall; each time of day …), per group —
+    where a model's misses lie. With ``baseline`` (judged on the same scenes): the paired difference
+    ``result − baseline`` per value instead, as :func:`compare` gives it per attribute.
+
+    Returns ``{attr: {value: {group: {"pct" (or "diff"), "se", "prompts", "images"}}}}`` for the attributes of
+    :data:`BY_VALUE`; a group without prompts of that value is left out, ``se`` is None under two prompts.
+
+    Raises:
+        InvalidInputError: a result without per-prompt rows, or two results judged on other scenes.
+    """
+    rows = _judged_rows(result)
+    if baseline is not None:
+        compare(result, baseline)  # refuses results judged on other scenes
+        base = _judged_rows(baseline)
+    out: dict = {}
+    for name in BY_VALUE:
+        values = sorted({row["scene"].get(name) for row in rows if name in row["hits"]}, key=str)
+        for value in values:
+            keep = [row["scene"].get(name) == value for row in rows]
+            mine = [row if k else {**row, "hits": {}} for row, k in zip(rows, keep, strict=True)]
+            cells: dict = {}
+            for group in ("seen", "held_out", "all"):
+                inf = _influence(mine, group, name)
+                if inf is None:
+                    continue
+                images = sum(r["hits"][name][1] for r in mine if name in r["hits"] and _in_group(r, group))
+                if baseline is None:
+                    cells[group] = {"pct": inf[2], "se": _cluster_se(inf[0], inf[1]), "prompts": inf[1],
+                                    "images": images}  # fmt: skip
+                    continue
+                theirs = [row if k else {**row, "hits": {}} for row, k in zip(base, keep, strict=True)]
+                inf_b = _influence(theirs, group, name)
+                if inf_b is None:
+                    continue
+                se = _cluster_se([u - v for u, v in zip(inf[0], inf_b[0], strict=True)], max(inf[1], inf_b[1]))
+                cells[group] = {"diff": inf[2] - inf_b[2], "se": se, "prompts": inf[1], "images": images}
+            if cells:
+                out.setdefault(name, {})[value] = cells
+    return out
+
+
 def _judged_rows(result) -> list[dict]:
     """A result's per-prompt rows, checked: each with its scene, held-out flag and hit counts."""
 
