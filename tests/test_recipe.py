@@ -304,6 +304,15 @@ def test_targets_say_how_far_a_miss_is():
     paired = rows["Taiyi SD Chinese / zh − English SD / en, seen"]
     assert paired["cells"]["time"]["value"] == -25.0 and paired["verdict"].startswith("missed: time (")
     assert rows["Taiyi SD Chinese / zh − English SD / en, held-out"]["verdict"] == "met"
+    # each miss broken down per prompted value: the one time of day that failed carries it all
+    missed_time = prompts["zh"][3].scene.time
+    assert set(floors["by_value"]) == {"time"} and set(paired["by_value"]) == {"time"}
+    for value, cell in paired["by_value"]["time"].items():
+        assert (cell["value"] < 0) == (value == missed_time)
+    assert (
+        floors["by_value"]["time"][missed_time]["value"] < 100
+        and rows["Taiyi SD Chinese / zh − English SD / en, held-out"]["by_value"] == {}
+    )
 
 
 def test_frozen_check_sees_a_one_bit_change(tiny_zh, copy_checkpoint):
@@ -370,6 +379,11 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     assert markdown.startswith("# taiyi recipe mini") and "## Targets" in markdown
     # the targets: floors, held-out vs seen, and three models paired against the English SD (seen, held-out)
     assert len(report["targets"]) == 2 + 3 * 2 and all(row["verdict"] for row in report["targets"])
+    # every attribute a target misses is broken down per prompted value, in the JSON and in the Markdown
+    for row in report["targets"]:
+        assert set(row["by_value"]) <= {a for a in row["cells"] if a in row["verdict"]}
+    if any(row["by_value"] for row in report["targets"]):
+        assert "Where the misses lie" in markdown
     assert "bit-identical: met" in markdown
     # the budget over every stage, this report's own time included
     stages_seconds = sum(st["seconds"] for st in report["stages"].values()) + report["report_seconds"]

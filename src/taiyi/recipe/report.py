@@ -72,8 +72,9 @@ def targets(faithfulness: dict) -> list[dict]:
     if zh is not None:
         se = zh.get("stderr", {}).get("seen", {})
         cells = {a: {"value": zh["seen"][a], "se": se.get(a)} for a in _FLOORS if a in zh["seen"]}
+        where = _misses_by_value(cells, _FLOORS, zh, None, "seen")
         rows.append({"target": f"{_CHINESE}, seen", "bound": dict(_FLOORS), "cells": cells,
-                     "verdict": _verdict(cells, _FLOORS)})  # fmt: skip
+                     "verdict": _verdict(cells, _FLOORS), "by_value": where})  # fmt: skip
         ses = zh.get("stderr", {})
         cells = {}
         for a in _ATTRS:
@@ -82,7 +83,7 @@ def targets(faithfulness: dict) -> list[dict]:
                 se = (s1**2 + s2**2) ** 0.5 if s1 is not None and s2 is not None else None
                 cells[a] = {"value": zh["held_out"][a] - zh["seen"][a], "se": se}
         rows.append({"target": f"{_CHINESE}: held-out − seen", "bound": _HELD_OUT_BEHIND, "cells": cells,
-                     "verdict": _verdict(cells, _HELD_OUT_BEHIND)})  # fmt: skip
+                     "verdict": _verdict(cells, _HELD_OUT_BEHIND), "by_value": {}})  # fmt: skip
     en = faithfulness.get(_ENGLISH)
     if en is not None:
         for name in (_CHINESE, "Taiyi SD bilingual / zh", "Taiyi SD bilingual / en"):
@@ -94,9 +95,32 @@ def targets(faithfulness: dict) -> list[dict]:
                 continue  # judged on other scenes (or before rows had them): no paired figure
             for group in ("seen", "held_out"):
                 cells = {a: {"value": d["diff"], "se": d["se"]} for a, d in paired[group].items()}
+                where = _misses_by_value(cells, _BEHIND_ENGLISH, faithfulness[name], en, group)
+                verdict = _verdict(cells, _BEHIND_ENGLISH)
                 rows.append({"target": f"{name} − {_ENGLISH}, {group.replace('_', '-')}", "bound": _BEHIND_ENGLISH,
-                             "cells": cells, "verdict": _verdict(cells, _BEHIND_ENGLISH)})  # fmt: skip
+                             "cells": cells, "verdict": verdict, "by_value": where})  # fmt: skip
     return rows
+
+
+def _misses_by_value(cells: dict, bound, result: dict, baseline: dict | None, group: str) -> dict:
+    """For each attribute a target misses, its figure per prompted value (``{attr: {value: {"value", "se"}}}``):
+    which river, moon or time of day the miss is made of. Results without per-prompt rows give none."""
+    from .faithfulness import BY_VALUE, by_value
+
+    missed = [
+        a for a, c in cells.items() if a in BY_VALUE and c["value"] < (bound[a] if isinstance(bound, dict) else bound)
+    ]
+    if not missed:
+        return {}
+    try:
+        table = by_value(result, baseline)
+    except InvalidInputError:
+        return {}
+    key = "pct" if baseline is None else "diff"
+    return {
+        a: {str(v): {"value": c[group][key], "se": c[group]["se"]} for v, c in table.get(a, {}).items() if group in c}
+        for a in missed
+    }
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -311,6 +335,23 @@ def _write_markdown(run: Path, report: dict) -> None:
                   "Differences are paired over the same scenes; a miss of one or two standard errors (SE) is within",
                   "what another set of evaluation prompts could show.", ""]  # fmt: skip
         lines += _target_lines(report["targets"])
+        where = [
+            (row["target"], a, values) for row in report["targets"] for a, values in row.get("by_value", {}).items()
+        ]
+        if where:
+            lines += [
+                "",
+                "Where the misses lie: each missed attribute per prompted value (the prompts that name it).",
+                "",
+            ]
+            for target, a, values in where:
+                signed = " − " in target  # a paired difference, not a score
+                parts = [
+                    f"{v} {_signed(c['value']) if signed else format(c['value'], '.0f')}"
+                    + (f" ± {c['se']:.0f}" if c.get("se") is not None else "")
+                    for v, c in values.items()
+                ]
+                lines.append(f"- {target}: {a} — " + ", ".join(parts))
         frozen = all(all(check.values()) for check in report.get("stage1_frozen", {}).values())
         lines += ["", f"- Stage 1 left every UNet and VAE tensor bit-identical: {'met' if frozen else 'missed'}"]
         if "budget" in report:
