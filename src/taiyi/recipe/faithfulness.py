@@ -327,7 +327,7 @@ def _judged_rows(result) -> list[dict]:
         )
     ):
         raise InvalidInputError(
-            "both results need their per-prompt rows with scenes, as taiyi eval faithfulness -o writes them"
+            "a faithfulness result needs its per-prompt rows with scenes, as taiyi eval faithfulness -o writes them"
         )
     return rows
 
