@@ -234,15 +234,7 @@ def compare(a: dict, b: dict) -> dict:
     Returns ``{"seen": {attr: {"diff": d, "se": s}}, "held_out": {...}, "all": {...}, "prompts": m}``.
     Raises :class:`~taiyi.errors.InvalidInputError` if the two were not judged on the same scenes.
     """
-    rows_a, rows_b = _judged_rows(a), _judged_rows(b)
-    same = len(rows_a) == len(rows_b) and all(
-        ra["held_out"] == rb["held_out"] and ra["scene"] == rb["scene"] for ra, rb in zip(rows_a, rows_b, strict=False)
-    )
-    if not same:
-        raise InvalidInputError(
-            "the two results were not judged on the same scenes; judge both with the same --seen, --held-out "
-            "and --prompt-seed"
-        )
+    rows_a, rows_b = _paired_rows(a, b)
     out: dict = {"prompts": len(rows_a)}
     for group in ("seen", "held_out", "all"):
         out[group] = {}
@@ -271,27 +263,28 @@ def by_value(result: dict, baseline: dict | None = None) -> dict:
     Raises:
         InvalidInputError: a result without per-prompt rows, or two results judged on other scenes.
     """
-    rows = _judged_rows(result)
-    if baseline is not None:
-        compare(result, baseline)  # refuses results judged on other scenes
-        base = _judged_rows(baseline)
+    rows, base = _paired_rows(result, baseline) if baseline is not None else (_judged_rows(result), None)
+
+    def only(rows: list[dict], keep: list[bool]) -> list[dict]:  # other values' prompts judge nothing
+        return [row if k else {**row, "hits": {}} for row, k in zip(rows, keep, strict=True)]
+
     out: dict = {}
     for name in BY_VALUE:
         values = sorted({row["scene"].get(name) for row in rows if name in row["hits"]}, key=str)
         for value in values:
             keep = [row["scene"].get(name) == value for row in rows]
-            mine = [row if k else {**row, "hits": {}} for row, k in zip(rows, keep, strict=True)]
+            mine = only(rows, keep)
+            theirs = only(base, keep) if base is not None else None
             cells: dict = {}
             for group in ("seen", "held_out", "all"):
                 inf = _influence(mine, group, name)
                 if inf is None:
                     continue
                 images = sum(r["hits"][name][1] for r in mine if name in r["hits"] and _in_group(r, group))
-                if baseline is None:
+                if theirs is None:
                     cells[group] = {"pct": inf[2], "se": _cluster_se(inf[0], inf[1]), "prompts": inf[1],
                                     "images": images}  # fmt: skip
                     continue
-                theirs = [row if k else {**row, "hits": {}} for row, k in zip(base, keep, strict=True)]
                 inf_b = _influence(theirs, group, name)
                 if inf_b is None:
                     continue
@@ -300,6 +293,20 @@ def by_value(result: dict, baseline: dict | None = None) -> dict:
             if cells:
                 out.setdefault(name, {})[value] = cells
     return out
+
+
+def _paired_rows(a: dict, b: dict) -> tuple[list[dict], list[dict]]:
+    """The per-prompt rows of two results, checked to be judged on the same scenes in the same order."""
+    rows_a, rows_b = _judged_rows(a), _judged_rows(b)
+    same = len(rows_a) == len(rows_b) and all(
+        ra["held_out"] == rb["held_out"] and ra["scene"] == rb["scene"] for ra, rb in zip(rows_a, rows_b, strict=False)
+    )
+    if not same:
+        raise InvalidInputError(
+            "the two results were not judged on the same scenes; judge both with the same --seen, --held-out "
+            "and --prompt-seed"
+        )
+    return rows_a, rows_b
 
 
 def _judged_rows(result) -> list[dict]:

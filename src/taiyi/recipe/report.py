@@ -45,11 +45,16 @@ _HELD_OUT_BEHIND = -15.0
 BUDGET_MINUTES = 60.0  # the whole recipe on 2 CPU cores
 
 
+def _bound_of(bound: float | dict[str, float], name: str) -> float:
+    """A target's bound for one attribute (one bound for all, or one per attribute)."""
+    return bound[name] if isinstance(bound, dict) else bound
+
+
 def _verdict(cells: dict[str, dict], bound: float | dict[str, float]) -> str:
     """ "met", or which attributes fall below their bound and by how many standard errors."""
     misses = []
     for name, cell in cells.items():
-        low = bound[name] if isinstance(bound, dict) else bound
+        low = _bound_of(bound, name)
         if cell["value"] < low:
             se = cell.get("se")
             misses.append(f"{name} ({(low - cell['value']) / se:.1f} SE)" if se else name)
@@ -65,14 +70,17 @@ def targets(faithfulness: dict) -> list[dict]:
     model and the bilingual one (Chinese and English prompts) each minus the English SD, paired over the same
     scenes, seen and held-out combinations. Rows whose results are missing are left out.
     """
-    from .faithfulness import compare
+    from .faithfulness import by_value, compare
 
     rows: list[dict] = []
     zh = faithfulness.get(_CHINESE)
     if zh is not None:
         se = zh.get("stderr", {}).get("seen", {})
         cells = {a: {"value": zh["seen"][a], "se": se.get(a)} for a in _FLOORS if a in zh["seen"]}
-        where = _misses_by_value(cells, _FLOORS, zh, None, "seen")
+        try:
+            where = _misses_by_value(cells, _FLOORS, by_value(zh), "seen")
+        except InvalidInputError:
+            where = {}  # a result without per-prompt rows: no breakdown
         rows.append({"target": f"{_CHINESE}, seen", "bound": dict(_FLOORS), "cells": cells,
                      "verdict": _verdict(cells, _FLOORS), "by_value": where})  # fmt: skip
         ses = zh.get("stderr", {})
@@ -93,32 +101,26 @@ def targets(faithfulness: dict) -> list[dict]:
                 paired = compare(faithfulness[name], en)
             except InvalidInputError:
                 continue  # judged on other scenes (or before rows had them): no paired figure
+            per_value = by_value(faithfulness[name], en)  # the same rows compare accepted
             for group in ("seen", "held_out"):
                 cells = {a: {"value": d["diff"], "se": d["se"]} for a, d in paired[group].items()}
-                where = _misses_by_value(cells, _BEHIND_ENGLISH, faithfulness[name], en, group)
+                where = _misses_by_value(cells, _BEHIND_ENGLISH, per_value, group)
                 verdict = _verdict(cells, _BEHIND_ENGLISH)
                 rows.append({"target": f"{name} − {_ENGLISH}, {group.replace('_', '-')}", "bound": _BEHIND_ENGLISH,
                              "cells": cells, "verdict": verdict, "by_value": where})  # fmt: skip
     return rows
 
 
-def _misses_by_value(cells: dict, bound, result: dict, baseline: dict | None, group: str) -> dict:
-    """For each attribute a target misses, its figure per prompted value (``{attr: {value: {"value", "se"}}}``):
-    which river, moon or time of day the miss is made of. Results without per-prompt rows give none."""
-    from .faithfulness import BY_VALUE, by_value
-
-    missed = [
-        a for a, c in cells.items() if a in BY_VALUE and c["value"] < (bound[a] if isinstance(bound, dict) else bound)
-    ]
-    if not missed:
-        return {}
-    try:
-        table = by_value(result, baseline)
-    except InvalidInputError:
-        return {}
-    key = "pct" if baseline is None else "diff"
+def _misses_by_value(cells: dict, bound, table: dict, group: str) -> dict:
+    """For each attribute a target misses, its figure per prompted value (``{attr: {value: {"value", "se"}}}``)
+    from ``table`` (:func:`~taiyi.recipe.faithfulness.by_value`): which river, moon or time of day the miss is."""
+    missed = [a for a in cells if a in table and cells[a]["value"] < _bound_of(bound, a)]
     return {
-        a: {str(v): {"value": c[group][key], "se": c[group]["se"]} for v, c in table.get(a, {}).items() if group in c}
+        a: {
+            str(v): {"value": c[group].get("pct", c[group].get("diff")), "se": c[group]["se"]}
+            for v, c in table[a].items()
+            if group in c
+        }
         for a in missed
     }
 
