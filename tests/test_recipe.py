@@ -439,6 +439,7 @@ def test_recipe_rerun_skips_finished_stages(tiny_run):
     # the host's speed, measured once by the invocation that ran stages, kept by the one that ran none
     (calibration,) = record["calibrations"]
     assert 0 < calibration["seconds_best"] <= calibration["seconds_median"] and calibration["threads"] >= 1
+    assert calibration["processor"] and calibration["usable_cores"] >= 1
     assert "Host calibration" in (out / "report.md").read_text()
 
 

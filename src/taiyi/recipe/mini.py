@@ -307,6 +307,7 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
     The same code on the same machine ran up to 1.7× slower on some days, so a stage's minutes mean
     little without the host's speed beside them; ``recipe.json`` keeps one figure per invocation.
     """
+    import platform
     import statistics
 
     import torch
@@ -339,10 +340,16 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(saved)
+    from ..bench import _cpu_name
+    from ..loading import cpu_count
+
     return {
         "seconds_median": round(statistics.median(times), 3),
         "seconds_best": round(min(times), 3),
         "threads": threads,
+        # one host ran this workload in 0.54-0.69 s, another in 0.21: minutes mean little without the processor
+        "processor": _cpu_name() or platform.machine(),
+        "usable_cores": cpu_count(),
         "workload": CALIBRATION_WORKLOAD,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -374,7 +381,8 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     pending = [n for n in STAGES if n in wanted and n not in done]
     if pending:  # this invocation's host speed, beside the minutes its stages take
         calibrations.append(host_calibration(config.threads))
-        echo(f"[recipe] host calibration: {calibrations[-1]['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD})")
+        c = calibrations[-1]
+        echo(f"[recipe] host calibration: {c['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD}; {c['processor']})")
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started: set[str] = set()  # stages this invocation ran
     began = time.monotonic()

@@ -387,6 +387,7 @@ def _write_markdown(run: Path, report: dict) -> None:
             lines.append(
                 f"\nHost calibration {c.get('at', '')}: {c.get('seconds_median')} s median, "
                 f"{c.get('seconds_best')} s best ({c.get('workload', '')}, {c.get('threads')} threads)"
+                + (f" on {c['processor']}, {c.get('usable_cores')} usable cores" if c.get("processor") else "")
             )
     lines += ["", f"Exports under `models/`: {report['exports_total_mb']} MB in all."]
     path = run / "report.md"
