@@ -17,6 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="taiyi-tests-hf-home-")
 os.environ.pop("HF_HUB_CACHE", None)  # a cache named by the caller's shell would leak real models in
 os.environ["TAIYI_CACHE"] = tempfile.mkdtemp(prefix="taiyi-tests-cache-")  # converted models (OpenVINO)
+# `auto` means PyTorch in the suite, so its pictures do not depend on the CPU (auto picks OpenVINO bf16 on CPUs
+# with bf16 instructions); the backend tests ask for OpenVINO by name or clear this
+os.environ["TAIYI_BACKEND"] = "torch"
 for _folder in (os.environ["HF_HOME"], os.environ["TAIYI_CACHE"]):  # gone with the test process
     atexit.register(shutil.rmtree, _folder, ignore_errors=True)
 

@@ -32,6 +32,16 @@ def _one_error_line(err: str, *needles: str) -> None:
         assert needle in lines[0]
 
 
+def _assert_same_pictures(a, b, ov_pipe) -> None:
+    """PyTorch's pictures ``a`` and OpenVINO's ``b``: float32 rounding apart, or bf16's on CPUs with bf16
+    instructions (OpenVINO's own choice there), where a few pixels move by some levels."""
+    diff = np.abs(_pixels(a) - _pixels(b))
+    if ov_pipe.sd.unet._taiyi_openvino_precision == "f32":
+        assert diff.max() <= 2
+    else:
+        assert diff.mean() < 3 and diff.max() <= 24
+
+
 def test_openvino_unet_draws_the_pictures_torch_draws(tiny_zh, cache):
     torch_pipe = load_pipeline(tiny_zh, safety_checker=False, backend="torch")
     ov_pipe = load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
@@ -44,7 +54,7 @@ def test_openvino_unet_draws_the_pictures_torch_draws(tiny_zh, cache):
         b = ov_pipe.generate(prompt, num_images=2, seed=5, steps=4, width=size, height=size)
         assert ov_pipe.sd.unet._taiyi_openvino_calls == calls + 4  # every step answered by OpenVINO
         assert _pixels(b).shape == (2, size, size, 3)
-        assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
+        _assert_same_pictures(a, b, ov_pipe)
     # the UNet itself, on the same input: float32 rounding apart, the same function
     unet = ov_pipe.sd.unet
     g = torch.Generator().manual_seed(0)
@@ -74,7 +84,7 @@ def test_edit_and_inpaint_run_on_openvino_too(tiny_zh, tiny_inpaint, cache):
         ov = load_pipeline(folder, safety_checker=False, backend="openvino")
         b = run(ov)
         assert ov.sd.unet._taiyi_openvino_calls > 0
-        assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
+        _assert_same_pictures(a, b, ov)
 
 
 def test_conversion_happens_once_and_a_damaged_cache_is_rebuilt(tiny_zh, cache, monkeypatch):
@@ -130,8 +140,16 @@ def test_calls_the_ir_does_not_take_go_to_torch(tiny_zh, cache):
 
 def test_auto_is_openvino_only_on_cpus_with_bf16_instructions(monkeypatch):
     cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)  # the suite's conftest sets it
     monkeypatch.setattr(backends, "cpu_bf16_instructions", lambda: ["avx512_bf16", "amx_bf16"])
     assert backends.resolve_backend("auto", cpu, f32) == "openvino"
+    monkeypatch.setenv(backends.BACKEND_ENV, "torch")  # the environment says what auto means
+    assert backends.resolve_backend("auto", cpu, f32) == "torch"
+    assert backends.resolve_backend("openvino", cpu, f32) == "openvino"  # a named backend is kept
+    monkeypatch.setenv(backends.BACKEND_ENV, "tensorrt")
+    with pytest.raises(InvalidInputError, match="TAIYI_BACKEND='tensorrt' is not a backend"):
+        backends.resolve_backend("auto", cpu, f32)
+    monkeypatch.delenv(backends.BACKEND_ENV)
     assert backends.resolve_backend("torch", cpu, f32) == "torch"
     assert backends.resolve_backend("auto", cpu, f32, memory="low") == "torch"  # the lean path
     assert backends.resolve_backend("auto", cpu, f32, loras=True) == "torch"
@@ -160,6 +178,7 @@ def test_a_lora_moves_an_auto_chosen_openvino_unet_to_torch(tiny_zh, tmp_path, c
     from test_lora import random_lora  # pytest's default import mode puts this folder on sys.path
 
     lora = random_lora(tiny_zh, tmp_path / "lora", seed=3)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     monkeypatch.setattr(backends, "cpu_bf16_instructions", lambda: ["amx_bf16"])
     pipe = load_pipeline(tiny_zh, safety_checker=False)
     assert (pipe.backend, pipe.backend_chosen) == ("openvino", True)

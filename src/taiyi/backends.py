@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+# the backend that ``auto`` stands for when set (``torch`` keeps a process's pictures the same on every CPU)
+BACKEND_ENV = "TAIYI_BACKEND"
 _IR_NAME = "unet.xml"
 
 
@@ -111,9 +113,15 @@ def resolve_backend(
 
     ``auto`` is ``openvino`` where it was measured to win — a CPU with bf16 instructions (OpenVINO then
     runs the UNet in bf16), float32 weights, the openvino package installed — unless the ``low`` memory
-    mode or LoRAs ask for PyTorch; everywhere else it is ``torch``.
+    mode or LoRAs ask for PyTorch; everywhere else it is ``torch``. ``TAIYI_BACKEND`` (``torch`` or
+    ``openvino``), when set, is what ``auto`` means instead.
     """
     check_backend(backend)
+    if backend == "auto" and os.environ.get(BACKEND_ENV):  # what auto means here, set by the environment
+        chosen = os.environ[BACKEND_ENV]
+        if chosen not in BACKENDS:
+            raise InvalidInputError(f"{BACKEND_ENV}={chosen!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        backend = chosen
     if backend == "auto":
         wins = device.type == "cpu" and dtype == torch.float32 and bool(cpu_bf16_instructions())
         if wins and memory != "low" and not loras and _openvino() is not None:

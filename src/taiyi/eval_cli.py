@@ -125,7 +125,7 @@ def faithfulness(
     from .recipe.faithfulness import evaluate_pipeline
 
     judge = _probe(probe)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, backend="torch")  # the same figures on every CPU (auto may pick OpenVINO bf16)
     with _Progress("prompts judged") as bar:
         result = evaluate_pipeline(
             pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,

@@ -245,7 +245,9 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     report["sampling"] = {"scheduler": DEFAULT_SCHEDULER, "steps": steps, "guidance_end": DEFAULT_GUIDANCE_END}
     (run / "grids").mkdir(exist_ok=True)
     for title, sub, langs in _JUDGED_MODELS:
-        pipe = load_pipeline(run / sub, device="cpu")
+        # PyTorch float32 on every machine: OpenVINO's bf16 (auto's choice on CPUs with bf16 instructions)
+        # would make the figures depend on the host
+        pipe = load_pipeline(run / sub, device="cpu", backend="torch")
         report["sampling"]["guidance_rescale"] = pipe.default_guidance_rescale  # the same for every model of a run
         for lang in langs:
             result = evaluate_pipeline(
