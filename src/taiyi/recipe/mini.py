@@ -307,7 +307,6 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
     The same code on the same machine ran up to 1.7× slower on some days, so a stage's minutes mean
     little without the host's speed beside them; ``recipe.json`` keeps one figure per invocation.
     """
-    import platform
     import statistics
 
     import torch
@@ -340,16 +339,16 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(saved)
-    from ..bench import _cpu_name
-    from ..loading import cpu_count
+    from ..bench import machine
 
+    host = machine()
     return {
         "seconds_median": round(statistics.median(times), 3),
         "seconds_best": round(min(times), 3),
         "threads": threads,
         # one host ran this workload in 0.54-0.69 s, another in 0.21: minutes mean little without the processor
-        "processor": _cpu_name() or platform.machine(),
-        "usable_cores": cpu_count(),
+        "processor": host["processor"],
+        "usable_cores": host["usable_cores"],
         "workload": CALIBRATION_WORKLOAD,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
