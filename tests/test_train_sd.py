@@ -115,6 +115,25 @@ def test_stage2_trains_the_unet_with_a_frozen_text_encoder_and_ema(setup, tmp_pa
     assert _changed(base / TEXT, final / TEXT) == set()
 
 
+def test_text_encoder_lr_sets_the_text_encoders_own_rate(setup, tmp_path):
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], stage=2, max_steps=2, **FAST)
+    # A vanishing rate for the text encoder (AdamW steps are about lr in size) while the UNet trains at --lr.
+    still = train_sd(SDTrainConfig(output=str(tmp_path / "still"), text_encoder_lr=1e-30, **settings))["final"]
+    before, after = load_file(base / TEXT), load_file(still / TEXT)
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-25
+    rows = [json.loads(x) for x in (tmp_path / "still" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["lr"], r["text_encoder_lr"]) for r in rows if r["kind"] == "train"] == [(FAST["lr"], 1e-30)] * 2
+    assert len(_changed(base / UNET, still / UNET)) > 10
+    # Unset, the text encoder trains at --lr with the UNet; set equal to --lr, the run is the same run.
+    plain = train_sd(SDTrainConfig(output=str(tmp_path / "plain"), **settings))
+    same = train_sd(SDTrainConfig(output=str(tmp_path / "same"), text_encoder_lr=FAST["lr"], **settings))
+    assert len(_changed(base / TEXT, plain["final"] / TEXT)) > 10
+    assert same["losses"] == plain["losses"]
+    assert _changed(plain["final"] / TEXT, same["final"] / TEXT) == set()
+    assert _changed(plain["final"] / UNET, same["final"] / UNET) == set()
+
+
 def test_resume_continues_with_the_same_losses(setup, tmp_path):
     base, zh, _ = setup
     settings = dict(model=str(base), data=[str(zh)], caption_dropout=0.5, snr_gamma=5.0, **FAST)
@@ -249,6 +268,7 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
         (args[:-2] + ["--stage", "3"] + fast, "--stage"),
         (args + fast + ["--mix-ratio", "0.5"], "--mix-ratio"),
         (args + fast + ["--lr-scheduler", "exponential"], "--lr-scheduler"),
+        (args + fast + ["--text-encoder-lr", "0"], "--text-encoder-lr must be positive"),
         (args + fast + ["--teacher", str(base)], "--teacher-data"),
         (args + fast + ["--teacher", str(base), "--teacher-data", str(zh), "--teacher-weight", "0"], "(0, 1]"),
     ]

@@ -320,6 +320,10 @@ def sd(
     batch_size: _BatchSize = None,
     grad_accum: _GradAccum = None,
     lr: _Lr = None,
+    text_encoder_lr: Annotated[
+        float | None,
+        _opt("--text-encoder-lr", help="The text encoder's learning rate where it differs [--lr].", panel=_PANEL_OPT),
+    ] = None,
     weight_decay: _WeightDecay = None,
     warmup_steps: _WarmupSteps = None,
     lr_scheduler: _LrScheduler = None,

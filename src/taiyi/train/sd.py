@@ -119,6 +119,9 @@ class SDTrainConfig:
         batch_size: global batch of one micro-step, all processes together.
         grad_accum: micro-steps per optimizer step.
         lr, weight_decay, betas, eps: AdamW (Taiyi: lr 1e-4, weight decay 0.1; none on biases and norms).
+        text_encoder_lr: the text encoder's learning rate where it differs from the UNet's (None: ``lr``), as
+            diffusers' ``--text_encoder_lr``: e.g. a stage 2 that teaches the text encoder new words while the
+            UNet only adapts. Same schedule and warm-up.
         warmup_steps: linear warm-up steps, then ``lr_scheduler``.
         lr_scheduler: ``constant`` (diffusers' default), or ``linear`` / ``cosine`` decay to zero at the last step.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
@@ -182,6 +185,7 @@ class SDTrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     lr: float = 1e-4
+    text_encoder_lr: float | None = None
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -263,6 +267,10 @@ def _validate_config(config: SDTrainConfig) -> None:
         (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
         (config.grad_accum >= 1, f"--grad-accum must be at least 1, not {config.grad_accum}"),
         (config.lr > 0, f"--lr must be positive, not {config.lr}"),
+        (
+            config.text_encoder_lr is None or config.text_encoder_lr > 0,
+            f"--text-encoder-lr must be positive, not {config.text_encoder_lr}",
+        ),
         (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
         (config.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
         lr_scheduler_check(config.lr_scheduler),
@@ -552,6 +560,16 @@ class _Denoiser(nn.Module):
             hidden = encoder(input_ids, attention_mask=attention_mask)[0]  # (B, L, D)
         unet = self.unet if self.unet is not None else self._frozen["unet"]
         return unet(noisy_latents, timesteps, hidden).sample  # (B, 4, h, w)
+
+
+def _module_param_groups(trainable: _Denoiser, config: SDTrainConfig) -> list[dict]:
+    """AdamW groups: decay on matrices only, and the text encoder at ``text_encoder_lr`` where that is set."""
+    if config.text_encoder_lr is None or trainable.text_encoder is None:
+        return _param_groups(trainable, config.weight_decay)
+    groups = [{**g, "lr": config.text_encoder_lr} for g in _param_groups(trainable.text_encoder, config.weight_decay)]
+    if trainable.unet is not None:
+        groups += _param_groups(trainable.unet, config.weight_decay)
+    return [g for g in groups if g["params"]]
 
 
 def _keep_lora_tensors(module, state_dict, prefix, local_metadata) -> None:  # noqa: ARG001 (torch's signature)
@@ -860,7 +878,7 @@ def train_sd(config: SDTrainConfig) -> dict:
     # --- optimizer, schedule, accelerate -------------------------------------------------------------
     trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet, lora_only=lora)
     optimizer = torch.optim.AdamW(
-        _param_groups(trainable, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+        _module_param_groups(trainable, config), lr=config.lr, betas=tuple(config.betas), eps=config.eps
     )
     scheduler = make_lr_scheduler(
         optimizer, config.lr_scheduler, warmup_steps=config.warmup_steps, total_steps=total_steps
@@ -1036,7 +1054,8 @@ def train_sd(config: SDTrainConfig) -> dict:
         window.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
-        lr = scheduler.get_last_lr()[0]
+        rates = scheduler.get_last_lr()  # the text encoder's groups first (see _module_param_groups)
+        lr, text_lr = rates[-1], (rates[0] if config.text_encoder_lr is not None else None)
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         if ema is not None:
@@ -1052,6 +1071,7 @@ def train_sd(config: SDTrainConfig) -> dict:
             "kind": "train",
             "loss": step_loss,
             "lr": lr,
+            **({"text_encoder_lr": text_lr} if text_lr is not None else {}),
             "epoch": round(micro / batches_per_epoch, 4),
         }
         if prior:
@@ -1063,11 +1083,12 @@ def train_sd(config: SDTrainConfig) -> dict:
         accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
         if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
             logger.info(
-                "step %d/%d loss %.4f lr %.3g (%.2f s/step)%s%s",
+                "step %d/%d loss %.4f lr %.3g%s (%.2f s/step)%s%s",
                 step,
                 total_steps,
                 step_loss,
                 lr,
+                f" (text encoder {text_lr:.3g})" if text_lr is not None else "",
                 sum(step_seconds) / len(step_seconds),
                 f", {truncated_total} captions truncated to the encoder window" if truncated_total else "",
                 f", {skipped_total} unreadable samples skipped" if skipped_total else "",
