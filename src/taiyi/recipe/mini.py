@@ -63,8 +63,9 @@ class Preset:
             "clip-en": 1000,
             "clip-zh": 800,
             "vae": 1000,
-            "sd-en": 1500,
-            "sd-zh": 600,
+            # 2400: more UNet training draws the rivers (+25 points) the Chinese model's water bar needs (README)
+            "sd-en": 2400,
+            "sd-zh": 900,
             "sd-zh-en": 900,  # stage 2; its stage 1 is the Chinese model's (Taiyi: stage 1 on Chinese data only)
             "uncond": 1000,
         }
@@ -75,6 +76,9 @@ class Preset:
             "vae": 1e-3,
             "sd-unet": 4e-4,
             "sd-text": 2e-4,
+            # the bilingual stage 2's text encoder (its UNet: sd-unet / 4): English words must be learnt there,
+            # and at the UNet's rate "dawn" (word pieces da ##wn in the Chinese vocabulary) was not (README)
+            "sd-zh-en-text": 4e-4,
             "uncond": 4e-4,
             "probe": 2e-3,
         }
@@ -224,6 +228,7 @@ def _stages() -> list[Stage]:
         return [
             ["train", "sd", "--model", str(out / "sd-zh" / "final"), *mixed, "--stage", "2",
              *sd_common(out, p, p.steps["sd-zh-en"], p.lr["sd-unet"] / 4),
+             "--text-encoder-lr", str(p.lr["sd-zh-en-text"]),
              "--val-prompt", "夜晚的高山，ink wash painting",
              *_train_common(out, "sd-zh-en", p.steps["sd-zh-en"], c.seed)],
         ]  # fmt: skip
