@@ -2,7 +2,7 @@
 
 The suite runs offline: ``HF_HUB_OFFLINE`` is set and ``HF_HOME`` points to an empty temporary
 folder before anything imports ``huggingface_hub`` (which reads both only once, at import); taiyi's own
-cache (``TAIYI_CACHE``) is a temporary folder too.
+cache (``TAIYI_CACHE``) and the subprocesses' ``TMPDIR`` are temporary folders too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ os.environ["TAIYI_CACHE"] = tempfile.mkdtemp(prefix="taiyi-tests-cache-")  # con
 # `auto` means PyTorch in the suite, so its pictures do not depend on the CPU (auto picks OpenVINO bf16 on CPUs
 # with bf16 instructions); the backend tests ask for OpenVINO by name or clear this
 os.environ["TAIYI_BACKEND"] = "torch"
-for _folder in (os.environ["HF_HOME"], os.environ["TAIYI_CACHE"]):  # gone with the test process
+# the temporary folder of every subprocess: `accelerate launch` (torch elastic) leaves a torchelastic_* folder there
+os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="taiyi-tests-tmp-")
+for _folder in (os.environ["HF_HOME"], os.environ["TAIYI_CACHE"], os.environ["TMPDIR"]):  # gone with the test process
     atexit.register(shutil.rmtree, _folder, ignore_errors=True)
 
 import pytest  # noqa: E402
