@@ -1055,7 +1055,8 @@ def train_sd(config: SDTrainConfig) -> dict:
         if not accelerator.sync_gradients:
             continue
         rates = scheduler.get_last_lr()  # the text encoder's groups first (see _module_param_groups)
-        lr, text_lr = rates[-1], (rates[0] if config.text_encoder_lr is not None else None)
+        own_rate = config.text_encoder_lr is not None and trainable.text_encoder is not None
+        lr, text_lr = rates[-1], (rates[0] if own_rate else None)
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         if ema is not None:
