@@ -885,6 +885,7 @@ def train_sd(config: SDTrainConfig) -> dict:
     )
     model, optimizer = accelerator.prepare(trainable, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    text_own_rate = config.text_encoder_lr is not None and trainable.text_encoder is not None  # logged beside lr
     ema = None
     if config.ema:
         from diffusers.training_utils import EMAModel
@@ -1055,8 +1056,7 @@ def train_sd(config: SDTrainConfig) -> dict:
         if not accelerator.sync_gradients:
             continue
         rates = scheduler.get_last_lr()  # the text encoder's groups first (see _module_param_groups)
-        own_rate = config.text_encoder_lr is not None and trainable.text_encoder is not None
-        lr, text_lr = rates[-1], (rates[0] if own_rate else None)
+        lr, text_lr = rates[-1], (rates[0] if text_own_rate else None)
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         if ema is not None:
