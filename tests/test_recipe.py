@@ -403,6 +403,11 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     # are encoded once per run, not once per stage or per caption language
     assert len(list((out / "cache").glob("latents-*.safetensors"))) == 1
     assert not any((out / stage / "cache").exists() for stage in ("sd-en", "sd-zh", "sd-zh-en", "uncond"))
+    # the Chinese and bilingual stages learn from the English SD, on every source's English twins
+    for stage, sources in (("sd-zh", 1), ("sd-zh-en", 2)):
+        run = json.loads((out / stage / "run_config.json").read_text(encoding="utf-8"))
+        assert run["teacher"] == str(out / "sd-en" / "final") and run["teacher_weight"] == 0.5
+        assert run["teacher_data"] == [str(out / "data" / "en.jsonl")] * sources
 
 
 def test_tiny_recipe_models_load_and_generate(tiny_run):
