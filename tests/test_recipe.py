@@ -408,6 +408,18 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
         run = json.loads((out / stage / "run_config.json").read_text(encoding="utf-8"))
         assert run["teacher"] == str(out / "sd-en" / "final") and run["teacher_weight"] == 0.5
         assert run["teacher_data"] == [str(out / "data" / "en.jsonl")] * sources
+    # the VAE stage trains the autoencoder, then its decoder alone: the shipped VAE encodes as the base did
+    import torch
+    from safetensors.torch import load_file
+
+    base, tuned = (load_file(out / d / "final" / "diffusion_pytorch_model.safetensors") for d in ("vae-base", "vae"))
+    encoder = [k for k in base if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(base[k], tuned[k]) for k in encoder)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k.startswith("decoder."))
+    run = json.loads((out / "vae" / "run_config.json").read_text(encoding="utf-8"))
+    assert run["decoder_only"] is True and run["init"] == str(out / "vae-base" / "final")
+    shipped = load_file(out / "models" / "taiyi-mini-zh" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], tuned[k].to(shipped[k].dtype)) for k in tuned)
 
 
 def test_tiny_recipe_models_load_and_generate(tiny_run):

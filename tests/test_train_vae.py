@@ -146,3 +146,64 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
         assert err.startswith("taiyi: error:") and "\n" not in err and message in err, err
     with pytest.raises(InvalidInputError, match="--kl-weight"):
         train_vae(VAETrainConfig(data=[str(folder)], output=str(tmp_path / "k"), kl_weight=-1.0))
+
+
+def test_decoder_only_fine_tune_keeps_encoder_latents_and_scaling_factor(folder, tmp_path):
+    """--init + --decoder-only (Stable Diffusion's ft-MSE VAE): only the decoder moves, so a UNet trained on the
+    init's latents stays valid; the init's architecture is taken whatever the size settings say."""
+    from diffusers import AutoencoderKL
+
+    base = train_vae(VAETrainConfig(data=[str(folder)], output=str(tmp_path / "base"), max_steps=2, **TINY))["final"]
+    pipeline = tmp_path / "pipe"  # a pipeline folder with vae/ is accepted too
+    shutil.copytree(base, pipeline / "vae")
+    settings = {**TINY, "block_out_channels": (16, 16), "lr": 1e-2}  # overridden by the init's (8, 16, 16)
+    tuned = train_vae(
+        VAETrainConfig(
+            data=[str(folder)],
+            output=str(tmp_path / "ft"),
+            max_steps=3,
+            init=str(pipeline),
+            decoder_only=True,
+            **settings,
+        )
+    )
+    before, after = load_file(base / WEIGHTS), load_file(tuned["final"] / WEIGHTS)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    moved = [
+        k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(before[k], after[k])
+    ]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert len(moved) > 10
+    a, b = AutoencoderKL.from_pretrained(base), AutoencoderKL.from_pretrained(tuned["final"])
+    assert b.config.block_out_channels == [8, 16, 16] and b.config.scaling_factor == a.config.scaling_factor
+    recorded = json.loads((tmp_path / "ft" / "run_config.json").read_text())
+    assert recorded["block_out_channels"] == [8, 16, 16] and recorded["decoder_only"] is True
+    # without --decoder-only the whole autoencoder goes on training and the scale is measured again
+    whole = train_vae(
+        VAETrainConfig(data=[str(folder)], output=str(tmp_path / "all"), max_steps=1, init=str(base), **TINY)
+    )
+    encoder = [k for k in frozen if not torch.equal(before[k], load_file(whole["final"] / WEIGHTS)[k])]
+    assert encoder and whole["export"]["scaling_factor"] != pytest.approx(a.config.scaling_factor, rel=1e-9)
+
+
+def test_decoder_only_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
+    bad = tmp_path / "notvae"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    base = ["train", "vae", "--data", str(folder), "--output", str(tmp_path / "o"), "--report-to", "none"]
+    cases = [
+        (base + ["--decoder-only"], "--decoder-only needs --init"),
+        (base + ["--init", str(bad)], "is not an AutoencoderKL folder"),
+        (base + ["--init", str(pickled)], "pickle"),
+        (base + ["--init", str(bad), "--block-out-channels", "8,16"], "--init sets the architecture"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("taiyi: error:") and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()

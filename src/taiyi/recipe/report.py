@@ -377,7 +377,7 @@ def _write_markdown(run: Path, report: dict) -> None:
     for name, grid in report["grids"].items():
         lines += [f"**{name}** — rows: " + " / ".join(grid["prompts"]), "", f"![{name}]({grid['file']})", ""]
     lines += ["## Loss curves", ""]
-    for sub in ("clip-en", "clip-zh", "vae", "sd-en", "sd-zh", "sd-zh-en", "uncond"):
+    for sub in ("clip-en", "clip-zh", "vae-base", "vae", "sd-en", "sd-zh", "sd-zh-en", "uncond"):
         if (run / sub / "loss.png").is_file():
             lines.append(f"![{sub}]({sub}/loss.png)")
     if "stages" in report:

@@ -604,6 +604,25 @@ def vae(
     scale_images: Annotated[
         int | None, _opt("--scale-images", help="Images measured for scaling_factor [1024].", panel=_PANEL_OPT)
     ] = None,
+    init: Annotated[
+        str | None,
+        _opt(
+            "--init",
+            help="Start from this AutoencoderKL (folder, or pipeline with vae/); it sets the architecture.",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
+    decoder_only: Annotated[
+        bool,
+        _opt(
+            "--decoder-only",
+            help="With --init: train the decoder only; latents and scaling_factor stay (SD's ft-MSE VAE).",
+            panel=_PANEL_OPT,
+        ),
+    ] = False,
+    allow_pickle: Annotated[
+        bool, _opt("--allow-pickle", help="Accept a pickled .bin --init (can run code).", panel=_PANEL_OPT)
+    ] = False,
     image_column: ImageColumn = None,
     resolution: ImageResolution = None,
     hflip: HFlip = False,
@@ -633,11 +652,23 @@ def vae(
     log_every: LogEvery = None,
     cpu: Cpu = False,
 ) -> None:
-    """Train a Stable Diffusion VAE (AutoencoderKL) from scratch; measures and writes its scaling_factor.
+    """Train a Stable Diffusion VAE (AutoencoderKL) from scratch, or go on from one (--init); measures and writes
+    its scaling_factor (kept as it was with --decoder-only).
 
     Writes OUTPUT/final (AutoencoderKL.from_pretrained) and OUTPUT/vae_report.json (PSNR, grey/ink chroma).
     """
     given = _image_config({k: v for k, v in locals().items() if v is not None})
+    sized = [
+        k
+        for k in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "mid_attention")
+        if k in given
+    ]
+    if init is not None and sized:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"--init sets the architecture; drop {', '.join('--' + k.replace('_', '-') for k in sized)}"
+        )
     from ..cli import _quiet_libraries
 
     _quiet_libraries()

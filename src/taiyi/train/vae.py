@@ -1,4 +1,7 @@
-"""``taiyi train vae``: a Stable Diffusion VAE (diffusers ``AutoencoderKL``) trained from scratch on images.
+"""``taiyi train vae``: a Stable Diffusion VAE (diffusers ``AutoencoderKL``) trained on images, from scratch or
+from an existing one (``--init``); ``--decoder-only`` fine-tunes the decoder alone, keeping every latent and the
+``scaling_factor``, so diffusion models trained on that VAE's latents stay valid (Stable Diffusion's "ft-MSE" VAE
+was made so).
 
 The miniature recipe needs its own VAE: 64×64 pictures, downsampling factor 4, 16×16×4 latents.
 
@@ -19,7 +22,8 @@ The miniature recipe needs its own VAE: 64×64 pictures, downsampling factor 4, 
   (< 0.05) for ink-style generation to work.
 - At the end, the latent std over (up to 1024) training images is measured and ``scaling_factor = 1/std``
   is written into the VAE config, as Stable Diffusion does (0.18215 for SD v1), so latents × scaling
-  have unit variance. ``OUTPUT/final`` loads with ``AutoencoderKL.from_pretrained`` and no flags.
+  have unit variance (with ``decoder_only``, the init's factor is kept: its latents are unchanged).
+  ``OUTPUT/final`` loads with ``AutoencoderKL.from_pretrained`` and no flags.
 
 The training loop (checkpoints, exact resume, metrics.jsonl, loss.png, EMA) is shared with
 ``taiyi train uncond`` (:mod:`taiyi.train.uncond`): :func:`run_image_training` here serves both.
@@ -198,6 +202,12 @@ class VAETrainConfig(ImageTrainConfig):
         grey_fraction: share of training images turned grey (channel mean) at random, so grey pictures
             reconstruct grey (水墨 needs it; the check is ``ink_chroma`` / ``grey_chroma``).
         scale_images: training images measured for ``scaling_factor`` (at most).
+        allow_pickle: accept a pickled (``.bin``) ``init``; refused by default since loading one can run code.
+        init: start from this ``AutoencoderKL`` (its folder, or a pipeline folder's ``vae/``; safetensors only)
+            instead of a fresh one; its architecture replaces the size settings above.
+        decoder_only: with ``init``, train only the decoder (and ``post_quant_conv``): the encoder, hence every
+            latent and the ``scaling_factor``, stays as it was, so diffusion models trained on the init's latents
+            keep working with the new decoder (how Stable Diffusion's fine-tuned "ft-MSE" VAE was made).
     """
 
     block_out_channels: tuple[int, ...] = (16, 32, 64)
@@ -210,6 +220,9 @@ class VAETrainConfig(ImageTrainConfig):
     chroma_weight: float = 1.0
     grey_fraction: float = 0.1
     scale_images: int = 1024
+    init: str | None = None
+    decoder_only: bool = False
+    allow_pickle: bool = False
     lr: float = 1e-3
     batch_size: int = 32
 
@@ -460,10 +473,12 @@ def run_image_training(
     window: list[torch.Tensor] = []
     extras: dict[str, list[float]] = {}
     if main and step < total_steps:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
         logger.info(
-            "training %s (%.2f M parameters) for %d steps from step %d (%d images, %d held out, batch %d x %d)",
+            "training %s (%s) for %d steps from step %d (%d images, %d held out, batch %d x %d)",
             type(model).__name__,
-            sum(p.numel() for p in model.parameters()) / 1e6,
+            f"{total / 1e6:.2f} M parameters" + ("" if trained == total else f", {trained / 1e6:.2f} M trained"),
             total_steps,
             step,
             n_train,
@@ -575,10 +590,34 @@ def _describe(row: dict) -> str:
 # The VAE
 
 
+# the settings an --init VAE brings with it (its config's names)
+_ARCHITECTURE = {
+    "block_out_channels": "block_out_channels",
+    "latent_channels": "latent_channels",
+    "layers_per_block": "layers_per_block",
+    "norm_num_groups": "norm_num_groups",
+    "mid_attention": "mid_block_add_attention",
+}
+
+
 def build_vae(config: VAETrainConfig):
-    """A fresh ``AutoencoderKL`` of the configured size (downsampling factor 2^(levels − 1))."""
+    """A fresh ``AutoencoderKL`` of the configured size (downsampling factor 2^(levels − 1)), or the ``init`` one:
+    then the config's size settings are set from it, and with ``decoder_only`` the encoder is frozen."""
     from diffusers import AutoencoderKL
 
+    if config.init is not None:
+        from .uncond import load_vae
+
+        vae = load_vae(config.init, allow_pickle=config.allow_pickle)
+        for ours, theirs in _ARCHITECTURE.items():
+            value = vae.config[theirs]
+            setattr(config, ours, tuple(value) if isinstance(value, list) else value)
+        vae.train().requires_grad_(True)
+        if config.decoder_only:
+            vae.encoder.requires_grad_(False)
+            if vae.quant_conv is not None:
+                vae.quant_conv.requires_grad_(False)
+        return vae
     levels = len(config.block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -688,6 +727,10 @@ def latent_std(vae, images: Images, n: int, seed: int) -> float:
 
 def _validate_vae_config(config: VAETrainConfig) -> None:
     config.check()
+    if config.decoder_only and config.init is None:
+        raise InvalidInputError("--decoder-only needs --init VAE: the autoencoder whose decoder to fine-tune")
+    if config.init is not None:  # fail before reading any image; the run takes the init's architecture
+        build_vae(config)
     levels = config.block_out_channels
     checks = [
         (
@@ -750,8 +793,11 @@ def train_vae(config: VAETrainConfig) -> dict:
 
     def export(model, images, final_dir):
         vae = model.vae
-        std = latent_std(vae, images, config.scale_images, config.seed)
-        vae.register_to_config(scaling_factor=1.0 / std)
+        if config.decoder_only:  # the latents are the init's: so is their scale
+            std = 1.0 / float(vae.config.scaling_factor)
+        else:
+            std = latent_std(vae, images, config.scale_images, config.seed)
+            vae.register_to_config(scaling_factor=1.0 / std)
         write_folder_atomic(final_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
         factor = 2 ** (len(config.block_out_channels) - 1)
         info = {
