@@ -204,24 +204,9 @@ def _stages() -> list[Stage]:
 
     def vae(out, p, c):
         # the autoencoder (vae-base), then its decoder alone fine-tuned (vae): the latents stay the base's
-        common = [
-            "train",
-            "vae",
-            "--data",
-            _data(out, "zh"),
-            "--resolution",
-            str(p.size),
-            "--batch-size",
-            str(p.batch["vae"]),
-            "--lr",
-            str(p.lr["vae"]),
-            "--lr-scheduler",
-            p.lr_scheduler,
-            "--warmup-steps",
-            str(p.image_warmup_steps),
-            "--val-fraction",
-            "0.02",
-        ]
+        common = ["train", "vae", "--data", _data(out, "zh"), "--resolution", str(p.size),
+                  "--batch-size", str(p.batch["vae"]), "--lr", str(p.lr["vae"]), "--lr-scheduler", p.lr_scheduler,
+                  "--warmup-steps", str(p.image_warmup_steps), "--val-fraction", "0.02"]  # fmt: skip
         size = ["--block-out-channels", ",".join(map(str, p.vae_channels))]
         if not p.steps.get("vae-decoder"):
             return [[*common, *size, *_train_common(out, "vae", p.steps["vae"], c.seed)]]

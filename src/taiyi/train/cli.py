@@ -658,11 +658,9 @@ def vae(
     Writes OUTPUT/final (AutoencoderKL.from_pretrained) and OUTPUT/vae_report.json (PSNR, grey/ink chroma).
     """
     given = _image_config({k: v for k, v in locals().items() if v is not None})
-    sized = [
-        k
-        for k in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "mid_attention")
-        if k in given
-    ]
+    from .vae import INIT_ARCHITECTURE
+
+    sized = [k for k in INIT_ARCHITECTURE if k in given]
     if init is not None and sized:
         from ..errors import InvalidInputError
 

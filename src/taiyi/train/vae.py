@@ -591,7 +591,7 @@ def _describe(row: dict) -> str:
 
 
 # the settings an --init VAE brings with it (its config's names)
-_ARCHITECTURE = {
+INIT_ARCHITECTURE = {
     "block_out_channels": "block_out_channels",
     "latent_channels": "latent_channels",
     "layers_per_block": "layers_per_block",
@@ -609,7 +609,7 @@ def build_vae(config: VAETrainConfig):
         from .uncond import load_vae
 
         vae = load_vae(config.init, allow_pickle=config.allow_pickle)
-        for ours, theirs in _ARCHITECTURE.items():
+        for ours, theirs in INIT_ARCHITECTURE.items():
             value = vae.config[theirs]
             setattr(config, ours, tuple(value) if isinstance(value, list) else value)
         vae.train().requires_grad_(True)
