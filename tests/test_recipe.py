@@ -403,11 +403,13 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     # are encoded once per run, not once per stage or per caption language
     assert len(list((out / "cache").glob("latents-*.safetensors"))) == 1
     assert not any((out / stage / "cache").exists() for stage in ("sd-en", "sd-zh", "sd-zh-en", "uncond"))
-    # the Chinese and bilingual stages learn from the English SD, on every source's English twins
-    for stage, sources in (("sd-zh", 1), ("sd-zh-en", 2)):
+    # the Chinese and bilingual stages learn from the English SD, on every source's English twins: the Chinese
+    # stage half and half with the diffusion loss; the bilingual stage 2 from the teacher alone, weights averaged
+    for stage, sources, weight, ema in (("sd-zh", 1, 0.5, False), ("sd-zh-en", 2, 1.0, True)):
         run = json.loads((out / stage / "run_config.json").read_text(encoding="utf-8"))
-        assert run["teacher"] == str(out / "sd-en" / "final") and run["teacher_weight"] == 0.5
+        assert run["teacher"] == str(out / "sd-en" / "final") and run["teacher_weight"] == weight
         assert run["teacher_data"] == [str(out / "data" / "en.jsonl")] * sources
+        assert run["ema"] is ema and (not ema or run["ema_decay"] == 0.99)
     # the VAE stage trains the autoencoder, then its decoder alone: the shipped VAE encodes as the base did
     import torch
     from safetensors.torch import load_file
