@@ -92,9 +92,10 @@ class Preset:
     # needs it too, or a taught stage 1 costs it the English dawn (README)
     sd_teacher_weight: float | None = 0.5
     # the bilingual stage 2: the English SD's prediction as its only target, and its weights averaged (EMA).
-    # On the 576-prompt set, four draws (seeds 0-3) of mini16's stage 2: English seen sky +7 to +11 points
-    # over the average alone, and the draws' spread narrowed (README, "How much of the bilingual model's sky
-    # is the training draw")
+    # On the 576-prompt set, four draws (seeds 0-3) of mini16's stage 2 read seen sky −1 (English prompts) and
+    # +1 (Chinese) against the English SD, where the average alone read −12 and −6 and the stage without
+    # either swung from −5 to −17 between draws (README, "How much of the bilingual model's sky is the
+    # training draw")
     sd_zh_en_teacher_weight: float | None = 1.0
     sd_zh_en_ema_decay: float | None = 0.99
     noise_offset: float = 0.1
