@@ -86,10 +86,10 @@ class Preset:
             "probe": 2e-3,
         }
     )
-    # the Chinese and bilingual stages learn from the English SD's prediction on the same noisy latent, captioned
-    # with the picture's English twin, half and half with the diffusion loss (``taiyi train sd --teacher``; not
-    # Taiyi's published recipe). Chinese model: sky +7, land +3, held-out style +8 points; the bilingual stage 2
-    # needs it too, or a taught stage 1 costs it the English dawn (README)
+    # the Chinese stage 1 learns from the English SD's prediction on the same noisy latent, captioned with the
+    # picture's English twin, half and half with the diffusion loss (``taiyi train sd --teacher``; not Taiyi's
+    # published recipe): sky +7, land +3, held-out style +8 points. The bilingual stage 2 needs a teacher too,
+    # or a taught stage 1 costs it the English dawn (README); its weight is the next field
     sd_teacher_weight: float | None = 0.5
     # the bilingual stage 2: the English SD's prediction as its only target, and its weights averaged (EMA).
     # On the 576-prompt set, four draws (seeds 0-3) of mini16's stage 2 read seen sky −1 (English prompts) and
