@@ -15,13 +15,13 @@ and an interrupted one resumes from its latest checkpoint when the recipe is run
     uncond    unconditional latent diffusion (for Disco Diffusion)    taiyi train uncond --vae
     report    faithfulness + CLIP evaluation, bit-identity check, report.json / report.md, exports
 
-Independent stages may run side by side (``jobs`` processes, ``threads`` each). The default is one
-stage at a time on two threads: on the 2-core machine the recipe was calibrated on, a stage on one core
-beside another ran 1.5× (English SD), 1.6× (English CLIP) and 1.85× (VAE) slower than alone on both, so
-pairs gain little, and nothing can take a stage's second core back when its partner ends (README). Sizes and step counts come from a
-preset: ``full`` is the shipped recipe (budget: 60 minutes on 2 cores; a whole run took 76 there before
-the shared latent cache and the data workers, which save a few minutes), ``tiny`` is
-the same code at toy sizes for the test suite.
+Independent stages may run side by side (``jobs`` processes, ``threads`` each). The default is one stage at a
+time on two threads: on the 2-core machine the recipe was calibrated on, a stage on one core beside another
+ran 1.5× (English SD), 1.6× (English CLIP) and 1.85× (VAE) slower than alone on both, so pairs gain little,
+and nothing can take a stage's second core back when its partner ends (README). Sizes and step counts come
+from a preset: ``full`` is the shipped recipe (budget: 60 minutes on 2 cores; a whole run took 76 there before
+the shared latent cache and the data workers, which save a few minutes), ``tiny`` is the same code at toy
+sizes for the test suite.
 """
 
 from __future__ import annotations
