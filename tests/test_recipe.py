@@ -508,6 +508,51 @@ def test_recipe_stage_that_writes_nothing_fails(tmp_path, monkeypatch):
     assert record["stages"]["probe"]["status"] == "failed"
 
 
+def test_stage_progress_reads_the_trainers_progress_lines():
+    from taiyi.recipe.mini import stage_progress
+
+    sd = "taiyi: info: step 600/2400 loss 0.0400 lr 0.0004 (text encoder 0.0002) (0.50 s/step)\n"
+    assert stage_progress("$ taiyi train sd …\n" + sd) == "step 600/2400, about 15 min left"  # 1800 × 0.5 s
+    clip = "taiyi: info: step 400/1000 epoch 2.61 loss 1.5 lr 0.0004 logit scale 12.00 (2.00 steps/s)"
+    assert stage_progress(clip + "\ntaiyi: info: step 400 validation (400 pairs): R@1 25.0") == (
+        "step 400/1000, about 5 min left"
+    )  # the latest step line wins over later lines without one
+    probe = "taiyi: info: probe step 900/1000 loss 0.72 (270.0 s)"  # seconds so far: 0.3 s a step
+    assert stage_progress(probe) == "step 900/1000, under a minute left"
+    assert stage_progress(sd + "taiyi: info: step 2400/2400 loss 0.03 lr 0.0004 (0.50 s/step)") == (
+        "step 2400/2400, finishing"
+    )
+    assert stage_progress("step 3/10 with no pace") == "step 3/10"
+    assert stage_progress("$ taiyi recipe report RUN\n") is None and stage_progress("") is None
+
+
+def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
+    """Between a stage's start and end lines the recipe echoes its latest step from its log, not an earlier
+    invocation's."""
+    from taiyi.recipe import mini
+
+    script = (
+        "import pathlib, time\n"
+        "for i in (1, 2):\n"
+        "    print(f'taiyi: info: step {i}/2 loss 0.1 lr 0.001 (0.30 s/step)', flush=True); time.sleep(1.5)\n"
+        "pathlib.Path('probe').mkdir(exist_ok=True); pathlib.Path('probe/config.json').write_text('{}')\n"
+    )
+    monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", script])
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "probe.log").write_text("taiyi: info: step 7/9 loss 1 (1.0 s/step)\n")  # an interrupted run's
+    lines: list[str] = []
+    config = mini.RecipeConfig(out=str(run), preset="tiny", only=["probe"], progress_every=0.1)
+    assert mini.run_recipe(config, echo=lines.append)["probe"]["status"] == "done"
+    progress = [line for line in lines if ": step " in line]
+    assert progress and all(line.startswith("[recipe] probe: step ") for line in progress)
+    assert progress[-1] == "[recipe] probe: step 2/2, finishing"
+    assert "[recipe] probe: step 1/2, under a minute left" in progress and not any("7/9" in x for x in progress)
+    assert len(progress) == len(set(progress))  # a line is echoed once, not every interval
+    with pytest.raises(mini.InvalidInputError, match="--progress-every must be 0 or more"):
+        mini.run_recipe(mini.with_preset(config, progress_every=-1))
+
+
 def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     from taiyi.cli import main
 

@@ -21,6 +21,9 @@ def mini(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only this stage (repeatable); see the stage list.")
     ] = None,
+    progress_every: Annotated[
+        float, typer.Option("--progress-every", help="Seconds between the running stages' step lines (0: none).")
+    ] = 60.0,
 ) -> None:
     """Train every model of the Taiyi recipe in miniature and write OUT/report.md + OUT/models/.
 
@@ -31,7 +34,8 @@ def mini(
     _quiet_libraries()
     from .mini import RecipeConfig, run_recipe
 
-    status = run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only),
+    status = run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only,
+                                     progress_every=progress_every),
                         echo=typer.echo)  # fmt: skip
     if status.get("report", {}).get("status") in ("done", "done before"):  # name the report only when there is one
         typer.echo(f"{out}/report.md")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -148,6 +149,8 @@ class RecipeConfig:
         threads: CPU threads per stage.
         seed: seed of the data, initialisations and training.
         only: run just these stages (and nothing that depends on a missing one).
+        progress_every: seconds between progress lines of the running stages (their latest step, from their
+            logs); 0: only a line when a stage starts and ends.
     """
 
     out: str
@@ -156,6 +159,7 @@ class RecipeConfig:
     threads: int = 2
     seed: int = 0
     only: list[str] | None = None
+    progress_every: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -303,11 +307,50 @@ STAGES: tuple[str, ...] = (
 )  # fmt: skip
 
 
+# the trainers' progress lines: "step 800/2400 loss … (0.46 s/step)", "… (1.37 steps/s)",
+# "probe step 900/1000 … (251.8 s)"
+_STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
+_PACE = re.compile(r"\((\d+(?:\.\d+)?) (s/step|steps/s|s)\)")
+
+
+def stage_progress(log_text: str) -> str | None:
+    """The latest ``step N/M`` in a stage's log, with the minutes its pace leaves (None: no step logged yet)."""
+    for line in reversed(log_text.splitlines()):
+        found = _STEP.search(line)
+        if not found:
+            continue
+        done, total = int(found[1]), int(found[2])
+        text = f"step {done}/{total}"
+        pace = _PACE.findall(line[found.end() :])
+        if done >= total:
+            return f"{text}, finishing"
+        if pace and done:
+            value, unit = float(pace[-1][0]), pace[-1][1]
+            per_step = {"s/step": value, "steps/s": 1 / value if value else 0.0, "s": value / done}[unit]
+            left = max(total - done, 0) * per_step / 60
+            text += f", about {left:.0f} min left" if left >= 1 else ", under a minute left"
+        return text
+    return None
+
+
+def _read_from(path: Path, offset: int, limit: int = 8192) -> str:
+    """The last ``limit`` bytes of a log written since ``offset`` ('' if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def _check(config: RecipeConfig) -> Preset:
     if config.preset not in PRESETS:
         raise InvalidInputError(f"unknown preset {config.preset!r}; use one of {', '.join(PRESETS)}")
     if config.jobs < 1 or config.threads < 1:
         raise InvalidInputError("--jobs and --threads must be at least 1")
+    if not config.progress_every >= 0:  # also refuses NaN
+        raise InvalidInputError(f"--progress-every must be 0 or more seconds, not {config.progress_every}")
     for name in config.only or ():
         if name not in STAGES:
             raise InvalidInputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -421,6 +464,9 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started: set[str] = set()  # stages this invocation ran
     began = time.monotonic()
+    log_start: dict[str, int] = {}
+    shown: dict[str, str] = {}  # the progress line last echoed per stage
+    last_progress = began
 
     def ready(name: str) -> bool:
         return all(n in done for n in stages[name].needs)
@@ -444,6 +490,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         log = open(out / "logs" / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115 (closed with the process)
         log.write(f"$ taiyi {' '.join(argv)}  # {threads} thread(s)\n")
         log.flush()
+        log_start[name] = log.tell()  # progress is read from here on: not an earlier invocation's steps
         n = str(threads)
         proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=out)
@@ -506,6 +553,13 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
                         raise TaiyiError(f"recipe stage {name} ended without writing {out / stages[name].done}")
                     finish(name, True)
                     done.add(name)
+            if running and config.progress_every and time.monotonic() - last_progress >= config.progress_every:
+                last_progress = time.monotonic()
+                for name in running:
+                    line = stage_progress(_read_from(out / "logs" / f"{name}.log", log_start.get(name, 0)))
+                    if line and line != shown.get(name):
+                        shown[name] = line
+                        echo(f"[recipe] {name}: {line}")
             if running:
                 time.sleep(0.5)
     finally:
