@@ -523,6 +523,7 @@ def test_stage_progress_reads_the_trainers_progress_lines():
         "step 2400/2400, finishing"
     )
     assert stage_progress("step 3/10 with no pace") == "step 3/10"
+    assert stage_progress("taiyi: info: step 1/2400 loss 0.31 lr 0 (0.65 s/step)") == "step 1/2400"  # warm-up pace
     assert stage_progress("$ taiyi recipe report RUN\n") is None and stage_progress("") is None
 
 
@@ -533,8 +534,8 @@ def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
 
     script = (
         "import pathlib, time\n"
-        "for i in (1, 2):\n"
-        "    print(f'taiyi: info: step {i}/2 loss 0.1 lr 0.001 (0.30 s/step)', flush=True); time.sleep(1.5)\n"
+        "for i in (10, 20):\n"
+        "    print(f'taiyi: info: step {i}/20 loss 0.1 lr 0.001 (0.30 s/step)', flush=True); time.sleep(1.5)\n"
         "pathlib.Path('probe').mkdir(exist_ok=True); pathlib.Path('probe/config.json').write_text('{}')\n"
     )
     monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", script])
@@ -546,8 +547,8 @@ def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
     assert mini.run_recipe(config, echo=lines.append)["probe"]["status"] == "done"
     progress = [line for line in lines if ": step " in line]
     assert progress and all(line.startswith("[recipe] probe: step ") for line in progress)
-    assert progress[-1] == "[recipe] probe: step 2/2, finishing"
-    assert "[recipe] probe: step 1/2, under a minute left" in progress and not any("7/9" in x for x in progress)
+    assert progress[-1] == "[recipe] probe: step 20/20, finishing"
+    assert "[recipe] probe: step 10/20, under a minute left" in progress and not any("7/9" in x for x in progress)
     assert len(progress) == len(set(progress))  # a line is echoed once, not every interval
     with pytest.raises(mini.InvalidInputError, match="--progress-every must be 0 or more"):
         mini.run_recipe(mini.with_preset(config, progress_every=-1))

@@ -324,7 +324,7 @@ def stage_progress(log_text: str) -> str | None:
         pace = _PACE.findall(line[found.end() :])
         if done >= total:
             return f"{text}, finishing"
-        if pace and done:
+        if pace and done >= 10:  # the first steps' pace includes the warm-up
             value, unit = float(pace[-1][0]), pace[-1][1]
             per_step = {"s/step": value, "steps/s": 1 / value if value else 0.0, "s": value / done}[unit]
             left = max(total - done, 0) * per_step / 60
