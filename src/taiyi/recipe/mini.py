@@ -321,13 +321,13 @@ def stage_progress(log_text: str) -> str | None:
             continue
         done, total = int(found[1]), int(found[2])
         text = f"step {done}/{total}"
-        pace = _PACE.findall(line[found.end() :])
         if done >= total:
             return f"{text}, finishing"
+        pace = _PACE.findall(line[found.end() :])
         if pace and done >= 10:  # the first steps' pace includes the warm-up
             value, unit = float(pace[-1][0]), pace[-1][1]
             per_step = {"s/step": value, "steps/s": 1 / value if value else 0.0, "s": value / done}[unit]
-            left = max(total - done, 0) * per_step / 60
+            left = (total - done) * per_step / 60
             text += f", about {left:.0f} min left" if left >= 1 else ", under a minute left"
         return text
     return None
