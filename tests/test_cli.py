@@ -310,3 +310,17 @@ def test_python_dash_m_taiyi_is_the_taiyi_command():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "taiyi: error: unknown backend 'nope'; use auto, torch, openvino"
+
+
+def test_version_names_taiyi_and_its_libraries(capsys):
+    import importlib.metadata
+
+    import taiyi
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out.startswith(f"taiyi {importlib.metadata.version('taiyi')} (torch ")
+    assert f"diffusers {importlib.metadata.version('diffusers')}" in out
+    assert taiyi.__version__ == importlib.metadata.version("taiyi")
+    code, out, _ = run(capsys, "--version", "generate", "--steps", "0")  # eager: nothing else runs
+    assert code == 0 and out.startswith("taiyi ")

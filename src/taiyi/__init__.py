@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "__version__",
     "GenerationParameters",
     "GenerationResult",
     "TaiyiError",
@@ -15,6 +16,13 @@ __all__ = [
     "load_pipeline",
     "normalize_prompt",
 ]
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("taiyi")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "GenerationParameters": "taiyi.metadata",

@@ -31,6 +31,32 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "diffusers", "transformers", "accelerate"))
+    typer.echo(f"taiyi {installed('taiyi')} ({libraries}; Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
+    ] = False,
+) -> None:
+    """Chinese-native text-to-image: generate and edit images from Chinese prompts with Taiyi models."""
+
 from .cli_options import (  # noqa: E402  (after the click import fallback)
     AllowPickle,
     Backend,
