@@ -57,6 +57,7 @@ def _root(
 ) -> None:
     """Chinese-native text-to-image: generate and edit images from Chinese prompts with Taiyi models."""
 
+
 from .cli_options import (  # noqa: E402  (after the click import fallback)
     AllowPickle,
     Backend,
