@@ -168,7 +168,7 @@ def judge(
         prompts: from :func:`eval_prompts`.
         probe: an :class:`~taiyi.recipe.probe.AttributeProbe` (anything with ``predict(images) → list[dict]``).
         images_per_prompt: pictures per prompt. The pictures of one prompt are alike, so more prompts buy more
-            precision than more pictures per prompt (README, "How precise the judging is").
+            precision than more pictures per prompt (docs/recipe.md, "How precise the judging is").
         seed: seed of the first picture of the first prompt; prompt ``j`` starts at ``seed + j × n``.
         progress: called with ``(prompts done, prompts)``.
         draw_rows: ``draw_rows(prompts, seeds) → one image per row``: the pictures ``draw`` would give (within

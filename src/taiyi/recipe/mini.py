@@ -66,9 +66,10 @@ class Preset:
             "clip-zh": 800,
             "vae": 1000,
             # then the decoder alone (the latents, hence every diffusion stage, stay as they were): a sharper,
-            # truer decoder; on mini15's models +3 to +7 points of land, +3 of style, +2 to +6 of sky (README)
+            # truer decoder; on mini15's models +3 to +7 points of land, +3 of style, +2 to +6 of sky (docs/recipe.md)
             "vae-decoder": 1000,
-            # 2400: more UNet training draws the rivers (+25 points) the Chinese model's water bar needs (README)
+            # 2400: more UNet training draws the rivers (+25 points) the Chinese model's water bar needs
+            # (docs/recipe.md)
             "sd-en": 2400,
             "sd-zh": 900,
             "sd-zh-en": 900,  # stage 2; its stage 1 is the Chinese model's (Taiyi: stage 1 on Chinese data only)
@@ -82,7 +83,7 @@ class Preset:
             "sd-unet": 4e-4,
             "sd-text": 2e-4,
             # the bilingual stage 2's text encoder (its UNet: sd-unet / 4): English words must be learnt there,
-            # and at the UNet's rate "dawn" (word pieces da ##wn in the Chinese vocabulary) was not (README)
+            # and at the UNet's rate "dawn" (word pieces da ##wn in the Chinese vocabulary) was not (docs/recipe.md)
             "sd-zh-en-text": 4e-4,
             "uncond": 4e-4,
             "probe": 2e-3,
@@ -96,18 +97,18 @@ class Preset:
     # the bilingual stage 2: the English SD's prediction as its only target, and its weights averaged (EMA).
     # On the 576-prompt set, four draws (seeds 0-3) of mini16's stage 2 read seen sky −1 (English prompts) and
     # +1 (Chinese) against the English SD, where the average alone read −12 and −6 and the stage without
-    # either swung from −5 to −17 between draws (README, "How much of the bilingual model's sky is the
+    # either swung from −5 to −17 between draws (docs/recipe.md, "How much of the bilingual model's sky is the
     # training draw")
     sd_zh_en_teacher_weight: float | None = 1.0
     sd_zh_en_ema_decay: float | None = 0.99
     noise_offset: float = 0.1
-    snr_gamma: float | None = 5.0  # min-SNR loss weighting of the SD stages (README: +10 points of time of day)
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting of the SD stages (+10 points of time: docs/recipe.md)
     # after the warm-up, for the VAE, SD and unconditional stages (CLIP decays with a cosine of its own).
     # constant: a run with every one of them cosine (mini3) had a sharper VAE but less faithful SD models
     lr_scheduler: str = "constant"
     image_warmup_steps: int = 0  # of the VAE and unconditional stages (the SD stages warm up for 10 %, ≤ 50 steps)
     # seen, held-out: the pictures of one prompt are alike, so many prompts with 2 pictures each judge more
-    # precisely than few with many (README, "How precise the judging is")
+    # precisely than few with many (docs/recipe.md, "How precise the judging is")
     eval_prompts: tuple[int, int] = (192, 96)
     eval_images: int = 2
     eval_steps: int | None = None  # None: the pipeline's default sampler, steps and guidance span
@@ -257,7 +258,8 @@ def _stages() -> list[Stage]:
     def sd_zh_en(out, p, c):
         # Taiyi's bilingual recipe: stage 1 trains the text encoder on Chinese data only (that is the Chinese
         # model, sd-zh), stage 2 unfreezes the UNet on Chinese + English. Measured against a stage 1 of its own
-        # on mixed captions (300 steps, then 600 of stage 2): English sky 53 → 80 %, Chinese sky 77 → 90 % (README)
+        # on mixed captions (300 steps, then 600 of stage 2): English sky 53 → 80 %, Chinese sky 77 → 90 %
+        # (docs/recipe.md)
         mixed = ["--data", _data(out, "zh"), "--data", _data(out, "en"), "--mix-ratio", "0.5"]
         return [
             ["train", "sd", "--model", str(out / "sd-zh" / "final"), *mixed, "--stage", "2",
