@@ -126,6 +126,32 @@ def test_guidance_lowers_the_clip_distance_to_the_prompt(uncond, clip):
     assert len(steered.losses) == 8
 
 
+def test_color_guidance_gives_a_share_of_the_gradient_to_the_overall_colour(uncond, clip):
+    """``color_guidance`` w: (1 − w) × the gradient + w × its per-channel mean over the picture, rescaled per picture
+    to the gradient's RMS — the direction that darkens or tints the whole picture, which a small CLIP's raw
+    gradient barely takes."""
+    from taiyi.disco import _share_to_color
+
+    grad = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + torch.tensor([0.3, -0.2, 0.1]).view(
+        1, 3, 1, 1
+    )
+    color = _share_to_color(grad, 1.0)
+    assert torch.allclose(color, color[:, :, :1, :1].expand_as(color))  # constant over the picture
+    assert torch.allclose(color.square().mean((1, 2, 3)), grad.square().mean((1, 2, 3)))  # the gradient's size
+    assert torch.equal(torch.sign(color[:, :, 0, 0]), torch.sign(grad.mean((2, 3))))  # the mean's direction
+    assert torch.allclose(_share_to_color(grad, 0.25), 0.25 * color + 0.75 * grad)
+    assert torch.equal(_share_to_color(grad, 0.0), grad)
+
+    settings = DiscoSettings(clip_guidance_scale=20000, clamp_max=0.5, **FAST)
+    plain = disco_sample(uncond, clip, "夜晚", settings).image
+    tinted = [disco_sample(uncond, clip, "夜晚", DiscoSettings(**{**vars(settings), "color_guidance": 0.7})).image
+              for _ in range(2)]  # fmt: skip
+    assert tinted[0].tobytes() == tinted[1].tobytes() and tinted[0].tobytes() != plain.tobytes()
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(InvalidInputError, match="color-guidance must be between 0 and 1"):
+            DiscoSettings(color_guidance=bad).check()
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "ddpm"])
 def test_samplers_are_seeded_and_save_frames(uncond, clip, sampler):
     settings = DiscoSettings(sampler=sampler, save_every=2, **FAST)
@@ -222,6 +248,7 @@ def test_bad_models_give_one_line(tmp_path):
         (["--clip-guidance-scale", "-1"], "clip-guidance-scale must be 0 or more"),
         (["--steps", "0"], "steps must be between 1 and 1000"),
         (["--sampler", "euler"], "unknown sampler"),
+        (["--color-guidance", "1.5"], "color-guidance must be between 0 and 1"),
         (["--skip-steps", "9", "--steps", "5"], "skip-steps must be from 0"),
         (["--init-image", "{bad}"], "not a readable image"),
         (["--model", "{tmp}"], "not an unconditional diffusion model"),

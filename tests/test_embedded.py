@@ -88,16 +88,17 @@ def test_disco_uses_the_embedded_models_with_their_calibrated_guidance(tmp_path)
     from taiyi.cli import main
     from taiyi.disco_cli import guidance_defaults
 
-    mini = {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3}
+    mini = {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3, "color_guidance": 0.7}
     assert guidance_defaults("taiyi-mini-uncond") == mini
-    disco = {"clip_guidance_scale": 5000.0, "clamp_max": 0.05, "recurrence": 1}  # Disco Diffusion's own
+    disco = {"clip_guidance_scale": 5000.0, "clamp_max": 0.05, "recurrence": 1, "color_guidance": 0.0}  # Disco's
     assert guidance_defaults("./my-adm-model", clamp_max=None) == disco
-    given = {"clip_guidance_scale": 300.0, "clamp_max": 0.2, "recurrence": 1}
+    given = {"clip_guidance_scale": 300.0, "clamp_max": 0.2, "recurrence": 1, "color_guidance": 0.0}
     assert guidance_defaults("taiyi-mini-uncond", **given) == given
     png = tmp_path / "night.png"
     assert main(["disco", "夜晚", "--steps", "2", "--cutn", "2", "--seed", "1", "-o", str(png)]) == 0
     parameters = Image.open(png).text["parameters"]
     assert "Model: taiyi-mini-uncond" in parameters and "CLIP guidance scale: 20000.0" in parameters
+    assert "Color guidance: 0.7" in parameters
 
 
 def test_guidance_end_is_diffusers_dynamic_cfg_recipe_on_the_embedded_model():

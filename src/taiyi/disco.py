@@ -11,7 +11,9 @@ The pieces, each replaceable:
   embeds them with the CLIP image tower, and moves the model's output along the gradient of the
   spherical distance to the prompt embeddings (plus total-variation, range and saturation losses) —
   classifier guidance in score form, ``ε' = ε − √(1−ᾱ) ∇ log p`` (expressed in v or x0 for models
-  that predict those). The gradient's RMS is clamped.
+  that predict those). The gradient's RMS is clamped. ``color_guidance`` gives a share of the CLIP's gradient to
+  its mean over the picture, per colour channel: a small CLIP's steepest direction is texture, so its raw
+  gradient can raise a prompt's score without making the picture darker or bluer (夜晚 on the embedded model).
 - the sampler — a diffusers scheduler loop (``ddim`` with ``eta``, ``plms``, ``ddpm``) that never knows
   about guidance. With ``recurrence`` k > 1 each step is taken k times, x_{t-1} noised back to x_t in between
   (the self-recurrence of Bansal et al., "Universal Guidance for Diffusion Models", 2023): the guidance gets k
@@ -358,6 +360,9 @@ class DiscoSettings:
         save_every: keep the predicted image every N steps (0: none).
         recurrence: take each step this many times from re-noised samples (1: the plain sampler; not with plms,
             which remembers earlier steps).
+        color_guidance: share (0-1) of the CLIP loss's gradient given to its per-channel mean over the picture —
+            the picture's overall colour and brightness — rescaled to the gradient's own RMS (0: Disco's plain
+            gradient; 1: colour only).
     """
 
     steps: int = 50
@@ -376,6 +381,7 @@ class DiscoSettings:
     gradient_checkpointing: bool = False
     save_every: int = 0
     recurrence: int = 1
+    color_guidance: float = 0.0
 
     def check(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -398,6 +404,8 @@ class DiscoSettings:
             raise InvalidInputError(f"clamp-max must be above 0, not {self.clamp_max}")
         if not 1 <= self.recurrence <= 16:
             raise InvalidInputError(f"recurrence must be between 1 and 16, not {self.recurrence}")
+        if not 0 <= self.color_guidance <= 1:  # also refuses nan
+            raise InvalidInputError(f"color-guidance must be between 0 and 1, not {self.color_guidance}")
         if self.recurrence > 1 and self.sampler == "plms":
             raise InvalidInputError("recurrence needs a sampler without memory of earlier steps; use --sampler ddim")
         if not 0 <= self.skip_steps < self.steps:
@@ -414,6 +422,15 @@ def _input_side(processor) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ModelLoadError("the CLIP image processor names no input size (crop_size or size)")
+
+
+def _share_to_color(grad: torch.Tensor, share: float) -> torch.Tensor:
+    """``share`` of ``grad`` (B, C, H, W) moved to its per-channel mean over the picture, rescaled per picture to
+    the RMS of ``grad``: the direction that changes overall colour and brightness gets a weight of its own."""
+    color = grad.mean(dim=(2, 3), keepdim=True).expand_as(grad)  # (B, C, H, W)
+    size = grad.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()  # (B, 1, 1, 1)
+    color = color * size / color.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
+    return share * color + (1 - share) * grad
 
 
 class CLIPGuidance:
@@ -462,7 +479,7 @@ class CLIPGuidance:
             grad += torch.autograd.grad(loss * s.clip_guidance_scale, x_in)[0]
         self.cutouts.cutn = s.cutn
         self.last_loss = total
-        return grad
+        return _share_to_color(grad, s.color_guidance) if s.color_guidance else grad
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output (ε, v or x0, as it predicts) for x (B, C, H, W) at timesteps t (B,), moved so that

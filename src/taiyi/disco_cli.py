@@ -14,15 +14,18 @@ DEFAULT_CLIP = "taiyi-mini-clip"
 
 # Disco Diffusion's defaults (those of DiscoSettings) suit its 512-px ADM models. The embedded model (a latent
 # model of 64-px pictures steered by a small CLIP) needs a stronger pull and self-recurrence: each step retaken
-# from re-noised samples, which keeps the picture a scene while the gradient moves it (measured with
+# from re-noised samples, which keeps the picture a scene while the gradient moves it — and a share of the
+# gradient for the picture's overall colour, without which it does not turn night (measured with
 # `taiyi eval disco`, see the README).
-MODEL_DISCO_DEFAULTS = {"taiyi-mini-uncond": {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3}}
-_DEFAULTED = ("clip_guidance_scale", "clamp_max", "recurrence")
+MODEL_DISCO_DEFAULTS = {
+    "taiyi-mini-uncond": {"clip_guidance_scale": 20000.0, "clamp_max": 0.3, "recurrence": 3, "color_guidance": 0.7}
+}
+_DEFAULTED = ("clip_guidance_scale", "clamp_max", "recurrence", "color_guidance")
 
 
 def guidance_defaults(model: str, **given) -> dict:
-    """``clip_guidance_scale``, ``clamp_max`` and ``recurrence`` to use: those given (not None), else the model's,
-    else Disco's (:class:`~taiyi.disco.DiscoSettings`)."""
+    """``clip_guidance_scale``, ``clamp_max``, ``recurrence`` and ``color_guidance`` to use: those given (not None),
+    else the model's, else Disco's (:class:`~taiyi.disco.DiscoSettings`)."""
     from .disco import DiscoSettings
 
     disco = DiscoSettings()
@@ -47,6 +50,7 @@ def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
         "Eta": settings["eta"],
         "Skip steps": settings["skip_steps"],
         "Recurrence": settings["recurrence"],
+        "Color guidance": settings["color_guidance"],
     }
     return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs.items())
 
@@ -87,6 +91,12 @@ def disco(
         int | None,
         typer.Option("--recurrence", help="Take each step this many times from re-noised samples [the model's; 1]."),
     ] = None,
+    color_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--color-guidance", help="Share of the CLIP gradient for overall colour/brightness, 0-1 [the model's; 0]."
+        ),
+    ] = None,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Less memory, more time (recompute UNet activations).")
     ] = False,
@@ -107,7 +117,7 @@ def disco(
 
         seed = secrets.randbelow(2**31)
     defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
-                                 recurrence=recurrence)  # fmt: skip
+                                 recurrence=recurrence, color_guidance=color_guidance)  # fmt: skip
     settings = DiscoSettings(
         steps=steps, sampler=sampler, eta=eta, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale,
         cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow, skip_steps=skip_steps, seed=seed,

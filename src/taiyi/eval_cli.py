@@ -236,6 +236,9 @@ def disco(
     recurrence: Annotated[
         int | None, typer.Option("--recurrence", help="Times each step is taken [as taiyi disco].")
     ] = None,
+    color_guidance: Annotated[
+        float | None, typer.Option("--color-guidance", help="Share of the gradient for colour [as taiyi disco].")
+    ] = None,
     cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
 ) -> None:
@@ -249,7 +252,7 @@ def disco(
     from .recipe.faithfulness import evaluate_disco
 
     defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
-                                 recurrence=recurrence)  # fmt: skip
+                                 recurrence=recurrence, color_guidance=color_guidance)  # fmt: skip
     settings = DiscoSettings(steps=steps, cutn=cutn, **defaults)
     settings.check()
     from .data.shanshui import TIMES
