@@ -267,7 +267,9 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, uncond_dir, args, messa
     assert not (tmp_path / "o.png").exists()
 
 
-def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip):
+def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip, capsys):
+    import importlib.metadata
+
     from taiyi.cli import main
 
     clip.save_pretrained(tmp_path / "clip")
@@ -277,7 +279,11 @@ def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip):
     assert main(argv) == 0
     text = Image.open(out).text["parameters"]
     assert text.startswith("夜晚:2|晚霞:1\n") and "Seed: 7" in text and "Sampler: DDIM" in text
+    assert text.endswith(f"Color guidance: 0.0, Version: taiyi {importlib.metadata.version('taiyi')}")
     assert len(list((tmp_path / "night-frames").glob("*.png"))) == 3
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0  # as stored: no CFG scale or schedule the picture never had
+    assert capsys.readouterr().out == text + "\n"
     assert main(argv) == 2  # no silent overwrite
 
 

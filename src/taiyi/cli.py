@@ -400,10 +400,12 @@ def info(
     """Print the generation parameters an image carries."""
     from dataclasses import asdict
 
-    from .metadata import read_parameters
+    from .metadata import read_parameters, read_parameters_text
 
-    params = read_parameters(image)
-    typer.echo(json.dumps(asdict(params), ensure_ascii=False, indent=2) if as_json else params.to_text())
+    if as_json:
+        typer.echo(json.dumps(asdict(read_parameters(image)), ensure_ascii=False, indent=2))
+    else:  # as stored: a re-rendered text would add defaults (CFG scale) to pictures that never had them
+        typer.echo(read_parameters_text(image))
 
 
 @app.command()

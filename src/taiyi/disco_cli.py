@@ -35,6 +35,8 @@ def guidance_defaults(model: str, **given) -> dict:
 
 def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
     """The ``parameters`` PNG text: the prompt, then ``Key: value`` pairs (the A1111 layout)."""
+    from .metadata import _version
+
     pairs = {
         "Steps": settings["steps"],
         "Sampler": settings["sampler"].upper(),
@@ -51,6 +53,7 @@ def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
         "Skip steps": settings["skip_steps"],
         "Recurrence": settings["recurrence"],
         "Color guidance": settings["color_guidance"],
+        "Version": _version(),
     }
     return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs.items())
 

@@ -30,7 +30,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from .errors import InvalidInputError
 from .schedulers import scheduler_spec, spec_from_a1111
 
-__all__ = ["PARAMETERS_KEY", "GenerationParameters", "pnginfo", "read_parameters"]
+__all__ = ["PARAMETERS_KEY", "GenerationParameters", "pnginfo", "read_parameters", "read_parameters_text"]
 
 PARAMETERS_KEY = "parameters"
 """Name of the PNG text chunk (A1111's key, which ComfyUI and others look for)."""
@@ -322,6 +322,16 @@ def read_parameters(path: str | os.PathLike) -> GenerationParameters:
     Raises:
         InvalidInputError: the file is missing or unreadable, is not an image, or holds no ``parameters`` chunk.
     """
+    return GenerationParameters.from_text(read_parameters_text(path))
+
+
+def read_parameters_text(path: str | os.PathLike) -> str:
+    """The ``parameters`` text a PNG file carries, exactly as stored (``taiyi disco`` pictures, for one, carry
+    keys that :class:`GenerationParameters` has no fields for, and lack ones it fills with defaults).
+
+    Raises:
+        InvalidInputError: as :func:`read_parameters`.
+    """
     name = os.fspath(path)
     if not os.path.exists(name):
         raise InvalidInputError(f"{name} does not exist; give the path of a PNG image taiyi or A1111 wrote")
@@ -343,4 +353,4 @@ def read_parameters(path: str | os.PathLike) -> GenerationParameters:
                 f"of PNG files, and this is a {image_format} image"
             )
         raise InvalidInputError(f"{name} has no generation parameters (no {PARAMETERS_KEY!r} text chunk)")
-    return GenerationParameters.from_text(str(text))
+    return str(text)
