@@ -37,6 +37,8 @@ def _print_version(value: bool) -> None:
         return
     from importlib import metadata
 
+    from . import __version__
+
     def installed(name: str) -> str:
         try:
             return metadata.version(name)
@@ -44,7 +46,7 @@ def _print_version(value: bool) -> None:
             return "not installed"
 
     libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "diffusers", "transformers", "accelerate"))
-    typer.echo(f"taiyi {installed('taiyi')} ({libraries}; Python {sys.version.split()[0]})")
+    typer.echo(f"taiyi {__version__} ({libraries}; Python {sys.version.split()[0]})")
     raise typer.Exit()
 
 

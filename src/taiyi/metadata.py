@@ -17,8 +17,6 @@ Only PNG is read: A1111 stores JPEG/WebP parameters in EXIF, which taiyi never w
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import json
 import math
 import os
@@ -64,12 +62,10 @@ _FIELD_KEYS = frozenset(
 _SAMPLER_KEYS = ("Sampler", "Schedule type")
 
 
-@functools.cache
 def _version() -> str:
-    try:
-        return f"taiyi {importlib.metadata.version('taiyi')}"
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "taiyi"
+    from . import __version__
+
+    return f"taiyi {__version__}"
 
 
 def _quote(value: str) -> str:
