@@ -144,6 +144,47 @@ def test_float32_loads_even_when_an_unused_fp16_file_is_truncated(tiny_zh, copy_
     assert pipe.sd.unet.dtype == torch.float32
 
 
+# --- a VAE trained on padded latents ---------------------------------------------------------------
+
+
+def test_a_vae_trained_on_padded_latents_decodes_padded_everywhere_taiyi_loads_it(tiny_zh, copy_checkpoint):
+    """``_taiyi_decode_padding`` in vae/config.json (what ``taiyi train vae --decode-padding`` writes): taiyi's
+    pipelines and ``load_vae`` decode the latents padded by that many cells, edge values repeated, and crop the
+    margin off; stock diffusers loads the folder unchanged and decodes it unpadded; a folder without the key
+    decodes exactly as stock diffusers does."""
+    import copy
+
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from taiyi.train.uncond import load_vae
+
+    folder = copy_checkpoint(tiny_zh, "padded")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, loading.DECODE_PADDING_KEY: 1}))
+    stock = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = stock.decode(z).sample  # (2, 3, 32, 32): factor 4
+        padded = stock.decode(F.pad(z, (1, 1, 1, 1), mode="replicate")).sample[..., 4:-4, 4:-4]
+        pipe = load_pipeline(folder, safety_checker=False)  # memory "auto": decoded one picture at a time
+        assert pipe.sd.vae.use_slicing
+        ours = pipe.sd.vae.decode(z).sample
+        again = load_vae(folder).decode(z).sample
+        unkeyed = load_pipeline(tiny_zh, safety_checker=False).sd.vae.decode(z).sample
+    assert ours.shape == plain.shape == padded.shape
+    assert torch.allclose(ours, padded, atol=1e-5) and torch.allclose(again, padded, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-3, "the padding changed nothing"
+    assert torch.allclose(unkeyed, plain, atol=1e-5)
+    # a copy of the model (EMA, deepcopy) decodes with its own weights, padded too
+    twin = copy.deepcopy(pipe.sd.vae)
+    with torch.no_grad():
+        twin.decoder.conv_out.bias.add_(1.0)
+        assert torch.allclose(twin.decode(z).sample, ours + 1.0, atol=1e-5)
+        assert torch.allclose(pipe.sd.vae.decode(z).sample, ours)
+    assert pipe.generate("小桥流水人家", steps=2, seed=0).images[0].size == (64, 64)
+
+
 # --- broken folders: one line each -------------------------------------------------------------
 
 

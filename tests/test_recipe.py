@@ -422,6 +422,11 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     assert run["decoder_only"] is True and run["init"] == str(out / "vae-base" / "final")
     shipped = load_file(out / "models" / "taiyi-mini-zh" / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(shipped[k], tuned[k].to(shipped[k].dtype)) for k in tuned)
+    # ... on latents padded by 2 cells, and every model that decodes with it says so
+    assert run["decode_padding"] == 2
+    for vae_dir in ("vae-base/final", "vae/final", "sd-zh/final/vae", "models/taiyi-mini-zh-en/vae"):
+        padding = json.loads((out / vae_dir / "config.json").read_text(encoding="utf-8")).get("_taiyi_decode_padding")
+        assert padding == (None if vae_dir.startswith("vae-base") else 2), vae_dir
 
 
 def test_tiny_recipe_models_load_and_generate(tiny_run):

@@ -187,6 +187,39 @@ def test_decoder_only_fine_tune_keeps_encoder_latents_and_scaling_factor(folder,
     assert encoder and whole["export"]["scaling_factor"] != pytest.approx(a.config.scaling_factor, rel=1e-9)
 
 
+def test_decode_padding_trains_the_decoder_on_padded_latents_and_is_written_into_its_config(folder, tmp_path):
+    """--decode-padding N: the decoder trains on latents padded by N cells (edge values repeated) with the margin
+    cropped off, and the exported config says so (``_taiyi_decode_padding``), so taiyi decodes it padded ever
+    after; a later fine-tune of that VAE keeps its padding unless told otherwise."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from taiyi.loading import DECODE_PADDING_KEY
+    from taiyi.train.uncond import load_vae
+
+    base = train_vae(VAETrainConfig(data=[str(folder)], output=str(tmp_path / "base"), max_steps=1, **TINY))["final"]
+    assert DECODE_PADDING_KEY not in json.loads((base / "config.json").read_text())
+    tuned = train_vae(
+        VAETrainConfig(
+            data=[str(folder)], output=str(tmp_path / "ft"), max_steps=2, init=str(base), decoder_only=True,
+            decode_padding=2, **TINY,
+        )
+    )  # fmt: skip
+    assert json.loads((tuned["final"] / "config.json").read_text())[DECODE_PADDING_KEY] == 2
+    stock, ours = AutoencoderKL.from_pretrained(tuned["final"]).eval(), load_vae(tuned["final"])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = stock.decode(F.pad(z, (2, 2, 2, 2), mode="replicate")).sample[..., 8:-8, 8:-8]  # factor 4
+        assert torch.allclose(ours.decode(z).sample, expected, atol=1e-5)
+    again = train_vae(
+        VAETrainConfig(
+            data=[str(folder)], output=str(tmp_path / "ft2"), max_steps=1, init=str(tuned["final"]),
+            decoder_only=True, **TINY,
+        )
+    )  # fmt: skip
+    assert json.loads((again["final"] / "config.json").read_text())[DECODE_PADDING_KEY] == 2
+
+
 def test_decoder_only_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
     bad = tmp_path / "notvae"
     bad.mkdir()
@@ -201,6 +234,7 @@ def test_decoder_only_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
         (base + ["--init", str(bad)], "is not an AutoencoderKL folder"),
         (base + ["--init", str(pickled)], "pickle"),
         (base + ["--init", str(bad), "--block-out-channels", "8,16"], "--init sets the architecture"),
+        (base + ["--decode-padding", "-1"], "--decode-padding must be 0 or more"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

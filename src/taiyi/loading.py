@@ -206,5 +206,44 @@ def load_stable_diffusion(
         if getattr(sd, required, None) is None:
             raise ModelLoadError(f"{folder} has no {required}; it is not a text-to-image pipeline")
     check_tokenizer(sd.tokenizer, sd.text_encoder, where=str(folder))
+    use_decode_padding(sd.vae)
     sd.set_progress_bar_config(disable=True)
     return sd.to(device)
+
+
+# A VAE whose decoder was trained on padded latents says so in its config.json; diffusers keeps a key that
+# starts with "_" through save and load without passing it to the constructor, so stock diffusers loads the
+# folder unchanged (and decodes it unpadded).
+DECODE_PADDING_KEY = "_taiyi_decode_padding"
+
+
+def decode_padding(vae) -> int:
+    """Latent cells of replicate padding ``vae`` decodes with (0: none; the config's ``_taiyi_decode_padding``)."""
+    return int(vae.config.get(DECODE_PADDING_KEY, 0) or 0)
+
+
+def _padded_decode(self, z: torch.Tensor, return_dict: bool = True):
+    """``AutoencoderKL._decode`` on latents padded by ``decode_padding(self)`` cells (edge values repeated), the
+    margin cropped off the picture: the decoder's corners fall outside the picture. Tiled decoding (latents
+    larger than a tile) is diffusers' own, unpadded."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    cells = decode_padding(self)
+    tiled = self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size
+    if cells <= 0 or tiled:
+        return type(self)._decode(self, z, return_dict=return_dict)
+    z = torch.nn.functional.pad(z, (cells,) * 4, mode="replicate")  # (B, C, h + 2c, w + 2c)
+    if self.post_quant_conv is not None:
+        z = self.post_quant_conv(z)
+    margin = cells * 2 ** (len(self.config.block_out_channels) - 1)
+    sample = self.decoder(z)[..., margin:-margin, margin:-margin]  # (B, 3, H, W)
+    return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+
+def use_decode_padding(vae):
+    """Make ``vae`` (an ``AutoencoderKL``) decode as its config says: padded when it has
+    ``_taiyi_decode_padding`` (every decode path, sliced ones included), unchanged otherwise. Returns ``vae``."""
+    import types
+
+    vae._decode = types.MethodType(_padded_decode, vae)  # a bound method: copies of the model rebind it
+    return vae

@@ -107,6 +107,10 @@ class Preset:
     # constant: a run with every one of them cosine (mini3) had a sharper VAE but less faithful SD models
     lr_scheduler: str = "constant"
     image_warmup_steps: int = 0  # of the VAE and unconditional stages (the SD stages warm up for 10 %, ≤ 50 steps)
+    # the decoder fine-tune trains, and the shipped VAE decodes, on latents padded by this many cells (cropped off):
+    # the dot an unpadded decoder draws at its bottom-left corner in dark pictures falls outside the picture
+    # (docs/recipe.md, "The decoder fine-tune")
+    vae_decode_padding: int = 2
     # seen, held-out: the pictures of one prompt are alike, so many prompts with 2 pictures each judge more
     # precisely than few with many (docs/recipe.md, "How precise the judging is")
     eval_prompts: tuple[int, int] = (192, 96)
@@ -225,6 +229,7 @@ def _stages() -> list[Stage]:
             return [[*common, *size, *_train_common(out, "vae", p.steps["vae"], c.seed)]]
         return [[*common, *size, *_train_common(out, "vae-base", p.steps["vae"], c.seed)],
                 [*common, "--init", str(out / "vae-base" / "final"), "--decoder-only",
+                 "--decode-padding", str(p.vae_decode_padding),
                  *_train_common(out, "vae", p.steps["vae-decoder"], c.seed)]]  # fmt: skip
 
     def sd_common(out, p, steps, lr):

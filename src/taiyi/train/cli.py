@@ -620,6 +620,14 @@ def vae(
             panel=_PANEL_OPT,
         ),
     ] = False,
+    decode_padding: Annotated[
+        int | None,
+        _opt(
+            "--decode-padding",
+            help="Latent cells of edge padding the decoder trains and decodes with, cropped off [0; --init's].",
+            panel=_PANEL_OPT,
+        ),
+    ] = None,
     allow_pickle: Annotated[
         bool, _opt("--allow-pickle", help="Accept a pickled .bin --init (can run code).", panel=_PANEL_OPT)
     ] = False,

@@ -46,7 +46,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 # Settings added after runs were recorded without them, with the value those runs trained with: a recorded
 # run that lacks one still resumes when the new run keeps that value.
-ADDED_SETTINGS = {"lr_scheduler": "constant", "text_encoder_lr": None}
+ADDED_SETTINGS = {"lr_scheduler": "constant", "text_encoder_lr": None, "decode_padding": None}
 
 
 def run_control_checks(config) -> list[tuple[bool, str]]:

@@ -187,7 +187,7 @@ def load_vae(path: str | os.PathLike, *, allow_pickle: bool = False):
     from diffusers import AutoencoderKL
 
     from ..errors import ModelLoadError
-    from ..loading import check_weights
+    from ..loading import check_weights, use_decode_padding
 
     folder = Path(path)
     if (folder / "vae" / "config.json").is_file():
@@ -200,7 +200,7 @@ def load_vae(path: str | os.PathLike, *, allow_pickle: bool = False):
         vae = AutoencoderKL.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
     except Exception as exc:  # noqa: BLE001 — one line for any broken folder
         raise ModelLoadError(f"could not load {folder}: {' '.join(str(exc).split())[:200]}") from exc
-    return vae.float().eval().requires_grad_(False)
+    return use_decode_padding(vae).float().eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..loading import DECODE_PADDING_KEY, use_decode_padding
 from .common import (
     METRICS,
     MetricsLog,
@@ -208,6 +209,10 @@ class VAETrainConfig(ImageTrainConfig):
         decoder_only: with ``init``, train only the decoder (and ``post_quant_conv``): the encoder, hence every
             latent and the ``scaling_factor``, stays as it was, so diffusion models trained on the init's latents
             keep working with the new decoder (how Stable Diffusion's fine-tuned "ft-MSE" VAE was made).
+        decode_padding: latent cells of edge padding around the latents whenever the decoder runs (training,
+            validation, and every decode after, through ``_taiyi_decode_padding`` in the exported config), the
+            picture's margin cropped off: the decoder's corners, where a decoder trained unpadded draws a dot
+            into dark pictures, fall outside the picture. ``None``: the init's (0 for a fresh VAE).
     """
 
     block_out_channels: tuple[int, ...] = (16, 32, 64)
@@ -222,6 +227,7 @@ class VAETrainConfig(ImageTrainConfig):
     scale_images: int = 1024
     init: str | None = None
     decoder_only: bool = False
+    decode_padding: int | None = None
     allow_pickle: bool = False
     lr: float = 1e-3
     batch_size: int = 32
@@ -602,7 +608,15 @@ INIT_ARCHITECTURE = {
 
 def build_vae(config: VAETrainConfig):
     """A fresh ``AutoencoderKL`` of the configured size (downsampling factor 2^(levels − 1)), or the ``init`` one:
-    then the config's size settings are set from it, and with ``decoder_only`` the encoder is frozen."""
+    then the config's size settings are set from it, and with ``decoder_only`` the encoder is frozen; either
+    decodes with ``decode_padding`` when it is given."""
+    vae = _build_vae(config)
+    if config.decode_padding is not None:
+        vae.register_to_config(**{DECODE_PADDING_KEY: config.decode_padding})
+    return use_decode_padding(vae)
+
+
+def _build_vae(config: VAETrainConfig):
     from diffusers import AutoencoderKL
 
     if config.init is not None:
@@ -752,6 +766,10 @@ def _validate_vae_config(config: VAETrainConfig) -> None:
         (config.chroma_weight >= 0, f"--chroma-weight must be 0 or more, not {config.chroma_weight}"),
         (0 <= config.grey_fraction <= 1, f"--grey-fraction must lie in [0, 1], not {config.grey_fraction}"),
         (config.scale_images >= 1, f"--scale-images must be at least 1, not {config.scale_images}"),
+        (
+            config.decode_padding is None or config.decode_padding >= 0,
+            f"--decode-padding must be 0 or more latent cells, not {config.decode_padding}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
