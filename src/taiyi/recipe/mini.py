@@ -109,7 +109,7 @@ class Preset:
     image_warmup_steps: int = 0  # of the VAE and unconditional stages (the SD stages warm up for 10 %, ≤ 50 steps)
     # the decoder fine-tune trains, and the shipped VAE decodes, on latents padded by this many cells (cropped off):
     # the dot an unpadded decoder draws at its bottom-left corner in dark pictures falls outside the picture
-    # (docs/recipe.md, "The decoder fine-tune")
+    # (docs/recipe.md, "Decode padding")
     vae_decode_padding: int = 2
     # seen, held-out: the pictures of one prompt are alike, so many prompts with 2 pictures each judge more
     # precisely than few with many (docs/recipe.md, "How precise the judging is")
