@@ -64,12 +64,6 @@ def block_deviation(pictures, row: int, col: int) -> float:
     return float((block - median).abs().amax(dim=(1, 2, 3)).mean())
 
 
-def psnr(reconstruction, target) -> float:
-    import torch
-
-    return float(10 * torch.log10(1 / ((reconstruction.clamp(-1, 1) - target) / 2).pow(2).mean()))
-
-
 def round_trip(vae, pixels):
     import torch
 
@@ -130,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     prepare(args.threads)
+    from taiyi.loading import decode_padding
     from taiyi.train.uncond import load_vae
+    from taiyi.train.vae import psnr  # the mean per-picture PSNR `taiyi train vae` validates with
 
     dark_scenes, dark = scenes(("黄昏", "夜晚"), args.dark, args.seed, args.size)
     _, anytime = scenes(None, args.any, args.seed + 1, args.size)
@@ -148,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         out = round_trip(vae, dark)
         row = {
             "vae": folder,
-            "decode_padding": int(vae.config.get("_taiyi_decode_padding", 0) or 0),
+            "decode_padding": decode_padding(vae),
             "corner": {name: block_deviation(out, r, c) for name, (r, c) in blocks(args.size).items()},
             "psnr_dark": psnr(out, dark),
             "psnr_any": psnr(round_trip(vae, anytime), anytime),
