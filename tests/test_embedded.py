@@ -71,6 +71,24 @@ def test_the_embedded_vae_decodes_padded_and_draws_no_corner_dot():
     assert deviation(56, 0) < 0.15, deviation(56, 0)
 
 
+def test_pictures_larger_than_the_vae_tile_are_decoded_padded_too():
+    """Beyond 64 px the default memory mode decodes in overlapping 64-px tiles; each tile is decoded padded with
+    its neighbours' latents, so no tile's corner draws a dot (decoded unpadded, the left edges of these four
+    128-px night pictures showed one at every tile's bottom: the worst 8×8 block deviated from its 5×5 median by
+    0.54 on average; 0.12 now, 0.13 decoded whole)."""
+    import torch.nn.functional as F
+
+    from taiyi import load_pipeline
+
+    pipe = load_pipeline()
+    assert pipe.sd.vae.use_tiling and pipe.sd.vae.tile_sample_min_size == 64
+    images = pipe.generate("夜晚的高山，明月", width=128, height=128, num_images=4, seed=1).images
+    y = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
+    blocks = F.pad(y, (2,) * 4, mode="replicate").unfold(2, 5, 1).unfold(3, 5, 1).flatten(-2).median(-1).values
+    deviation = (y - blocks).abs().unfold(2, 8, 8).unfold(3, 8, 8).amax(dim=(1, 4, 5)).mean(0)  # (16, 16) blocks
+    assert float(deviation.max()) < 0.2, deviation
+
+
 def test_the_default_pipeline_runs_in_float32_on_cpu_and_draws_day_and_night():
     from taiyi import load_pipeline
 

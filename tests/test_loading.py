@@ -185,6 +185,40 @@ def test_a_vae_trained_on_padded_latents_decodes_padded_everywhere_taiyi_loads_i
     assert pipe.generate("小桥流水人家", steps=2, seed=0).images[0].size == (64, 64)
 
 
+def test_a_padded_vae_decodes_each_tile_with_its_neighbours_around_it(tiny_zh, copy_checkpoint):
+    """Latents larger than a tile (tiling is on in the default memory mode) are decoded in diffusers' tiles,
+    overlaps and blends, each tile with the padding's cells of its neighbours around it (edge values repeated at
+    the picture's border) and their pixels cropped: no tile shows the decoder's corner. Without the key, tiled
+    decoding is stock diffusers' own."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    folder = copy_checkpoint(tiny_zh, "padded")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, loading.DECODE_PADDING_KEY: 1}))
+    stock = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    vae = load_pipeline(folder, safety_checker=False).sd.vae
+    size, factor = vae.tile_latent_min_size, 4  # 16 latents: a 64-px tile
+    assert vae.use_tiling and size == 16
+    z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))  # 2 × 2 overlapping tiles
+    seen = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        ours = vae.decode(z).sample
+        hook.remove()
+        padded = F.pad(z, (1,) * 4, mode="replicate")
+        first = stock.decode(padded[..., : size + 2, : size + 2]).sample[..., factor:-factor, factor:-factor]
+        stock.enable_tiling()
+        stock_tiled = stock.decode(z).sample
+        unkeyed = load_pipeline(tiny_zh, safety_checker=False).sd.vae.decode(z).sample
+    assert ours.shape == stock_tiled.shape == (1, 3, 96, 96)
+    assert seen == [(18, 18), (18, 14), (14, 18), (14, 14)]  # each tile and its context: one cell a side
+    limit = 64 - 16  # the first tile's own part: its picture less the overlap its neighbours blend into
+    assert torch.allclose(ours[..., :limit, :limit], first[..., :limit, :limit], atol=1e-5)
+    assert (ours - stock_tiled).abs().max() > 1e-3, "the padding changed nothing"
+    assert torch.allclose(unkeyed, stock_tiled, atol=1e-5)
+
+
 # --- broken folders: one line each -------------------------------------------------------------
 
 

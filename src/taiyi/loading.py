@@ -224,20 +224,52 @@ def decode_padding(vae) -> int:
 
 def _padded_decode(self, z: torch.Tensor, return_dict: bool = True):
     """``AutoencoderKL._decode`` on latents padded by ``decode_padding(self)`` cells (edge values repeated), the
-    margin cropped off the picture: the decoder's corners fall outside the picture. Tiled decoding (latents
-    larger than a tile) is diffusers' own, unpadded."""
+    margin cropped off the picture: the decoder's corners fall outside the picture. Latents larger than a tile
+    (tiling on) are decoded tile by tile as diffusers tiles them, each tile with that many cells of its
+    neighbours around it (edge values repeated at the picture's border), so no tile shows the decoder's corner."""
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     cells = decode_padding(self)
-    tiled = self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size
-    if cells <= 0 or tiled:
+    if cells <= 0:
         return type(self)._decode(self, z, return_dict=return_dict)
+    tiled = self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size
     z = torch.nn.functional.pad(z, (cells,) * 4, mode="replicate")  # (B, C, h + 2c, w + 2c)
-    if self.post_quant_conv is not None:
-        z = self.post_quant_conv(z)
-    margin = cells * 2 ** (len(self.config.block_out_channels) - 1)
-    sample = self.decoder(z)[..., margin:-margin, margin:-margin]  # (B, 3, H, W)
+    sample = _tiled_decode_in_context(self, z, cells) if tiled else _decode_in_context(self, z, cells)
     return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+
+def _decode_in_context(vae, z: torch.Tensor, cells: int) -> torch.Tensor:
+    """Pictures of latents ``z`` that carry ``cells`` cells of context on each side, the context's pixels cropped."""
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    margin = cells * 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.decoder(z)[..., margin:-margin, margin:-margin]
+
+
+def _tiled_decode_in_context(vae, z: torch.Tensor, cells: int) -> torch.Tensor:
+    """diffusers' ``AutoencoderKL.tiled_decode`` (the same tiles, overlaps and blending) on padded latents ``z``
+    (``cells`` on each side): each tile is decoded with its ``cells`` of context, which are then cropped."""
+    size, picture = vae.tile_latent_min_size, vae.tile_sample_min_size
+    overlap = int(size * (1 - vae.tile_overlap_factor))
+    blend = int(picture * vae.tile_overlap_factor)
+    limit = picture - blend
+    height, width = z.shape[-2] - 2 * cells, z.shape[-1] - 2 * cells
+    rows = [
+        [_decode_in_context(vae, z[:, :, i : i + size + 2 * cells, j : j + size + 2 * cells], cells)
+         for j in range(0, width, overlap)]
+        for i in range(0, height, overlap)
+    ]  # fmt: skip
+    out = []
+    for i, row in enumerate(rows):
+        line = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = vae.blend_v(rows[i - 1][j], tile, blend)
+            if j > 0:
+                tile = vae.blend_h(row[j - 1], tile, blend)
+            line.append(tile[:, :, :limit, :limit])
+        out.append(torch.cat(line, dim=3))
+    return torch.cat(out, dim=2)
 
 
 def use_decode_padding(vae):
