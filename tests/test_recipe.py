@@ -559,6 +559,38 @@ def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
         mini.run_recipe(mini.with_preset(config, progress_every=-1))
 
 
+def test_the_recipe_says_roughly_how_long_its_stages_will_take_here(tmp_path, monkeypatch):
+    """The shipped models' own run (weights/SOURCE.json) scaled by the two hosts' calibrations; nothing where that
+    run does not compare."""
+    from taiyi.recipe import mini
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    record = {
+        "run": "miniX",
+        "preset": "tiny",
+        "stages": {"probe": {"status": "done", "seconds": 120.0}, "clip-en": {"status": "done", "seconds": 600.0}},
+        "calibrations": [{"seconds_median": 0.25, "threads": 2}, {"seconds_median": 0.2, "threads": 2}],
+    }
+    (weights / "SOURCE.json").write_text(json.dumps(record))
+    monkeypatch.setenv("TAIYI_WEIGHTS", str(weights))
+    config = mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"])
+    guess = mini.expected_minutes(["probe", "clip-en"], config, 0.4)  # twice as slow as the fastest record
+    assert guess == {"minutes": pytest.approx(24.0), "run": "miniX", "run_minutes": 12.0, "run_calibration": 0.2}
+    for other in ({"preset": "full"}, {"jobs": 2}, {"threads": 1}):
+        assert mini.expected_minutes(["probe"], mini.with_preset(config, **other), 0.4) is None, other
+    assert mini.expected_minutes(["probe", "vae"], config, 0.4) is None  # a stage the record lacks
+
+    script = "import pathlib; pathlib.Path('probe').mkdir(); pathlib.Path('probe/config.json').write_text('{}')"
+    monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", script])
+    lines: list[str] = []
+    mini.run_recipe(config, echo=lines.append)
+    (said,) = [line for line in lines if "expect roughly" in line]
+    assert said.startswith("[recipe] expect roughly ") and "run miniX took 2.0 at a calibration of 0.20 s" in said
+    (weights / "SOURCE.json").write_text("{not json")
+    assert mini.expected_minutes(["probe"], config, 0.4) is None
+
+
 def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     from taiyi.cli import main
 

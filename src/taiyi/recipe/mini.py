@@ -384,6 +384,29 @@ def _earlier_record(record: Path) -> tuple[dict[str, float], list[dict]]:
     return seconds, [c for c in calibrations if isinstance(c, dict)] if isinstance(calibrations, list) else []
 
 
+def expected_minutes(stages: list[str], config: RecipeConfig, calibration: float) -> dict | None:
+    """Roughly how many minutes ``stages`` take on this host: the shipped models' own run (``weights/SOURCE.json``)
+    took so many for them at its host calibration, scaled by this host's (``calibration`` seconds) — a rough
+    guide, since stages do not all slow alike (the English CLIP ran 2.0× slower on a host that calibrated 2.4×).
+
+    Returns ``{"minutes", "run", "run_minutes", "run_calibration"}``, or None where that record does not compare
+    (another preset or thread count, side-by-side stages, a stage it lacks, no record).
+    """
+    from ..models import bundled_dir
+
+    try:
+        record = json.loads((bundled_dir() / "SOURCE.json").read_text(encoding="utf-8"))
+        took = {name: float(v["seconds"]) for name, v in record["stages"].items()}
+        reference = [float(c["seconds_median"]) for c in record["calibrations"] if c["threads"] == config.threads]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if record.get("preset") != config.preset or config.jobs != 1 or not reference or not set(stages) <= set(took):
+        return None
+    run_minutes = sum(took[name] for name in stages) / 60
+    return {"minutes": run_minutes * calibration / min(reference), "run": record.get("run"),
+            "run_minutes": run_minutes, "run_calibration": min(reference)}  # fmt: skip
+
+
 CALIBRATION_WORKLOAD = "4 SGD steps of a 3-layer 64-channel conv net on 32×4×32×32, seeded; median and best of 5"
 
 
@@ -468,6 +491,13 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         calibrations.append(host_calibration(config.threads))
         c = calibrations[-1]
         echo(f"[recipe] host calibration: {c['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD}; {c['processor']})")
+        guess = expected_minutes(pending, config, c["seconds_median"])
+        if guess is not None:
+            echo(
+                f"[recipe] expect roughly {guess['minutes']:.0f} min for {len(pending)} stage(s): the shipped "
+                f"models' run {guess['run']} took {guess['run_minutes']:.1f} at a calibration of "
+                f"{guess['run_calibration']:.2f} s"
+            )
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
     started: set[str] = set()  # stages this invocation ran
     began = time.monotonic()
