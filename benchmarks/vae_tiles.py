@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     prepare(args.threads)
     import torch
 
+    from taiyi.loading import vae_factor
     from taiyi.pipeline import load_pipeline
 
     vae = load_pipeline(args.model, safety_checker=False).sd.vae  # memory "auto"
     taiyi_tiles = (vae.tile_sample_min_size, vae.tile_latent_min_size)
     native = vae.config.sample_size
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     ways = {
         "whole": (False, taiyi_tiles),
         "taiyi": (True, taiyi_tiles),

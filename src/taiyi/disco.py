@@ -126,7 +126,7 @@ class UncondModel:
     @property
     def factor(self) -> int:
         """Pixels per latent along a side (1 for a pixel model)."""
-        from .train.uncond import vae_factor
+        from .loading import vae_factor
 
         return vae_factor(self.vae)
 

@@ -222,6 +222,11 @@ def decode_padding(vae) -> int:
     return int(vae.config.get(DECODE_PADDING_KEY, 0) or 0)
 
 
+def vae_factor(vae) -> int:
+    """How many pixels one latent covers along a side (1 without a VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
 def _padded_decode(self, z: torch.Tensor, return_dict: bool = True):
     """``AutoencoderKL._decode`` on latents padded by ``decode_padding(self)`` cells (edge values repeated), the
     margin cropped off the picture: the decoder's corners fall outside the picture. Latents larger than a tile
@@ -242,7 +247,7 @@ def _decode_in_context(vae, z: torch.Tensor, cells: int) -> torch.Tensor:
     """Pictures of latents ``z`` that carry ``cells`` cells of context on each side, the context's pixels cropped."""
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-    margin = cells * 2 ** (len(vae.config.block_out_channels) - 1)
+    margin = cells * vae_factor(vae)
     return vae.decoder(z)[..., margin:-margin, margin:-margin]
 
 

@@ -726,11 +726,13 @@ def check_memory_mode(mode: str) -> None:
 
 def _tiles_of_at_least(vae, pixels: int) -> None:
     """diffusers tiles at the VAE's ``sample_size``; make its tiles at least ``pixels`` px a side."""
+    from .loading import vae_factor
+
     native = vae.config.sample_size
     native = max(native) if isinstance(native, (list, tuple)) else int(native)
     side = max(native, pixels)
     vae.tile_sample_min_size = side
-    vae.tile_latent_min_size = side // 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_latent_min_size = side // vae_factor(vae)
 
 
 def apply_memory_mode(sd, mode: str) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError
+from ..loading import vae_factor
 from .common import step_dir_name
 from .vae import RESUMABLE_CHANGES, SHANSHUI_PREFIX, Images, ImageTrainConfig, run_image_training, write_folder_atomic
 
@@ -175,11 +176,6 @@ def build_scheduler(config: UncondTrainConfig):
         prediction_type=config.prediction_type,
         clip_sample=config.vae is None,
     )
-
-
-def vae_factor(vae) -> int:
-    """How many pixels one latent covers along a side (1 without a VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
 
 def load_vae(path: str | os.PathLike, *, allow_pickle: bool = False):
