@@ -271,4 +271,6 @@ def disco(
             f"{t}: probe accuracy {g['accuracy']:.0f} % guided vs {u['accuracy']:.0f} % unguided; "
             f"CLIP score {g['clip_score']:.1f} vs {u['clip_score']:.1f}"
         )
+        styles = "  ".join(f"{v} {g['styles_read'][v]}/{u['styles_read'][v]}" for v in g["styles_read"])
+        typer.echo(f"  styles read, guided/unguided: {styles}")
     _write_json(output, result)

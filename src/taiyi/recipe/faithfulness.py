@@ -481,11 +481,13 @@ def evaluate_disco(
 
     For each time value (its Chinese word is the prompt), ``seeds`` pictures are drawn with guidance and
     the same seeds without any guidance (CLIP, range, TV and saturation losses all 0: the model's own
-    pictures, same sampler and noise); the probe reads their time and CLIP scores
-    them against the prompt (cosine × 100).
+    pictures, same sampler and noise); the probe reads their time and painting style (the prompt names no
+    style, so the model's own draw decides it: an ink-wash night is greyscale by the world's contract) and
+    CLIP scores them against the prompt (cosine × 100).
 
     Returns:
-        ``{time: {"guided": {"accuracy", "clip_score"}, "unguided": {...}}, "settings": {...}}``.
+        ``{time: {"guided": {"accuracy", "clip_score", "times_read", "styles_read"}, "unguided": {...}},
+        "settings": {...}}``.
     """
     from dataclasses import asdict, replace
 
@@ -517,6 +519,7 @@ def evaluate_disco(
                 "accuracy": 100.0 * sum(r["time"] == t for r in readings) / len(readings),
                 "clip_score": score,
                 "times_read": {v: sum(r["time"] == v for r in readings) for v in shanshui.TIMES},
+                "styles_read": {v: sum(r["style"] == v for r in readings) for v in shanshui.STYLES},
             }
         out[t] = row
     return {"results": out, "seeds": seeds, "settings": asdict(base)}
