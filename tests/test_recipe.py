@@ -617,7 +617,7 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     assert main(argv) == 0
     row = json.loads(out.read_text(encoding="utf-8"))["results"]["夜晚"]
     assert set(row) == {"guided", "unguided"} and sum(row["guided"]["times_read"].values()) == 2
-    assert all(sum(row[m]["styles_read"].values()) == 2 for m in row)  # the style each picture was drawn in
+    assert all(sum(row[m]["styles_read"].values()) == 2 and 0 <= row[m]["greyscale"] <= 2 for m in row)
     assert "styles read, guided/unguided: 写实 " in capsys.readouterr().out
     assert main(["eval", "clip-world", "--clip", str(models / "taiyi-mini-clip"), "--n", "20"]) == 0
     capsys.readouterr()

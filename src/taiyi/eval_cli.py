@@ -272,5 +272,5 @@ def disco(
             f"CLIP score {g['clip_score']:.1f} vs {u['clip_score']:.1f}"
         )
         styles = "  ".join(f"{v} {g['styles_read'][v]}/{u['styles_read'][v]}" for v in g["styles_read"])
-        typer.echo(f"  styles read, guided/unguided: {styles}")
+        typer.echo(f"  styles read, guided/unguided: {styles}; greyscale {g['greyscale']}/{u['greyscale']}")
     _write_json(output, result)

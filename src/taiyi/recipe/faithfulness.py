@@ -467,6 +467,11 @@ _UNGUIDED = {"clip_guidance_scale": 0.0, "range_scale": 0.0, "tv_scale": 0.0, "s
 _TIME_PROMPTS = {"夜晚": "夜晚", "黄昏": "黄昏", "清晨": "清晨", "正午": "正午"}
 
 
+def _greyscale(image: Image.Image) -> bool:
+    """Greyscale by the world's ink-wash contract: mean chroma below its bound."""
+    return shanshui.image_stats(image)["chroma"] < shanshui.CONTRACT["ink_grey"][1]
+
+
 def evaluate_disco(
     model,
     clip,
@@ -486,7 +491,8 @@ def evaluate_disco(
     CLIP scores them against the prompt (cosine × 100).
 
     Returns:
-        ``{time: {"guided": {"accuracy", "clip_score", "times_read", "styles_read"}, "unguided": {...}},
+        ``{time: {"guided": {"accuracy", "clip_score", "times_read", "styles_read", "greyscale"},
+        "unguided": {...}},
         "settings": {...}}``.
     """
     from dataclasses import asdict, replace
@@ -520,6 +526,7 @@ def evaluate_disco(
                 "clip_score": score,
                 "times_read": {v: sum(r["time"] == v for r in readings) for v in shanshui.TIMES},
                 "styles_read": {v: sum(r["style"] == v for r in readings) for v in shanshui.STYLES},
+                "greyscale": sum(_greyscale(im) for im in images),
             }
         out[t] = row
     return {"results": out, "seeds": seeds, "settings": asdict(base)}
