@@ -53,6 +53,16 @@ class _ScriptedProbe:
         return [self.answers[id(im)] for im in images]
 
 
+def test_disco_counts_a_picture_greyscale_by_the_ink_wash_contract():
+    import dataclasses
+
+    night = shanshui.Scene(time="夜晚", sky="月亮", land="丘陵", water="湖泊", things=("松树",), style="水墨")
+    for style in shanshui.STYLES:
+        picture = shanshui.render(dataclasses.replace(night, style=style), 64, 0)
+        assert fa._greyscale(picture) == (style == "水墨"), style  # dark nights in colour are not grey
+    assert fa._greyscale(picture.convert("L").convert("RGB"))
+
+
 def test_judge_counts_hits_per_attribute_and_group():
     from PIL import Image
 
