@@ -8,6 +8,7 @@ mismatch, an existing output and a base that is not a pipeline are one-line erro
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from taiyi.assemble import assemble
 from taiyi.cli import main
-from taiyi.errors import InvalidInputError, ModelLoadError
+from taiyi.errors import InvalidInputError, ModelLoadError, OutputError
 from taiyi.pipeline import load_pipeline
 from taiyi.testing import make_tiny_clip_image_tower, make_tiny_pipeline, make_tiny_taiyi_clip_text
 
@@ -90,6 +91,21 @@ def test_width_mismatch_existing_output_and_bad_base_are_one_line_errors(parts, 
     assert assemble(base, tower, tmp_path / "taken", overwrite=True) == tmp_path / "taken"
     with pytest.raises(ModelLoadError, match="not a diffusers pipeline"):
         assemble(tower, tower, tmp_path / "y")
+
+
+def test_a_folder_that_refuses_new_folders_is_one_line(parts, tmp_path, monkeypatch):
+    """As for a folder without write permission (the suite may run as root, which permissions never stop)."""
+    import taiyi.io
+
+    def refused(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(taiyi.io.tempfile, "mkdtemp", refused)
+    _, base, tower = parts
+    with pytest.raises(OutputError) as exc_info:
+        assemble(base, tower, tmp_path / "zh")
+    assert str(exc_info.value) == f"could not write {tmp_path / 'zh'}: Permission denied"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_assemble_command_writes_the_folder_and_errors_in_one_line(parts, tmp_path):

@@ -229,6 +229,19 @@ def test_disk_full_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_that_refuses_new_files_is_one_line(capsys, tmp_path, tiny_zh, monkeypatch):
+    """As for a folder without write permission (the suite may run as root, which permissions never stop)."""
+    import taiyi.io
+
+    def refused(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(taiyi.io.tempfile, "mkstemp", refused)
+    code, _, err = run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "x.png")
+    assert_user_error(code, err, f"could not write {tmp_path / 'x.png'}", "Permission denied")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _console(args: list[str], env: dict) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("taiyi")
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)

@@ -313,6 +313,32 @@ def test_a_full_disk_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_p
     assert [row["step"] for row in rows if row.get("kind") == "train"] == [1, 2, 3]
 
 
+def test_a_read_only_output_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_path, capsys, monkeypatch):
+    from taiyi.train import common
+
+    base, zh, _ = setup
+    out = tmp_path / "ro"
+    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "2",
+            "--save-every", "1", "--resolution", "32", "--batch-size", "2", "--report-to", "none", "--val-every", "0",
+            "--resume", "latest"]  # fmt: skip
+    append = common.MetricsLog.append
+
+    def read_only_after_step_1(self, row):  # the file system is remounted read-only during the run
+        if row.get("step", 0) >= 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+        append(self, row)
+
+    monkeypatch.setattr(common.MetricsLog, "append", read_only_after_step_1)
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1] == f"taiyi: error: Read-only file system: {out / 'metrics.jsonl'}; choose a place you can write to"
+    assert not any(line.startswith(("Traceback", "  File")) for line in err)
+    assert [c.name for c in common.list_checkpoints(out)] == ["step-000001"]
+    monkeypatch.setattr(common.MetricsLog, "append", append)
+    assert main(args) == 0
+    assert (out / "final").is_dir()
+
+
 def _narrow_pipeline(base: Path, out: Path) -> None:
     """``base`` with a 16-wide text encoder: incompatible with its 32-wide cross-attention."""
     from transformers import BertConfig, BertModel

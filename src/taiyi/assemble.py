@@ -24,14 +24,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .errors import InvalidInputError, ModelLoadError
-from .io import DIR_MODE
+from .io import make_temp_dir
 
 logger = logging.getLogger("taiyi")
 
@@ -138,8 +137,7 @@ def write_pipeline_folder(
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it or choose a new --out")
     if not out.parent.is_dir():
         raise InvalidInputError(f"output folder {out.parent} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, DIR_MODE)
+    tmp = make_temp_dir(out)
     index: dict = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
     try:
         for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):

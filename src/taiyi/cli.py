@@ -494,7 +494,11 @@ def _run_app(argv: list[str] | None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("taiyi: interrupted", file=sys.stderr)
         return _exit(130, argv)
-    except OSError as exc:  # a full disk anywhere (a log line, a cache): one line, not a traceback
+    except OSError as exc:  # a full disk or a read-only place anywhere (a log line, a cache): one line
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"taiyi: error: {exc.strerror or exc}{where}; choose a place you can write to", file=sys.stderr)
+            return _exit(2, argv)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""

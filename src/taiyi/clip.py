@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import InvalidInputError, ModelLoadError
-from .io import DIR_MODE
+from .io import make_temp_dir
 
 logger = logging.getLogger("taiyi")
 
@@ -320,8 +319,7 @@ class ChineseCLIP(nn.Module):
             raise InvalidInputError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
         if not out_dir.parent.is_dir():
             raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        os.chmod(tmp, DIR_MODE)
+        tmp = make_temp_dir(out_dir)
         if self.text_head == "projection":
             try:
                 self._save_clip_folder(tmp)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .errors import InvalidInputError, OutputError
-from .io import DIR_MODE, FILE_MODE
+from .io import FILE_MODE, make_temp_dir
 
 __all__ = [
     "ADMConfig",
@@ -784,9 +783,8 @@ def convert_guided_diffusion(
     except RuntimeError as exc:  # a mapping bug, not a user mistake: keep the details
         raise RuntimeError(f"converted weights do not fit {cls.__name__}: {exc}") from exc
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)
     try:
-        os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private; the result should get the user's usual permissions
         model.save_pretrained(tmp, safe_serialization=True)
         for path in tmp.iterdir():
             os.chmod(path, FILE_MODE)

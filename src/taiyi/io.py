@@ -54,7 +54,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     """
     path = Path(path)
     check_output_file(path, overwrite=overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only or special folder: nothing was written
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -75,6 +78,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
             raise OutputError(f"disk full while writing {path}; nothing was written") from exc
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A fresh folder beside ``out`` (``.<name>.XXXX``, the user's usual permissions), to be renamed to ``out``.
+
+    Raises:
+        OutputError: the folder cannot be created there (read-only, no permission, a special file system).
+    """
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"could not write {out}: {exc.strerror or exc}") from exc
+    os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private
+    return tmp
 
 
 def _unlink_quietly(path: str) -> None:
