@@ -229,6 +229,21 @@ def test_disk_full_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prompts_that_are_not_text_are_one_line(capsys, tmp_path, tiny_zh):
+    """``taiyi generate $'\\xff'`` in a UTF-8 locale: Python hands the byte over as the lone surrogate \\udcff."""
+    out = tmp_path / "x.png"
+    code, _, err = run(capsys, "generate", "山\udcff水", "-m", tiny_zh, *FAST, "-o", out)
+    assert_user_error(code, err, "prompt is not valid text: character 2")
+    code, _, err = run(capsys, "generate", "山", "--negative-prompt", "\udcff", "--no-normalize", "-m", tiny_zh,
+                       *FAST, "-o", out)  # fmt: skip
+    assert_user_error(code, err, "prompt is not valid text: character 1")
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "山"}\n{"prompt": "山", "negative_prompt": "\\ud800"}\n', encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--prompts-file", rows, "-m", tiny_zh, *FAST, "-o", tmp_path)
+    assert_user_error(code, err, "p.jsonl:2: negative_prompt is not valid text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
 def test_a_folder_that_refuses_new_files_is_one_line(capsys, tmp_path, tiny_zh, monkeypatch):
     """As for a folder without write permission (the suite may run as root, which permissions never stop)."""
     import taiyi.io

@@ -254,3 +254,19 @@ def test_real_vocab_gets_fullwidth_comma(tmp_path: Path) -> None:
     assert 117 in raw_ids  # the half-width comma, unnatural between Chinese characters
     assert 8024 in ids
     assert 117 not in ids
+
+
+@pytest.mark.parametrize("text", ["\udcff山水", "山水\ud800", "小桥\udfff流水"])
+def test_text_that_is_not_unicode_is_refused_in_one_line(text: str) -> None:
+    """Lone surrogates: a command-line argument in another encoding (``\\xff`` arrives as ``\\udcff``) or JSON's
+    ``"\\ud800"``; UTF-8 (and so every tokenizer) cannot take them, normalised or not."""
+    position = next(i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF) + 1
+    for call in (normalize_prompt, check_prompt, lambda t: normalize_prompts([t], enabled=False)):
+        with pytest.raises(InvalidInputError) as exc_info:
+            call(text)
+        message = str(exc_info.value)
+        assert (
+            message.startswith(f"prompt is not valid text: character {position} is not Unicode")
+            and "\n" not in message
+        )
+    assert normalize_prompts(["山水\u200b"], enabled=False) == ["山水\u200b"]  # valid text still passes untouched

@@ -63,6 +63,14 @@ def body(prompt: str = "小桥流水人家", **extra) -> dict:
     return {"prompt": prompt, "steps": STEPS, **extra}
 
 
+JSON = {"Content-Type": "application/json"}
+
+
+def as_json(payload: dict) -> bytes:
+    """JSON as the wire carries it, escapes and all (httpx's ``json=`` cannot send a lone surrogate)."""
+    return json.dumps(payload).encode("ascii")
+
+
 def error_of(response) -> dict:
     payload = response.json()
     assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}, payload
@@ -279,6 +287,11 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(pipe_zh
                     "invalid_json",
                 ),
                 "n=10000": (client.post(GENERATIONS, json=body(n=10000), headers=auth), 400, "invalid_value"),
+                "lone surrogate": (  # JSON's "\ud800": a str that no tokenizer (nor UTF-8) takes
+                    client.post(GENERATIONS, content=as_json(body(prompt="山\ud800")), headers={**auth, **JSON}),
+                    400,
+                    "invalid_value",
+                ),
                 "size": (client.post(GENERATIONS, json=body(size="100000x100000"), headers=auth), 400, "invalid_size"),
                 "steps=10**9": (client.post(GENERATIONS, json=body(steps=10**9), headers=auth), 400, "invalid_value"),
                 "guidance_end=0": (
@@ -623,6 +636,15 @@ def test_clip_endpoints_score_classify_and_search(pipe_zh, tiny_clip, tmp_path):
         )
         search = client.post("/v1/clip/search", json={"query": "一只猫", "k": 2})
         bad = client.post("/v1/clip/score", json={"images": ["not base64!"], "texts": ["猫"]})
+        not_text = [
+            client.post(
+                "/v1/clip/score", content=as_json({"images": encoded, "texts": ["猫", "\udcff"]}), headers=JSON
+            ),
+            client.post(
+                "/v1/clip/classify", content=as_json({"images": encoded, "labels": ["猫", "\ud800"]}), headers=JSON
+            ),
+            client.post("/v1/clip/search", content=as_json({"query": "\ud800"}), headers=JSON),
+        ]
         assert client.get("/healthz").json()["clip_index"] is True
     assert score.status_code == 200, score.text
     expected = tiny_clip.similarity(images[:2], texts).numpy()
@@ -638,6 +660,9 @@ def test_clip_endpoints_score_classify_and_search(pipe_zh, tiny_clip, tmp_path):
     thumb = Image.open(io.BytesIO(base64.b64decode(hits[0]["thumbnail"].split(",", 1)[1])))
     assert thumb.format == "JPEG"
     assert bad.status_code == 400 and error_of(bad)["code"] == "invalid_image"
+    assert [(r.status_code, error_of(r)["param"]) for r in not_text] == [(400, "texts[1]"), (400, "labels[1]"),
+                                                                         (400, "query")]  # fmt: skip
+    assert all("is not valid text: character 1" in error_of(r)["message"] for r in not_text)
 
 
 def test_clip_endpoints_without_clip_say_how_to_enable_it(pipe_zh):

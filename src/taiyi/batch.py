@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import InvalidInputError
+from .prompts import require_text
 
 OVERRIDES = {
     "negative_prompt": str,
@@ -56,6 +57,12 @@ def _coerce(row: dict, where: str) -> dict:
             out[key] = kind(value)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"{where}: {key} must be {kind.__name__}, not {value!r}") from exc
+    for key in ("prompt", "negative_prompt"):
+        if key in out:
+            try:
+                require_text(out[key], key)  # JSON can carry a lone surrogate, "\ud800"
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{where}: {exc}") from None
     return out
 
 

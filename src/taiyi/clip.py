@@ -182,9 +182,9 @@ class ChineseCLIP(nn.Module):
     # --- differentiable features (training) --------------------------------------------------------
     def tokenize(self, texts: Sequence[str], *, normalize: bool = True) -> dict[str, torch.Tensor]:
         """Token ids and attention mask (B, L) on this model's device, L ≤ ``max_length``."""
-        from .prompts import normalize_prompt
+        from .prompts import normalize_prompts
 
-        texts = [normalize_prompt(t) if normalize else t for t in texts]
+        texts = normalize_prompts(list(texts), enabled=normalize)
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )

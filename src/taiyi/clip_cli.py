@@ -78,8 +78,9 @@ def _read_templates(path: Path | None) -> list[str] | None:
 
 def _check_text(text: str, what: str) -> str:
     """Refuse a text that says nothing (empty, or only spaces and punctuation)."""
-    from .prompts import check_prompt
+    from .prompts import check_prompt, require_text
 
+    require_text(text, what)
     try:
         return check_prompt(text)
     except InvalidInputError:

@@ -214,7 +214,11 @@ def parse_class_labels(lines: Sequence[str], class_folders: Sequence[str]) -> tu
 
 def check_labels(labels: Sequence[str]) -> list[str]:
     """Zero-shot labels must be at least two, none empty, none repeated."""
+    from .prompts import require_text
+
     labels = list(labels)
+    for i, label in enumerate(labels, 1):
+        require_text(label, f"label {i}")
     if any(not label.strip() for label in labels):
         raise InvalidInputError("a label is empty; give each class a Chinese name, e.g. 猫,狗")
     if len(labels) < 2:

@@ -71,7 +71,7 @@ from .errors import InvalidInputError
 if TYPE_CHECKING:
     import opencc
 
-__all__ = ["check_prompt", "normalize_prompt", "normalize_prompts"]
+__all__ = ["check_prompt", "normalize_prompt", "normalize_prompts", "require_text"]
 
 # Invisible format characters that users paste in from web pages; left in, they would split or glue
 # words for the tokenizer. ZWJ (U+200D) is kept because emoji sequences need it.
@@ -235,16 +235,29 @@ def normalize_prompt(text: str, *, to_simplified: bool = True) -> str:
         The normalised prompt; an empty string stays empty.
 
     Raises:
-        InvalidInputError: If ``text`` is not a string.
+        InvalidInputError: If ``text`` is not a string, or not text (undecodable bytes, lone surrogates).
     """
-    if not isinstance(text, str):
-        raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
+    require_text(text)
     text = _clean(text)
     if to_simplified:
         # NFC again: the converter's output is not guaranteed to be in normal form.
         text = unicodedata.normalize("NFC", _t2s_converter().convert(text))
     text = " ".join(text.split())
     return _normalize_punctuation(text)
+
+
+def require_text(text: object, what: str = "prompt") -> None:
+    """A prompt must be a string that UTF-8 can encode: a command-line argument in another encoding reaches
+    Python as lone surrogates (``\\udcff``), and so can a JSON ``"\\ud800"``; the tokenizers cannot take them."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid text: character {exc.start + 1} is not Unicode (bytes in an encoding other than "
+            "UTF-8?); give it in UTF-8"
+        ) from None
 
 
 @overload
@@ -266,7 +279,11 @@ def normalize_prompts(prompts: str | list[str] | None, *, enabled: bool = True) 
     Raises:
         InvalidInputError: If ``prompts`` is not a string, a list of strings or None.
     """
-    if not enabled or prompts is None:
+    if prompts is None:
+        return prompts
+    if not enabled:  # returned as given, but only if it is text at all
+        for prompt in [prompts] if isinstance(prompts, str) else prompts if isinstance(prompts, list) else []:
+            require_text(prompt)
         return prompts
     if isinstance(prompts, str):
         return normalize_prompt(prompts)
