@@ -33,6 +33,10 @@ def test_bench_bad_input():
         bench("x", engines=("onnx",))
     with pytest.raises(InvalidInputError, match="multiple of 8"):
         bench("x", size=65)
+    with pytest.raises(InvalidInputError, match="--steps must be between 1 and 1000, not 0"):
+        bench("x", steps=0)  # was taken as "the default" and ran a full benchmark
+    with pytest.raises(InvalidInputError, match="--threads must be at least 1, not 0"):
+        bench("x", threads=0)
 
 
 def test_bench_cli_one_line_for_missing_model(capsys, tmp_path):

@@ -222,6 +222,10 @@ def bench(
             raise InvalidInputError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
     if runs < 1 or warmup < 0:
         raise InvalidInputError("--runs must be at least 1 and --warmup 0 or more")
+    if steps is not None and not 1 <= steps <= 1000:
+        raise InvalidInputError(f"--steps must be between 1 and 1000, not {steps}")
+    if threads is not None and threads < 1:
+        raise InvalidInputError(f"--threads must be at least 1, not {threads}")
     if guidance_end is not None and not 0 < guidance_end <= 1:
         raise InvalidInputError(f"--guidance-end must be above 0 and at most 1, not {guidance_end}")
     if size % 8 or not 64 <= size <= 2048:
