@@ -172,12 +172,15 @@ def test_bad_edit_input(capsys, tmp_path, tiny_zh, noise_image):
     text.write_text("not an image")
     small_mask = tmp_path / "small.png"
     Image.new("L", (32, 32), 255).save(small_mask)
+    black_mask = tmp_path / "black.png"
+    Image.new("L", Image.open(noise_image).size, 127).save(black_mask)  # nothing at 128 or above
     cases = [
         (["edit", noise_image, "山", "--strength", "0"], "strength"),
         (["edit", noise_image, "山", "--strength", "1.5"], "strength"),
         (["edit", text, "山"], "not a readable image"),
         (["edit", tmp_path / "missing.png", "山"], "does not exist"),
         (["inpaint", noise_image, small_mask, "山"], "mask is 32x32"),
+        (["inpaint", noise_image, black_mask, "山"], "the mask has no white pixels"),
         (["inpaint", noise_image, text, "山"], "not a readable image"),
     ]
     for argv, needle in cases:

@@ -616,6 +616,11 @@ class TaiyiPipeline:
             raise InvalidInputError(
                 f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
             )
+        if mask.getextrema()[1] < 128:  # the picture would come back unchanged after a whole run
+            raise InvalidInputError(
+                "the mask has no white pixels, so nothing would be redrawn; white (128 or more) marks what to redraw "
+                "and black what to keep (is the mask inverted?)"
+            )
         pipe = self._sub_pipeline(StableDiffusionInpaintPipeline)
         size = (width, height)
         work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
