@@ -247,6 +247,7 @@ def test_bad_models_give_one_line(tmp_path):
         (["--cutn", "0"], "cutn must be at least 1"),
         (["--clip-guidance-scale", "-1"], "clip-guidance-scale must be 0 or more"),
         (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--seed", "-1"], "seed must be between 0 and 9223372036854775807, not -1"),  # was taken as a seed
         (["--sampler", "euler"], "unknown sampler"),
         (["--color-guidance", "1.5"], "color-guidance must be between 0 and 1"),
         (["--skip-steps", "9", "--steps", "5"], "skip-steps must be from 0"),

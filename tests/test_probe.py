@@ -51,6 +51,8 @@ def test_train_save_load_gives_the_same_readings_and_is_deterministic(tmp_path):
         train_probe(ProbeConfig(output=str(a), **TINY))
     with pytest.raises(InvalidInputError, match="lr must be positive"):
         train_probe(ProbeConfig(output=str(tmp_path / "c"), **{**TINY, "lr": -1.0}))
+    with pytest.raises(InvalidInputError, match="seed must be between 0 and 4294967295, not -1"):
+        train_probe(ProbeConfig(output=str(tmp_path / "c"), **{**TINY, "seed": -1}))  # numpy's ValueError before
     with pytest.raises(ModelLoadError, match="not an attribute probe"):
         AttributeProbe.from_pretrained(tmp_path)
 

@@ -507,6 +507,15 @@ def test_recipe_bad_input(tmp_path):
         with pytest.raises(InvalidInputError, match="cannot use .* as the run folder"):
             run_recipe(RecipeConfig(out=str(tmp_path / out), preset="tiny", only=["data"]))
     assert (tmp_path / "a-file").read_text() == "kept"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"kept")
+    with pytest.raises(InvalidInputError, match="is not empty and holds no recipe run"):  # the user's folder
+        run_recipe(RecipeConfig(out=str(mine), preset="tiny", only=["data"]))
+    assert [p.name for p in mine.iterdir()] == ["photo.png"]
+    with pytest.raises(InvalidInputError, match="--seed must be between 0 and 4294967295, not -3"):
+        run_recipe(RecipeConfig(out=str(tmp_path / "run"), preset="tiny", seed=-3))  # numpy refused it in a stage
+    assert not (tmp_path / "run").exists()
 
 
 def test_recipe_stage_that_writes_nothing_fails(tmp_path, monkeypatch):

@@ -520,6 +520,7 @@ def test_cli_trains_on_synthetic_data_and_refuses_to_clobber_a_run(towers, tmp_p
         ({"resume": "NOWHERE"}, "no complete checkpoint"),
         ({"init_from": "somewhere"}, "exactly one of"),
         ({"val_fraction": 1.5}, "--val-fraction"),
+        ({"seed": -1}, "--seed must be between 0 and 4294967295, not -1"),
         ({"negative_column": "negative"}, "needs a CSV or JSONL"),
     ],
 )

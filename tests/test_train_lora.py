@@ -312,3 +312,12 @@ def test_dreambooth_full_cli_trains_the_unet_only(setup, instance, tmp_path, cap
         tmp_path / "bad",
     )
     assert code == 2 and err.startswith("taiyi: error: --instance-data") and len(err.strip().splitlines()) == 1
+    for flags, needle in (
+        (("--instance-prompt", "一张sks\udcff狗"), "--instance-prompt is not valid text: character 6"),
+        (("--instance-prompt", "一张sks狗", "--class-prompt", "\ud800"), "--class-prompt is not valid text"),
+        (("--instance-prompt", "一张sks狗", "--seed", -1), "--seed must be between 0 and 4294967295, not -1"),
+    ):  # a prompt in another encoding than UTF-8 reached a manifest's write as a traceback
+        code, _, err = run(capsys, "train", "dreambooth", "--model", bases["zh"], "--instance-data", instance,
+                           "--output", tmp_path / "bad", *flags)  # fmt: skip
+        assert code == 2 and err.startswith(f"taiyi: error: {needle}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()

@@ -269,6 +269,8 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
         (args + fast + ["--mix-ratio", "0.5"], "--mix-ratio"),
         (args + fast + ["--lr-scheduler", "exponential"], "--lr-scheduler"),
         (args + fast + ["--text-encoder-lr", "0"], "--text-encoder-lr must be positive"),
+        (args + fast + ["--seed", "-1"], "--seed must be between 0 and 4294967295, not -1"),  # numpy's traceback
+        (args + fast + ["--val-prompt", "山\udcff"], "--val-prompt is not valid text: character 2"),
         (args + fast + ["--teacher", str(base)], "--teacher-data"),
         (args + fast + ["--teacher", str(base), "--teacher-data", str(zh), "--teacher-weight", "0"], "(0, 1]"),
     ]

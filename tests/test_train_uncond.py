@@ -93,6 +93,7 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     cases = [
         (base + ["--data", str(empty)], "no image"),
         (base + ["--data", "shanshui:8", "--lr", "-0.1"], "--lr must be positive"),
+        (base + ["--data", "shanshui:8", "--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (base + ["--data", "shanshui:8", "--prediction-type", "sample"], "--prediction-type"),
         (base + ["--data", "shanshui:0"], "shanshui:5000"),
         (base + ["--data", "shanshui:8", "--resolution", "36"], "--resolution"),

@@ -135,6 +135,7 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(folder, tmp_path, capsys):
     cases = [
         (["train", "vae", "--data", str(empty), "--output", str(tmp_path / "e")] + fast, "no image"),
         (args + fast + ["--lr", "-1"], "--lr must be positive"),
+        (args + fast + ["--seed", "-1"], "--seed must be between 0 and 4294967295, not -1"),
         (args + fast + ["--lr-scheduler", "step"], "--lr-scheduler must be one of constant, linear, cosine"),
         (args + fast, "holds this run already"),
         (args + fast[:4] + ["--norm-num-groups", "3"], "--norm-num-groups"),

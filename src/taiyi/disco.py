@@ -386,6 +386,8 @@ class DiscoSettings:
     def check(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise InvalidInputError(f"steps must be between 1 and 1000, not {self.steps}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # as taiyi generate: a negative seed is a mistake
+            raise InvalidInputError(f"seed must be between 0 and {2**63 - 1}, not {self.seed}")
         if self.sampler not in SAMPLERS:
             raise InvalidInputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not 0 <= self.eta <= 1:

@@ -358,9 +358,15 @@ def _check(config: RecipeConfig) -> Preset:
         raise InvalidInputError("--jobs and --threads must be at least 1")
     if not config.progress_every >= 0:  # also refuses NaN
         raise InvalidInputError(f"--progress-every must be 0 or more seconds, not {config.progress_every}")
+    if not 0 <= config.seed < 2**32:  # numpy's seeds: the data, the probe
+        raise InvalidInputError(f"--seed must be between 0 and {2**32 - 1}, not {config.seed}")
     for name in config.only or ():
         if name not in STAGES:
             raise InvalidInputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    out = Path(config.out)
+    if out.is_dir() and not (out / "logs").is_dir() and not (out / "recipe.json").exists() and any(out.iterdir()):
+        # a run folder has logs/ from its first moment; anything else is the user's, which the stages would mix with
+        raise InvalidInputError(f"{config.out} is not empty and holds no recipe run; choose a new --out")
     return PRESETS[config.preset]
 
 

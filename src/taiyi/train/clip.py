@@ -596,6 +596,7 @@ def _validate_config(config: ClipTrainConfig) -> None:
             )
     checks = [
         (config.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), not {config.batch_size}"),
+        (0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, not {config.seed}"),
         (config.grad_accum >= 1, f"--grad-accum must be at least 1, not {config.grad_accum}"),
         (config.learning_rate > 0, f"--lr must be positive, not {config.lr}"),
         (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..prompts import require_text
 from .common import CACHE, check_output_dir
-from .sd import RESUMABLE_CHANGES, SDTrainConfig, train_sd
+from .sd import RESUMABLE_CHANGES, SDTrainConfig, train_sd, validate_config
 
 logger = logging.getLogger("taiyi")
 
@@ -76,8 +77,11 @@ def _check(config: DreamBoothConfig) -> Path:
     folder = Path(config.instance_data)
     if not str(config.instance_data).strip() or not folder.is_dir():
         raise InvalidInputError(f"--instance-data {config.instance_data!r} is not a folder; give the subject's photos")
+    require_text(config.instance_prompt, "--instance-prompt")
     if not config.instance_prompt.strip():
         raise InvalidInputError("no --instance-prompt given; name the subject, e.g. '一张sks狗的照片'")
+    if config.class_prompt is not None:
+        require_text(config.class_prompt, "--class-prompt")
     if config.class_prompt is not None and not config.class_prompt.strip():
         raise InvalidInputError("--class-prompt is empty; name the class (e.g. '一张狗的照片') or drop it")
     if config.class_prompt is not None and config.num_class_images < 1:
@@ -192,7 +196,9 @@ def train_dreambooth(config: DreamBoothConfig) -> dict:
         train_text_encoder=train_text,
         val_prompts=config.val_prompts or [config.instance_prompt],
     )
-    # Refuse a bad --output before drawing class images (which can take long); train_sd checks again.
+    # Refuse bad settings and a bad --output before writing lists or drawing class images (which can take
+    # long); train_sd checks again.
+    validate_config(run)
     check_output_dir(
         output, run.to_json(), resume=config.resume, overwrite=config.overwrite, may_differ=RESUMABLE_CHANGES
     )

@@ -56,6 +56,7 @@ from torch import nn
 
 from ..data.decode import SkipSample
 from ..errors import InvalidInputError
+from ..prompts import require_text
 from .clip import _DataSet, _flat_hparams, _make_accelerator, _param_groups
 from .clip import open_training_data as _open_data
 from .common import (
@@ -245,14 +246,17 @@ class SDTrainConfig:
 # Checks
 
 
-def _validate_config(config: SDTrainConfig) -> None:
+def validate_config(config: SDTrainConfig) -> None:
     """Reject bad settings before anything is loaded."""
     if not config.data or not all(str(d).strip() for d in config.data):
         raise InvalidInputError("no training data given; pass --data (a folder, CSV, JSONL or synthetic:N)")
     if not str(config.output).strip():
         raise InvalidInputError("no output folder given; pass --output DIR")
+    for prompt in config.val_prompts:
+        require_text(prompt, "--val-prompt")
     checks = [
         (config.stage in (1, 2), f"--stage must be 1 (text encoder) or 2 (text encoder + UNet), not {config.stage}"),
+        (0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, not {config.seed}"),
         (len(config.data) <= 2, f"--data may be given at most twice (two sources to mix), not {len(config.data)}"),
         (
             config.mix_ratio is None or len(config.data) == 2,
@@ -712,7 +716,7 @@ def train_sd(config: SDTrainConfig) -> dict:
     from ..loading import load_stable_diffusion
     from ..models import resolve_model
 
-    _validate_config(config)
+    validate_config(config)
     output = Path(config.output)
     run_json = config.to_json()
     _check_output_dir(output, run_json, resume=config.resume, overwrite=config.overwrite, may_differ=RESUMABLE_CHANGES)
@@ -1177,4 +1181,4 @@ def train_sd(config: SDTrainConfig) -> dict:
     }
 
 
-__all__ = ["SDTrainConfig", "diffusion_loss", "plot_losses", "train_sd"]
+__all__ = ["SDTrainConfig", "diffusion_loss", "plot_losses", "train_sd", "validate_config"]
