@@ -642,6 +642,8 @@ def test_eval_commands_on_the_tiny_recipe_models(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "disco", "--probe", probe, "--time", "半夜"]) == 2
     assert "'半夜' is not a time of day" in capsys.readouterr().err
+    assert main(["eval", "clip-world", "--clip", str(models / "taiyi-mini-clip"), "--n", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "taiyi: error: --n must be at least 10 scenes, not 0"
 
 
 def test_embedded_names_fail_in_one_line_until_installed(tmp_path, monkeypatch, capsys):

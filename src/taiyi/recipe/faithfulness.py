@@ -442,6 +442,8 @@ def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, siz
 
     if lang not in ("zh", "en"):
         raise InvalidInputError(f"lang {lang!r} is invalid for CLIP evaluation; use zh or en")
+    if n < 10:  # R@10 needs ten candidates
+        raise InvalidInputError(f"--n must be at least 10 scenes, not {n}")
     scenes, images = held_out_scenes(n, seed=seed, size=size)
     image_embeds = clip.encode_image(images)  # (N, D), normalised
     templates = _ZH_LABEL_TEMPLATES if lang == "zh" else _EN_LABEL_TEMPLATES
