@@ -239,7 +239,7 @@ def test_prompts_that_are_not_text_are_one_line(capsys, tmp_path, tiny_zh):
     assert_user_error(code, err, "prompt is not valid text: character 2")
     code, _, err = run(capsys, "generate", "山", "--negative-prompt", "\udcff", "--no-normalize", "-m", tiny_zh,
                        *FAST, "-o", out)  # fmt: skip
-    assert_user_error(code, err, "prompt is not valid text: character 1")
+    assert_user_error(code, err, "negative prompt is not valid text: character 1")
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "山"}\n{"prompt": "山", "negative_prompt": "\\ud800"}\n', encoding="utf-8")
     code, _, err = run(capsys, "generate", "--prompts-file", rows, "-m", tiny_zh, *FAST, "-o", tmp_path)

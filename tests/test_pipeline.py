@@ -424,6 +424,10 @@ BAD_CALLS = {
     "bool images": lambda p, t: p.generate(PROMPT, num_images=True, steps=2),
     "string guidance": lambda p, t: p.generate(PROMPT, guidance="7.5", steps=2),
     "negative feather": lambda p, t: p.inpaint(noise_image(64, 64), centre_mask(64, 64), PROMPT, feather=-1),
+    "black inpaint mask": lambda p, t: p.inpaint(noise_image(64, 64), Image.new("L", (64, 64)), PROMPT, steps=2),
+    "prompt not text": lambda p, t: p.generate("山\udcff", steps=2),
+    "negative prompt not text": lambda p, t: p.generate(PROMPT, negative_prompt="\ud800", steps=2, normalize=False),
+    "negative prompt not a string": lambda p, t: p.generate(PROMPT, negative_prompt=5, steps=2),
 }
 
 

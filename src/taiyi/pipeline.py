@@ -30,7 +30,7 @@ from .loading import limit_threads, load_stable_diffusion, select_device, select
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
-from .prompts import check_prompt, normalize_prompts
+from .prompts import check_prompt, normalize_prompt, require_text
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs
 
 logger = logging.getLogger("taiyi")
@@ -325,8 +325,11 @@ class TaiyiPipeline:
         _check_range("guidance", guidance, 0.0, 100.0)
         _check_range("num_images", num_images, 1, MAX_IMAGES)
         sampling_kwargs(scheduler, steps)  # an unknown sampler, or more steps than it can take
-        text = check_prompt(normalize_prompts(prompt, enabled=normalize))
-        negative = normalize_prompts(negative_prompt or "", enabled=normalize)
+        require_text(prompt)
+        text = check_prompt(normalize_prompt(prompt) if normalize else prompt)
+        negative = negative_prompt or ""
+        require_text(negative, "negative prompt")
+        negative = normalize_prompt(negative) if normalize else negative
         return [text] * num_images, [negative] * num_images
 
     def _run(self, sd, *, prompts, negatives, steps, guidance, scheduler, seeds, progress, guidance_end=1.0, **kwargs):
