@@ -286,59 +286,42 @@ def test_cli_trains_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
         )
 
 
-def test_a_full_disk_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("failure", ["disk full", "read-only"])
+def test_a_write_failure_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_path, capsys, monkeypatch, failure):
     from taiyi.train import common
 
     base, zh, _ = setup
-    out = tmp_path / "full"
+    out = tmp_path / "run"
     args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "3",
             "--save-every", "1", "--resolution", "32", "--batch-size", "2", "--report-to", "none", "--val-every", "0",
             "--resume", "latest"]  # fmt: skip
     append = common.MetricsLog.append
 
-    def full_after_step_2(self, row):
-        if row.get("step", 0) >= 2:  # the disk fills halfway through the line
-            with self.path.open("a", encoding="utf-8") as f:
+    def fail_from_step_2(self, row):
+        if row.get("step", 0) >= 2:
+            if failure == "read-only":  # the file system is remounted read-only during the run
+                raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+            with self.path.open("a", encoding="utf-8") as f:  # the disk fills halfway through the line
                 f.write('{"step": 2, "kind": "tr')
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         append(self, row)
 
-    monkeypatch.setattr(common.MetricsLog, "append", full_after_step_2)
+    monkeypatch.setattr(common.MetricsLog, "append", fail_from_step_2)
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("taiyi: error: no space left on device writing") and "--resume latest" in err, err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any(line.startswith(("Traceback", "  File")) for line in err)
+    if failure == "read-only":
+        assert (
+            err[-1] == f"taiyi: error: Read-only file system: {out / 'metrics.jsonl'}; choose a place you can write to"
+        )
+    else:
+        assert err[-1].startswith("taiyi: error: no space left on device writing") and "--resume latest" in err[-1]
     assert [c.name for c in common.list_checkpoints(out)] == ["step-000001"]
     monkeypatch.setattr(common.MetricsLog, "append", append)
-    assert main(args) == 0  # space freed: the run goes on from its checkpoint, past the torn metrics line
+    assert main(args) == 0  # space freed, or writable again: the run goes on from its checkpoint (past a torn line)
     assert (out / "final").is_dir()
     rows = common.MetricsLog(out / "metrics.jsonl").read()
     assert [row["step"] for row in rows if row.get("kind") == "train"] == [1, 2, 3]
-
-
-def test_a_read_only_output_mid_run_is_one_line_and_the_checkpoint_resumes(setup, tmp_path, capsys, monkeypatch):
-    from taiyi.train import common
-
-    base, zh, _ = setup
-    out = tmp_path / "ro"
-    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "2",
-            "--save-every", "1", "--resolution", "32", "--batch-size", "2", "--report-to", "none", "--val-every", "0",
-            "--resume", "latest"]  # fmt: skip
-    append = common.MetricsLog.append
-
-    def read_only_after_step_1(self, row):  # the file system is remounted read-only during the run
-        if row.get("step", 0) >= 2:
-            raise OSError(errno.EROFS, "Read-only file system", str(self.path))
-        append(self, row)
-
-    monkeypatch.setattr(common.MetricsLog, "append", read_only_after_step_1)
-    assert main(args) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err[-1] == f"taiyi: error: Read-only file system: {out / 'metrics.jsonl'}; choose a place you can write to"
-    assert not any(line.startswith(("Traceback", "  File")) for line in err)
-    assert [c.name for c in common.list_checkpoints(out)] == ["step-000001"]
-    monkeypatch.setattr(common.MetricsLog, "append", append)
-    assert main(args) == 0
-    assert (out / "final").is_dir()
 
 
 def _narrow_pipeline(base: Path, out: Path) -> None:
