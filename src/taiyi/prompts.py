@@ -282,7 +282,7 @@ def normalize_prompts(prompts: str | list[str] | None, *, enabled: bool = True) 
     if prompts is None:
         return prompts
     if not enabled:  # returned as given, but only if it is text at all
-        for prompt in [prompts] if isinstance(prompts, str) else prompts if isinstance(prompts, list) else []:
+        for prompt in prompts if isinstance(prompts, list) else [prompts]:
             require_text(prompt)
         return prompts
     if isinstance(prompts, str):

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InvalidInputError, TaiyiError
-from ..train.common import write_json_atomic
+from ..train.common import seed_check, write_json_atomic
 
 __all__ = ["PRESETS", "Preset", "RecipeConfig", "STAGES", "run_recipe"]
 
@@ -358,8 +358,9 @@ def _check(config: RecipeConfig) -> Preset:
         raise InvalidInputError("--jobs and --threads must be at least 1")
     if not config.progress_every >= 0:  # also refuses NaN
         raise InvalidInputError(f"--progress-every must be 0 or more seconds, not {config.progress_every}")
-    if not 0 <= config.seed < 2**32:  # numpy's seeds: the data, the probe
-        raise InvalidInputError(f"--seed must be between 0 and {2**32 - 1}, not {config.seed}")
+    ok, message = seed_check(config.seed)
+    if not ok:
+        raise InvalidInputError(message)
     for name in config.only or ():
         if name not in STAGES:
             raise InvalidInputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

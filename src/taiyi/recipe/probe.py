@@ -44,6 +44,7 @@ from torch import nn
 from ..data import shanshui
 from ..data.shanshui import Scene
 from ..errors import InvalidInputError, ModelLoadError, OutputError
+from ..train.common import seed_check
 
 logger = logging.getLogger("taiyi")
 
@@ -375,7 +376,7 @@ def _validate(config: ProbeConfig) -> None:
         (config.split in shanshui.SPLITS, f"split must be one of {', '.join(shanshui.SPLITS)}, not {config.split!r}"),
         (config.eval_scenes >= 0, f"eval_scenes must be 0 or more, not {config.eval_scenes}"),
         (config.threads >= 1, f"threads must be at least 1, not {config.threads}"),
-        (0 <= config.seed < 2**32, f"seed must be between 0 and {2**32 - 1}, not {config.seed}"),
+        seed_check(config.seed, "seed"),
     ]
     for ok, message in checks:
         if not ok:

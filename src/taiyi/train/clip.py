@@ -63,6 +63,7 @@ from .common import (
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
+    seed_check,
     step_dir_name,
 )
 from .common import check_output_dir as _check_output_dir
@@ -596,7 +597,7 @@ def _validate_config(config: ClipTrainConfig) -> None:
             )
     checks = [
         (config.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), not {config.batch_size}"),
-        (0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, not {config.seed}"),
+        seed_check(config.seed),
         (config.grad_accum >= 1, f"--grad-accum must be at least 1, not {config.grad_accum}"),
         (config.learning_rate > 0, f"--lr must be positive, not {config.lr}"),
         (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),

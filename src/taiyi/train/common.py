@@ -60,8 +60,14 @@ def run_control_checks(config) -> list[tuple[bool, str]]:
         (config.save_every >= 0, f"--save-every must be 0 (at the end only) or more, not {config.save_every}"),
         (config.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {config.keep_checkpoints}"),
         (config.log_every >= 1, f"--log-every must be at least 1, not {config.log_every}"),
+        seed_check(config.seed),
         (not (config.resume is not None and config.overwrite), "--resume and --overwrite exclude each other"),
     ]
+
+
+def seed_check(seed: int, name: str = "--seed") -> tuple[bool, str]:
+    """The ``(ok, message)`` check of a training seed: numpy takes 0 to 2**32 - 1 (and refuses others mid-run)."""
+    return 0 <= seed < 2**32, f"{name} must be between 0 and {2**32 - 1}, not {seed}"
 
 
 def lr_scheduler_check(name: str) -> tuple[bool, str]:

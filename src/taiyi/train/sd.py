@@ -256,7 +256,6 @@ def validate_config(config: SDTrainConfig) -> None:
         require_text(prompt, "--val-prompt")
     checks = [
         (config.stage in (1, 2), f"--stage must be 1 (text encoder) or 2 (text encoder + UNet), not {config.stage}"),
-        (0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, not {config.seed}"),
         (len(config.data) <= 2, f"--data may be given at most twice (two sources to mix), not {len(config.data)}"),
         (
             config.mix_ratio is None or len(config.data) == 2,

@@ -165,7 +165,6 @@ class ImageTrainConfig:
             raise InvalidInputError("no output folder given; pass --output DIR")
         checks = [
             (self.resolution >= 16 and self.resolution % 8 == 0, "--resolution must be a multiple of 8, at least 16"),
-            (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, not {self.seed}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must lie in [0, 1), not {self.val_fraction}"),
             (self.val_max >= 1, f"--val-max must be at least 1, not {self.val_max}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
