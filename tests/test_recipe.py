@@ -387,6 +387,14 @@ def test_tiny_recipe_runs_every_stage_and_reports(tiny_run):
     assert set(report["clip"]) == {"Taiyi-CLIP (Chinese)", "English CLIP"}
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# taiyi recipe mini") and "## Targets" in markdown
+    # judged by the embedded probe, copied unchanged (one judge for every run), and the report says so
+    from taiyi.models import bundled_model
+
+    embedded = bundled_model("taiyi-mini-probe")
+    for name in ("config.json", "model.safetensors"):
+        assert (out / "probe" / name).read_bytes() == (embedded / name).read_bytes()
+    assert report["judge"]["probe"] == "the embedded taiyi-mini-probe"
+    assert "Judged by the attribute probe in `probe/`: the embedded taiyi-mini-probe" in markdown
     # the targets: floors, held-out vs seen, and three models paired against the English SD (seen, held-out)
     assert len(report["targets"]) == 2 + 3 * 2 and all(row["verdict"] for row in report["targets"])
     # every attribute a target misses is broken down per prompted value, in the JSON and in the Markdown
@@ -483,13 +491,47 @@ def test_recipe_with_a_relative_out_folder(tmp_path, monkeypatch, capsys):
     from taiyi.cli import main
 
     monkeypatch.chdir(tmp_path)
-    argv = ["recipe", "mini", "--out", "runs/mini", "--preset", "tiny", "--only", "data", "--only", "probe"]
+    argv = ["recipe", "mini", "--out", "runs/mini", "--preset", "tiny", "--only", "data", "--only", "probe",
+            "--train-probe"]  # fmt: skip
     assert main(argv) == 0
     probe = tmp_path / "runs" / "mini" / "probe"
     assert (probe / "config.json").is_file() and (probe / "model.safetensors").is_file()
+    assert json.loads((probe / "config.json").read_text())["steps"] == 3  # the tiny preset's, trained here
     assert not (tmp_path / "runs" / "mini" / "runs").exists()
     printed = capsys.readouterr().out
     assert "[recipe] probe: done" in printed and "report.md" not in printed  # no report was written
+
+
+def test_the_embedded_probe_judges_unless_the_run_trains_one(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from taiyi.cli import main
+    from taiyi.errors import InvalidInputError
+    from taiyi.recipe import build, mini
+    from taiyi.recipe.report import _judge
+
+    run = tmp_path / "run"
+    config = mini.RecipeConfig(out=str(run), preset="tiny", only=["probe"])
+    (run / "logs").mkdir(parents=True)
+    (run / "probe").mkdir()  # an interrupted --train-probe run's: no config.json yet
+    with pytest.raises(InvalidInputError, match="holds an unfinished probe of an earlier run; continue it with"):
+        mini.run_recipe(config, echo=lambda _: None)
+    assert list((run / "probe").iterdir()) == []  # left as it was
+    (run / "probe").rmdir()
+    assert mini.run_recipe(config, echo=lambda _: None)["probe"]["status"] == "done"
+    assert _judge(run / "probe")["probe"] == "the embedded taiyi-mini-probe"
+    assert sorted(p.name for p in run.iterdir()) == ["logs", "probe", "recipe.json"]  # no temporary folder left
+    assert mini.run_recipe(config, echo=lambda _: None)["probe"]["status"] == "done before"
+    # other weights are the run's own probe
+    (run / "probe" / "model.safetensors").write_bytes(b"other weights")
+    assert _judge(run / "probe")["probe"] == "the run's own"
+    with pytest.raises(InvalidInputError, match="judges 64-px pictures, the preset draws 32-px ones; run with --tr"):
+        build.copy_embedded_probe(tmp_path / "other", replace(mini.PRESETS["tiny"], size=32), config)
+    monkeypatch.setenv("TAIYI_WEIGHTS", str(tmp_path / "no-weights"))
+    assert main(["recipe", "mini", "--out", str(tmp_path / "bare"), "--preset", "tiny", "--only", "probe"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "taiyi: error: this installation has no embedded taiyi-mini-probe; run with --train-probe"
+    )
 
 
 def test_recipe_bad_input(tmp_path):
@@ -526,7 +568,8 @@ def test_recipe_stage_that_writes_nothing_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", "pass"])  # succeeds, writes nothing
     with pytest.raises(TaiyiError, match="recipe stage probe ended without writing"):
         mini.run_recipe(
-            mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"]), echo=lambda _: None
+            mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"], train_probe=True),
+            echo=lambda _: None,
         )
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert record["stages"]["probe"]["status"] == "failed"
@@ -567,7 +610,7 @@ def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
     (run / "logs").mkdir(parents=True)
     (run / "logs" / "probe.log").write_text("taiyi: info: step 7/9 loss 1 (1.0 s/step)\n")  # an interrupted run's
     lines: list[str] = []
-    config = mini.RecipeConfig(out=str(run), preset="tiny", only=["probe"], progress_every=0.1)
+    config = mini.RecipeConfig(out=str(run), preset="tiny", only=["probe"], progress_every=0.1, train_probe=True)
     assert mini.run_recipe(config, echo=lines.append)["probe"]["status"] == "done"
     progress = [line for line in lines if ": step " in line]
     assert progress and all(line.startswith("[recipe] probe: step ") for line in progress)
@@ -593,9 +636,11 @@ def test_the_recipe_says_roughly_how_long_its_stages_will_take_here(tmp_path, mo
     }
     (weights / "SOURCE.json").write_text(json.dumps(record))
     monkeypatch.setenv("TAIYI_WEIGHTS", str(weights))
-    config = mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"])
+    config = mini.RecipeConfig(out=str(tmp_path / "run"), preset="tiny", only=["probe"], train_probe=True)
     guess = mini.expected_minutes(["probe", "clip-en"], config, 0.4)  # twice as slow as the fastest record
     assert guess == {"minutes": pytest.approx(24.0), "run": "miniX", "run_minutes": 12.0, "run_calibration": 0.2}
+    copied = mini.expected_minutes(["probe", "clip-en"], mini.with_preset(config, train_probe=False), 0.4)
+    assert copied["minutes"] == pytest.approx(20.0) and copied["run_minutes"] == 10.0  # the embedded probe: 0 min
     for other in ({"preset": "full"}, {"jobs": 2}, {"threads": 1}):
         assert mini.expected_minutes(["probe"], mini.with_preset(config, **other), 0.4) is None, other
     assert mini.expected_minutes(["probe", "vae"], config, 0.4) is None  # a stage the record lacks

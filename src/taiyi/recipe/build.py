@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 
 from ..data import shanshui
+from ..errors import InvalidInputError
 from ..train.common import write_json_atomic
 
-__all__ = ["write_data", "write_clip_config", "init_text_tower", "init_english_sd", "unet_config", "scheduler_config"]
+__all__ = [
+    "write_data", "write_clip_config", "init_text_tower", "init_english_sd", "unet_config", "scheduler_config",
+    "copy_embedded_probe", "EMBEDDED_PROBE",
+]  # fmt: skip
 
 CAPTION_LANGS = ("zh", "en", "mixed")
 
@@ -75,6 +79,50 @@ def write_data(out: Path, preset, config) -> None:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, target)
     write_json_atomic(folder / "done.json", {"n": preset.n_train, "size": preset.size, "seed": config.seed})
+
+
+EMBEDDED_PROBE = "taiyi-mini-probe"
+
+
+def copy_embedded_probe(out: Path, preset, config) -> Path:  # noqa: ARG001 (a stage's set-up signature)
+    """The report's judge: the embedded attribute probe (``taiyi-mini-probe``), copied to ``OUT/probe``.
+
+    A judge that is the same for every run (as FID's Inception network is) makes runs comparable with each
+    other and with ``taiyi eval faithfulness``, whose default it is; the probe is the recipe's own
+    (``taiyi recipe probe``; ``--train-probe`` trains one inside the run instead), so nothing outside the
+    project judges.
+
+    Raises:
+        InvalidInputError: this installation has no embedded probe, it judges pictures of another size than
+            the preset's, or ``OUT/probe`` holds an unfinished probe of an earlier ``--train-probe`` run.
+    """
+    from ..io import make_temp_dir
+    from ..models import bundled_model
+    from .probe import CONFIG_NAME, WEIGHTS_NAME, AttributeProbe
+
+    source = bundled_model(EMBEDDED_PROBE)
+    if source is None:
+        raise InvalidInputError(f"this installation has no embedded {EMBEDDED_PROBE}; run with --train-probe")
+    size = AttributeProbe.from_pretrained(source).size
+    if size != preset.size:
+        raise InvalidInputError(
+            f"the embedded {EMBEDDED_PROBE} judges {size}-px pictures, the preset draws {preset.size}-px ones; "
+            "run with --train-probe"
+        )
+    target = out / "probe"
+    if target.exists():
+        raise InvalidInputError(
+            f"{target} holds an unfinished probe of an earlier run; continue it with --train-probe, or remove it"
+        )
+    tmp = make_temp_dir(target)
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(source / name, tmp / name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def write_clip_config(out: Path, preset, config) -> Path:

@@ -24,6 +24,12 @@ def mini(
     progress_every: Annotated[
         float, typer.Option("--progress-every", help="Seconds between the running stages' step lines (0: none).")
     ] = 60.0,
+    train_probe: Annotated[
+        bool,
+        typer.Option(
+            "--train-probe", help="Train the attribute probe that judges the models [judge with taiyi-mini-probe]."
+        ),
+    ] = False,
 ) -> None:
     """Train every model of the Taiyi recipe in miniature and write OUT/report.md + OUT/models/.
 
@@ -35,7 +41,7 @@ def mini(
     from .mini import RecipeConfig, run_recipe
 
     status = run_recipe(RecipeConfig(out=out, preset=preset, jobs=jobs, threads=threads, seed=seed, only=only,
-                                     progress_every=progress_every),
+                                     progress_every=progress_every, train_probe=train_probe),
                         echo=typer.echo)  # fmt: skip
     if status.get("report", {}).get("status") in ("done", "done before"):  # name the report only when there is one
         typer.echo(f"{out}/report.md")

@@ -4,7 +4,8 @@ Stages (each one of the project's own commands, run as a subprocess; a finished 
 and an interrupted one resumes from its latest checkpoint when the recipe is run again)::
 
     data      render the training scenes once; captions in Chinese, English and mixed
-    probe     the attribute probe that judges pictures              taiyi recipe probe
+    probe     the judge of pictures: the embedded attribute probe        (copied)
+              (--train-probe: one trained in the run)                 taiyi recipe probe
     clip-en   "English CLIP", both towers from scratch                taiyi train clip --from-config
     clip-zh   "Taiyi-CLIP": Chinese BERT tower vs the frozen image tower   taiyi train clip
     vae       the autoencoder, then its decoder alone (latents kept)  taiyi train vae [--decoder-only]
@@ -156,6 +157,8 @@ class RecipeConfig:
         only: run just these stages (and nothing that depends on a missing one).
         progress_every: seconds between progress lines of the running stages (their latest step, from their
             logs); 0: only a line when a stage starts and ends.
+        train_probe: train the attribute probe that judges the models inside the run (``taiyi recipe probe``)
+            instead of judging with the embedded one (``taiyi-mini-probe``, the recipe's own probe command's).
     """
 
     out: str
@@ -165,6 +168,7 @@ class RecipeConfig:
     seed: int = 0
     only: list[str] | None = None
     progress_every: float = 60.0
+    train_probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,8 @@ def _teacher(out: Path, weight: float | None, *, sources: int) -> list[str]:
 
 def _stages() -> list[Stage]:
     def probe(out, p, c):
+        if not c.train_probe:  # the embedded probe judges (build.copy_embedded_probe)
+            return []
         return [["recipe", "probe", "--out", str(out / "probe"), "--steps", str(p.steps["probe"]),
                  "--batch-size", str(p.batch["probe"]), "--size", str(p.size), "--seed", str(c.seed),
                  "--threads", str(c.threads)]]  # fmt: skip
@@ -293,7 +299,8 @@ def _stages() -> list[Stage]:
 
     return [
         Stage("data", "render the 山水 training set", (), lambda o, p, c: [], "data/done.json", build.write_data),
-        Stage("probe", "attribute probe", (), probe, "probe/config.json"),
+        Stage("probe", "attribute probe (the report's judge)", (), probe, "probe/config.json",
+              lambda o, p, c: None if c.train_probe else build.copy_embedded_probe(o, p, c)),
         Stage("clip-en", "English CLIP (both towers, from scratch)", ("data",), clip_en, "clip-en/final",
               build.write_clip_config),
         Stage("vae", "autoencoder, then its decoder alone", ("data",), vae, "vae/final"),
@@ -407,6 +414,8 @@ def expected_minutes(stages: list[str], config: RecipeConfig, calibration: float
         reference = [float(c["seconds_median"]) for c in record["calibrations"] if c["threads"] == config.threads]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if not config.train_probe:
+        took["probe"] = 0.0  # the embedded probe, copied
     if record.get("preset") != config.preset or config.jobs != 1 or not reference or not set(stages) <= set(took):
         return None
     run_minutes = sum(took[name] for name in stages) / 60

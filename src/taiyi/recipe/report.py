@@ -222,6 +222,22 @@ def _share_vae(root: Path, latent: str, owner: str) -> dict[str, int]:
     return {latent: sum(f.stat().st_size for f in (root / latent).rglob("*") if f.is_file())}
 
 
+def _judge(probe: Path) -> dict:
+    """Which attribute probe judged: the embedded ``taiyi-mini-probe`` (the same file) or the run's own
+    (``--train-probe``); with the SHA-256 of its weights."""
+    import hashlib
+
+    from ..models import bundled_model
+    from .build import EMBEDDED_PROBE
+
+    def digest(folder: Path) -> str:
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+    mine, embedded = digest(probe), bundled_model(EMBEDDED_PROBE)
+    same = embedded is not None and (embedded / "model.safetensors").is_file() and digest(embedded) == mine
+    return {"probe": f"the embedded {EMBEDDED_PROBE}" if same else "the run's own", "sha256": mine}
+
+
 def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int = 0) -> dict:
     """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc)."""
     from ..clip import load_clip
@@ -240,7 +256,8 @@ def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int
     t0 = time.monotonic()
     probe = AttributeProbe.from_pretrained(run / "probe")
     n_seen, n_held = preset.eval_prompts
-    report: dict = {"preset": preset_name, "seed": seed, "faithfulness": {}, "clip": {}, "grids": {}}
+    report: dict = {"preset": preset_name, "seed": seed, "judge": _judge(run / "probe"), "faithfulness": {},
+                    "clip": {}, "grids": {}}  # fmt: skip
     steps = DEFAULT_STEPS if preset.eval_steps is None else preset.eval_steps
     report["sampling"] = {"scheduler": DEFAULT_SCHEDULER, "steps": steps, "guidance_end": DEFAULT_GUIDANCE_END}
     (run / "grids").mkdir(exist_ok=True)
@@ -327,6 +344,9 @@ def _target_lines(rows: list[dict]) -> list[str]:
 def _write_markdown(run: Path, report: dict) -> None:
     lines = ["# taiyi recipe mini — report", "", f"Preset `{report['preset']}`, seed {report['seed']}.", ""]
     lines += ["## Faithfulness (attribute probe, % of pictures showing what the prompt asked)", ""]
+    if "judge" in report:
+        lines += [f"Judged by the attribute probe in `probe/`: {report['judge']['probe']} (weights SHA-256 "
+                  f"{report['judge']['sha256'][:16]}…).", ""]  # fmt: skip
     if "sampling" in report:
         lines += [f"Sampling: {', '.join(f'{k} {v}' for k, v in report['sampling'].items())}.", ""]
     lines += ["| model / prompts | combos | " + " | ".join(_ATTRS) + " |", "|---|---|" + "---|" * len(_ATTRS)]
