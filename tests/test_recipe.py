@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -624,10 +625,11 @@ def test_recipe_prints_the_running_stages_progress(tmp_path, monkeypatch):
 def test_the_recipe_says_roughly_how_long_its_stages_will_take_here(tmp_path, monkeypatch):
     """The shipped models' own run (weights/SOURCE.json) scaled by the two hosts' calibrations; nothing where that
     run does not compare."""
+    from taiyi.models import bundled_model
     from taiyi.recipe import mini
 
     weights = tmp_path / "weights"
-    weights.mkdir()
+    shutil.copytree(bundled_model("taiyi-mini-probe"), weights / "taiyi-mini-probe")
     record = {
         "run": "miniX",
         "preset": "tiny",
@@ -651,6 +653,9 @@ def test_the_recipe_says_roughly_how_long_its_stages_will_take_here(tmp_path, mo
     mini.run_recipe(config, echo=lines.append)
     (said,) = [line for line in lines if "expect roughly" in line]
     assert said.startswith("[recipe] expect roughly ") and "run miniX took 2.0 at a calibration of 0.20 s" in said
+    lines.clear()  # the embedded probe's copy alone takes no time worth a guess
+    mini.run_recipe(mini.with_preset(config, out=str(tmp_path / "copy"), train_probe=False), echo=lines.append)
+    assert not any("expect roughly" in line for line in lines) and any("probe: done" in line for line in lines)
     (weights / "SOURCE.json").write_text("{not json")
     assert mini.expected_minutes(["probe"], config, 0.4) is None
 

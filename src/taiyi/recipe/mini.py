@@ -508,7 +508,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         c = calibrations[-1]
         echo(f"[recipe] host calibration: {c['seconds_median']:.2f} s ({CALIBRATION_WORKLOAD}; {c['processor']})")
         guess = expected_minutes(pending, config, c["seconds_median"])
-        if guess is not None:
+        if guess is not None and guess["run_minutes"] >= 0.1:  # not for the embedded probe's copy alone
             echo(
                 f"[recipe] expect roughly {guess['minutes']:.0f} min for {len(pending)} stage(s): the shipped "
                 f"models' run {guess['run']} took {guess['run_minutes']:.1f} at a calibration of "
