@@ -43,3 +43,24 @@ def machine() -> dict:
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     return info
+
+
+def save_json(path: str | None, args, rows: list) -> None:
+    """Write a benchmark's figures with the machine and its arguments to ``path`` (nothing when None)."""
+    import json
+
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=2, ensure_ascii=False)
+
+
+def parse_scene_args(parser, argv: list[str] | None):
+    """Add the options of the benchmarks that render 山水 scenes (``--size``, ``--seed``, ``--threads``,
+    ``--json``), parse ``argv`` and :func:`prepare` the threads; returns the parsed arguments."""
+    parser.add_argument("--size", type=int, default=64, help="picture size [64]")
+    parser.add_argument("--seed", type=int, default=0, help="scene draw [0]")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    prepare(args.threads)
+    return args

@@ -22,10 +22,9 @@ prints per VAE:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from _bench import machine, prepare
+from _bench import parse_scene_args, save_json
 
 
 def blocks(size: int) -> dict[str, tuple[int, int]]:
@@ -118,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", help="an attribute probe folder: also judge the things in the dark round trips")
     parser.add_argument("--dark", type=int, default=256, help="dusk and night scenes [256]")
     parser.add_argument("--any", type=int, default=256, help="scenes of any time, for PSNR [256]")
-    parser.add_argument("--size", type=int, default=64, help="picture size [64]")
-    parser.add_argument("--seed", type=int, default=0, help="scene draw [0]")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args(argv)
-    prepare(args.threads)
+    args = parse_scene_args(parser, argv)
     from taiyi.loading import decode_padding
     from taiyi.train.uncond import load_vae
     from taiyi.train.vae import psnr  # the mean per-picture PSNR `taiyi train vae` validates with
@@ -172,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.3f}" for k, v in row["corner"].items())
         )
         rows.append(row)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=2, ensure_ascii=False)
+    save_json(args.json, args, rows)
     return 0
 
 

@@ -15,10 +15,9 @@ VAE's round trips — with the round trips' mean PSNR.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from _bench import machine, prepare
+from _bench import parse_scene_args, save_json
 from vae_corner import round_trip, to_images
 
 
@@ -56,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("vae", nargs="+", help="AutoencoderKL folders (or pipeline folders with vae/)")
     parser.add_argument("--probe", default="taiyi-mini-probe", help="attribute probe folder or short name")
     parser.add_argument("--n", type=int, default=160, help="scenes per group [160]")
-    parser.add_argument("--size", type=int, default=64, help="picture size [64]")
-    parser.add_argument("--seed", type=int, default=0, help="scene draw [0]")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args(argv)
-    prepare(args.threads)
+    args = parse_scene_args(parser, argv)
     from taiyi.data import shanshui
     from taiyi.models import resolve_model
     from taiyi.recipe.probe import AttributeProbe
@@ -106,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {field} {value} (held-out / seen): " + " | ".join(cells))
     print("columns: " + " | ".join(row["vae"] for row in rows))
     print("round-trip PSNR: " + " | ".join(f"{row['vae']} {row['psnr']:.2f} dB" for row in rows[1:]))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=2, ensure_ascii=False)
+    save_json(args.json, args, rows)
     return 0
 
 
