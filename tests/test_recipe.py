@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -574,6 +578,51 @@ def test_recipe_stage_that_writes_nothing_fails(tmp_path, monkeypatch):
         )
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert record["stages"]["probe"]["status"] == "failed"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_a_terminated_recipe_ends_its_running_stage(tmp_path, monkeypatch):
+    """``kill`` (SIGTERM) on the recipe ends the stage it started too, as Ctrl-C does, instead of leaving it to
+    train on, orphaned, in the run folder; the recipe's SIGTERM handler is only there while it runs."""
+    from taiyi.recipe import mini
+
+    script = "import os, pathlib, time\npathlib.Path('stage.pid').write_text(str(os.getpid()))\ntime.sleep(600)\n"
+    monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", script])
+    run = tmp_path / "run"
+    caught: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))  # not pytest's death
+
+    def terminate_when_the_stage_runs() -> None:
+        for _ in range(3000):  # the host calibration comes first: seconds, more on a busy machine
+            if (run / "stage.pid").exists():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        stage = int((run / "stage.pid").read_text())
+        for _ in range(300):
+            try:
+                os.kill(stage, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(stage, signal.SIGKILL)  # still running 30 s on: fail now rather than in 10 minutes
+
+    killer = threading.Thread(target=terminate_when_the_stage_runs)
+    killer.start()
+    try:
+        config = mini.RecipeConfig(out=str(run), preset="tiny", only=["probe"], progress_every=0, train_probe=True)
+        with pytest.raises(KeyboardInterrupt):
+            mini.run_recipe(config, echo=lambda _: None)
+        killer.join()
+        assert not caught  # the recipe's handler took it
+        stage = int((run / "stage.pid").read_text())
+        with pytest.raises(ProcessLookupError):  # ended and reaped, not running on
+            os.kill(stage, 0)
+        assert signal.getsignal(signal.SIGTERM) is not mini._interrupt  # put back
+        assert "probe" not in json.loads((run / "recipe.json").read_text())["stages"]  # not recorded as done
+    finally:
+        killer.join()
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_stage_progress_reads_the_trainers_progress_lines():

@@ -30,8 +30,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -479,11 +481,18 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
     }
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (``kill``, a job scheduler's stop) ends the recipe as Ctrl-C does, so the stage it is running
+    ends with it; Python's default would end the recipe alone and leave the stage training on in the run folder."""
+    raise KeyboardInterrupt
+
+
 def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
     """Run (or continue) the recipe; returns ``{stage: {"status", "seconds"}}`` and writes ``OUT/recipe.json``.
 
     Raises:
         TaiyiError: a stage failed (its log is named in the message); finished stages stay finished.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the running stages are ended first (they resume on the next run).
     """
     preset = _check(config)
     out = Path(config.out).resolve()  # the stages run in it (cwd), so the paths they are given must not be relative
@@ -515,6 +524,7 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
                 f"{guess['run_calibration']:.2f} s"
             )
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
+    previous_handler = None  # SIGTERM's, while the recipe has its own
     started: set[str] = set()  # stages this invocation ran
     began = time.monotonic()
     log_start: dict[str, int] = {}
@@ -572,6 +582,8 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         write_record()  # after every stage, so the report stage sees what the stages before it cost
 
     try:
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         while pending or running:
             for name in list(pending):
                 stage = stages[name]
@@ -616,9 +628,16 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
             if running:
                 time.sleep(0.5)
     finally:
-        for proc, _, _ in running.values():
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        for proc, _, _ in running.values():  # an interrupted run ends its stages too: none trains on, orphaned
             if proc is not None and proc.poll() is None:
                 proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if started or not (out / "recipe.json").exists():  # a run that ran nothing keeps the record it found
             write_record()
     return status
