@@ -232,6 +232,20 @@ def test_disk_full_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_is_exit_130_and_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
+    """An interrupted command is not a success: one line, exit 130 (typer returns it rather than raising)."""
+    import taiyi.io
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(taiyi.io.os, "fsync", interrupted)  # Ctrl-C while the picture is being written
+    code, out, err = run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "x.png")
+    assert code == 130 and out == ""
+    assert [line for line in err.splitlines() if line.strip()] == ["taiyi: interrupted"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prompts_that_are_not_text_are_one_line(capsys, tmp_path, tiny_zh):
     """``taiyi generate $'\\xff'`` in a UTF-8 locale: Python hands the byte over as the lone surrogate \\udcff."""
     out = tmp_path / "x.png"

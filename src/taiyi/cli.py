@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_app(argv: list[str] | None) -> int:
     try:
-        app(args=argv, prog_name="taiyi", standalone_mode=False)
+        code = app(args=argv, prog_name="taiyi", standalone_mode=False)
     except TaiyiError as exc:
         print(f"taiyi: error: {exc}", file=sys.stderr)
         return _exit(2, argv)
@@ -505,7 +505,10 @@ def _run_app(argv: list[str] | None) -> int:
         print(f"taiyi: error: no space left on device{where}; free space and run again (a training run goes on "
               "from its last checkpoint with --resume latest)", file=sys.stderr)  # fmt: skip
         return _exit(2, argv)
-    return _exit(0, argv)
+    if code == 130:  # typer turns Ctrl-C (and the recipe's SIGTERM) into this return value, not an exception
+        print("taiyi: interrupted", file=sys.stderr)
+        return _exit(130, argv)
+    return _exit(code if isinstance(code, int) and not isinstance(code, bool) else 0, argv)
 
 
 def _exit(code: int, argv: list[str] | None) -> int:

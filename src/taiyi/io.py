@@ -47,7 +47,7 @@ def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
-    A crash or a full disk leaves either the old file or nothing, never a partial file.
+    A crash, a full disk or Ctrl-C leaves either the old file or nothing, never a partial file.
 
     Raises:
         OutputError: the folder is missing, the file exists and ``overwrite`` is False, or the disk is full.
@@ -77,6 +77,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"disk full while writing {path}; nothing was written") from exc
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+    except BaseException:  # Ctrl-C mid-write: nothing left behind either
+        _unlink_quietly(tmp)
+        raise
     return path
 
 

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command()(serve)
     try:
-        app(args=argv, prog_name="python -m taiyi.serve", standalone_mode=False)
+        code = app(args=argv, prog_name="python -m taiyi.serve", standalone_mode=False)
     except TaiyiError as exc:
         print(f"taiyi: error: {exc}", file=sys.stderr)
         return 2
@@ -204,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (typer.Abort, KeyboardInterrupt):
         return 130
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0  # typer returns Ctrl-C as 130
