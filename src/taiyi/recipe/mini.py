@@ -27,6 +27,7 @@ sizes for the test suite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -482,9 +483,22 @@ def host_calibration(threads: int, *, repeats: int = 5, steps: int = 4) -> dict:
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGTERM (``kill``, a job scheduler's stop) ends the recipe as Ctrl-C does, so the stage it is running
-    ends with it; Python's default would end the recipe alone and leave the stage training on in the run folder."""
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (``kill``, a job scheduler's stop) ends the recipe as Ctrl-C does, so the stage it is running
+    ends with it; Python's default would end the recipe alone and leave the stage training on in the run folder.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> dict:
@@ -524,7 +538,6 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
                 f"{guess['run_calibration']:.2f} s"
             )
     running: dict[str, tuple[subprocess.Popen | None, list[list[str]], float]] = {}
-    previous_handler = None  # SIGTERM's, while the recipe has its own
     started: set[str] = set()  # stages this invocation ran
     began = time.monotonic()
     log_start: dict[str, int] = {}
@@ -581,65 +594,66 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
         echo(f"[recipe] {name}: {'done' if ok else 'FAILED'} in {seconds / 60:.1f} min")
         write_record()  # after every stage, so the report stage sees what the stages before it cost
 
-    try:
-        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-            previous_handler = signal.signal(signal.SIGTERM, _interrupt)
-        while pending or running:
-            for name in list(pending):
-                stage = stages[name]
-                if len(running) >= config.jobs:
-                    break
-                missing = [n for n in stage.needs if n not in done]
-                if any(n not in wanted and n not in done for n in missing):
-                    raise InvalidInputError(f"stage {name} needs {', '.join(missing)}, which is not done; run it too")
-                if missing:
-                    continue
-                pending.remove(name)
-                started.add(name)
-                echo(f"[recipe] {name}: {stage.title} …")
-                t0 = time.monotonic()
-                if stage.prepare is not None:
-                    stage.prepare(out, preset, config)
-                running[name] = (None, stage.commands(out, preset, config), t0)
-                if not start_next_command(name):
-                    finish(name, True)
-                    done.add(name)
-            for name, (proc, _, _) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                proc._taiyi_log.close()  # type: ignore[attr-defined]
-                if code != 0:
-                    finish(name, False)
-                    raise TaiyiError(f"recipe stage {name} failed (exit {code}); see {out / 'logs' / (name + '.log')}")
-                if not start_next_command(name):
-                    if not (out / stages[name].done).exists():
+    with _sigterm_as_ctrl_c():
+        try:
+            while pending or running:
+                for name in list(pending):
+                    stage = stages[name]
+                    if len(running) >= config.jobs:
+                        break
+                    missing = [n for n in stage.needs if n not in done]
+                    if any(n not in wanted and n not in done for n in missing):
+                        raise InvalidInputError(
+                            f"stage {name} needs {', '.join(missing)}, which is not done; run it too"
+                        )
+                    if missing:
+                        continue
+                    pending.remove(name)
+                    started.add(name)
+                    echo(f"[recipe] {name}: {stage.title} …")
+                    t0 = time.monotonic()
+                    if stage.prepare is not None:
+                        stage.prepare(out, preset, config)
+                    running[name] = (None, stage.commands(out, preset, config), t0)
+                    if not start_next_command(name):
+                        finish(name, True)
+                        done.add(name)
+                for name, (proc, _, _) in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    proc._taiyi_log.close()  # type: ignore[attr-defined]
+                    if code != 0:
                         finish(name, False)
-                        raise TaiyiError(f"recipe stage {name} ended without writing {out / stages[name].done}")
-                    finish(name, True)
-                    done.add(name)
-            if running and config.progress_every and time.monotonic() - last_progress >= config.progress_every:
-                last_progress = time.monotonic()
-                for name in running:
-                    line = stage_progress(_read_from(out / "logs" / f"{name}.log", log_start.get(name, 0)))
-                    if line and line != shown.get(name):
-                        shown[name] = line
-                        echo(f"[recipe] {name}: {line}")
-            if running:
-                time.sleep(0.5)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        for proc, _, _ in running.values():  # an interrupted run ends its stages too: none trains on, orphaned
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if started or not (out / "recipe.json").exists():  # a run that ran nothing keeps the record it found
-            write_record()
+                        raise TaiyiError(
+                            f"recipe stage {name} failed (exit {code}); see {out / 'logs' / (name + '.log')}"
+                        )
+                    if not start_next_command(name):
+                        if not (out / stages[name].done).exists():
+                            finish(name, False)
+                            raise TaiyiError(f"recipe stage {name} ended without writing {out / stages[name].done}")
+                        finish(name, True)
+                        done.add(name)
+                if running and config.progress_every and time.monotonic() - last_progress >= config.progress_every:
+                    last_progress = time.monotonic()
+                    for name in running:
+                        line = stage_progress(_read_from(out / "logs" / f"{name}.log", log_start.get(name, 0)))
+                        if line and line != shown.get(name):
+                            shown[name] = line
+                            echo(f"[recipe] {name}: {line}")
+                if running:
+                    time.sleep(0.5)
+        finally:
+            for proc, _, _ in running.values():  # an interrupted run ends its stages too: none trains on, orphaned
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            if started or not (out / "recipe.json").exists():  # a run that ran nothing keeps the record it found
+                write_record()
     return status
 
 
