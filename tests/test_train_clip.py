@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from taiyi.cli import main
 from taiyi.clip import ChineseCLIP, load_clip
-from taiyi.errors import InvalidInputError
+from taiyi.errors import InvalidInputError, StoppedError
 from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
 from taiyi.train.clip import (
     ClipTrainConfig,
@@ -332,6 +332,44 @@ def test_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoin
     assert sorted(got) == [1, 2, 3, 4, 5, 6]  # the dead run's rows after step 2 were replaced
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_sigterm_saves_the_step_and_the_run_resumes_on_it(towers, tmp_path, straight_run, monkeypatch):
+    """SIGTERM after step 2 of 6 (the next --save-every checkpoint is at 3): saved at 2, resumed exactly."""
+    straight, _ = straight_run
+    output = tmp_path / "run"
+    monkeypatch.setenv(CRASH_ENV, "sigterm:2")
+    with pytest.raises(StoppedError, match="stopped by SIGTERM after step 2 of 6") as stopped:
+        train(towers, output, max_steps=6, save_every=3)
+    assert stopped.value.exit_code == 143
+    assert [p.name for p in list_checkpoints(output)] == ["step-000002"] and not (output / "final").exists()
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = train(towers, output, max_steps=6, save_every=3, resume="latest")
+    assert resumed["resumed_from"].name == "step-000002" and sorted(resumed["losses"]) == [3, 4, 5, 6]
+    expected, got = train_losses(straight), train_losses(output)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    text = "text_encoder/model.safetensors"
+    assert max_weight_difference(output / "final" / text, straight / "final" / text) < 1e-6
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(towers, tmp_path):
+    """accelerate launch, 2 processes: only rank 0 is signalled; both save step 2 and end, none waits forever."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port())]
+    output = tmp_path / "two"
+    args = cli_args(towers, output, max_steps=4, save_every=0, text="text_no_dropout")
+    done = run_subprocess([*launch, "-m", "taiyi.cli", *args], env={CRASH_ENV: "sigterm:2"}, timeout=180)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("taiyi: stopped")]
+    assert len(lines) == 2, done.stderr[-3000:]  # each process says it
+    assert all(line.startswith("taiyi: stopped by SIGTERM after step 2 of 4; saved") for line in lines)
+    saved = list_checkpoints(output)
+    assert [p.name for p in saved] == ["step-000002"] and not (output / "final").exists()
+    assert {p.name for p in saved[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    resumed = run_subprocess([*launch, "-m", "taiyi.cli", *args, "--resume", "latest"], timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(train_losses(output)) == [1, 2, 3, 4] and (output / "final").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------- learning

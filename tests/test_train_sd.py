@@ -324,6 +324,41 @@ def test_a_write_failure_mid_run_is_one_line_and_the_checkpoint_resumes(setup, t
     assert [row["step"] for row in rows if row.get("kind") == "train"] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(("hook", "name", "code"), [("sigterm", "SIGTERM", 143), ("sigint", "Ctrl-C", 130)])
+def test_a_signal_ends_the_step_saves_a_checkpoint_and_the_run_resumes_on_it(
+    setup, tmp_path, capsys, monkeypatch, hook, name, code
+):
+    """SIGTERM (a scheduler's preemption) or Ctrl-C after step 2 of 4, with no --save-every checkpoint due."""
+    import signal
+
+    from taiyi.train import common
+
+    base, zh, _ = setup
+    settings = dict(model=str(base), data=[str(zh)], caption_dropout=0.5, max_steps=4, **FAST)
+    straight = train_sd(SDTrainConfig(output=str(tmp_path / "a"), **settings))
+    out = tmp_path / "b"
+    args = ["train", "sd", "--model", str(base), "--data", str(zh), "--output", str(out), "--max-steps", "4",
+            "--caption-dropout", "0.5", "--save-every", "0", "--resolution", "32", "--batch-size", "2",
+            "--lr", "1e-3", "--report-to", "none", "--resume", "latest"]  # fmt: skip
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv(common.CRASH_ENV, f"{hook}:2")
+    assert main(args) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any(line.startswith(("Traceback", "  File")) for line in err)
+    saved = out / "checkpoints" / "step-000002"
+    assert err[-1] == f"taiyi: stopped by {name} after step 2 of 4; saved {saved}: continue with --resume latest"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert [c.name for c in common.list_checkpoints(out)] == ["step-000002"] and not (out / "final").exists()
+
+    monkeypatch.delenv(common.CRASH_ENV)
+    assert main(args) == 0
+    rows = common.MetricsLog(out / "metrics.jsonl").read()
+    losses = {row["step"]: row["loss"] for row in rows if row.get("kind") == "train"}
+    assert losses == pytest.approx(straight["losses"], abs=1e-6)
+    for part in (TEXT, UNET):
+        assert _changed(straight["final"] / part, out / "final" / part) == set()
+
+
 def _narrow_pipeline(base: Path, out: Path) -> None:
     """``base`` with a 16-wide text encoder: incompatible with its 32-wide cross-attention."""
     from transformers import BertConfig, BertModel

@@ -84,6 +84,54 @@ def test_resume_continues_with_the_same_losses(folder, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_the_run_resumes_on(folder, tmp_path, monkeypatch):
+    from taiyi.errors import StoppedError
+    from taiyi.train.common import CRASH_ENV, list_checkpoints
+
+    settings = dict(data=[str(folder)], hflip=True, ema=True, max_steps=4, **TINY)
+    straight = train_vae(VAETrainConfig(output=str(tmp_path / "a"), **settings))
+    monkeypatch.setenv(CRASH_ENV, "sigterm:3")
+    with pytest.raises(StoppedError, match="stopped by SIGTERM after step 3 of 4") as stopped:
+        train_vae(VAETrainConfig(output=str(tmp_path / "b"), **settings))
+    assert stopped.value.exit_code == 143
+    assert [c.name for c in list_checkpoints(tmp_path / "b")] == ["step-000003"]
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = train_vae(VAETrainConfig(output=str(tmp_path / "b"), resume="latest", **settings))
+    assert resumed["resumed_from"].name == "step-000003"
+    assert resumed["losses"] == pytest.approx({4: straight["losses"][4]}, abs=1e-6)
+    a, b = load_file(tmp_path / "a" / "final" / WEIGHTS), load_file(tmp_path / "b" / "final" / WEIGHTS)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_same_signal_twice_stops_at_once():
+    """The first Ctrl-C or SIGTERM is a request; the second Ctrl-C raises, the second SIGTERM goes to the handler
+    found before; another signal does not count as a second; the handlers are put back."""
+    import os
+    import signal
+
+    from taiyi.train.common import StopOnSignal
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM after the terminal's Ctrl-C: still a request
+            assert stop.signum == signal.SIGINT and seen == []
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and seen == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_cosine_schedule_decays_to_zero_and_resumes_on_it(folder, tmp_path):
     settings = dict(data=[str(folder)], lr=1e-3, lr_scheduler="cosine", warmup_steps=1, **TINY)
     straight = train_vae(VAETrainConfig(output=str(tmp_path / "a"), max_steps=5, **settings))

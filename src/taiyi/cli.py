@@ -20,7 +20,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from .errors import InvalidInputError, TaiyiError
+from .errors import InvalidInputError, StoppedError, TaiyiError
 
 app = typer.Typer(
     name="taiyi",
@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_app(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, prog_name="taiyi", standalone_mode=False)
+    except StoppedError as exc:  # a training run stopped on Ctrl-C or SIGTERM, its checkpoint saved
+        sys.stderr.write(f"taiyi: {exc}\n")  # one write: the processes of a launch each say it, whole lines
+        return _exit(exc.exit_code, argv)
     except TaiyiError as exc:
         print(f"taiyi: error: {exc}", file=sys.stderr)
         return _exit(2, argv)

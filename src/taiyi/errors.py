@@ -22,3 +22,12 @@ class ModelLoadError(TaiyiError):
 
 class OutputError(TaiyiError):
     """An output could not be written (missing directory, existing file, disk full)."""
+
+
+class StoppedError(TaiyiError):
+    """A run stopped on request (Ctrl-C, SIGTERM) after saving what lets it continue; ``exit_code`` is
+    the shell's code for that signal (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -56,6 +56,7 @@ from .common import (
     METRICS,
     MIXED_PRECISION,
     MetricsLog,
+    StopOnSignal,
     crash_point,
     list_checkpoints,
     load_checkpoint,
@@ -1100,96 +1101,103 @@ def train_clip(config: ClipTrainConfig) -> dict:
         )
     started_loop = last = time.perf_counter()
     batches = micro_batches(step * config.grad_accum) if step < total_steps else iter(())
-    for micro, indices, pixels, captions, skipped in batches:
-        if table is None:  # samples are read now: count what every process skipped, and stop them all alike
-            counts = torch.tensor([[len(captions), skipped]], device=accelerator.device)
-            counts = accelerator.gather(counts) if world > 1 else counts  # (W, 2)
-            skipped_total += int(counts[:, 1].sum())
-            if int(counts[:, 0].min()) == 0:
-                raise InvalidInputError(
-                    f"every sample of a process's share of micro-batch {micro} was unreadable; check the data "
-                    f"({skipped_total} unreadable samples so far) or raise --batch-size"
-                )
-        with accelerator.accumulate(model):
-            hard = [negatives[i] for i in _as_indices(indices)] if negatives is not None else []
-            tokens = clip.tokenize(captions + hard)  # one text-tower pass for captions and negatives
-            with accelerator.autocast():
-                text_features, image_features, scale = model(
-                    tokens["input_ids"],
-                    tokens["attention_mask"],
-                    pixel_values=None if frozen else pixels.to(accelerator.device),
-                )
-            negative_features = text_features[len(captions) :] if hard else None
-            text_features = text_features[: len(captions)]
-            if image_features is None:
-                image_features = (
-                    features_on_device[indices.to(accelerator.device)]
-                    if features_on_device is not None
-                    else _frozen_image_features(clip, pixels, accelerator)
-                )
-            loss = contrastive_loss(image_features, text_features, scale, negative_features)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window.append(loss.detach())
-        if not accelerator.sync_gradients:
-            continue
-        # --- one optimizer step done ---
-        lr = scheduler.get_last_lr()[0]
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        with torch.no_grad():
-            logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))  # never stuck above the clamp with no gradient
-        step += 1
-        step_loss = float(torch.stack(window).mean())
-        window = []
-        now = time.perf_counter()
-        step_seconds.append(now - last)
-        losses[step] = step_loss
-        epoch = (micro + 1) / batches_per_epoch
-        row = {
-            "step": step,
-            "kind": "train",
-            "epoch": round(epoch, 4),
-            "loss": step_loss,
-            "lr": lr,
-            "logit_scale": float(logit_scale.detach().exp()),
-        }
-        metrics.append(row)
-        accelerator.log({"train/loss": step_loss, "train/lr": lr, "train/logit_scale": row["logit_scale"]}, step=step)
-        if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
-            rate = len(step_seconds) / max(sum(step_seconds), 1e-9)
-            logger.info(
-                "step %d/%d epoch %.2f loss %.4f lr %.3g logit scale %.2f (%.2f steps/s)%s",
-                step,
-                total_steps,
-                epoch,
-                step_loss,
-                lr,
-                row["logit_scale"],
-                rate,
-                f", {skipped_total} unreadable samples skipped" if skipped_total else "",
-            )
-        if config.val_every and step % config.val_every == 0 and step < total_steps:
-            val_last = validate(step)
-            model.train()
-        if (config.save_every and step % config.save_every == 0) or step == total_steps:
-            state = {
+    with StopOnSignal() as stop:
+        for micro, indices, pixels, captions, skipped in batches:
+            if table is None:  # samples are read now: count what every process skipped, and stop them all alike
+                counts = torch.tensor([[len(captions), skipped]], device=accelerator.device)
+                counts = accelerator.gather(counts) if world > 1 else counts  # (W, 2)
+                skipped_total += int(counts[:, 1].sum())
+                if int(counts[:, 0].min()) == 0:
+                    raise InvalidInputError(
+                        f"every sample of a process's share of micro-batch {micro} was unreadable; check the data "
+                        f"({skipped_total} unreadable samples so far) or raise --batch-size"
+                    )
+            with accelerator.accumulate(model):
+                hard = [negatives[i] for i in _as_indices(indices)] if negatives is not None else []
+                tokens = clip.tokenize(captions + hard)  # one text-tower pass for captions and negatives
+                with accelerator.autocast():
+                    text_features, image_features, scale = model(
+                        tokens["input_ids"],
+                        tokens["attention_mask"],
+                        pixel_values=None if frozen else pixels.to(accelerator.device),
+                    )
+                negative_features = text_features[len(captions) :] if hard else None
+                text_features = text_features[: len(captions)]
+                if image_features is None:
+                    image_features = (
+                        features_on_device[indices.to(accelerator.device)]
+                        if features_on_device is not None
+                        else _frozen_image_features(clip, pixels, accelerator)
+                    )
+                loss = contrastive_loss(image_features, text_features, scale, negative_features)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            # --- one optimizer step done ---
+            lr = scheduler.get_last_lr()[0]
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            with torch.no_grad():
+                logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))  # never stuck above the clamp with no gradient
+            step += 1
+            step_loss = float(torch.stack(window).mean())
+            window = []
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            losses[step] = step_loss
+            epoch = (micro + 1) / batches_per_epoch
+            row = {
                 "step": step,
-                "micro_batches": micro + 1,
-                "epoch": (micro + 1) // batches_per_epoch,
-                "batch_in_epoch": (micro + 1) % batches_per_epoch,
-                "total_steps": total_steps,
-                "num_processes": world,
-                "skipped": skipped_total,
+                "kind": "train",
+                "epoch": round(epoch, 4),
+                "loss": step_loss,
+                "lr": lr,
+                "logit_scale": float(logit_scale.detach().exp()),
             }
-            save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-        crash_point("step", step)
-        last = time.perf_counter()
-        if step >= total_steps:
-            break
+            metrics.append(row)
+            logged = {"train/loss": step_loss, "train/lr": lr, "train/logit_scale": row["logit_scale"]}
+            accelerator.log(logged, step=step)
+            if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
+                rate = len(step_seconds) / max(sum(step_seconds), 1e-9)
+                logger.info(
+                    "step %d/%d epoch %.2f loss %.4f lr %.3g logit scale %.2f (%.2f steps/s)%s",
+                    step,
+                    total_steps,
+                    epoch,
+                    step_loss,
+                    lr,
+                    row["logit_scale"],
+                    rate,
+                    f", {skipped_total} unreadable samples skipped" if skipped_total else "",
+                )
+            crash_point("signal", step)
+            stopping = stop.requested(accelerator)
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+                val_last = validate(step)
+                model.train()
+            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
+                state = {
+                    "step": step,
+                    "micro_batches": micro + 1,
+                    "epoch": (micro + 1) // batches_per_epoch,
+                    "batch_in_epoch": (micro + 1) % batches_per_epoch,
+                    "total_steps": total_steps,
+                    "num_processes": world,
+                    "skipped": skipped_total,
+                }
+                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
+            crash_point("step", step)
+            if stopping:
+                accelerator.end_training()
+                raise stop.stopped(step, total_steps, saved)
+            last = time.perf_counter()
+            if step >= total_steps:
+                break
     train_seconds = sum(step_seconds)
     loop_seconds = time.perf_counter() - started_loop
 

@@ -13,6 +13,8 @@ A checkpoint is written to ``step-XXXXXX.tmp`` and renamed when complete, so a r
 leaves at most a ``.tmp`` folder, which resuming ignores and removes. ``--resume latest`` picks the
 newest complete checkpoint. A checkpoint that cannot be written (a full disk) fails the run with one line
 and leaves no trace; the previous checkpoints stay as they were.
+Ctrl-C or SIGTERM (a scheduler's preemption, ``kill``) during the training loop ends the optimizer step,
+saves a checkpoint and stops the run (:class:`StopOnSignal`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InvalidInputError, OutputError
+from ..errors import InvalidInputError, OutputError, StoppedError
 
 logger = logging.getLogger("taiyi")
 
@@ -37,6 +41,7 @@ TRAINER_STATE = "trainer_state.json"
 LOGS = "logs"
 CACHE = "cache"  # default home of cached features: kept by --overwrite (it is keyed by content)
 CRASH_ENV = "TAIYI_TRAIN_CRASH"  # test hook, see crash_point()
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -366,14 +371,83 @@ class MetricsLog:
         return rows
 
 
+class StopOnSignal:
+    """While a training loop runs, Ctrl-C and SIGTERM ask it to stop after the optimizer step, with a checkpoint.
+
+    Cluster schedulers (Slurm, Kubernetes) and ``torchrun`` send SIGTERM and kill the job some seconds later;
+    without this a run loses everything since its last ``--save-every`` checkpoint. The loop asks
+    :meth:`requested` once per optimizer step (every process, at the same step: it is a collective call), saves
+    a checkpoint and raises :meth:`stopped`. The same signal a second time stops at once: Ctrl-C raises
+    ``KeyboardInterrupt``, SIGTERM goes to the handler found before (by default, the process ends). Handlers are
+    installed only from the main thread (elsewhere the loop is not stoppable this way) and put back on exit.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._noticed = False
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SIGNAL_NAMES:
+                found = signal.getsignal(signum)
+                self._previous[signum] = signal.SIG_DFL if found is None else found
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum  # noticed at the end of the step (no logging here: it may interrupt a write)
+        elif signum == self.signum:  # asked twice: at once
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.raise_signal(signum)
+
+    def requested(self, accelerator) -> bool:
+        """True on every process when any of them was signalled (call it at the same step on all)."""
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+            got = int(accelerator.gather(flag).max())
+            self.signum = self.signum or got or None
+        if self.signum is not None and not self._noticed and accelerator.is_main_process:
+            self._noticed = True
+            logger.warning(
+                "%s: saving a checkpoint after this step, then stopping (the same again stops at once)",
+                _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}"),
+            )
+        return self.signum is not None
+
+    def stopped(self, step: int, total_steps: int, checkpoint: Path) -> StoppedError:
+        """The error that ends the run: which signal, the step, and how to continue."""
+        name = _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
+        return StoppedError(
+            f"stopped by {name} after step {step} of {total_steps}; saved {checkpoint}: continue with --resume latest",
+            128 + int(self.signum or signal.SIGTERM),
+        )
+
+
 def crash_point(where: str, step: int) -> None:
     """Test hook: with ``TAIYI_TRAIN_CRASH=where:step`` set, the process dies here at once, as if killed.
 
     ``os._exit`` skips every ``finally`` and ``atexit`` handler, as SIGKILL would, so a test sees exactly
     what a killed run leaves on disk. Points: ``checkpoint`` (a checkpoint half-written) and ``step``
-    (after an optimizer step and its checkpoint, if any).
+    (after an optimizer step and its checkpoint, if any). ``sigterm:N`` and ``sigint:N`` instead send that
+    signal to the main process (rank 0 only) after step N, before the loop asks :class:`StopOnSignal`.
     """
-    if os.environ.get(CRASH_ENV) == f"{where}:{step}":
+    wanted = os.environ.get(CRASH_ENV, "")
+    if wanted in (f"sigterm:{step}", f"sigint:{step}") and where == "signal":
+        if os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGTERM if wanted.startswith("sigterm") else signal.SIGINT)
+        return
+    if wanted == f"{where}:{step}":
         logger.warning("%s=%s: simulating a kill", CRASH_ENV, os.environ[CRASH_ENV])
         logging.shutdown()
         os._exit(137)

@@ -62,6 +62,7 @@ from .clip import open_training_data as _open_data
 from .common import (
     METRICS,
     MetricsLog,
+    StopOnSignal,
     check_fp16_device,
     crash_point,
     list_checkpoints,
@@ -984,133 +985,139 @@ def train_sd(config: SDTrainConfig) -> dict:
         )
     started = last = time.perf_counter()
     micro = step * config.grad_accum
-    while step < total_steps:
-        items = local_items(micro)
-        g = _micro_generator(config.seed, micro)
-        # Every draw from g is made for the whole global batch, in this order, and each process takes its own
-        # rows: N processes draw what one process with the global batch draws.
-        per_step = (2 if prior else 1) * config.batch_size  # with prior preservation: + one class sample each
-        share = slice(rank * len(items), (rank + 1) * len(items))
-        drop = torch.rand(per_step, generator=g)[share] < config.caption_dropout
-        mean, std, captions, skipped, is_prior, theirs = read_batch(items)
-        skipped_total += skipped
-        if mean is None:
-            raise InvalidInputError(
-                f"every sample of micro-batch {micro} was unreadable ({skipped_total} so far); check the data"
-            )
-        kept_drop = drop[: len(captions)]
-        captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
-        if theirs is not None:  # a dropped caption is dropped for the teacher too: its unconditional prediction
-            theirs = ["" if d else c for c, d in zip(theirs, kept_drop.tolist(), strict=True)]
-        rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
-        latent_eps = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
-        noise = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per_step,), generator=g)
-        timesteps = timesteps[rows]
-        if config.noise_offset:  # drawn last: runs without it keep their draws
-            offset = torch.randn((per_step, mean.shape[1], 1, 1), generator=g)[rows]  # (b, 4, 1, 1)
-            noise = noise + config.noise_offset * offset
-        latents = ((mean + std * latent_eps) * scaling).to(device)  # (b, 4, h, w)
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        ids, mask, truncated = tokenize(tokenizer, text_encoder, captions, device)
-        truncated_total += truncated
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                prediction = model(ids, mask, noisy, timesteps)
-            if prior:
-                inst, cls = ~is_prior.to(device), is_prior.to(device)
-                parts = [
-                    diffusion_loss(
-                        prediction[m],
-                        latents[m],
-                        noise[m],
-                        timesteps[m],
-                        noise_scheduler,
-                        prediction_type,
-                        config.snr_gamma,
-                    )
-                    if bool(m.any())
-                    else prediction.sum() * 0.0
-                    for m in (inst, cls)
-                ]
-                prior_window.append(parts[1].detach())
-                loss = parts[0] + config.prior_loss_weight * parts[1]
-            else:
-                loss = diffusion_loss(
-                    prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
+    with StopOnSignal() as stop:
+        while step < total_steps:
+            items = local_items(micro)
+            g = _micro_generator(config.seed, micro)
+            # Every draw from g is made for the whole global batch, in this order, and each process takes its own
+            # rows: N processes draw what one process with the global batch draws.
+            per_step = (2 if prior else 1) * config.batch_size  # with prior preservation: + one class sample each
+            share = slice(rank * len(items), (rank + 1) * len(items))
+            drop = torch.rand(per_step, generator=g)[share] < config.caption_dropout
+            mean, std, captions, skipped, is_prior, theirs = read_batch(items)
+            skipped_total += skipped
+            if mean is None:
+                raise InvalidInputError(
+                    f"every sample of micro-batch {micro} was unreadable ({skipped_total} so far); check the data"
                 )
-            if teacher is not None:
+            kept_drop = drop[: len(captions)]
+            captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
+            if theirs is not None:  # a dropped caption is dropped for the teacher too: its unconditional prediction
+                theirs = ["" if d else c for c, d in zip(theirs, kept_drop.tolist(), strict=True)]
+            rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
+            latent_eps = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
+            noise = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per_step,), generator=g)
+            timesteps = timesteps[rows]
+            if config.noise_offset:  # drawn last: runs without it keep their draws
+                offset = torch.randn((per_step, mean.shape[1], 1, 1), generator=g)[rows]  # (b, 4, 1, 1)
+                noise = noise + config.noise_offset * offset
+            latents = ((mean + std * latent_eps) * scaling).to(device)  # (b, 4, h, w)
+            noise, timesteps = noise.to(device), timesteps.to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            ids, mask, truncated = tokenize(tokenizer, text_encoder, captions, device)
+            truncated_total += truncated
+            with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    target = teacher.predict(theirs, noisy, timesteps)
-                distill = diffusion_loss(
-                    prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma,
-                    target=target,
-                )  # fmt: skip
-                w = config.teacher_weight
-                loss = distill if w == 1 else (1 - w) * loss + w * distill
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        window.append(loss.detach())
-        if not accelerator.sync_gradients:
-            continue
-        rates = scheduler.get_last_lr()  # the text encoder's groups first (see _module_param_groups)
-        lr, text_lr = rates[-1], (rates[0] if text_own_rate else None)
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        if ema is not None:
-            ema.step([p for p in trainable.parameters() if p.requires_grad])
-        step += 1
-        step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
-        window = []
-        now = time.perf_counter()
-        step_seconds.append(now - last)
-        losses[step] = step_loss
-        row = {
-            "step": step,
-            "kind": "train",
-            "loss": step_loss,
-            "lr": lr,
-            **({"text_encoder_lr": text_lr} if text_lr is not None else {}),
-            "epoch": round(micro / batches_per_epoch, 4),
-        }
-        if prior:
-            prior_losses[step] = row["prior_loss"] = float(
-                accelerator.reduce(torch.stack(prior_window).mean(), reduction="mean")
-            )
-            prior_window = []
-        metrics.append(row)
-        accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
-        if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
-            logger.info(
-                "step %d/%d loss %.4f lr %.3g%s (%.2f s/step)%s%s",
-                step,
-                total_steps,
-                step_loss,
-                lr,
-                f" (text encoder {text_lr:.3g})" if text_lr is not None else "",
-                sum(step_seconds) / len(step_seconds),
-                f", {truncated_total} captions truncated to the encoder window" if truncated_total else "",
-                f", {skipped_total} unreadable samples skipped" if skipped_total else "",
-            )
-        if config.val_every and step % config.val_every == 0 and step < total_steps:
-            validate(step)
-        if (config.save_every and step % config.save_every == 0) or step == total_steps:
-            state = {
+                    prediction = model(ids, mask, noisy, timesteps)
+                if prior:
+                    inst, cls = ~is_prior.to(device), is_prior.to(device)
+                    parts = [
+                        diffusion_loss(
+                            prediction[m],
+                            latents[m],
+                            noise[m],
+                            timesteps[m],
+                            noise_scheduler,
+                            prediction_type,
+                            config.snr_gamma,
+                        )
+                        if bool(m.any())
+                        else prediction.sum() * 0.0
+                        for m in (inst, cls)
+                    ]
+                    prior_window.append(parts[1].detach())
+                    loss = parts[0] + config.prior_loss_weight * parts[1]
+                else:
+                    loss = diffusion_loss(
+                        prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma
+                    )
+                if teacher is not None:
+                    with accelerator.autocast():
+                        target = teacher.predict(theirs, noisy, timesteps)
+                    distill = diffusion_loss(
+                        prediction, latents, noise, timesteps, noise_scheduler, prediction_type, config.snr_gamma,
+                        target=target,
+                    )  # fmt: skip
+                    w = config.teacher_weight
+                    loss = distill if w == 1 else (1 - w) * loss + w * distill
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            window.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            rates = scheduler.get_last_lr()  # the text encoder's groups first (see _module_param_groups)
+            lr, text_lr = rates[-1], (rates[0] if text_own_rate else None)
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            if ema is not None:
+                ema.step([p for p in trainable.parameters() if p.requires_grad])
+            step += 1
+            step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
+            window = []
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            losses[step] = step_loss
+            row = {
                 "step": step,
-                "micro_batches": micro,
-                "total_steps": total_steps,
-                "num_processes": world,
-                "skipped": skipped_total,
-                "truncated": truncated_total,
+                "kind": "train",
+                "loss": step_loss,
+                "lr": lr,
+                **({"text_encoder_lr": text_lr} if text_lr is not None else {}),
+                "epoch": round(micro / batches_per_epoch, 4),
             }
-            save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-        crash_point("step", step)
-        last = time.perf_counter()
+            if prior:
+                prior_losses[step] = row["prior_loss"] = float(
+                    accelerator.reduce(torch.stack(prior_window).mean(), reduction="mean")
+                )
+                prior_window = []
+            metrics.append(row)
+            accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=step)
+            if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
+                logger.info(
+                    "step %d/%d loss %.4f lr %.3g%s (%.2f s/step)%s%s",
+                    step,
+                    total_steps,
+                    step_loss,
+                    lr,
+                    f" (text encoder {text_lr:.3g})" if text_lr is not None else "",
+                    sum(step_seconds) / len(step_seconds),
+                    f", {truncated_total} captions truncated to the encoder window" if truncated_total else "",
+                    f", {skipped_total} unreadable samples skipped" if skipped_total else "",
+                )
+            crash_point("signal", step)
+            stopping = stop.requested(accelerator)
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+                validate(step)
+            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
+                state = {
+                    "step": step,
+                    "micro_batches": micro,
+                    "total_steps": total_steps,
+                    "num_processes": world,
+                    "skipped": skipped_total,
+                    "truncated": truncated_total,
+                }
+                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
+            crash_point("step", step)
+            if stopping:
+                accelerator.end_training()
+                raise stop.stopped(step, total_steps, saved)
+            last = time.perf_counter()
     train_seconds = sum(step_seconds)
     if main and truncated_total:
         logger.warning(

@@ -50,6 +50,7 @@ from ..loading import DECODE_PADDING_KEY, use_decode_padding
 from .common import (
     METRICS,
     MetricsLog,
+    StopOnSignal,
     check_fp16_device,
     crash_point,
     list_checkpoints,
@@ -494,65 +495,71 @@ def run_image_training(
         )
     started = last = time.perf_counter()
     micro = step * config.grad_accum
-    while step < total_steps:
-        indices = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
-        g = _micro_generator(config.seed, micro)
-        pixels = batch_of(indices)  # (b, 3, R, R), or what ``inputs`` gives
-        if config.hflip:
-            flip = torch.rand(len(pixels), generator=g) < 0.5
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        with accelerator.accumulate(wrapped):
-            with accelerator.autocast():
-                loss, extra = loss_fn(wrapped, pixels.to(device), g)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        window.append(loss.detach().float())
-        for key, value in extra.items():
-            extras.setdefault(key, []).append(float(value))
-        if not accelerator.sync_gradients:
-            continue
-        lr = scheduler.get_last_lr()[0]
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        if ema is not None:
-            ema.step(model.parameters())
-        step += 1
-        step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
-        window = []
-        row = {
-            "step": step,
-            "kind": "train",
-            "loss": step_loss,
-            "lr": lr,
-            "epoch": round(micro / batches_per_epoch, 4),
-        }
-        row.update({k: sum(v) / len(v) for k, v in extras.items()})
-        extras = {}
-        now = time.perf_counter()
-        step_seconds.append(now - last)
-        losses[step] = step_loss
-        metrics.append(row)
-        accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=step)
-        if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
-            logger.info(
-                "step %d/%d loss %.4f lr %.3g (%.2f s/step)",
-                step,
-                total_steps,
-                step_loss,
-                lr,
-                sum(step_seconds) / len(step_seconds),
-            )
-        if config.val_every and step % config.val_every == 0 and step < total_steps:
-            run_validation(step)
-        if (config.save_every and step % config.save_every == 0) or step == total_steps:
-            state = {"step": step, "micro_batches": micro, "total_steps": total_steps, "num_processes": world}
-            save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-        crash_point("step", step)
-        last = time.perf_counter()
+    with StopOnSignal() as stop:
+        while step < total_steps:
+            indices = plan(micro)[rank * local_batch : (rank + 1) * local_batch]
+            g = _micro_generator(config.seed, micro)
+            pixels = batch_of(indices)  # (b, 3, R, R), or what ``inputs`` gives
+            if config.hflip:
+                flip = torch.rand(len(pixels), generator=g) < 0.5
+                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            with accelerator.accumulate(wrapped):
+                with accelerator.autocast():
+                    loss, extra = loss_fn(wrapped, pixels.to(device), g)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            window.append(loss.detach().float())
+            for key, value in extra.items():
+                extras.setdefault(key, []).append(float(value))
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            if ema is not None:
+                ema.step(model.parameters())
+            step += 1
+            step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
+            window = []
+            row = {
+                "step": step,
+                "kind": "train",
+                "loss": step_loss,
+                "lr": lr,
+                "epoch": round(micro / batches_per_epoch, 4),
+            }
+            row.update({k: sum(v) / len(v) for k, v in extras.items()})
+            extras = {}
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            losses[step] = step_loss
+            metrics.append(row)
+            accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=step)
+            if main and (step % config.log_every == 0 or step == total_steps or step == start_step + 1):
+                logger.info(
+                    "step %d/%d loss %.4f lr %.3g (%.2f s/step)",
+                    step,
+                    total_steps,
+                    step_loss,
+                    lr,
+                    sum(step_seconds) / len(step_seconds),
+                )
+            crash_point("signal", step)
+            stopping = stop.requested(accelerator)
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+                run_validation(step)
+            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
+                state = {"step": step, "micro_batches": micro, "total_steps": total_steps, "num_processes": world}
+                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
+            crash_point("step", step)
+            if stopping:
+                accelerator.end_training()
+                raise stop.stopped(step, total_steps, saved)
+            last = time.perf_counter()
 
     if ema is not None:
         ema.copy_to(model.parameters())
