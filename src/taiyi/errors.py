@@ -2,7 +2,9 @@
 
 Every error raised for a user mistake (bad input, missing model, unwritable output) is a
 :class:`TaiyiError`. Its message is one line saying what was wrong and what to do; the CLI prints
-it as ``taiyi: error: <message>`` and exits with status 2, without a traceback.
+it as ``taiyi: error: <message>`` and exits with status 2, without a traceback. A training run that
+stopped on Ctrl-C or SIGTERM with its checkpoint saved is a :class:`StoppedError`: ``taiyi: <message>``,
+status 130 or 143.
 """
 
 from __future__ import annotations
