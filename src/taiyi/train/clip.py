@@ -57,13 +57,11 @@ from .common import (
     MIXED_PRECISION,
     MetricsLog,
     StopOnSignal,
-    crash_point,
     list_checkpoints,
     load_checkpoint,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
-    save_checkpoint,
     seed_check,
     step_dir_name,
 )
@@ -1175,26 +1173,20 @@ def train_clip(config: ClipTrainConfig) -> dict:
                     rate,
                     f", {skipped_total} unreadable samples skipped" if skipped_total else "",
                 )
-            crash_point("signal", step)
-            stopping = stop.requested(accelerator)
-            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+            stop.requested(accelerator, step)  # every process, every step: they agree whether to stop
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stop.stopping:
                 val_last = validate(step)
                 model.train()
-            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
-                state = {
-                    "step": step,
-                    "micro_batches": micro + 1,
-                    "epoch": (micro + 1) // batches_per_epoch,
-                    "batch_in_epoch": (micro + 1) % batches_per_epoch,
-                    "total_steps": total_steps,
-                    "num_processes": world,
-                    "skipped": skipped_total,
-                }
-                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-            crash_point("step", step)
-            if stopping:
-                accelerator.end_training()
-                raise stop.stopped(step, total_steps, saved)
+            state = {
+                "step": step,
+                "micro_batches": micro + 1,
+                "epoch": (micro + 1) // batches_per_epoch,
+                "batch_in_epoch": (micro + 1) % batches_per_epoch,
+                "total_steps": total_steps,
+                "num_processes": world,
+                "skipped": skipped_total,
+            }
+            stop.end_step(accelerator, output, config, step, total_steps, state)
             last = time.perf_counter()
             if step >= total_steps:
                 break

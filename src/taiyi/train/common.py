@@ -375,9 +375,10 @@ class StopOnSignal:
     """While a training loop runs, Ctrl-C and SIGTERM ask it to stop after the optimizer step, with a checkpoint.
 
     Cluster schedulers (Slurm, Kubernetes) and ``torchrun`` send SIGTERM and kill the job some seconds later;
-    without this a run loses everything since its last ``--save-every`` checkpoint. The loop asks
-    :meth:`requested` once per optimizer step (every process, at the same step: it is a collective call), saves
-    a checkpoint and raises :meth:`stopped`. The same signal a second time stops at once: Ctrl-C raises
+    without this a run loses everything since its last ``--save-every`` checkpoint. At the end of
+    every optimizer step the loop asks :meth:`requested` (every process, at the same step: it is a collective
+    call), skips a validation when stopping, and calls :meth:`end_step`, which saves the checkpoints that are
+    due or asked for and stops the run. The same signal a second time stops at once: Ctrl-C raises
     ``KeyboardInterrupt``, SIGTERM goes to the handler found before (by default, the process ends). Handlers are
     installed only from the main thread (elsewhere the loop is not stoppable this way) and put back on exit.
     """
@@ -386,6 +387,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._noticed = False
+        self.stopping = False
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -409,29 +411,38 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             signal.raise_signal(signum)
 
-    def requested(self, accelerator) -> bool:
-        """True on every process when any of them was signalled (call it at the same step on all)."""
+    def requested(self, accelerator, step: int) -> bool:
+        """True on every process when any of them was signalled (all must call it at the same step)."""
+        crash_point("signal", step)
         if accelerator.num_processes > 1:
             import torch
 
             flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
             got = int(accelerator.gather(flag).max())
             self.signum = self.signum or got or None
-        if self.signum is not None and not self._noticed and accelerator.is_main_process:
+        # what every process agreed on: a signal arriving after the gather counts at the next step
+        self.stopping = self.signum is not None
+        if self.stopping and not self._noticed and accelerator.is_main_process:
             self._noticed = True
             logger.warning(
                 "%s: saving a checkpoint after this step, then stopping (the same again stops at once)",
                 _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}"),
             )
-        return self.signum is not None
+        return self.stopping
 
-    def stopped(self, step: int, total_steps: int, checkpoint: Path) -> StoppedError:
-        """The error that ends the run: which signal, the step, and how to continue."""
-        name = _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
-        return StoppedError(
-            f"stopped by {name} after step {step} of {total_steps}; saved {checkpoint}: continue with --resume latest",
-            128 + int(self.signum or signal.SIGTERM),
-        )
+    def end_step(self, accelerator, output: Path, config, step: int, total_steps: int, state: dict) -> None:
+        """Save a checkpoint when one is due (every ``config.save_every`` steps, the last step) or :meth:`requested`
+        said to stop; then stop (raises :class:`~taiyi.errors.StoppedError`)."""
+        if (config.save_every and step % config.save_every == 0) or step == total_steps or self.stopping:
+            saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
+        crash_point("step", step)
+        if self.stopping:
+            accelerator.end_training()
+            name = _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
+            raise StoppedError(
+                f"stopped by {name} after step {step} of {total_steps}; saved {saved}: continue with --resume latest",
+                128 + int(self.signum or signal.SIGTERM),
+            )
 
 
 def crash_point(where: str, step: int) -> None:

@@ -64,7 +64,6 @@ from .common import (
     MetricsLog,
     StopOnSignal,
     check_fp16_device,
-    crash_point,
     list_checkpoints,
     load_checkpoint,
     lr_scheduler_check,
@@ -73,7 +72,6 @@ from .common import (
     remove_partial_checkpoints,
     resolve_resume,
     run_control_checks,
-    save_checkpoint,
     step_dir_name,
 )
 from .common import check_output_dir as _check_output_dir
@@ -1099,24 +1097,18 @@ def train_sd(config: SDTrainConfig) -> dict:
                     f", {truncated_total} captions truncated to the encoder window" if truncated_total else "",
                     f", {skipped_total} unreadable samples skipped" if skipped_total else "",
                 )
-            crash_point("signal", step)
-            stopping = stop.requested(accelerator)
-            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+            stop.requested(accelerator, step)  # every process, every step: they agree whether to stop
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stop.stopping:
                 validate(step)
-            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
-                state = {
-                    "step": step,
-                    "micro_batches": micro,
-                    "total_steps": total_steps,
-                    "num_processes": world,
-                    "skipped": skipped_total,
-                    "truncated": truncated_total,
-                }
-                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-            crash_point("step", step)
-            if stopping:
-                accelerator.end_training()
-                raise stop.stopped(step, total_steps, saved)
+            state = {
+                "step": step,
+                "micro_batches": micro,
+                "total_steps": total_steps,
+                "num_processes": world,
+                "skipped": skipped_total,
+                "truncated": truncated_total,
+            }
+            stop.end_step(accelerator, output, config, step, total_steps, state)
             last = time.perf_counter()
     train_seconds = sum(step_seconds)
     if main and truncated_total:

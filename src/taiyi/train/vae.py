@@ -52,7 +52,6 @@ from .common import (
     MetricsLog,
     StopOnSignal,
     check_fp16_device,
-    crash_point,
     list_checkpoints,
     load_checkpoint,
     lr_scheduler_check,
@@ -61,7 +60,6 @@ from .common import (
     remove_partial_checkpoints,
     resolve_resume,
     run_control_checks,
-    save_checkpoint,
 )
 from .common import check_output_dir as _check_output_dir
 
@@ -548,17 +546,11 @@ def run_image_training(
                     lr,
                     sum(step_seconds) / len(step_seconds),
                 )
-            crash_point("signal", step)
-            stopping = stop.requested(accelerator)
-            if config.val_every and step % config.val_every == 0 and step < total_steps and not stopping:
+            stop.requested(accelerator, step)  # every process, every step: they agree whether to stop
+            if config.val_every and step % config.val_every == 0 and step < total_steps and not stop.stopping:
                 run_validation(step)
-            if (config.save_every and step % config.save_every == 0) or step == total_steps or stopping:
-                state = {"step": step, "micro_batches": micro, "total_steps": total_steps, "num_processes": world}
-                saved = save_checkpoint(accelerator, output, step, state, keep=config.keep_checkpoints)
-            crash_point("step", step)
-            if stopping:
-                accelerator.end_training()
-                raise stop.stopped(step, total_steps, saved)
+            state = {"step": step, "micro_batches": micro, "total_steps": total_steps, "num_processes": world}
+            stop.end_step(accelerator, output, config, step, total_steps, state)
             last = time.perf_counter()
 
     if ema is not None:
