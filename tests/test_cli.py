@@ -220,6 +220,56 @@ def test_bad_prompts_file(capsys, tmp_path, tiny_zh):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_batch_output_that_cannot_be_its_folder_is_one_line(capsys, tmp_path, tiny_zh, monkeypatch):
+    """A file as -o, a folder that cannot be made, or a row refused: one line, and no folder left behind."""
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "山"}\n', encoding="utf-8")
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"keep me")
+    code, _, err = run(capsys, "generate", "--prompts-file", rows, "-m", tiny_zh, *FAST, "-o", existing)
+    assert_user_error(code, err, f"{existing} is a file; --prompts-file writes a folder")
+    assert existing.read_bytes() == b"keep me"
+
+    import taiyi.batch
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(taiyi.batch.Path, "mkdir", refused)
+        code, _, err = run(capsys, "generate", "--prompts-file", rows, "-m", tiny_zh, *FAST, "-o", tmp_path / "b")
+    assert_user_error(code, err, f"cannot create the output folder {tmp_path / 'b'}: Permission denied")
+
+    bad_row = tmp_path / "bad.jsonl"
+    bad_row.write_text('{"prompt": "山", "steps": -1}\n', encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--prompts-file", bad_row, "-m", tiny_zh, "-o", tmp_path / "b")
+    assert_user_error(code, err, "steps must be between 1 and 1000, not -1")
+    assert not (tmp_path / "b").exists()
+
+
+def test_grid_name_taken_is_refused_before_any_picture_is_drawn(capsys, tmp_path, tiny_zh):
+    grid = tmp_path / "g-grid.png"
+    grid.write_bytes(b"keep me")
+    code, _, err = run(capsys, "generate", "山", "-m", tiny_zh, "-k", 2, *FAST, "--grid", "-o", tmp_path / "g.png")
+    assert_user_error(code, err, f"{grid} already exists; pass --overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g-grid.png"] and grid.read_bytes() == b"keep me"
+    code, _, err = run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", grid / "x.png")
+    assert_user_error(code, err, f"{grid} is a file, not a folder")
+
+
+def test_saving_a_result_refuses_before_writing_any_file(tmp_path, tiny_zh):
+    """The Python API: ``result.save`` checks every name (the grid's too) before it writes one."""
+    from taiyi.errors import OutputError
+    from taiyi.pipeline import load_pipeline
+
+    result = load_pipeline(tiny_zh).generate("山", num_images=2, steps=2)
+    (tmp_path / "g-grid.png").write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="g-grid.png already exists"):
+        result.save(tmp_path / "g.png", grid=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g-grid.png"]
+    assert len(result.save(tmp_path / "g.png", grid=True, overwrite=True)) == 3
+
+
 def test_disk_full_leaves_nothing(capsys, tmp_path, tiny_zh, monkeypatch):
     import taiyi.io
 

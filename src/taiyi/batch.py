@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, OutputError
 from .prompts import require_text
 
 OVERRIDES = {
@@ -124,6 +124,14 @@ def process_group():
     return state.process_index, state.num_processes, state
 
 
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse an output that cannot be the batch's folder (it is created when missing, its parent is not)."""
+    if not out_dir.parent.is_dir():
+        raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"{out_dir} is a file; --prompts-file writes a folder of pictures: give a folder")
+
+
 def run_batch(
     pipe,
     rows: list[dict],
@@ -152,13 +160,25 @@ def run_batch(
     Returns:
         ``{"written": n, "skipped": n}`` for this process's rows.
     """
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        return _run_rows(pipe, rows, defaults, out_dir, overwrite, on_row, rank, world_size, barrier)
+    except BaseException:
+        if created and world_size == 1 and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a run that wrote nothing leaves nothing
+        raise
+
+
+def _run_rows(pipe, rows, defaults, out_dir: Path, overwrite, on_row, rank, world_size, barrier) -> dict:
     from .io import atomic_write_bytes, save_png
     from .metadata import pnginfo, read_parameters
 
-    out_dir = Path(out_dir)
-    if not out_dir.parent.is_dir():
-        raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
-    out_dir.mkdir(exist_ok=True)
     counts = {"written": 0, "skipped": 0}
     params_of: dict[int, list] = {}
     for index, row in enumerate(rows):

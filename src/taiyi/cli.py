@@ -174,12 +174,14 @@ def _share_cores(processes: int) -> None:
         torch.set_num_threads(max(1, cpu_count() // max(local, 1)))
 
 
-def _precheck(output, overwrite, num_images) -> None:
-    """Refuse a bad --output before the model is loaded and the images are drawn."""
+def _precheck(output, overwrite, num_images, grid: bool = False) -> None:
+    """Refuse a bad --output (and --grid's file) before the model is loaded and the images are drawn."""
     from .io import check_output_file, output_paths
+    from .pipeline import grid_path
 
     if output is not None:
-        for path in output_paths(output, [0] * num_images):
+        paths = output_paths(output, [0] * num_images)
+        for path in [*paths, *([grid_path(output, paths)] if grid and num_images > 1 else [])]:
             check_output_file(path, overwrite=overwrite)
 
 
@@ -258,15 +260,18 @@ def generate(
         normalize=not no_normalize,
     )
     if prompts_file is not None:
-        from .batch import process_group, read_prompts_file, run_batch
+        from .batch import check_output_folder, process_group, read_prompts_file, run_batch
 
         rows = read_prompts_file(prompts_file)
+        out_dir = Path(output or "outputs/batch")
+        if output is None:
+            Path("outputs").mkdir(exist_ok=True)  # the default home of pictures, as for one prompt
+        check_output_folder(out_dir)
         rank, world, state = process_group()  # several processes under accelerate launch: rows are shared out
         if state is not None:
             device = str(state.device) if device == "auto" else device
             _share_cores(world)
         pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
-        out_dir = Path(output or "outputs/batch")
         mine = len(range(rank, len(rows), world))
         done = iter(range(1, mine + 1))
         with _Progress("prompts") as bar:
@@ -277,7 +282,7 @@ def generate(
         who = f" (process {rank} of {world})" if world > 1 else ""
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
-    _precheck(output, overwrite, num_images)
+    _precheck(output, overwrite, num_images, grid)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
@@ -317,7 +322,7 @@ def edit(
 
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
     check_strength(strength, steps)
-    _precheck(output, overwrite, num_images)
+    _precheck(output, overwrite, num_images, grid)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("editing") as bar:
         result = pipe.edit(
@@ -372,7 +377,7 @@ def inpaint(
 
     init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
     check_strength(strength, steps)
-    _precheck(output, overwrite, num_images)
+    _precheck(output, overwrite, num_images, grid)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("inpainting") as bar:
         result = pipe.inpaint(

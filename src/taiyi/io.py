@@ -105,6 +105,8 @@ def _unlink_quietly(path: str) -> None:
 
 
 def check_output_file(path: Path, *, overwrite: bool = False) -> None:
+    if path.parent.exists() and not path.parent.is_dir():
+        raise OutputError(f"{path.parent} is a file, not a folder; give an output in an existing folder")
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
     if path.is_dir():

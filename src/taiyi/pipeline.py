@@ -69,18 +69,27 @@ class GenerationResult:
             overwrite: replace existing files instead of refusing.
             grid: also write all images tiled into one ``<name>-grid.png``.
         """
-        from .io import output_paths, save_png
+        from .io import check_output_file, output_paths, save_png
 
         paths = output_paths(output, [p.seed for p in self.parameters])
+        grid_at = grid_path(output, paths) if grid and len(self.images) > 1 else None
+        if not overwrite:  # refuse before writing anything: never half a run
+            for path in [*paths, *([grid_at] if grid_at is not None else [])]:
+                check_output_file(path)
         for image, params, path in zip(self.images, self.parameters, paths, strict=True):
             save_png(image, path, pnginfo=pnginfo(params), overwrite=overwrite)
-        if grid and len(self.images) > 1:
-            named = output is not None and os.fspath(output).lower().endswith(".png")
-            base = Path(output) if named else paths[0]
-            grid_path = base.with_name(f"{base.stem}-grid.png")
-            save_png(make_grid(self.images), grid_path, pnginfo=pnginfo(self.parameters[0]), overwrite=overwrite)
-            paths.append(grid_path)
+        if grid_at is not None:
+            save_png(make_grid(self.images), grid_at, pnginfo=pnginfo(self.parameters[0]), overwrite=overwrite)
+            paths.append(grid_at)
         return paths
+
+
+def grid_path(output: str | os.PathLike | None, paths: list[Path]) -> Path:
+    """Where ``--grid`` tiles a run's images: ``<name>-grid.png`` beside a named ``.png`` output, else beside the
+    first image."""
+    named = output is not None and os.fspath(output).lower().endswith(".png")
+    base = Path(output) if named else paths[0]
+    return base.with_name(f"{base.stem}-grid.png")
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
