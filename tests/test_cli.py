@@ -189,6 +189,19 @@ def test_bad_edit_input(capsys, tmp_path, tiny_zh, noise_image):
         assert not (tmp_path / "out.png").exists()
 
 
+def test_edit_names_what_is_wrong_and_fits_a_picture_over_the_size_limit(capsys, tmp_path, tiny_zh, noise_image):
+    code, _, err = run(capsys, "edit", noise_image, "山", "-m", tiny_zh, "--steps", "-1", "-o", tmp_path / "o.png")
+    assert_user_error(code, err, "steps must be between 1 and 1000, not -1")
+    code, _, err = run(capsys, "edit", tmp_path, "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "o.png")
+    assert_user_error(code, err, f"image {tmp_path} is a folder; give an image file")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (2500, 64), "orange").save(wide)  # drawn at 2496 x 64 it would be over the 2048 limit
+    code, _, err = run(capsys, "edit", wide, "山", "-m", tiny_zh, *FAST, "--strength", "0.4", "-o", tmp_path / "o.png")
+    assert code == 0, err
+    params = read_parameters(tmp_path / "o.png")
+    assert (params.width, params.height) == (2048, 64) and "drawn at 2048x64" in err
+
+
 def test_bad_output_and_model(capsys, tmp_path, tiny_zh):
     existing = tmp_path / "exists.png"
     existing.write_bytes(b"keep me")

@@ -500,15 +500,15 @@ def test_structural_mistakes_are_one_line_errors(tmp_path):
     assert "meta.csv" in message  # points at the CSV that probably holds the captions
 
     (tmp_path / "t.csv").write_text("name,caption\n1.png,x\n", encoding="utf-8")
-    message = one_line_error(lambda: open_pairs(tmp_path / "t.csv"), "no column for image_column='image'")
-    assert "name, caption" in message and "image_column='name'" in message
+    message = one_line_error(lambda: open_pairs(tmp_path / "t.csv"), "no column for the image column 'image'")
+    assert "name, caption" in message and "--image-column name" in message
     one_line_error(lambda: open_pairs(tmp_path / "t.csv", image_column="name", caption_column="text"), "'text'")
     (tmp_path / "e.csv").write_text("", encoding="utf-8")
     one_line_error(lambda: open_pairs(tmp_path / "e.csv"), "is empty")
     (tmp_path / "h.csv").write_text("image,caption\n", encoding="utf-8")
     one_line_error(lambda: open_pairs(tmp_path / "h.csv"), "no rows")
     (tmp_path / "d.jsonl").write_text('{"path": "1.png", "caption": "x"}\n', encoding="utf-8")
-    one_line_error(lambda: open_pairs(tmp_path / "d.jsonl"), "no field for image_column='image'")
+    one_line_error(lambda: open_pairs(tmp_path / "d.jsonl"), "no field for the image column 'image'")
     (tmp_path / "j.jsonl").write_text("[1]\nnot json\n", encoding="utf-8")
     one_line_error(lambda: open_pairs(tmp_path / "j.jsonl"), "no JSON object lines")
 

@@ -30,6 +30,8 @@ MAX_INPUT_PIXELS = 4096 * 4096  # larger inputs are refused rather than decoded 
 def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image") -> Image.Image:
     """Open an image file fully, converted to ``mode``; one-line errors for anything unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{what} {path} is a folder; give an image file")
     if not path.is_file():
         raise InvalidInputError(f"{what} {path} does not exist")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, str]:
         ignore = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ckpt", "*.pb"]
         return Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), ignore_patterns=ignore)), repo_id
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        first = textwrap.shorten(" ".join(str(exc).split()), 200, placeholder=" …") or type(exc).__name__
         raise ModelLoadError(
             f"could not download {repo_id} ({first}); check the network, or pass a local folder"
         ) from exc

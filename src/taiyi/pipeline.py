@@ -538,8 +538,15 @@ class TaiyiPipeline:
         if not isinstance(image, Image.Image):
             image = load_image(image)
         image = image.convert("RGB")
-        width = width or max(MIN_SIDE, image.width // 8 * 8)
-        height = height or max(MIN_SIDE, image.height // 8 * 8)
+        # By default the picture's own size, in multiples of 8, scaled down to fit when a side is over the limit
+        fit = min(1.0, MAX_SIDE / max(image.width, image.height)) if not (width or height) else 1.0
+        width = width or max(MIN_SIDE, int(image.width * fit) // 8 * 8)
+        height = height or max(MIN_SIDE, int(image.height * fit) // 8 * 8)
+        if fit < 1:
+            logger.info(
+                "the image is %dx%d; drawn at %dx%d (sides are at most %d; -W/-H choose the size)",
+                image.width, image.height, width, height, MAX_SIDE,
+            )  # fmt: skip
         validate_size(width, height)
         return image, width, height
 
@@ -722,6 +729,7 @@ def guidance_steps(guidance_end: float, steps: int) -> int:
 
 
 def check_strength(strength: float, steps: int) -> None:
+    _check_range("steps", steps, 1, MAX_STEPS)
     if not (0 < strength <= 1):
         raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
     if int(steps * strength) < 1:

@@ -489,11 +489,12 @@ def _read_table_text(path: Path) -> str:
 
 
 def _check_columns(path: Path, found: Sequence[str], wanted: dict[str, str], what: str) -> None:
-    missing = [f"{arg}={column!r}" for arg, column in wanted.items() if column not in found]
+    missing = [f"the {arg.replace('_', ' ')} {column!r}" for arg, column in wanted.items() if column not in found]
     if missing:
         raise InvalidInputError(
             f"{path} has no {what} for {' and '.join(missing)} (its {what}s: {', '.join(found) or 'none'}); "
-            f"pass image_column=/caption_column= naming them, e.g. image_column='name' for Taiyi CSVs"
+            f"name them with --image-column/--caption-column (image_column=/caption_column= in Python), "
+            f"e.g. --image-column name for Taiyi CSVs"
         )
 
 
