@@ -387,6 +387,34 @@ def _gif() -> bytes:
     return buffer.getvalue()
 
 
+def test_edit_form_fields_in_another_encoding_get_400_not_mojibake(pipe_zh):
+    # curl -F "prompt=<prompt.txt" sends the file's bytes as they are; Starlette would read them as latin-1.
+    png = png_bytes(Image.new("RGB", (64, 64), "white"))
+    prompt = "改成水彩画"
+    cases = [
+        ("prompt", {"prompt": prompt.encode("gb18030")}),
+        ("prompt", {"prompt": prompt.encode("utf-16")}),  # with a BOM, as Windows Notepad saves it
+        ("negative_prompt", {"prompt": prompt, "negative_prompt": "模糊".encode("gb18030")}),
+        ("model", {"prompt": prompt, "model": "太乙".encode("gb18030")}),
+    ]
+    with serve_client(pipe_zh) as client:
+
+        def edit(form: dict):
+            files = {"image": ("photo.png", png, "image/png")}
+            return client.post(EDITS, files=files, data={"steps": str(STEPS), "seed": "1", **form})
+
+        refused = [edit(form) for _, form in cases]
+        latin = edit({"prompt": "crème brûlée 水彩"})  # UTF-8 whose characters latin-1 also has: accepted
+    for (param, _), response in zip(cases, refused, strict=True):
+        assert response.status_code == 400, (param, response.text)
+        error = error_of(response)
+        assert (error["param"], error["code"]) == (param, "invalid_value")
+        assert error["message"].startswith(f"{param} is not valid text: character "), error
+        assert error["message"].endswith(" is not Unicode (bytes in an encoding other than UTF-8?); give it in UTF-8")
+    assert latin.status_code == 200, latin.text
+    assert "crème brûlée" in latin.json()["data"][0]["revised_prompt"]
+
+
 def test_upload_cap_is_enforced_while_reading(pipe_zh):
     app = create_app(ServeConfig(max_upload_bytes=2**20), pipeline=pipe_zh)
     with live_server(app) as (url, port, _):
@@ -663,6 +691,27 @@ def test_clip_endpoints_score_classify_and_search(pipe_zh, tiny_clip, tmp_path):
     assert [(r.status_code, error_of(r)["param"]) for r in not_text] == [(400, "texts[1]"), (400, "labels[1]"),
                                                                          (400, "query")]  # fmt: skip
     assert all("is not valid text: character 1" in error_of(r)["message"] for r in not_text)
+
+
+def test_clip_classify_refuses_labels_the_cli_refuses(pipe_zh, tiny_clip):
+    from taiyi.evaluation import check_labels
+
+    image = base64.b64encode(png_bytes(Image.new("RGB", (40, 48), "white"))).decode()
+    app = create_app(ServeConfig(clip_model="tiny-clip"), pipeline=pipe_zh, clip=tiny_clip)
+    with TestClient(app) as client:
+        one = client.post("/v1/clip/classify", json={"images": [image], "labels": ["猫"]})
+        twice = client.post("/v1/clip/classify", json={"images": [image], "labels": ["猫", "狗", "猫"]})
+    for response, labels in ((one, ["猫"]), (twice, ["猫", "狗", "猫"])):
+        assert response.status_code == 400, response.text
+        with pytest.raises(ValueError) as cli:
+            check_labels(labels)
+        assert error_of(response) == {
+            "message": str(cli.value),
+            "type": "invalid_request_error",
+            "param": "labels",
+            "code": "invalid_value",
+        }
+    assert error_of(one)["message"] == "1 label given; zero-shot classification needs at least two"
 
 
 def test_clip_endpoints_without_clip_say_how_to_enable_it(pipe_zh):

@@ -5,6 +5,7 @@
 - :mod:`.app`: :func:`create_app` (the FastAPI app factory: OpenAI-shaped image API, CLIP API, metrics,
   the web page) and :func:`make_server` (uvicorn, with a graceful shutdown that drains or rejects queued work).
 - :mod:`.middleware`: request ids, the bearer API key and the upload cap, checked before a body is read.
+- :mod:`.forms`: multipart parsing that keeps form fields in another encoding visible, so they get a 400.
 - ``static/``: the Chinese-first web page (plain HTML, CSS and JavaScript; no build step, nothing from a CDN).
 
 ``import taiyi`` never imports this package; ``import taiyi.serve`` imports FastAPI only when

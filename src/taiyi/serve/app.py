@@ -35,10 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import TaiyiError
 from .config import ServeConfig
 from .errors import APIError, bad_request, default_code, error_body
+from .forms import TextKeepingRoute
 from .jobs import GenerationSpec, abort_progress, run_chunked, run_generations
 from .limits import (
     check_float,
+    check_form_text,
     check_int,
+    check_labels,
     check_model,
     check_response_format,
     check_sampling,
@@ -208,6 +211,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.taiyi = state
+    app.router.route_class = TextKeepingRoute  # form fields in another encoding are refused, not garbled
     _install_error_handlers(app, metrics)
     _add_routes(app, state)
 
@@ -483,6 +487,17 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         scheduler: Annotated[str | None, Form()] = None,
         strength: Annotated[float | None, Form(description="In (0, 1]; default 0.6, or 1.0 with a mask.")] = None,
     ) -> JSONResponse:
+        check_form_text(
+            {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "size": size,
+                "response_format": response_format,
+                "model": model,
+                "user": user,
+                "scheduler": scheduler,
+            }
+        )
         check_model(model, state.model_name)
         check_response_format(response_format)
         n = check_int("n", n, 1, config.max_n, why=" on this server")
@@ -590,6 +605,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     async def clip_classify(body: ClipClassifyRequest, request: Request) -> dict[str, Any]:
         require_clip()
         check_texts("labels", body.labels)
+        check_labels(body.labels)
         if body.templates is not None:
             check_texts("templates", body.templates)
             if any("{}" not in t for t in body.templates):

@@ -86,6 +86,29 @@ def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -
         raise bad_request(str(exc), param=name) from None
 
 
+def check_form_text(fields: dict[str, str | None]) -> None:
+    """Multipart text fields must be text, as JSON strings must: bytes that are not UTF-8 arrive as lone
+    surrogates (see :mod:`.forms`) and are refused by the rule prompts follow everywhere, before any field is used."""
+    from ..prompts import require_text
+
+    for name, value in fields.items():
+        if value is not None:
+            try:
+                require_text(value, name)
+            except InvalidInputError as exc:
+                raise bad_request(str(exc), param=name) from None
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """Zero-shot labels follow the CLI's rule (:func:`taiyi.evaluation.check_labels`): at least two, none repeated."""
+    from ..evaluation import check_labels as check
+
+    try:
+        return check(labels)
+    except InvalidInputError as exc:
+        raise bad_request(str(exc), param="labels") from None
+
+
 def check_response_format(value: str | None) -> None:
     if value not in (None, "b64_json"):
         raise bad_request(
