@@ -95,6 +95,18 @@ def test_score(capsys, photo, towers, clip, model_dir):
     assert [r["similarity"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_score_warns_about_a_text_longer_than_the_tower_reads(capsys, photo, model_dir, clip):
+    long = "小桥流水人家" * 20  # 120 tokens; the tiny tower reads max_length - 2
+    code, out, err = run(capsys, "clip", "score", photo, long, "短", "-m", model_dir)
+    assert code == 0 and len(out.splitlines()) == 2
+    warnings = [line for line in err.splitlines() if "were dropped" in line]
+    window = clip.max_length - 2
+    assert warnings == [
+        f"taiyi: warning: prompt is 120 tokens but the text encoder reads {window}; the last {120 - window} "
+        f"were dropped: '{long[:40]}…'"
+    ]
+
+
 # --- classify ------------------------------------------------------------------------------------------
 def test_classify(capsys, tmp_path, photo, clip, model_dir):
     second = tmp_path / "second.jpg"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -87,6 +88,9 @@ def test_losses():
     assert torch.allclose(spherical_dist_loss(a, a.transpose(0, 1)).diagonal(), torch.zeros(3), atol=1e-6)
     opposite = spherical_dist_loss(a[:1], -a[:1])
     assert opposite.item() == pytest.approx(2 * (math.pi / 2) ** 2, rel=1e-4)
+    many = torch.randn(2000, 1, 8, generator=torch.Generator().manual_seed(0))  # some round to a chord above 2
+    antipodal = torch.stack([spherical_dist_loss(v[None], -v[None]) for v in many]).flatten()
+    assert torch.isfinite(antipodal).all() and antipodal.sub(2 * (math.pi / 2) ** 2).abs().max() < 1e-2
     flat = torch.full((2, 3, 8, 8), 0.3)
     assert tv_loss(flat).abs().max() == 0 and range_loss(flat).abs().max() == 0
     assert range_loss(flat * 5).min() > 0 and tv_loss(torch.randn(2, 3, 8, 8)).min() > 0
@@ -159,6 +163,7 @@ def test_samplers_are_seeded_and_save_frames(uncond, clip, sampler):
     two = disco_sample(uncond, clip, "晚霞:2|文字:-1", settings)
     assert one.image.size == (32, 32) and one.image.tobytes() == two.image.tobytes()
     assert len(one.frames) >= 2 and one.settings["seed"] == 3 and one.settings["sampler"] == sampler
+    assert len(one.frames) == settings.frame_count()  # what the CLI checks for taken names before sampling
 
 
 def test_recurrence_retakes_each_step_from_renoised_samples(uncond, clip):
@@ -250,6 +255,7 @@ def test_bad_models_give_one_line(tmp_path):
         (["--seed", "-1"], "seed must be between 0 and 9223372036854775807, not -1"),  # was taken as a seed
         (["--sampler", "euler"], "unknown sampler"),
         (["--color-guidance", "1.5"], "color-guidance must be between 0 and 1"),
+        (["--save-every", "-1"], "save-every must be 0 (no frames) or more, not -1"),  # saved every step
         (["--skip-steps", "9", "--steps", "5"], "skip-steps must be from 0"),
         (["--init-image", "{bad}"], "not a readable image"),
         (["--model", "{tmp}"], "not an unconditional diffusion model"),
@@ -276,10 +282,14 @@ def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip, c
     clip.save_pretrained(tmp_path / "clip")
     out = tmp_path / "night.png"
     argv = ["disco", "夜晚:2|晚霞:1", "--model", str(uncond_dir), "--clip", str(tmp_path / "clip"), "--steps", "3",
-            "--cutn", "2", "--seed", "7", "--save-every", "1", "-o", str(out)]  # fmt: skip
+            "--cutn", "2", "--seed", "7", "--save-every", "1", "--clamp-max", "0.25", "--cut-pow", "1.5",
+            "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = Image.open(out).text["parameters"]
     assert text.startswith("夜晚:2|晚霞:1\n") and "Seed: 7" in text and "Sampler: DDIM" in text
+    # every setting that changes the picture is recorded: the gradient clamp and the crop sizes too
+    assert "Clamp max: 0.25" in text and "Cut pow: 1.5" in text and "Cut batches: 1" in text
+    assert "Init image" not in text and "CLIP image tower" not in text  # only where given
     assert text.endswith(f"Color guidance: 0.0, Version: taiyi {importlib.metadata.version('taiyi')}")
     assert len(list((tmp_path / "night-frames").glob("*.png"))) == 3
     capsys.readouterr()
@@ -332,3 +342,48 @@ def test_latent_model_is_steered_through_its_decoder(tmp_path, clip):
     assert near.image.size == (32, 32)
     with pytest.raises(InvalidInputError, match="multiple of 8"):
         disco_sample(model, clip, "夜晚", DiscoSettings(**FAST), size=36)
+
+
+def test_cli_refuses_existing_frames_before_sampling(tmp_path, capsys, uncond_dir):
+    """A frame of an earlier run is never replaced without --overwrite, and the names are checked before anything
+    loads (the CLIP named here does not exist: reaching it would give another error)."""
+    from taiyi.cli import main
+
+    frames = tmp_path / "fr-frames"
+    frames.mkdir()
+    (frames / "0002.png").write_bytes(b"earlier frame")
+    argv = ["disco", "山", "--model", str(uncond_dir), "--clip", "none-such-clip", "--steps", "4", "--cutn", "2",
+            "--save-every", "2", "-o", str(tmp_path / "fr.png")]  # fmt: skip
+    assert main(argv + ["--sampler", "plms"]) == 2  # plms takes 5 steps: frames 0000-0002
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"taiyi: error: {frames / '0002.png'} already exists; pass --overwrite to replace it or choose "
+                   "another -o"]  # fmt: skip
+    assert (frames / "0002.png").read_bytes() == b"earlier frame" and not (tmp_path / "fr.png").exists()
+    assert main(argv) == 2  # ddim: frames 0000-0001 only, so the names pass and the missing CLIP is what stops it
+    assert "none-such-clip" in capsys.readouterr().err
+    assert main(argv + ["--sampler", "plms", "--overwrite"]) == 2  # --overwrite: past the frames, to the CLIP
+    assert "none-such-clip" in capsys.readouterr().err
+    (frames / "0002.png").unlink()
+    frames.rmdir()
+    frames.write_text("a file where the frames folder goes")
+    assert main(argv) == 2
+    assert "fr-frames is a file" in capsys.readouterr().err
+
+
+def test_long_prompt_warns_as_generate_does(uncond, clip, log_warnings):
+    """The CLIP's text tower reads 75 tokens between [CLS] and [SEP]; a longer prompt part is cut with the same
+    warning as ``taiyi generate``'s, once per part."""
+    settings = DiscoSettings(steps=1, cutn=1, seed=0)
+    with log_warnings.at_level(logging.WARNING, logger="taiyi"):
+        disco_sample(uncond, clip, "小桥流水人家" * 20 + ":2|晚霞:1", settings)  # 120 characters, one token each
+    warnings = [r.getMessage() for r in log_warnings.records if r.name == "taiyi" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("prompt is 120 tokens but the text encoder reads 75; the last 45 were dropped")
+
+
+def test_cli_help_describes_one_picture(capsys):
+    from taiyi.cli import main
+
+    assert main(["disco", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "seed+i" not in out and "Seed of the picture" in out

@@ -208,17 +208,26 @@ class ChineseCLIP(nn.Module):
 
     # --- inference API -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, texts: str | Sequence[str], *, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, texts: str | Sequence[str], *, batch_size: int = 64, normalize: bool = True, warn_long: bool = True
+    ) -> torch.Tensor:
         """L2-normalised text embeddings (N, D) in float32 on CPU.
 
         Args:
             texts: Chinese (or any) texts; prompt normalisation (``taiyi.prompts``) applies unless
                 ``normalize`` is False.
             batch_size: texts per forward pass.
+            warn_long: warn, as ``taiyi generate`` does, about each text longer than the text tower reads (its
+                end is dropped); off for bulk captions (evaluation sets), where it would be one line per caption.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise InvalidInputError("no texts to encode")
+        if warn_long:
+            from .encoding import warn_truncated
+            from .prompts import normalize_prompts
+
+            warn_truncated(self.tokenizer, normalize_prompts(texts, enabled=normalize), self.max_length - 2)
         self.text_model.eval()
         chunks = []
         for i in range(0, len(texts), batch_size):

@@ -266,7 +266,8 @@ def _vae_folder(folder: Path) -> Path | None:
 def spherical_dist_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared great-circle distance between normalised x (N, 1, D) and y (1, P, D) → (N, P)."""
     x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+    # half the chord is at most 1; rounding can put opposite vectors just above, where arcsin is nan
+    return (x - y).norm(dim=-1).div(2).clamp(max=1.0).arcsin().pow(2).mul(2)
 
 
 def tv_loss(x: torch.Tensor) -> torch.Tensor:
@@ -404,6 +405,8 @@ class DiscoSettings:
             raise InvalidInputError(f"cut-pow must be above 0, not {self.cut_pow}")
         if self.clamp_max is not None and self.clamp_max <= 0:
             raise InvalidInputError(f"clamp-max must be above 0, not {self.clamp_max}")
+        if self.save_every < 0:
+            raise InvalidInputError(f"save-every must be 0 (no frames) or more, not {self.save_every}")
         if not 1 <= self.recurrence <= 16:
             raise InvalidInputError(f"recurrence must be between 1 and 16, not {self.recurrence}")
         if not 0 <= self.color_guidance <= 1:  # also refuses nan
@@ -414,6 +417,20 @@ class DiscoSettings:
             raise InvalidInputError(
                 f"skip-steps must be from 0 to steps - 1 ({self.steps - 1}), not {self.skip_steps}"
             )
+
+    def frame_count(self) -> int:
+        """How many frames :func:`disco_sample` keeps with these settings (``plms`` takes one step more than
+        ``steps``: the sampler's own timesteps are counted)."""
+        total = len(_scheduler(self.sampler, {}, "epsilon", self.steps).timesteps) - self.skip_steps
+        return len(_frame_steps(total, self.save_every))
+
+
+def _frame_steps(total: int, save_every: int) -> list[int]:
+    """The steps (from 1, after any skipped ones) whose predicted picture is kept: every ``save_every``-th of
+    ``total`` and the last; none when ``save_every`` is 0."""
+    if not save_every:
+        return []
+    return [i for i in range(1, total + 1) if i % save_every == 0 or i == total]
 
 
 def _input_side(processor) -> int:
@@ -620,6 +637,7 @@ def disco_sample(
     x = x.to(device)
     frames, losses = [], []
     total = len(timesteps)
+    keep = set(_frame_steps(total, s.save_every))
     try:
         for i, t in enumerate(timesteps):
             t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
@@ -633,7 +651,7 @@ def disco_sample(
                 out = guided(x, t_batch)
                 x = sched.step(out.cpu(), t, x.cpu(), **step_kwargs).prev_sample.to(device)
             losses.append(guided.last_loss)
-            if s.save_every and ((i + 1) % s.save_every == 0 or i + 1 == total) and guided.last_x0 is not None:
+            if i + 1 in keep and guided.last_x0 is not None:
                 frames.append(_to_image(guided.last_x0[0]))
             if progress is not None:
                 progress(i + 1, total)

@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import AllowPickle, Device, Output, Overwrite, Seed
+from .cli_options import AllowPickle, Device, Output, Overwrite
+
+# Disco draws one picture: the shared --seed help ("image i uses seed+i") does not apply.
+Seed = Annotated[
+    int | None, typer.Option("--seed", "-s", help="Seed of the picture (default: a random one, recorded in it).")
+]
 
 DEFAULT_UNCOND = "taiyi-mini-uncond"
 DEFAULT_CLIP = "taiyi-mini-clip"
@@ -33,10 +38,14 @@ def guidance_defaults(model: str, **given) -> dict:
     return chosen | {key: value for key, value in given.items() if key in chosen and value is not None}
 
 
-def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
-    """The ``parameters`` PNG text: the prompt, then ``Key: value`` pairs (the A1111 layout)."""
+def _parameters_text(
+    prompt: str, settings: dict, clip: str, image_tower: str | None = None, init_image: Path | None = None
+) -> str:
+    """The ``parameters`` PNG text: the prompt, then ``Key: value`` pairs (the A1111 layout) — every setting that
+    changes the picture; the image tower and the init image (its file name) only where given."""
     from .metadata import _version
 
+    clamp = settings["clamp_max"]
     pairs = {
         "Steps": settings["steps"],
         "Sampler": settings["sampler"].upper(),
@@ -44,12 +53,17 @@ def _parameters_text(prompt: str, settings: dict, clip: str) -> str:
         "Size": f"{settings['size']}x{settings['size']}",
         "Model": settings["model"],
         "CLIP": clip,
+        **({"CLIP image tower": image_tower} if image_tower is not None else {}),
         "CLIP guidance scale": settings["clip_guidance_scale"],
+        "Clamp max": "off" if clamp is None else clamp,
         "TV scale": settings["tv_scale"],
         "Range scale": settings["range_scale"],
         "Sat scale": settings["sat_scale"],
         "Cutn": settings["cutn"],
+        "Cut pow": settings["cut_pow"],
+        "Cut batches": settings["cut_batches"],
         "Eta": settings["eta"],
+        **({"Init image": init_image.name} if init_image is not None else {}),
         "Skip steps": settings["skip_steps"],
         "Recurrence": settings["recurrence"],
         "Color guidance": settings["color_guidance"],
@@ -131,6 +145,7 @@ def disco(
     init = load_image(init_image, what="init image") if init_image is not None else None
     path = output_paths(output, [seed])[0]
     check_output_file(path, overwrite=overwrite)
+    _check_frames(_frame_paths(path, settings.frame_count()), overwrite=overwrite)  # before anything is computed
     from .clip import load_clip
     from .loading import select_device
 
@@ -139,20 +154,42 @@ def disco(
     chinese_clip = load_clip(clip, image_tower=image_tower, allow_pickle=allow_pickle, device=dev)
     with _Progress("disco") as bar:
         result = disco_sample(uncond, chinese_clip, prompt, settings, init_image=init, size=size, progress=bar)
-    _save(result, path, prompt, clip, overwrite)
+    text = _parameters_text(prompt, result.settings, clip, image_tower, init_image)
+    _save(result, path, text, overwrite)
 
 
-def _save(result, path: Path, prompt: str, clip: str, overwrite: bool) -> None:
+def _frame_paths(path: Path, count: int) -> list[Path]:
+    """Where the ``count`` frames of the picture ``path`` go: ``<stem>-frames/0000.png`` …"""
+    return [path.with_name(f"{path.stem}-frames") / f"{i:04d}.png" for i in range(count)]
+
+
+def _check_frames(frames: list[Path], *, overwrite: bool) -> None:
+    """Refuse frame names that are taken (without ``overwrite``) or a frames folder that is a file."""
+    from .errors import OutputError
+
+    if not frames:
+        return
+    folder = frames[0].parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not the frames folder; remove it or choose another -o")
+    if overwrite:
+        return
+    taken = next((frame for frame in frames if frame.exists() or frame.is_symlink()), None)
+    if taken is not None:
+        raise OutputError(f"{taken} already exists; pass --overwrite to replace it or choose another -o")
+
+
+def _save(result, path: Path, parameters: str, overwrite: bool) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     from .io import save_png
 
     info = PngInfo()
-    info.add_text("parameters", _parameters_text(prompt, result.settings, clip))
+    info.add_text("parameters", parameters)
     written = save_png(result.image, path, pnginfo=info, overwrite=overwrite)
-    if result.frames:
-        frames = path.with_name(f"{path.stem}-frames")
-        frames.mkdir(exist_ok=True)
-        for i, frame in enumerate(result.frames):
-            save_png(frame, frames / f"{i:04d}.png", overwrite=True)
+    frames = _frame_paths(path, len(result.frames))
+    if frames:
+        frames[0].parent.mkdir(exist_ok=True)
+        for frame, image in zip(frames, result.frames, strict=True):
+            save_png(image, frame, overwrite=overwrite)  # checked before sampling; a frame written since is refused
     typer.echo(str(written))

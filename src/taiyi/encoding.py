@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 
@@ -28,6 +29,27 @@ def _token_count(tokenizer, text: str) -> int:
 
 def _window(tokenizer) -> int:
     return tokenizer.model_max_length - 2  # room left for [CLS]/[SEP] or <|startoftext|>/<|endoftext|>
+
+
+def warn_truncated(tokenizer, texts: Iterable[str], window: int | None = None) -> None:
+    """Warn, once per text, about each text longer than the text encoder reads (its end is dropped).
+
+    Args:
+        tokenizer: the encoder's tokenizer (counts the tokens).
+        texts: the texts as they will be tokenised (already normalised).
+        window: tokens the encoder reads between its start and end tokens (default: the tokenizer's length less 2).
+    """
+    window = _window(tokenizer) if window is None else window
+    for text in dict.fromkeys(texts):
+        n = _token_count(tokenizer, text)
+        if n > window:
+            logger.warning(
+                "prompt is %d tokens but the text encoder reads %d; the last %d were dropped: %r",
+                n,
+                window,
+                n - window,
+                text[:40] + "…",
+            )
 
 
 def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Tensor]:
@@ -117,14 +139,7 @@ def encode_prompts(
     counts = {t: _token_count(tok, t) for t in set(prompts) | (set(negative_prompts) if do_cfg else set())}
     too_long = {t: n for t, n in counts.items() if n > window}
     if not too_long or is_bert(sd.text_encoder):
-        for text, n in too_long.items():
-            logger.warning(
-                "prompt is %d tokens but the text encoder reads %d; the last %d were dropped: %r",
-                n,
-                window,
-                n - window,
-                text[:40] + "…",
-            )
+        warn_truncated(tok, too_long, window)
         # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
         if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
             rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)

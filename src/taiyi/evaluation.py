@@ -169,7 +169,7 @@ def embed_pairs(
     flush()
     if not captions:
         raise InvalidInputError("the image-text set holds no readable pair")
-    text_embeds = model.encode_text(captions, batch_size=max(batch_size, 64))  # (M, D)
+    text_embeds = model.encode_text(captions, batch_size=max(batch_size, 64), warn_long=False)  # (M, D)
     return torch.cat(image_chunks), text_embeds, text_to_image
 
 

@@ -1015,7 +1015,8 @@ def train_clip(config: ClipTrainConfig) -> dict:
                     if frozen:
                         val_image_memo.update(captions=captions, images=image_embeds)
                 if len(captions) >= 2:
-                    text_embeds = clip.encode_text(captions, batch_size=256)  # (V, D); eval mode, no dropout
+                    # (V, D); eval mode, no dropout
+                    text_embeds = clip.encode_text(captions, batch_size=256, warn_long=False)
                     result = retrieval_metrics(image_embeds.cpu(), text_embeds, list(range(len(captions))))
             clip.text_model.train(text_was_training)
             if result is not None:
