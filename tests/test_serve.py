@@ -701,6 +701,7 @@ def test_clip_classify_refuses_labels_the_cli_refuses(pipe_zh, tiny_clip):
     with TestClient(app) as client:
         one = client.post("/v1/clip/classify", json={"images": [image], "labels": ["猫"]})
         twice = client.post("/v1/clip/classify", json={"images": [image], "labels": ["猫", "狗", "猫"]})
+        none = client.post("/v1/clip/classify", json={"images": [image], "labels": []})
     for response, labels in ((one, ["猫"]), (twice, ["猫", "狗", "猫"])):
         assert response.status_code == 400, response.text
         with pytest.raises(ValueError) as cli:
@@ -712,6 +713,8 @@ def test_clip_classify_refuses_labels_the_cli_refuses(pipe_zh, tiny_clip):
             "code": "invalid_value",
         }
     assert error_of(one)["message"] == "1 label given; zero-shot classification needs at least two"
+    assert none.status_code == 400
+    assert error_of(none)["message"] == "0 labels given; zero-shot classification needs at least two"
 
 
 def test_clip_endpoints_without_clip_say_how_to_enable_it(pipe_zh):

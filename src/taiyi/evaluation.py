@@ -222,7 +222,9 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     if any(not label.strip() for label in labels):
         raise InvalidInputError("a label is empty; give each class a Chinese name, e.g. 猫,狗")
     if len(labels) < 2:
-        raise InvalidInputError(f"{len(labels)} label given; zero-shot classification needs at least two")
+        raise InvalidInputError(
+            f"{len(labels)} label{'' if len(labels) == 1 else 's'} given; zero-shot classification needs at least two"
+        )
     repeated = next((label for label in labels if labels.count(label) > 1), None)
     if repeated is not None:
         raise InvalidInputError(f"label {repeated!r} is given twice")

@@ -558,12 +558,13 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                 code="clip_index_not_configured",
             )
 
-    def check_items(name: str, items: list[str]) -> None:
-        if not 1 <= len(items) <= config.max_clip_items:
-            raise bad_request(f"{name} must hold 1 to {config.max_clip_items} items, not {len(items)}", param=name)
+    def check_items(name: str, items: list[str], least: int = 1) -> None:
+        if not least <= len(items) <= config.max_clip_items:
+            most = f"{least} to {config.max_clip_items}" if least else f"at most {config.max_clip_items}"
+            raise bad_request(f"{name} must hold {most} items, not {len(items)}", param=name)
 
-    def check_texts(name: str, texts: list[str]) -> None:
-        check_items(name, texts)
+    def check_texts(name: str, texts: list[str], least: int = 1) -> None:
+        check_items(name, texts, least)
         for i, text in enumerate(texts):
             check_text(f"{name}[{i}]", text, config.max_prompt_chars, required=True)
 
@@ -604,8 +605,8 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     )
     async def clip_classify(body: ClipClassifyRequest, request: Request) -> dict[str, Any]:
         require_clip()
-        check_texts("labels", body.labels)
-        check_labels(body.labels)
+        check_texts("labels", body.labels, least=0)
+        check_labels(body.labels)  # the CLI's rule and words: at least two, none repeated
         if body.templates is not None:
             check_texts("templates", body.templates)
             if any("{}" not in t for t in body.templates):
