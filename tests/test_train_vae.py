@@ -103,6 +103,25 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_the_run_resumes_on(folde
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_overwrite_removes_the_previous_run_and_nothing_else(tmp_path):
+    """--overwrite in a folder that also holds the user's files (here: the training data itself)."""
+    data = write_folder(tmp_path / "data", 8, seed=0, size=32)
+    (data / "notes.txt").write_text("mine", encoding="utf-8")
+    before = sorted(p.name for p in data.iterdir())
+    settings = dict(data=[str(data)], output=str(data), max_steps=1, **TINY)
+    with pytest.raises(InvalidInputError, match="not empty and holds no taiyi training run"):
+        train_vae(VAETrainConfig(**settings))
+    train_vae(VAETrainConfig(**settings, overwrite=True))
+    train_vae(VAETrainConfig(**{**settings, "max_steps": 2}, overwrite=True))
+    after = sorted(p.name for p in data.iterdir())
+    assert set(before) <= set(after)
+    assert set(after) - set(before) <= {"checkpoints", "final", "loss.png", "metrics.jsonl", "run_config.json",
+                                        "vae_report.json"}  # fmt: skip
+    assert (data / "notes.txt").read_text(encoding="utf-8") == "mine"
+    rows = [json.loads(line) for line in (data / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]  # the first run's rows went with it
+
+
 def test_the_same_signal_twice_stops_at_once():
     """The first Ctrl-C or SIGTERM is a request; the second Ctrl-C raises, the second SIGTERM goes to the handler
     found before; another signal does not count as a second; the handlers are put back."""

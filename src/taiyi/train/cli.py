@@ -35,7 +35,13 @@ Resume = Annotated[
     str | None, _opt("--resume", help="'latest' or a checkpoint folder: continue that run.", panel=_PANEL_RUN)
 ]
 OverwriteRun = Annotated[
-    bool, _opt("--overwrite", help="Start afresh in an --output holding another run.", panel=_PANEL_RUN)
+    bool,
+    _opt(
+        "--overwrite",
+        help="Start afresh in an --output holding another run (its checkpoints, metrics and exports are removed; "
+        "other files stay).",
+        panel=_PANEL_RUN,
+    ),
 ]
 ReportTo = Annotated[
     str | None,

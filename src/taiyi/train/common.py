@@ -177,7 +177,8 @@ def check_output_dir(
 def record_run(output: Path, config: dict, *, overwrite: bool = False) -> None:
     """Create ``output`` and write ``run_config.json`` (main process, after :func:`check_output_dir`).
 
-    With ``overwrite``, a previous run's checkpoints, metrics and exports are removed first.
+    With ``overwrite``, a previous run's checkpoints, metrics and exports (:data:`RUN_ENTRIES`) are removed first;
+    anything else in the folder is left alone.
     """
     output = Path(output)
     if overwrite and output.is_dir():
@@ -186,12 +187,20 @@ def record_run(output: Path, config: dict, *, overwrite: bool = False) -> None:
     write_json_atomic(output / RUN_CONFIG, config)
 
 
+# What a run writes at the top of its output folder (the feature cache aside: it is keyed by content, and kept).
+RUN_ENTRIES = frozenset(
+    {RUN_CONFIG, METRICS, CHECKPOINTS, LOGS, "final", "validation", "loss.png", "vae_report.json", "tokenizer",
+     "taiyi-text-tower"}
+)  # fmt: skip
+
+
 def _clear_run(output: Path) -> None:
-    """Remove a previous run's checkpoints, metrics and exports (the feature cache is kept: it is keyed)."""
+    """Remove a previous run's checkpoints, metrics and exports, and nothing else: files of the user's own in the
+    folder (notes, even the training data) stay."""
     for child in output.iterdir():
-        if child.name == CACHE:
+        if child.name not in RUN_ENTRIES and not (child.name.startswith(".") and child.name.endswith(".tmp")):
             continue
-        if child.is_dir():
+        if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
