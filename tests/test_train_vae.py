@@ -122,6 +122,27 @@ def test_overwrite_removes_the_previous_run_and_nothing_else(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]  # the first run's rows went with it
 
 
+def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(folder, tmp_path):
+    """--resume naming another kind of run's checkpoint, or a damaged one."""
+    from taiyi.train.uncond import UncondTrainConfig, train_uncond
+
+    other = train_uncond(
+        UncondTrainConfig(data=[str(folder)], output=str(tmp_path / "u"), max_steps=1, resolution=32,
+                          block_out_channels=(8, 16), norm_num_groups=8, batch_size=2, save_every=0, val_images=0,
+                          report_to="none")
+    )  # fmt: skip
+    foreign = tmp_path / "u" / "checkpoints" / "step-000001"
+    assert other["step"] == 1 and foreign.is_dir()
+    settings = dict(data=[str(folder)], output=str(tmp_path / "v"), max_steps=2, **TINY)
+    with pytest.raises(InvalidInputError, match=f"checkpoint {foreign} does not load into this run"):
+        train_vae(VAETrainConfig(**settings, resume=str(foreign)))
+    own = train_vae(VAETrainConfig(**{**settings, "output": str(tmp_path / "w"), "max_steps": 1}))
+    weights = own["output"] / "checkpoints" / "step-000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    with pytest.raises(InvalidInputError, match="does not load into this run"):
+        train_vae(VAETrainConfig(**{**settings, "output": str(tmp_path / "w")}, resume="latest"))
+
+
 def test_the_same_signal_twice_stops_at_once():
     """The first Ctrl-C or SIGTERM is a request; the second Ctrl-C raises, the second SIGTERM goes to the handler
     found before; another signal does not count as a second; the handlers are put back."""

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import textwrap
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -334,13 +335,22 @@ def _checkpoint_error(output: Path, final: Path, failure: OSError | None) -> Out
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore the accelerate state saved by :func:`save_checkpoint`; returns its trainer state."""
-    state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"checkpoint {path} is unreadable ({TRAINER_STATE}: {exc})") from exc
     try:
         accelerator.load_state(str(path))
     except FileNotFoundError as exc:
         raise InvalidInputError(
             f"checkpoint {path} is incomplete or was saved by a different number of processes ({exc.filename}); "
             f"resume with {state.get('num_processes', 'the same number of')} processes"
+        ) from exc
+    except Exception as exc:  # another kind of run's weights (missing keys), a damaged file (a bad header) ...
+        reason = textwrap.shorten(" ".join(str(exc).split()), 160, placeholder=" …") or type(exc).__name__
+        raise InvalidInputError(
+            f"checkpoint {path} does not load into this run ({reason}); give a checkpoint of this run, "
+            "or start afresh with --overwrite"
         ) from exc
     return state
 
