@@ -143,6 +143,20 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(folder, tmp_path):
         train_vae(VAETrainConfig(**{**settings, "output": str(tmp_path / "w")}, resume="latest"))
 
 
+def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+    import logging
+
+    data = write_folder(tmp_path / "data", 10, seed=0, size=32)
+    pictures = sorted(data.glob("*.png"))
+    pictures[0].write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    pictures[1].write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="taiyi"):
+        result = train_vae(VAETrainConfig(data=[str(data)], output=str(tmp_path / "run"), max_steps=1, **TINY))
+    assert result["step"] == 1
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{data}: skipped 2 samples"), said
+
+
 def test_the_same_signal_twice_stops_at_once():
     """The first Ctrl-C or SIGTERM is a request; the second Ctrl-C raises, the second SIGTERM goes to the handler
     found before; another signal does not count as a second; the handlers are put back."""

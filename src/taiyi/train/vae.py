@@ -291,7 +291,7 @@ def load_images(config: ImageTrainConfig) -> Images:
             if ds.streamed:
                 raise InvalidInputError(f"{ds.name} is tar shards; image trainers read folders, CSV, JSONL")
             pairs = ds.pairs
-        kept = []
+        kept, before = [], skipped
         for i in range(len(pairs)):
             pair = pairs[i]
             if pair is None:
@@ -304,6 +304,9 @@ def load_images(config: ImageTrainConfig) -> Images:
         if kept:
             chunks.append(_to_uint8(kept, config.resolution))
         names.append(source)
+        if skipped > before:  # corrupt or missing images are skipped, and said so (as the other trainers do)
+            counted = n is None and ds.skips is not None  # a folder, CSV or JSONL counts why
+            logger.warning("%s: %s", source, ds.skips.summary() if counted else f"skipped {skipped - before} samples")
     if not chunks:
         raise InvalidInputError(f"no readable images in {', '.join(config.data)}; check --data")
     pixels = torch.cat(chunks)
