@@ -44,3 +44,14 @@ def test_bench_cli_one_line_for_missing_model(capsys, tmp_path):
 
     assert main(["bench", "--model", str(tmp_path / "none"), "--runs", "1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_taken_output_before_timing(capsys, tmp_path):
+    from taiyi.cli import main
+
+    taken = tmp_path / "bench.json"
+    taken.write_text("{}")
+    assert main(["bench", "--model", str(tmp_path / "none"), "-o", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"taiyi: error: {taken} already exists; pass --overwrite to replace it"]  # not the missing model
+    assert taken.read_text() == "{}"

@@ -145,6 +145,8 @@ BAD_GENERATE = [
     (["generate", ""], "prompt is empty"),
     (["generate", " ，。 "], "prompt is empty"),
     (["generate", "山", "--width", "65"], "multiple of 8"),
+    (["generate", "山", "--width", "0"], "width must be between 64 and 2048, not 0"),
+    (["generate", "山", "-H", "0"], "height must be between 64 and 2048, not 0"),
     (["generate", "山", "--height", "4096"], "height must be between"),
     (["generate", "山", "--steps", "0"], "steps must be between"),
     (["generate", "山", "--steps", str(10**9)], "steps must be between"),

@@ -219,6 +219,12 @@ def test_eval_compare_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "paired over 6 prompts" in printed and "+33.3 ± 0.0" in printed
     assert json.loads(out.read_text())["seen"]["time"]["diff"] == pytest.approx(100 / 3)
+    kept = a.read_bytes()
+    capsys.readouterr()
+    assert main(["eval", "compare", str(a), str(b), "-o", str(a)]) == 2  # its own input: refused, kept
+    assert capsys.readouterr().err.strip() == f"taiyi: error: {a} already exists; pass --overwrite to replace it"
+    assert a.read_bytes() == kept
+    assert main(["eval", "compare", str(a), str(b), "-o", str(out), "--overwrite"]) == 0
     (tmp_path / "bad.json").write_text("{not json")
     for argv in (["eval", "compare", str(a), str(tmp_path / "none.json")],
                  ["eval", "compare", str(a), str(tmp_path / "bad.json")]):  # fmt: skip

@@ -326,10 +326,14 @@ def bench_command(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads [all usable cores].")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also write the report as JSON.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
 ) -> None:
     """Time an image, a UNet step, text encoding and VAE decoding, and peak memory: taiyi vs stock diffusers."""
+    from .io import check_output_file
     from .models import DEFAULT_MODEL
 
+    if output:
+        check_output_file(Path(output), overwrite=overwrite)  # before minutes of timing, not after
     report = bench(
         model or DEFAULT_MODEL, engines=tuple(engine or ("taiyi", "stock")), size=size, steps=steps,
         scheduler=scheduler, runs=runs, warmup=warmup, device=device, dtype=dtype, threads=threads,
@@ -339,7 +343,7 @@ def bench_command(
     if output:
         from .io import atomic_write_bytes
 
-        atomic_write_bytes(output, (json.dumps(report, indent=2) + "\n").encode(), overwrite=True)
+        atomic_write_bytes(output, (json.dumps(report, indent=2) + "\n").encode(), overwrite=overwrite)
 
 
 def _child(argv: list[str]) -> int:

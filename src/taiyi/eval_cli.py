@@ -7,15 +7,28 @@ from typing import Annotated
 
 import typer
 
+from .cli_options import Overwrite
+
 eval_app = typer.Typer(help="Faithfulness of text-to-image models and CLIPs on the 山水 world.", no_args_is_help=True)
 
 
-def _write_json(path: str | None, data: dict) -> None:
+def _check_json(path: str | None, overwrite: bool) -> None:
+    """Refuse a taken -o (or one in a missing folder) before anything is computed."""
+    if path is not None:
+        from pathlib import Path
+
+        from .io import check_output_file
+
+        check_output_file(Path(path), overwrite=overwrite)
+
+
+def _write_json(path: str | None, data: dict, overwrite: bool) -> None:
     if path is None:
         return
     from .io import atomic_write_bytes
 
-    atomic_write_bytes(path, (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"), overwrite=True)
+    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
 def _probe(name: str):
@@ -111,12 +124,14 @@ def faithfulness(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first picture.")] = 0,
     prompt_seed: Annotated[int, typer.Option("--prompt-seed", help="Which evaluation scenes and prompts.")] = 1234,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the full result as JSON.")] = None,
+    overwrite: Overwrite = False,
     per_value: Annotated[
         bool, typer.Option("--by-value", help="Also each attribute per prompted value (river, lake, …).")
     ] = False,
 ) -> None:
     """Per-attribute accuracy of a text-to-image model on evaluation prompts (never training captions),
     seen and held-out attribute combinations separately."""
+    _check_json(output, overwrite)
     from .cli import _quiet_libraries
 
     _quiet_libraries()
@@ -142,7 +157,7 @@ def faithfulness(
 
         typer.echo("")
         _by_value_table(by_value(result))
-    _write_json(output, result)
+    _write_json(output, result, overwrite)
 
 
 @eval_app.command()
@@ -150,9 +165,11 @@ def compare(
     a: Annotated[str, typer.Argument(help="Faithfulness result (JSON from taiyi eval faithfulness -o).")],
     b: Annotated[str, typer.Argument(help="The result to subtract, judged on the same scenes.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the differences as JSON.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Paired difference A − B of two faithfulness results on the same evaluation scenes (any prompt languages),
     per attribute, with its standard error over prompts."""
+    _check_json(output, overwrite)
     from .recipe.faithfulness import compare as paired
 
     result = paired(_read_result(a), _read_result(b))
@@ -163,7 +180,7 @@ def compare(
         row = result[group]
         cells = (_cell(row[x]["diff"], row[x]["se"], sign=True) if x in row else _cell(None, None) for x in _ATTRS)
         typer.echo(f"{label:<11}" + "".join(cells))
-    _write_json(output, result)
+    _write_json(output, result, overwrite)
 
 
 @eval_app.command()
@@ -180,9 +197,11 @@ def breakdown(
         str | None, typer.Option("--baseline-entry", help="BASELINE's entry when it differs from --entry.")
     ] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the breakdown as JSON.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Each attribute per prompted value (which waters, times, skies … a model misses) of a saved result;
     with BASELINE, the paired difference RESULT − BASELINE per value."""
+    _check_json(output, overwrite)
     from .recipe.faithfulness import by_value
 
     mine = _read_result(result, entry)
@@ -193,7 +212,7 @@ def breakdown(
     else:
         typer.echo("RESULT − BASELINE in points per prompted value, paired on the same scenes (± one standard error)")
     _by_value_table(table, sign=theirs is not None)
-    _write_json(output, table)
+    _write_json(output, table, overwrite)
 
 
 @eval_app.command("clip-world")
@@ -202,8 +221,10 @@ def clip_world(
     lang: Annotated[str, typer.Option("--lang", help="Labels and prompts in zh or en.")] = "zh",
     n: Annotated[int, typer.Option("--n", help="Held-out scenes.")] = 200,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Zero-shot accuracy per attribute and text→image R@1 of a CLIP on rendered held-out scenes."""
+    _check_json(output, overwrite)
     from .cli import _quiet_libraries
 
     _quiet_libraries()
@@ -214,7 +235,7 @@ def clip_world(
     zs = result["zero_shot"]
     cells = "  ".join(f"{name} {value:.1f}" for name, value in zs.items())
     typer.echo(f"zero-shot {cells}  text→image R@1 {result['text_to_image']['R@1']:.1f}  ({result['scenes']} scenes)")
-    _write_json(output, result)
+    _write_json(output, result, overwrite)
 
 
 @eval_app.command()
@@ -241,8 +262,10 @@ def disco(
     ] = None,
     cutn: Annotated[int, typer.Option("--cutn", help="Cutouts per step.")] = 16,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Disco Diffusion steering: the probe's accuracy for the prompted time, with and without CLIP guidance."""
+    _check_json(output, overwrite)
     from .cli import _quiet_libraries
 
     _quiet_libraries()
@@ -273,4 +296,4 @@ def disco(
         )
         styles = "  ".join(f"{v} {g['styles_read'][v]}/{u['styles_read'][v]}" for v in g["styles_read"])
         typer.echo(f"  styles read, guided/unguided: {styles}; greyscale {g['greyscale']}/{u['greyscale']}")
-    _write_json(output, result)
+    _write_json(output, result, overwrite)

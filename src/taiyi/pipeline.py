@@ -430,7 +430,8 @@ class TaiyiPipeline:
             progress: called with ``(step, total)`` after every denoising step.
         """
         self._require_plain_unet("text-to-image")
-        width, height = width or self.default_size, height or self.default_size
+        width = self.default_size if width is None else width  # 0 is refused, not taken as the default
+        height = self.default_size if height is None else height
         validate_size(width, height)
         job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
         rescale = self._guidance_rescale(guidance_rescale)
@@ -477,7 +478,8 @@ class TaiyiPipeline:
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
         rescale = self._guidance_rescale(guidance_rescale)
-        width, height = width or self.default_size, height or self.default_size
+        width = self.default_size if width is None else width  # 0 is refused, not taken as the default
+        height = self.default_size if height is None else height
         validate_size(width, height)
         texts, negatives = [], []
         for prompt, negative in zip(prompts, negative_prompts, strict=True):
@@ -539,9 +541,9 @@ class TaiyiPipeline:
             image = load_image(image)
         image = image.convert("RGB")
         # By default the picture's own size, in multiples of 8, scaled down to fit when a side is over the limit
-        fit = min(1.0, MAX_SIDE / max(image.width, image.height)) if not (width or height) else 1.0
-        width = width or max(MIN_SIDE, int(image.width * fit) // 8 * 8)
-        height = height or max(MIN_SIDE, int(image.height * fit) // 8 * 8)
+        fit = min(1.0, MAX_SIDE / max(image.width, image.height)) if width is None and height is None else 1.0
+        width = max(MIN_SIDE, int(image.width * fit) // 8 * 8) if width is None else width
+        height = max(MIN_SIDE, int(image.height * fit) // 8 * 8) if height is None else height
         if fit < 1:
             logger.info(
                 "the image is %dx%d; drawn at %dx%d (sides are at most %d; -W/-H choose the size)",
