@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -198,6 +199,7 @@ def run_engine(config: BenchConfig, *, timeout: float | None = None) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = re.sub(r"^(?:\w+\.)*\w+(?:Error|Exception): ", "", tail)  # the child's error, not its class name
         raise TaiyiError(f"benchmark of {config.engine} failed: {tail}")
     return json.loads(lines[-1])
 

@@ -1819,10 +1819,12 @@ def write_folder(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --folder") from exc
+        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another folder (--out)") from exc
     width = max(6, len(str(max(n - 1, 0))))
     if not overwrite and n and (out / f"{0:0{width}d}.png").exists():
-        raise OutputError(f"{out} already holds samples ({0:0{width}d}.png); pass overwrite=True or use a new folder")
+        raise OutputError(
+            f"{out} already holds samples ({0:0{width}d}.png); pass --overwrite (overwrite=True) or use a new folder"
+        )
     for index in range(n):
         pair = data[index]
         scene, caption = data.scene(index), data.caption(index)

@@ -286,7 +286,10 @@ def validate_config(config: SDTrainConfig) -> None:
         (0 <= config.caption_dropout < 1, f"--caption-dropout must lie in [0, 1), not {config.caption_dropout}"),
         (config.snr_gamma is None or config.snr_gamma > 0, "--snr-gamma must be positive"),
         (config.noise_offset >= 0, f"--noise-offset must be 0 or more, not {config.noise_offset}"),
-        (config.lora_rank is None or config.lora_rank >= 1, f"--rank must be at least 1, not {config.lora_rank}"),
+        (
+            config.lora_rank is None or config.lora_rank >= 1,
+            f"the LoRA rank (--rank, --lora-rank) must be at least 1, not {config.lora_rank}",
+        ),
         (config.lora_alpha is None or config.lora_alpha > 0, f"--alpha must be positive, not {config.lora_alpha}"),
         (
             config.lora_target in LORA_TARGETS,
