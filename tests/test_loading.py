@@ -462,3 +462,15 @@ def test_model_index_of_tiny_checkpoints_is_the_2022_layout(tiny_zh, tiny_en):
     assert zh["feature_extractor"] == ["transformers", "CLIPFeatureExtractor"]
     assert en["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert (tiny_zh / "tokenizer" / "vocab.txt").stat().st_size == 109540
+
+
+def test_eval_faithfulness_takes_allow_pickle_as_its_error_says(tiny_pickled, tmp_path, capsys):
+    from taiyi.cli import main
+
+    argv = ["eval", "faithfulness", "--model", str(tiny_pickled), "--seen", "1", "--held-out", "1",
+            "--images-per-prompt", "1", "--steps", "1", "-o", str(tmp_path / "f.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--allow-pickle" in err[0]
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert (tmp_path / "f.json").is_file()

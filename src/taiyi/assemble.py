@@ -257,6 +257,9 @@ def assemble_command(
 
     The result loads with taiyi generate --model OUT; align it with taiyi train sd --stage 1.
     """
+    from .cli import _quiet_libraries
+
+    _quiet_libraries()  # loading bars on stderr would make an error two lines
     written = assemble(base, text_encoder, out, overwrite=overwrite, allow_pickle=allow_pickle, max_length=max_length)
     typer.echo(str(written))
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import Overwrite
+from .cli_options import AllowPickle, Overwrite
+from .clip_cli import ImageTower
 
 eval_app = typer.Typer(help="Faithfulness of text-to-image models and CLIPs on the 山水 world.", no_args_is_help=True)
 
@@ -110,6 +111,7 @@ def faithfulness(
         str, typer.Option("--probe", help="Attribute probe (folder or short name).")
     ] = "taiyi-mini-probe",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Pipeline (default: the embedded one).")] = None,
+    allow_pickle: AllowPickle = False,
     lang: Annotated[str, typer.Option("--lang", help="Prompt language: zh, en or mixed.")] = "zh",
     seen: Annotated[int, typer.Option("--seen", help="Prompts from combinations seen in training.")] = 192,
     held_out: Annotated[int, typer.Option("--held-out", help="Prompts from held-out combinations.")] = 96,
@@ -140,7 +142,8 @@ def faithfulness(
     from .recipe.faithfulness import evaluate_pipeline
 
     judge = _probe(probe)
-    pipe = load_pipeline(model, backend="torch")  # the same figures on every CPU (auto may pick OpenVINO bf16)
+    # torch: the same figures on every CPU (auto may pick OpenVINO bf16)
+    pipe = load_pipeline(model, backend="torch", allow_pickle=allow_pickle)
     with _Progress("prompts judged") as bar:
         result = evaluate_pipeline(
             pipe, judge, lang, n_seen=seen, n_held_out=held_out, images_per_prompt=images_per_prompt, steps=steps,
@@ -218,6 +221,8 @@ def breakdown(
 @eval_app.command("clip-world")
 def clip_world(
     clip: Annotated[str, typer.Option("--clip", help="CLIP to judge (folder or short name).")] = "taiyi-mini-clip",
+    image_tower: ImageTower = None,
+    allow_pickle: AllowPickle = False,
     lang: Annotated[str, typer.Option("--lang", help="Labels and prompts in zh or en.")] = "zh",
     n: Annotated[int, typer.Option("--n", help="Held-out scenes.")] = 200,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the result as JSON.")] = None,
@@ -231,7 +236,7 @@ def clip_world(
     from .clip import load_clip
     from .recipe.faithfulness import evaluate_clip
 
-    result = evaluate_clip(load_clip(clip), lang, n=n)
+    result = evaluate_clip(load_clip(clip, image_tower=image_tower, allow_pickle=allow_pickle), lang, n=n)
     zs = result["zero_shot"]
     cells = "  ".join(f"{name} {value:.1f}" for name, value in zs.items())
     typer.echo(f"zero-shot {cells}  text→image R@1 {result['text_to_image']['R@1']:.1f}  ({result['scenes']} scenes)")
