@@ -27,6 +27,7 @@ from typing import Annotated
 
 import typer
 
+from .cli_options import Overwrite
 from .errors import InvalidInputError, TaiyiError
 
 ENGINES: tuple[str, ...] = ("taiyi", "taiyi-openvino", "stock", "stock-matched")
@@ -328,7 +329,7 @@ def bench_command(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads [all usable cores].")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also write the report as JSON.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Time an image, a UNet step, text encoding and VAE decoding, and peak memory: taiyi vs stock diffusers."""
     from .io import check_output_file
