@@ -474,3 +474,21 @@ def test_eval_faithfulness_takes_allow_pickle_as_its_error_says(tiny_pickled, tm
     assert len(err) == 1 and "--allow-pickle" in err[0]
     assert main([*argv, "--allow-pickle"]) == 0
     assert (tmp_path / "f.json").is_file()
+
+
+def test_bench_refuses_pickled_weights_in_every_engine_unless_allowed(tiny_pickled, capsys):
+    from taiyi.bench import bench
+    from taiyi.cli import main
+    from taiyi.errors import TaiyiError
+
+    for engine in ("taiyi", "stock"):  # stock diffusers alone would load the .bin files silently
+        with pytest.raises(TaiyiError, match=r"\.bin.*--allow-pickle"):
+            bench(str(tiny_pickled), engines=(engine,), size=64, steps=1, runs=1, warmup=0, threads=1)
+    argv = ["bench", "--model", str(tiny_pickled), "--engine", "stock", "--size", "64", "--runs", "1",
+            "--warmup", "0", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 2
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.strip()]) == 1
+    report = bench(str(tiny_pickled), engines=("taiyi", "stock-matched"), size=64, steps=2, runs=1, warmup=0,
+                   threads=1, allow_pickle=True)  # fmt: skip
+    assert [r["engine"] for r in report["results"]] == ["taiyi", "stock-matched"]
+    assert all(r["unet_calls_per_image"] == 2 for r in report["results"])

@@ -27,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import Overwrite
+from .cli_options import AllowPickle, Overwrite
 from .errors import InvalidInputError, TaiyiError
 
 ENGINES: tuple[str, ...] = ("taiyi", "taiyi-openvino", "stock", "stock-matched")
@@ -50,6 +50,7 @@ class BenchConfig:
     dtype: str = "auto"
     threads: int | None = None
     guidance_end: float | None = None  # taiyi engines only; None: taiyi's default
+    allow_pickle: bool = False  # accept pickled .bin weights (every engine)
 
 
 class _Timer:
@@ -120,7 +121,7 @@ def measure(config: BenchConfig) -> dict:
 
         backend = "openvino" if config.engine == "taiyi-openvino" else "auto"
         pipe = load_pipeline(config.model, device=config.device, dtype=config.dtype, safety_checker=False,
-                             backend=backend)  # fmt: skip
+                             backend=backend, allow_pickle=config.allow_pickle)  # fmt: skip
         sd = pipe.sd
         steps = config.steps or DEFAULT_STEPS
         scheduler = config.scheduler or DEFAULT_SCHEDULER
@@ -138,13 +139,17 @@ def measure(config: BenchConfig) -> dict:
     else:
         from diffusers import StableDiffusionPipeline
 
+        from .loading import check_pipeline_folder
         from .models import resolve_model
         from .schedulers import make_scheduler, sampling_kwargs
 
         folder, _ = resolve_model(config.model)
+        check_pipeline_folder(Path(folder), allow_pickle=config.allow_pickle)  # the same refusal as taiyi's
         dtype = select_dtype(config.dtype, device)
         sd = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
-                                                     requires_safety_checker=False).to(device)  # fmt: skip
+                                                     requires_safety_checker=False,
+                                                     use_safetensors=None if config.allow_pickle else True,
+                                                     ).to(device)  # fmt: skip
         sd.set_progress_bar_config(disable=True)
         if config.engine == "stock-matched":
             from .pipeline import DEFAULT_STEPS
@@ -218,6 +223,7 @@ def bench(
     dtype: str = "auto",
     threads: int | None = None,
     guidance_end: float | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Measure ``engines`` on ``model`` and return ``{"machine", "results": [...], "ratios": {...}}``."""
     for engine in engines:
@@ -237,7 +243,7 @@ def bench(
     for engine in engines:
         own = engine != "stock"  # stock runs at the model card's defaults
         config = BenchConfig(engine, model, size, steps if own else None, scheduler if own else None, None, runs,
-                             warmup, device, dtype, threads, guidance_end)  # fmt: skip
+                             warmup, device, dtype, threads, guidance_end, allow_pickle)  # fmt: skip
         results.append(run_engine(config))
     ratios = {}
     base = next((r for r in results if r["engine"] == "taiyi"), None)
@@ -330,6 +336,7 @@ def bench_command(
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads [all usable cores].")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also write the report as JSON.")] = None,
     overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Time an image, a UNet step, text encoding and VAE decoding, and peak memory: taiyi vs stock diffusers."""
     from .io import check_output_file
@@ -340,7 +347,7 @@ def bench_command(
     report = bench(
         model or DEFAULT_MODEL, engines=tuple(engine or ("taiyi", "stock")), size=size, steps=steps,
         scheduler=scheduler, runs=runs, warmup=warmup, device=device, dtype=dtype, threads=threads,
-        guidance_end=guidance_end,
+        guidance_end=guidance_end, allow_pickle=allow_pickle,
     )  # fmt: skip
     typer.echo(format_table(report))
     if output:
