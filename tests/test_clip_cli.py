@@ -297,6 +297,7 @@ def test_index_and_search_bad_input(capsys, tmp_path, photos, model_dir):
         (photos, tmp_path / "no" / "index", "does not exist"),
         (empty, index, "no images found"),
         (broken, index, "no readable image"),
+        (photos, Path("/sys/index"), "cannot write in /sys"),  # before the pictures are embedded
     ]:
         code, _, err = run(capsys, "clip", "index", folder, "--out", out, *m)
         assert_user_error(code, err, needle)

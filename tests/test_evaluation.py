@@ -290,6 +290,7 @@ def test_eval_cli_bad_input(capsys, tmp_path, clip_folder, eval_data):
         (["--imagefolder", root / "img", "--labels-file", root / "labels.txt", "--out", out], "class folders"),
         (["--pairs", root / "pairs.csv", "--out", tmp_path / "no-dir" / "m.json"], "does not exist"),
         (["--pairs", root / "pairs.csv", "--out", tmp_path], "is a folder"),
+        (["--pairs", root / "pairs.csv", "--out", "/sys/m.json"], "cannot write in /sys"),  # not after the eval
         (["--pairs", root / "pairs.csv", "--batch-size", "0", "--out", out], "--batch-size"),
     ]
     for args, needle in cases:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import InvalidInputError, OutputError
-from .io import load_image
+from .io import check_writable, load_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 INDEX_JSON = "index.json"
@@ -242,6 +242,7 @@ def open_for_update(root: str | os.PathLike, out: str | os.PathLike) -> ClipInde
         )
     if not out.parent.is_dir():
         raise OutputError(f"output folder {out.parent} does not exist; create it first")
+    check_writable(out if out.is_dir() else out.parent)  # before every picture is embedded, not after
     if not out.exists():
         return None
     if not out.is_dir():

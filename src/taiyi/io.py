@@ -115,6 +115,17 @@ def check_output_file(path: Path, *, overwrite: bool = False) -> None:
         raise OutputError(f"{path} is a folder; give a file name ending in .png")
     if path.exists() and not overwrite:
         raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+    check_writable(path.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder this process cannot create files in, before any work is spent on what goes there."""
+    try:  # what an atomic write does first; permissions alone miss read-only mounts and ACLs
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".taiyi-probe-")
+    except OSError as exc:
+        raise OutputError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, *, pnginfo=None, overwrite: bool = False) -> Path:
