@@ -247,11 +247,15 @@ def test_unreadable_checkpoints_give_one_line_errors(tmp_path, tiny_ckpt):
     truncated.write_bytes(good.read_bytes()[:-100])
     garbage_pt = tmp_path / "garbage.pt"
     garbage_pt.write_bytes(b"not a pickle")
+    truncated_pt = tmp_path / "truncated.pt"
+    torch.save(state, truncated_pt)
+    truncated_pt.write_bytes(truncated_pt.read_bytes()[:-100])
     unknown = tmp_path / "model.npz"
     unknown.write_bytes(b"x")
     cases = [
         (truncated, {}, "not a readable safetensors file"),
-        (garbage_pt, {"allow_pickle": True}, "could not be read as a torch state dict"),
+        (garbage_pt, {"allow_pickle": True}, r"garbage.pt is damaged or holds objects other than tensors"),
+        (truncated_pt, {"allow_pickle": True}, "could not be read as a torch state dict"),
         (unknown, {}, "unknown format .npz"),
         (tmp_path / "missing.safetensors", {}, "does not exist"),
     ]
@@ -259,6 +263,7 @@ def test_unreadable_checkpoints_give_one_line_errors(tmp_path, tiny_ckpt):
         with pytest.raises(InvalidInputError, match=match) as exc_info:
             convert_guided_diffusion(path, tmp_path / "out", **kwargs)
         _assert_one_line(exc_info)
+        assert "weights_only" not in str(exc_info.value)  # torch's advice to unpickle anything is not passed on
 
 
 def test_bad_config_and_output_give_one_line_errors(tmp_path, tiny_ckpt):

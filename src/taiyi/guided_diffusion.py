@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -615,6 +616,10 @@ def load_guided_diffusion_state_dict(
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's words advise weights_only=False, which taiyi never does
+            raise InvalidInputError(
+                f"checkpoint {path} is damaged or holds objects other than tensors, which taiyi does not unpickle"
+            ) from exc
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InvalidInputError(f"checkpoint {path} could not be read as a torch state dict ({reason})") from exc
