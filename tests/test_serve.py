@@ -673,6 +673,8 @@ def test_clip_endpoints_score_classify_and_search(pipe_zh, tiny_clip, tmp_path):
             ),
             client.post("/v1/clip/search", content=as_json({"query": "\ud800"}), headers=JSON),
         ]
+        no_query = [client.post("/v1/clip/search", json=b) for b in ({"k": 2}, {"text": "一只猫"})]
+        no_query_k = client.post("/v1/clip/search", json={"query": "一只猫", "k": "many"})
         assert client.get("/healthz").json()["clip_index"] is True
     assert score.status_code == 200, score.text
     expected = tiny_clip.similarity(images[:2], texts).numpy()
@@ -691,6 +693,11 @@ def test_clip_endpoints_score_classify_and_search(pipe_zh, tiny_clip, tmp_path):
     assert [(r.status_code, error_of(r)["param"]) for r in not_text] == [(400, "texts[1]"), (400, "labels[1]"),
                                                                          (400, "query")]  # fmt: skip
     assert all("is not valid text: character 1" in error_of(r)["message"] for r in not_text)
+    # a field named "query" is the body's field, not the URL's query string
+    assert [(r.status_code, error_of(r)["message"], error_of(r)["param"]) for r in no_query] == [
+        (400, "query is required", "query")
+    ] * 2
+    assert (no_query_k.status_code, error_of(no_query_k)["param"]) == (400, "k")
 
 
 def test_clip_classify_refuses_labels_the_cli_refuses(pipe_zh, tiny_clip):

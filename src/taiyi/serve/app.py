@@ -292,7 +292,9 @@ def _describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
     if not errors:
         return "invalid request", "invalid_request", None
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "form")]
+    loc = [str(x) for x in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "form"):  # where it came from; a field may be named "query" too
+        loc = loc[1:]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
