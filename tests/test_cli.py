@@ -176,10 +176,13 @@ def test_bad_edit_input(capsys, tmp_path, tiny_zh, noise_image):
     Image.new("L", (32, 32), 255).save(small_mask)
     black_mask = tmp_path / "black.png"
     Image.new("L", Image.open(noise_image).size, 127).save(black_mask)  # nothing at 128 or above
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(noise_image).read_bytes()[:300])
     cases = [
         (["edit", noise_image, "山", "--strength", "0"], "strength"),
         (["edit", noise_image, "山", "--strength", "1.5"], "strength"),
-        (["edit", text, "山"], "not a readable image"),
+        (["edit", text, "山"], "not a readable image: no format Pillow knows"),  # not Pillow's class name
+        (["edit", truncated, "山"], "not a readable image: damaged (image file is truncated)"),
         (["edit", tmp_path / "missing.png", "山"], "does not exist"),
         (["inpaint", noise_image, small_mask, "山"], "mask is 32x32"),
         (["inpaint", noise_image, black_mask, "山"], "the mask has no white pixels"),

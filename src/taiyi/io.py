@@ -43,7 +43,13 @@ def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, InvalidInputError):
             raise
-        raise InvalidInputError(f"{what} {path} is not a readable image ({type(exc).__name__})") from exc
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "no format Pillow knows"
+        elif isinstance(exc, Image.DecompressionBombError):
+            reason = "too large to decode; the largest accepted is 4096x4096"
+        else:  # truncated data, a broken header or chunk
+            reason = f"damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        raise InvalidInputError(f"{what} {path} is not a readable image: {reason}") from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
