@@ -338,7 +338,7 @@ def test_a_folder_that_refuses_new_files_is_one_line(capsys, tmp_path, tiny_zh, 
 
     monkeypatch.setattr(taiyi.io.tempfile, "mkstemp", refused)
     code, _, err = run(capsys, "generate", "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "x.png")
-    assert_user_error(code, err, f"could not write {tmp_path / 'x.png'}", "Permission denied")
+    assert_user_error(code, err, f"cannot write in {tmp_path}: Permission denied")  # found before drawing
     assert list(tmp_path.iterdir()) == []
 
 
@@ -437,3 +437,18 @@ def test_version_names_taiyi_and_its_libraries(capsys):
     assert taiyi.__version__ == importlib.metadata.version("taiyi")
     code, out, _ = run(capsys, "--version", "generate", "--steps", "0")  # eager: nothing else runs
     assert code == 0 and out.startswith("taiyi ")
+
+
+def test_words_the_chinese_vocabulary_lacks_are_named_once(capsys, tmp_path, tiny_zh, tiny_en):
+    prompt = "夜晚的高山🏔️，水墨"
+    code, _, err = run(capsys, "generate", prompt, "-m", tiny_zh, *FAST, "-k", "2", "-o", tmp_path / "a.png")
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        "taiyi: warning: the text encoder's vocabulary lacks 🏔 in '夜晚的高山🏔️，水墨': read as an unknown token"
+    ]  # once for the two pictures
+    code, _, err = run(capsys, "generate", "🏔️🌊", "-m", tiny_zh, *FAST, "-o", tmp_path / "b.png")
+    assert code == 0 and "nothing in this prompt is known; the picture will not follow it" in err
+    for model in (tiny_zh, tiny_en):  # every word known (BERT), or no unknown token at all (CLIP's BPE)
+        code, _, err = run(capsys, "generate", "小桥流水 sunset🌊" if model == tiny_en else "小桥流水人家",
+                           "-m", model, *FAST, "-o", tmp_path / f"{model.name}.png")  # fmt: skip
+        assert code == 0 and err == ""

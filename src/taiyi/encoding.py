@@ -52,6 +52,31 @@ def warn_truncated(tokenizer, texts: Iterable[str], window: int | None = None) -
             )
 
 
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The parts of ``text`` that ``tokenizer`` reads as its unknown token (emoji, rare characters), in order."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        return []
+    encoded = tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+    spans = [text[a:b] for i, (a, b) in zip(encoded.input_ids, encoded["offset_mapping"], strict=True) if i == unk]
+    return list(dict.fromkeys(spans))
+
+
+def warn_unknown(tokenizer, texts: Iterable[str]) -> None:
+    """Warn, once per text, about the words a WordPiece vocabulary lacks: the encoder sees only "unknown" there."""
+    for text in dict.fromkeys(texts):
+        words = unknown_words(tokenizer, text)
+        if not words:
+            continue
+        known = any(i != tokenizer.unk_token_id for i in tokenizer(text, add_special_tokens=False).input_ids)
+        logger.warning(
+            "the text encoder's vocabulary lacks %s in %r: %s",
+            "、".join(words),
+            text if len(text) <= 40 else text[:40] + "…",
+            "read as an unknown token" if known else "nothing in this prompt is known; the picture will not follow it",
+        )
+
+
 def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Tensor]:
     """Each text → (n_chunks, 77, D) embeddings of 75-token chunks."""
     tok, enc = sd.tokenizer, sd.text_encoder
@@ -140,6 +165,8 @@ def encode_prompts(
     too_long = {t: n for t, n in counts.items() if n > window}
     if not too_long or is_bert(sd.text_encoder):
         warn_truncated(tok, too_long, window)
+        if is_bert(sd.text_encoder):  # CLIP's byte-level BPE has no unknown token
+            warn_unknown(tok, counts)
         # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
         if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
             rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)
