@@ -40,6 +40,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -202,8 +203,10 @@ class ChineseCLIP(nn.Module):
         return self.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).image_embeds
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images → pixel values (B, 3, S, S) as the image tower expects."""
-        rgb = [im.convert("RGB") for im in images]
+        """PIL images (or paths, uint8 arrays) → pixel values (B, 3, S, S) as the image tower expects."""
+        from .pipeline import as_picture
+
+        rgb = [as_picture(im, "RGB", "image") for im in images]  # 16-bit scaled, not clipped to white
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     # --- inference API -----------------------------------------------------------------------------
@@ -220,9 +223,8 @@ class ChineseCLIP(nn.Module):
             warn_long: warn, as ``taiyi generate`` does, about each text longer than the text tower reads (its
                 end is dropped); off for bulk captions (evaluation sets), where it would be one line per caption.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise InvalidInputError("no texts to encode")
+        texts = _texts(texts, "texts")
+        _check_batch_size(batch_size)
         if warn_long:
             from .encoding import warn_truncated
             from .prompts import normalize_prompts
@@ -236,11 +238,28 @@ class ChineseCLIP(nn.Module):
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def encode_image(self, images: Image.Image | Sequence[Image.Image], *, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised image embeddings (N, D) in float32 on CPU."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
+    def encode_image(
+        self,
+        images: Image.Image | str | os.PathLike | Sequence[Image.Image | str | os.PathLike],
+        *,
+        batch_size: int = 32,
+    ) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) in float32 on CPU.
+
+        Args:
+            images: one or more PIL images, image file paths or uint8 numpy arrays (H, W[, C]).
+            batch_size: images per forward pass.
+        """
+        if isinstance(images, Image.Image | str | os.PathLike | np.ndarray):
+            images = [images]
+        elif not isinstance(images, Sequence):
+            raise InvalidInputError(
+                f"images must be a PIL image, a path or a list of them, not {type(images).__name__}"
+            )
+        images = list(images)
         if not images:
             raise InvalidInputError("no images to encode")
+        _check_batch_size(batch_size)
         self.vision_model.eval()
         chunks = []
         for i in range(0, len(images), batch_size):
@@ -259,17 +278,27 @@ class ChineseCLIP(nn.Module):
         """One normalised embedding per label: the mean of its normalised template embeddings (L, D).
 
         Args:
-            labels: class names in the text tower's language.
-            templates: prompt templates with ``{}`` (default: :attr:`templates`, Chinese or English).
+            labels: class names in the text tower's language (a list; one string is refused, not split).
+            templates: prompt templates with ``{}`` (default: :attr:`templates`, Chinese or English); one
+                string is one template.
         """
         templates = self.templates if templates is None else templates
-        if not labels:
-            raise InvalidInputError("no labels given")
-        if not templates or any("{}" not in t for t in templates):
-            raise InvalidInputError("every template must contain {} where the label goes")
+        if isinstance(labels, str):  # its characters would be taken for the labels
+            raise InvalidInputError(f"labels must be a list of class names, not one string; e.g. [{labels!r}, ...]")
+        labels = _texts(labels, "labels")
+        templates = [templates] if isinstance(templates, str) else templates
+        if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
+            raise InvalidInputError("every template must be a string containing {} where the label goes")
         rows = []
         for label in labels:
-            embeds = self.encode_text([t.format(label) for t in templates])  # (T, D)
+            try:
+                texts = [t.format(label) for t in templates]
+            except (IndexError, KeyError, ValueError) as exc:
+                raise InvalidInputError(
+                    f"a template has a brace field other than {{}} ({type(exc).__name__}: {exc}); write {{{{ }}}} "
+                    "for a literal brace"
+                ) from None
+            embeds = self.encode_text(texts)  # (T, D)
             rows.append(F.normalize(embeds.mean(0), dim=-1))
         return torch.stack(rows)
 
@@ -291,21 +320,30 @@ class ChineseCLIP(nn.Module):
         """Top-``k`` gallery rows for a text, an image or an embedding; returns (indices, cosines).
 
         Args:
-            query: Chinese text, a PIL image, or a normalised embedding (D,).
-            gallery: normalised embeddings (N, D), e.g. from :meth:`encode_image`.
+            query: Chinese text, a PIL image, or a normalised embedding (D,) (tensor or numpy array).
+            gallery: normalised embeddings (N, D), e.g. from :meth:`encode_image` (tensor or numpy array).
+            k: how many rows to return (fewer when the gallery is smaller).
         """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise InvalidInputError(f"k must be a whole number of results, 0 or more, not {k!r}")
+        if isinstance(gallery, np.ndarray):
+            gallery = torch.from_numpy(gallery)
+        if not isinstance(gallery, torch.Tensor):
+            raise InvalidInputError(f"gallery must be a tensor of embeddings (N, D), not {type(gallery).__name__}")
         if isinstance(query, str):
             q = self.encode_text([query])[0]
         elif isinstance(query, Image.Image):
             q = self.encode_image([query])[0]
+        elif isinstance(query, torch.Tensor | np.ndarray):
+            q = torch.as_tensor(query).float()
         else:
-            q = query.float()
+            raise InvalidInputError(f"query must be a text, a PIL image or an embedding, not {type(query).__name__}")
         if gallery.ndim != 2 or gallery.shape[1] != q.shape[-1]:
             raise InvalidInputError(
                 f"gallery of shape {tuple(gallery.shape)} does not hold {q.shape[-1]}-d embeddings"
             )
         scores = gallery.float() @ q
-        top = scores.topk(min(k, len(scores)))
+        top = scores.topk(min(int(k), len(scores)))
         return top.indices.tolist(), top.values.tolist()
 
     # --- saving and loading ------------------------------------------------------------------------
@@ -324,10 +362,7 @@ class ChineseCLIP(nn.Module):
         from .tokenization import save_tokenizer_as_folder
 
         out_dir = Path(out_dir)
-        if out_dir.exists() and not overwrite:
-            raise InvalidInputError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-        if not out_dir.parent.is_dir():
-            raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
+        _check_new_folder(out_dir, overwrite)
         tmp = make_temp_dir(out_dir)
         if self.text_head == "projection":
             try:
@@ -395,11 +430,20 @@ class ChineseCLIP(nn.Module):
         text.to(self.dtype).save_pretrained(folder / "text_encoder", safe_serialization=True)
         save_clip_tokenizer(self.tokenizer, folder / "tokenizer", max_length=self.max_length)
 
-    def export_taiyi(self, out_dir: str | os.PathLike) -> Path:
-        """Write the text tower in the published Taiyi-CLIP layout (config, weights, ``vocab.txt``).
+    def export_taiyi(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the text tower in the published Taiyi-CLIP layout (config, weights, ``vocab.txt``), atomically:
+        a temporary folder, then rename.
 
         The result loads with ``BertForSequenceClassification``/``BertModel.from_pretrained`` and with
         :meth:`from_taiyi` given the same image tower.
+
+        Args:
+            out_dir: the folder to create; its parent must exist.
+            overwrite: replace an existing ``out_dir`` instead of refusing.
+
+        Raises:
+            InvalidInputError: ``out_dir`` exists (without ``overwrite``), its parent does not, or the model has a
+                CLIP text tower.
         """
         from .tokenization import save_tokenizer_as_folder
 
@@ -408,15 +452,34 @@ class ChineseCLIP(nn.Module):
                 "a CLIP text tower has no Taiyi-CLIP layout; save_pretrained writes it as CLIP does"
             )
         out_dir = Path(out_dir)
-        self.text_model.save_pretrained(out_dir, safe_serialization=True)
-        save_tokenizer_as_folder(self.tokenizer, out_dir, max_length=512)
+        _check_new_folder(out_dir, overwrite)
+        tmp = make_temp_dir(out_dir)
+        try:
+            self.text_model.save_pretrained(tmp, safe_serialization=True)
+            save_tokenizer_as_folder(self.tokenizer, tmp, max_length=512)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out_dir
 
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike, *, allow_pickle: bool = False, device: str | torch.device | None = None
     ) -> ChineseCLIP:
-        """Load taiyi's own folder format, or a standard CLIP folder (see the module docstring)."""
+        """Load taiyi's own folder format, or a standard CLIP folder (see the module docstring).
+
+        Args:
+            folder: the folder, or a short name / hub id of one (``taiyi-mini-clip``); a published Taiyi-CLIP text
+                tower loads with :func:`load_clip`.
+            allow_pickle: accept pickled ``.bin`` weights.
+            device: ``auto``/None, ``cpu``, ``cuda``…
+
+        Raises:
+            ModelLoadError: no such folder or name, or not a Chinese CLIP folder.
+        """
         from transformers import (
             AutoConfig,
             BertForSequenceClassification,
@@ -428,7 +491,7 @@ class ChineseCLIP(nn.Module):
         from .loading import check_weights
         from .tokenization import check_tokenizer, load_chinese_tokenizer
 
-        folder = Path(folder)
+        folder = Path(folder) if Path(folder).is_dir() else _resolve(folder)[0]  # a short name or hub id
         if (folder / CONFIG_NAME).is_file() and _model_type(
             (folder / CONFIG_NAME).read_text(errors="replace")
         ) == "clip":
@@ -592,6 +655,35 @@ def _vision_with_projection(clip) -> nn.Module:
     return vision.eval()
 
 
+def _texts(texts, what: str) -> list[str]:
+    """One text or a sequence of texts as a non-empty list; anything else is one line."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence):
+        raise InvalidInputError(f"{what} must be a string or a list of strings, not {type(texts).__name__}")
+    if not texts:
+        raise InvalidInputError(f"no {what} to encode" if what == "texts" else f"no {what} given")
+    for text in texts:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{what} must be strings, got {type(text).__name__} ({text!r})")
+    return list(texts)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a whole number, 1 or more, not {batch_size!r}")
+
+
+def _check_new_folder(out_dir: Path, overwrite: bool) -> None:
+    """Before writing a model folder: never replace one unasked, never a file, and its parent must exist."""
+    if out_dir.exists() and not overwrite:
+        raise InvalidInputError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"{out_dir} is a file, not a folder; give a folder name")
+    if not out_dir.parent.is_dir():
+        raise InvalidInputError(f"output folder {out_dir.parent} does not exist; create it first")
+
+
 def _read_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise ModelLoadError(f"Chinese CLIP folder {folder} does not exist")
@@ -603,7 +695,10 @@ def _read_config(folder: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON") from exc
     if config.get("_class_name") != CLASS_NAME:
-        raise ModelLoadError(f"{folder} is not a taiyi Chinese CLIP folder (config.json names no ChineseCLIP)")
+        raise ModelLoadError(
+            f"{folder} is not a taiyi Chinese CLIP folder (config.json names no ChineseCLIP); load a Taiyi-CLIP "
+            "text tower with taiyi.clip.load_clip"
+        )
     return config
 
 

@@ -71,14 +71,21 @@ class WeightedPrompt:
     weight: float = 1.0
 
 
-_WEIGHT = re.compile(r"^(.*?)[:：]\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*$", re.S)
+# A colon right after a digit is text, not a weight: 12:30 (a time), 16:9 (a ratio).
+_WEIGHT = re.compile(r"^(.*?)(?<![0-9])[:：]\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*$", re.S)
 
 
 def parse_prompts(spec: str | Sequence[str]) -> list[WeightedPrompt]:
     """``"东临碣石，以观沧海:2|晚霞:1|文字:-0.5"`` → weighted prompts (Disco's syntax; ``：`` works too).
 
-    A part without ``:weight`` weighs 1. Negative weights push away. The weights must not sum to zero.
+    A part without ``:weight`` weighs 1. Negative weights push away. The weights must not sum to zero. A colon
+    right after a digit is part of the text (``时间 12:30`` is one prompt of weight 1, not ``时间 12`` of weight 30).
+
+    Raises:
+        InvalidInputError: ``spec`` is not text, is empty, or its weights sum to zero.
     """
+    if not isinstance(spec, str) and not (isinstance(spec, Sequence) and all(isinstance(part, str) for part in spec)):
+        raise InvalidInputError(f"prompt must be a string or a list of strings, not {spec!r}"[:200])
     parts = spec.split("|") if isinstance(spec, str) else list(spec)
     out = []
     for part in parts:
@@ -186,11 +193,13 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     Raises:
         ModelLoadError: not such a folder (a raw ``.pt`` checkpoint is pointed to ``taiyi convert``).
+        InvalidInputError: an unknown or unavailable ``device``.
     """
     from .guided_diffusion import load_unet
-    from .loading import check_weights
+    from .loading import check_weights, select_device
     from .models import resolve_model
 
+    device = select_device(device)  # "gpu" or an absent GPU: one line before anything loads
     if Path(model).is_file():
         suffix = Path(model).suffix
         hint = " (convert a guided-diffusion checkpoint first: taiyi convert guided-diffusion CKPT --out DIR)"
@@ -385,6 +394,22 @@ class DiscoSettings:
     color_guidance: float = 0.0
 
     def check(self) -> None:
+        """Raise :class:`InvalidInputError` for the first unusable setting; numpy numbers become Python ones."""
+        for name in ("steps", "cutn", "cut_batches", "skip_steps", "save_every", "recurrence", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, np.integer):
+                setattr(self, name, value := int(value))
+            if not (value is None and name == "seed") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidInputError(f"{name.replace('_', '-')} must be a whole number, not {value!r}")
+        for name in ("eta", "clip_guidance_scale", "tv_scale", "range_scale", "sat_scale", "cut_pow", "clamp_max",
+                     "color_guidance"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, np.floating | np.integer):
+                setattr(self, name, value := float(value))
+            if not (value is None and name == "clamp_max") and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise InvalidInputError(f"{name.replace('_', '-')} must be a number, not {value!r}")
         if not 1 <= self.steps <= 1000:
             raise InvalidInputError(f"steps must be between 1 and 1000, not {self.steps}")
         if self.seed is not None and not 0 <= self.seed < 2**63:  # as taiyi generate: a negative seed is a mistake
@@ -594,7 +619,7 @@ def disco_sample(
     prompt: str | Sequence[str],
     settings: DiscoSettings | None = None,
     *,
-    init_image: Image.Image | None = None,
+    init_image: Image.Image | str | os.PathLike | None = None,
     size: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> DiscoResult:
@@ -605,19 +630,38 @@ def disco_sample(
         clip: from :func:`taiyi.clip.load_clip`.
         prompt: ``"诗句:2|晚霞:1"`` or a list of such parts.
         settings: :class:`DiscoSettings` (defaults if None).
-        init_image: start from this picture (noised to step ``skip_steps``).
+        init_image: start from this picture (PIL image, path or uint8 array), noised to step ``skip_steps``,
+            which must then be 1 or more.
         size: picture side (default: the model's sample size); must be a multiple of 8.
         progress: called with ``(steps done, steps total)``.
+
+    Raises:
+        InvalidInputError: an unusable prompt, setting, size or init image.
     """
+    from .pipeline import as_picture
+
+    if settings is not None and not isinstance(settings, DiscoSettings):
+        raise InvalidInputError(f"settings must be a DiscoSettings, not {type(settings).__name__}")
     s = settings or DiscoSettings()
     s.check()
     prompts = parse_prompts(prompt)
-    side = int(size or model.sample_size)
+    side = model.sample_size if size is None else size  # 0 is refused, not taken as the default
+    if isinstance(side, np.integer):
+        side = int(side)
     step = max(8, model.factor)
-    if side % step or not 32 <= side <= 2048:
-        raise InvalidInputError(f"size must be a multiple of {step} between 32 and 2048, not {side}")
+    if isinstance(side, bool) or not isinstance(side, int) or side % step or not 32 <= side <= 2048:
+        raise InvalidInputError(f"size must be a multiple of {step} between 32 and 2048, not {side!r}")
     if s.skip_steps and init_image is None:
         raise InvalidInputError("skip-steps needs an init image (--init-image)")
+    if init_image is not None and not s.skip_steps:  # the sampler would start from pure noise and ignore it
+        raise InvalidInputError(
+            "an init image needs skip-steps of 1 or more (the steps skipped keep the picture); e.g. --skip-steps "
+            f"{max(1, s.steps // 2)}"
+        )
+    if init_image is not None:
+        init_image = as_picture(init_image, "RGB", "init image")
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"progress must be a function of (step, total), not {type(progress).__name__}")
     device = next(model.unet.parameters()).device
     seed = s.seed if s.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     generator = torch.Generator().manual_seed(seed)

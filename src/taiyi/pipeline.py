@@ -6,7 +6,9 @@ weights) and adds what the Chinese models need: prompt normalisation, encoders o
 long prompts, validated arguments, per-image seeds and the generation parameters of every image.
 
 Seeds: image ``i`` of a run started at seed ``S`` is drawn from its own CPU generator seeded
-``S + i``, so it equals a single-image run with seed ``S + i`` (the same noise on every device).
+``S + i``, so it equals a single-image run with seed ``S + i`` (the same noise on every device) up to
+the float rounding of the batched UNet call (at most 1/255 per pixel); :meth:`TaiyiPipeline.rerender`
+redraws an image within its batch, bit-identically.
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
+def _plain(value):
+    """A numpy scalar (``np.int64`` from ``np.arange``, ``np.float32`` from an array) as the Python number it
+    holds; anything else unchanged, for the checks to judge."""
+    return value.item() if isinstance(value, np.integer | np.floating) else value
+
+
 def _check_range(name: str, value, low, high) -> None:
     """``low <= value <= high``; integer bounds also require an integer (a bool is not one)."""
     if isinstance(low, int) and (isinstance(value, bool) or not isinstance(value, int)):
@@ -133,6 +141,69 @@ def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
         return binary
     blurred = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)))
     return binary * blurred.astype(np.float32) / 255.0
+
+
+# Pillow's convert() clips these at 255 instead of scaling: a mid-grey 16-bit picture would come out white
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def as_picture(
+    image: Image.Image | str | os.PathLike | np.ndarray, mode: str = "RGB", what: str = "image"
+) -> Image.Image:
+    """A PIL image, an image file's path or a uint8 numpy array (H, W[, C]) as a PIL image in ``mode``.
+
+    16-bit and 32-bit greyscale is scaled to 8 bits (as :func:`taiyi.data.decode.to_rgb` does), not clipped.
+
+    Args:
+        image: the picture; a boolean (H, W) array is a mask (True = 255).
+        mode: the PIL mode wanted (``RGB``, ``L``).
+        what: how error messages name it (``image``, ``mask``, ``init image``).
+
+    Raises:
+        InvalidInputError: a missing or unreadable file, an array that is not uint8 pixels, or another type.
+    """
+    from .io import load_image
+
+    if isinstance(image, str | os.PathLike):
+        image = load_image(image, mode=None, what=what)  # mode None: as stored, so 16-bit is scaled below
+    elif isinstance(image, np.ndarray):
+        image = _array_picture(image, what)
+    elif not isinstance(image, Image.Image):
+        raise InvalidInputError(
+            f"{what} must be a PIL image, a file path or a uint8 numpy array, not {type(image).__name__}"
+            + (
+                "; for a (3, H, W) tensor in 0-1: (t.permute(1, 2, 0) * 255).round().byte().numpy()"
+                if isinstance(image, torch.Tensor)
+                else ""
+            )
+        )
+    if image.mode in _HIGH_BIT_MODES:
+        from .data.decode import to_rgb
+
+        image = to_rgb(image)
+    return image.convert(mode)
+
+
+def _array_picture(array: np.ndarray, what: str) -> Image.Image:
+    if array.dtype == np.bool_ and array.ndim == 2:  # a boolean mask: True = redraw
+        return Image.fromarray(array.astype(np.uint8) * 255)
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
+    if array.dtype != np.uint8 or not shape_ok:
+        raise InvalidInputError(
+            f"{what} array is {array.dtype} of shape {array.shape}; give uint8 (H, W) or (H, W, 3) pixels in "
+            "0-255, e.g. (array * 255).round().astype(np.uint8) for floats in 0-1"
+        )
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"progress must be a function of (step, total), not {type(progress).__name__}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"{name} must be a number, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -271,6 +342,8 @@ class TaiyiPipeline:
 
     def _job(self, prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end) -> _Job:
         """Validate the arguments every task shares; the prompt is normalised once here."""
+        if not isinstance(normalize, bool):  # "no" would be true, and normalise
+            raise InvalidInputError(f"normalize must be True or False, not {normalize!r}")
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
         prompts, negatives = self._prepare(
@@ -287,6 +360,7 @@ class TaiyiPipeline:
 
     def _draw(self, job: _Job, pipe, seed, progress, *, size, strength=None, **call_kwargs) -> GenerationResult:
         """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``."""
+        _check_progress(progress)
         seeds = seeds_for(seed, len(job.prompts))
         images, nsfw = self._run(
             pipe,
@@ -430,6 +504,9 @@ class TaiyiPipeline:
             progress: called with ``(step, total)`` after every denoising step.
         """
         self._require_plain_unet("text-to-image")
+        steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height = map(
+            _plain, (steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height)
+        )
         width = self.default_size if width is None else width  # 0 is refused, not taken as the default
         height = self.default_size if height is None else height
         validate_size(width, height)
@@ -469,6 +546,12 @@ class TaiyiPipeline:
             Other arguments as :meth:`generate`; they are shared by every row.
         """
         self._require_plain_unet("text-to-image")
+        if isinstance(prompts, str):  # its characters would be taken for the rows
+            raise InvalidInputError("prompts must be a list of prompts, one per image; for one prompt use generate")
+        steps, guidance, guidance_end, guidance_rescale, width, height = map(
+            _plain, (steps, guidance, guidance_end, guidance_rescale, width, height)
+        )
+        _check_progress(progress)
         n = len(prompts)
         _check_range("rows", n, 1, MAX_IMAGES)
         negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
@@ -494,7 +577,7 @@ class TaiyiPipeline:
             )
             texts += text
             negatives += neg
-        seeds = [seeds_for(s, 1)[0] for s in seeds]
+        seeds = [seeds_for(_plain(s), 1)[0] for s in seeds]
         images, nsfw = self._run(
             self.sd,
             prompts=texts,
@@ -535,11 +618,7 @@ class TaiyiPipeline:
         return float(value)
 
     def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
-        from .io import load_image
-
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
-        image = image.convert("RGB")
+        image = as_picture(image, "RGB", "image")
         # By default the picture's own size, in multiples of 8, scaled down to fit when a side is over the limit
         fit = min(1.0, MAX_SIDE / max(image.width, image.height)) if width is None and height is None else 1.0
         width = max(MIN_SIDE, int(image.width * fit) // 8 * 8) if width is None else width
@@ -573,8 +652,8 @@ class TaiyiPipeline:
         """Image-to-image: redraw ``image`` following ``prompt``.
 
         Args:
-            image: the picture to edit (PIL image or path); resized to ``width``×``height`` (default:
-                its own size rounded down to a multiple of 8).
+            image: the picture to edit (PIL image, path, or uint8 numpy array (H, W[, C])); resized to
+                ``width``×``height`` (default: its own size rounded down to a multiple of 8).
             strength: in (0, 1]; how much is redrawn (1 ignores the input). ``int(steps * strength)``
                 steps are run.
             Other arguments as :meth:`generate`.
@@ -582,6 +661,9 @@ class TaiyiPipeline:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         self._require_plain_unet("image-to-image")
+        strength, steps, guidance, guidance_end, seed, num_images, width, height = map(
+            _plain, (strength, steps, guidance, guidance_end, seed, num_images, width, height)
+        )
         check_strength(strength, steps)
         job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
         image, width, height = self._init_image(image, width, height)
@@ -615,24 +697,25 @@ class TaiyiPipeline:
         input's own. The output has the input's size (processing happens at a multiple of 8).
 
         Args:
-            image: the picture to edit.
-            mask: same size as ``image``; white (≥ 128) = redraw, black = keep.
+            image: the picture to edit (PIL image, path, or uint8 numpy array (H, W[, C])).
+            mask: same size as ``image``; white (≥ 128) = redraw, black = keep (also a path, a uint8 array, or a
+                boolean (H, W) array, True = redraw).
             strength: in (0, 1]; 1 redraws the masked area from noise.
             feather: blur radius in pixels of the paste-back edge (inside the mask only).
             Other arguments as :meth:`generate`.
         """
         from diffusers import StableDiffusionInpaintPipeline
 
-        from .io import load_image
-
+        strength, feather, steps, guidance, guidance_end, seed, num_images = map(
+            _plain, (strength, feather, steps, guidance, guidance_end, seed, num_images)
+        )
         check_strength(strength, steps)
+        _check_number("feather", feather)
         if feather < 0:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
         job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
         image, width, height = self._init_image(image, None, None)
-        if not isinstance(mask, Image.Image):
-            mask = load_image(mask, mode="L", what="mask")
-        mask = mask.convert("L")
+        mask = as_picture(mask, "L", "mask")
         if mask.size != image.size:
             raise InvalidInputError(
                 f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
@@ -732,6 +815,7 @@ def guidance_steps(guidance_end: float, steps: int) -> int:
 
 def check_strength(strength: float, steps: int) -> None:
     _check_range("steps", steps, 1, MAX_STEPS)
+    _check_number("strength", strength)
     if not (0 < strength <= 1):
         raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
     if int(steps * strength) < 1:

@@ -1,0 +1,255 @@
+"""The Python API as a diffusers user drives it: numpy numbers, arrays and paths as inputs, 16-bit pictures,
+wrong types answered in one line, and nothing silently ignored or overwritten."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taiyi.errors import InvalidInputError
+
+PROMPT = "小桥流水人家，油画"
+STEPS = 2
+SEED = 1234
+
+
+def assert_one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message.strip() and "\n" not in message, repr(message)
+    return message
+
+
+def same(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def grey16(value: int, size: int = 64) -> Image.Image:
+    """A 16-bit greyscale picture (mode I;16) of one value in 0-65535."""
+    return Image.fromarray(np.full((size, size), value, dtype=np.uint16))
+
+
+def noise_image(size: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def centre_mask(size: int = 64, margin: int = 16) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[margin : size - margin, margin : size - margin] = True
+    return mask
+
+
+# --- TaiyiPipeline ---------------------------------------------------------------------------------
+
+
+def test_numpy_numbers_draw_as_the_python_numbers_they_hold(pipe_zh):
+    plain = pipe_zh.generate(PROMPT, steps=STEPS, seed=SEED, num_images=2, width=64, guidance=5.0)
+    numpy = pipe_zh.generate(
+        PROMPT,
+        steps=np.int64(STEPS),
+        seed=np.arange(SEED, SEED + 1)[0],
+        num_images=np.int32(2),
+        width=np.int64(64),
+        guidance=np.float32(5.0),
+    )
+    assert all(same(a, b) for a, b in zip(plain.images, numpy.images, strict=True))
+    assert numpy.parameters == plain.parameters and type(numpy.parameters[0].seed) is int
+
+
+def test_a_16_bit_picture_is_scaled_to_8_bits_not_clipped_to_white(pipe_zh, tmp_path):
+    eight_bit = Image.new("L", (64, 64), round(30000 / 257))
+    expected = pipe_zh.edit(eight_bit, PROMPT, steps=STEPS, seed=SEED).images[0]
+    assert same(pipe_zh.edit(grey16(30000), PROMPT, steps=STEPS, seed=SEED).images[0], expected)
+    grey16(30000).save(tmp_path / "grey16.png")  # read back as I;16 too
+    assert same(pipe_zh.edit(tmp_path / "grey16.png", PROMPT, steps=STEPS, seed=SEED).images[0], expected)
+
+
+def test_uint8_arrays_and_boolean_masks_are_pictures(pipe_zh):
+    image = noise_image()
+    expected = pipe_zh.edit(image, PROMPT, steps=STEPS, seed=SEED).images[0]
+    assert same(pipe_zh.edit(np.asarray(image), PROMPT, steps=STEPS, seed=SEED).images[0], expected)
+    mask = centre_mask()
+    inpainted = pipe_zh.inpaint(image, Image.fromarray(mask.astype(np.uint8) * 255), PROMPT, steps=STEPS, seed=SEED)
+    from_array = pipe_zh.inpaint(np.asarray(image), mask, PROMPT, steps=STEPS, seed=SEED)
+    assert same(from_array.images[0], inpainted.images[0])
+
+
+BAD_CALLS = {
+    "image None": lambda p: p.edit(None, PROMPT, steps=STEPS),
+    "image tensor": lambda p: p.edit(torch.zeros(3, 64, 64), PROMPT, steps=STEPS),
+    "image float array": lambda p: p.edit(np.zeros((64, 64, 3), np.float32), PROMPT, steps=STEPS),
+    "mask float array": lambda p: p.inpaint(noise_image(), np.ones((64, 64), np.float32), PROMPT, steps=STEPS),
+    "strength text": lambda p: p.edit(noise_image(), PROMPT, strength="0.5", steps=STEPS),
+    "strength None": lambda p: p.edit(noise_image(), PROMPT, strength=None, steps=STEPS),
+    "feather text": lambda p: p.inpaint(noise_image(), centre_mask(), PROMPT, feather="x", steps=STEPS),
+    "normalize text": lambda p: p.generate(PROMPT, normalize="no", steps=STEPS),
+    "progress not callable": lambda p: p.generate(PROMPT, progress=3, steps=STEPS),
+    "many: progress not callable": lambda p: p.generate_many([PROMPT], progress=3, steps=STEPS),
+    "many: one string of prompts": lambda p: p.generate_many("山水", steps=STEPS),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_wrong_types_are_one_line_before_any_drawing(pipe_zh, monkeypatch, case):
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drew before refusing the input")
+
+    monkeypatch.setattr(type(pipe_zh), "_run", no_drawing)
+    with pytest.raises(InvalidInputError) as exc_info:
+        BAD_CALLS[case](pipe_zh)
+    assert_one_line(exc_info)
+
+
+# --- Chinese CLIP ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from taiyi.clip import load_clip
+
+    return load_clip("taiyi-mini-clip", device="cpu")
+
+
+def test_clip_from_pretrained_takes_a_short_name(clip):
+    from taiyi.clip import ChineseCLIP
+
+    by_name = ChineseCLIP.from_pretrained("taiyi-mini-clip", device="cpu")
+    torch.testing.assert_close(by_name.encode_text("山水"), clip.encode_text("山水"), atol=0, rtol=0)
+
+
+def test_clip_encodes_paths_arrays_and_16_bit_pictures(clip, tmp_path):
+    image = noise_image(48)
+    image.save(tmp_path / "a.png")
+    expected = clip.encode_image([image])
+    torch.testing.assert_close(clip.encode_image(tmp_path / "a.png"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(clip.encode_image([str(tmp_path / "a.png")]), expected, atol=0, rtol=0)
+    torch.testing.assert_close(clip.encode_image(np.asarray(image)), expected, atol=0, rtol=0)
+    eight_bit = clip.encode_image(Image.new("L", (48, 48), round(30000 / 257)))
+    torch.testing.assert_close(clip.encode_image(grey16(30000, 48)), eight_bit, atol=0, rtol=0)
+
+
+def test_zero_shot_refuses_one_string_of_labels_and_takes_one_template(clip):
+    image = noise_image(48)
+    with pytest.raises(InvalidInputError, match="list of class names") as exc_info:
+        clip.zero_shot(image, "山水")  # would be the labels 山 and 水
+    assert_one_line(exc_info)
+    one = clip.zero_shot(image, ["山", "水"], templates="一张{}的图")
+    torch.testing.assert_close(one, clip.zero_shot(image, ["山", "水"], templates=["一张{}的图"]))
+
+
+CLIP_BAD_CALLS = {
+    "texts None": lambda c: c.encode_text(None),
+    "texts with None": lambda c: c.encode_text(["山", None]),
+    "text batch 0": lambda c: c.encode_text(["山", "水"], batch_size=0),
+    "image None": lambda c: c.encode_image(None),
+    "image tensor": lambda c: c.encode_image(torch.zeros(3, 32, 32)),
+    "image batch 0": lambda c: c.encode_image([noise_image(32)], batch_size=0),
+    "template field": lambda c: c.zero_shot(noise_image(32), ["山"], templates=["{}的{x}"]),
+    "labels with None": lambda c: c.zero_shot(noise_image(32), ["山", None]),
+    "retrieve k -1": lambda c: c.retrieve("山水", torch.zeros(2, c.text_dim), k=-1),
+    "retrieve gallery list": lambda c: c.retrieve("山水", [[0.0] * c.text_dim]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIP_BAD_CALLS))
+def test_clip_wrong_inputs_are_one_line(clip, case):
+    with pytest.raises(InvalidInputError) as exc_info:
+        CLIP_BAD_CALLS[case](clip)
+    assert_one_line(exc_info)
+
+
+def test_retrieve_takes_numpy_embeddings(clip):
+    gallery = clip.encode_image([noise_image(32, 0), noise_image(32, 1)])
+    assert clip.retrieve("山水", gallery.numpy(), k=1) == clip.retrieve("山水", gallery, k=1)
+
+
+def test_export_taiyi_never_replaces_a_folder_unasked(clip, tmp_path):
+    out = tmp_path / "tower"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    with pytest.raises(InvalidInputError, match="overwrite") as exc_info:
+        clip.export_taiyi(out)
+    assert_one_line(exc_info)
+    assert (out / "config.json").read_text() == "mine"
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        clip.export_taiyi(tmp_path / "missing" / "tower")
+    clip.export_taiyi(out, overwrite=True)
+    assert (out / "vocab.txt").is_file() and (out / "config.json").read_text() != "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["tower"]  # no temporary folder left behind
+
+
+# --- Disco -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uncond():
+    from taiyi.disco import load_uncond
+
+    return load_uncond("taiyi-mini-uncond")
+
+
+def disco_settings(**overrides):
+    from taiyi.disco import DiscoSettings
+
+    return DiscoSettings(**{"steps": 2, "cutn": 2, "seed": 5, **overrides})
+
+
+def test_a_trailing_time_is_text_not_a_weight():
+    from taiyi.disco import WeightedPrompt, parse_prompts
+
+    assert parse_prompts("时间 12:30") == [WeightedPrompt("时间 12:30", 1.0)]
+    assert parse_prompts("晚霞:2|16:9 的画面") == [WeightedPrompt("晚霞", 2.0), WeightedPrompt("16:9 的画面", 1.0)]
+
+
+def test_an_init_image_without_skipped_steps_is_refused_not_ignored(uncond, clip):
+    from taiyi.disco import disco_sample
+
+    with pytest.raises(InvalidInputError, match="skip-steps") as exc_info:
+        disco_sample(uncond, clip, "夜晚", disco_settings(), init_image=noise_image())
+    assert_one_line(exc_info)
+
+
+def test_disco_init_image_from_a_path_or_array_and_numpy_settings(uncond, clip, tmp_path):
+    from taiyi.disco import disco_sample
+
+    init = noise_image()
+    init.save(tmp_path / "init.png")
+    expected = disco_sample(uncond, clip, "夜晚", disco_settings(skip_steps=1), init_image=init).image
+    from_path = disco_sample(uncond, clip, "夜晚", disco_settings(skip_steps=1), init_image=tmp_path / "init.png")
+    assert same(from_path.image, expected)
+    settings = disco_settings(skip_steps=np.int64(1), seed=np.int64(5), eta=np.float32(0.8))
+    from_numpy = disco_sample(uncond, clip, "夜晚", settings, init_image=np.asarray(init), size=np.int64(64))
+    assert same(from_numpy.image, expected) and from_numpy.settings["seed"] == 5
+
+
+DISCO_BAD_CALLS = {
+    "prompt None": lambda u, c, s: s(u, c, None, disco_settings()),
+    "prompt list with None": lambda u, c, s: s(u, c, ["山水", None], disco_settings()),
+    "fractional steps": lambda u, c, s: s(u, c, "山水", disco_settings(steps=2.5)),
+    "fractional seed": lambda u, c, s: s(u, c, "山水", disco_settings(seed=1.5)),
+    "fractional cutn": lambda u, c, s: s(u, c, "山水", disco_settings(cutn=2.5)),
+    "eta None": lambda u, c, s: s(u, c, "山水", disco_settings(eta=None)),
+    "settings dict": lambda u, c, s: s(u, c, "山水", {"steps": 2}),
+    "size 0": lambda u, c, s: s(u, c, "山水", disco_settings(), size=0),
+    "fractional size": lambda u, c, s: s(u, c, "山水", disco_settings(), size=64.5),
+    "init image None in a list": lambda u, c, s: s(u, c, "山水", disco_settings(skip_steps=1), init_image=[1]),
+}
+
+
+@pytest.mark.parametrize("case", list(DISCO_BAD_CALLS))
+def test_disco_wrong_inputs_are_one_line(uncond, clip, case):
+    from taiyi.disco import disco_sample
+
+    with pytest.raises(InvalidInputError) as exc_info:
+        DISCO_BAD_CALLS[case](uncond, clip, disco_sample)
+    assert_one_line(exc_info)
+
+
+def test_load_uncond_names_a_wrong_device_in_one_line():
+    from taiyi.disco import load_uncond
+
+    with pytest.raises(InvalidInputError, match="unknown device") as exc_info:
+        load_uncond("taiyi-mini-uncond", device="gpu")
+    assert_one_line(exc_info)
