@@ -253,3 +253,25 @@ def test_load_uncond_names_a_wrong_device_in_one_line():
     with pytest.raises(InvalidInputError, match="unknown device") as exc_info:
         load_uncond("taiyi-mini-uncond", device="gpu")
     assert_one_line(exc_info)
+
+
+def test_a_long_prompt_is_one_warning_not_three(pipe_zh, log_warnings):
+    """Only taiyi's line: not diffusers' token-by-token dump of the dropped end, nor transformers' length notice."""
+    import logging
+
+    quieted = [logging.getLogger(n) for n in ("transformers.tokenization_utils_base",
+                                              type(pipe_zh.sd).encode_prompt.__module__)]  # fmt: skip
+    before = [lg.level for lg in quieted]
+    library = logging.getLogger("transformers")
+    saved = library.propagate, library.level
+    library.propagate = True
+    library.setLevel(logging.WARNING)
+    try:
+        with log_warnings.at_level(logging.WARNING):
+            pipe_zh.generate("小桥流水人家" * 100, steps=1, seed=SEED)
+    finally:
+        library.propagate, _ = saved
+        library.setLevel(saved[1])
+    said = [(r.name, r.getMessage()[:40]) for r in log_warnings.records if r.levelno >= logging.WARNING]
+    assert said == [("taiyi", "prompt is 600 tokens but the text encode")]
+    assert [lg.level for lg in quieted] == before  # put back as they were

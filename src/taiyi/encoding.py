@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 
 logger = logging.getLogger("taiyi")
+TOKENIZER_LOGGER = "transformers.tokenization_utils_base"  # its "Token indices sequence length" warning
 
 
 def is_bert(text_encoder) -> bool:
@@ -24,7 +26,23 @@ def is_bert(text_encoder) -> bool:
 
 
 def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    # verbose=False: counting is not running it through the model, which transformers would warn about
+    return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+
+
+@contextmanager
+def _quiet_truncation(sd):
+    """diffusers logs the dropped end of a long prompt token by token, and its untruncated tokenisation makes
+    transformers warn too; :func:`warn_truncated` has said it in one line."""
+    loggers = [logging.getLogger(type(sd).encode_prompt.__module__), logging.getLogger(TOKENIZER_LOGGER)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _window(tokenizer) -> int:
@@ -57,7 +75,7 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     unk = tokenizer.unk_token_id
     if unk is None or not getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
         return []
-    encoded = tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False)
     spans = [text[a:b] for i, (a, b) in zip(encoded.input_ids, encoded["offset_mapping"], strict=True) if i == unk]
     return list(dict.fromkeys(spans))
 
@@ -68,7 +86,8 @@ def warn_unknown(tokenizer, texts: Iterable[str]) -> None:
         words = unknown_words(tokenizer, text)
         if not words:
             continue
-        known = any(i != tokenizer.unk_token_id for i in tokenizer(text, add_special_tokens=False).input_ids)
+        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        known = any(i != tokenizer.unk_token_id for i in ids)
         logger.warning(
             "the text encoder's vocabulary lacks %s in %r: %s",
             "、".join(words),
@@ -127,7 +146,7 @@ def _encode_cached(sd, texts: list[str], device, cache: PromptCache, tag: tuple)
     """Rows of stock ``encode_prompt`` for ``texts`` (B, L, D), the uncached ones encoded in one batch."""
     missing = list(dict.fromkeys(t for t in texts if cache.get((tag, t)) is None))
     if missing:
-        with torch.no_grad():  # cached rows must not hold an autograd graph
+        with torch.no_grad(), _quiet_truncation(sd):  # cached rows must not hold an autograd graph
             embeds, _ = sd.encode_prompt(missing, device, 1, False)
         for text, row in zip(missing, embeds, strict=True):
             cache.put((tag, text), row)
@@ -171,9 +190,10 @@ def encode_prompts(
         if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
             rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)
             return rows[: len(prompts)], (rows[len(prompts) :] if do_cfg else None)
-        embeds, negative = sd.encode_prompt(
-            prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
-        )
+        with _quiet_truncation(sd):
+            embeds, negative = sd.encode_prompt(
+                prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
+            )
         return embeds, negative
     # CLIP with a long prompt: chunks of 75 tokens, every row padded to the same chunk count.
     texts = prompts + (negative_prompts if do_cfg else [])
