@@ -275,3 +275,26 @@ def test_a_long_prompt_is_one_warning_not_three(pipe_zh, log_warnings):
     said = [(r.name, r.getMessage()[:40]) for r in log_warnings.records if r.levelno >= logging.WARNING]
     assert said == [("taiyi", "prompt is 600 tokens but the text encode")]
     assert [lg.level for lg in quieted] == before  # put back as they were
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, 16])
+def test_a_dtype_taiyi_does_not_run_is_one_line_before_loading(tiny_zh, dtype):
+    from taiyi import load_pipeline
+
+    with pytest.raises(InvalidInputError) as exc_info:
+        load_pipeline(tiny_zh, dtype=dtype)
+    assert "float32, float16 or bfloat16" in assert_one_line(exc_info) or "a name or a torch.dtype" in str(
+        exc_info.value
+    )
+
+
+def test_float16_on_cpu_loads_without_diffusers_saying_it_cannot_run(tiny_zh, log_warnings):
+    import logging
+
+    from taiyi import load_pipeline
+
+    with log_warnings.at_level(logging.WARNING):
+        pipe = load_pipeline(tiny_zh, dtype="fp16", device="cpu", safety_checker=False)
+        image = pipe.generate(PROMPT, steps=1, seed=SEED).images[0]  # it does run
+    assert pipe.dtype == torch.float16 and image.size == (64, 64)
+    assert not [r.getMessage() for r in log_warnings.records if "cannot run with `cpu`" in r.getMessage()]

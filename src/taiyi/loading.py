@@ -60,9 +60,13 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
 def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/``"auto"``: float16 on GPUs, float32 on CPU (half precision on CPU is slow and lossy)."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():  # an integer or float64 model would fail deep inside diffusers
+            raise InvalidInputError(f"dtype {dtype} is not one taiyi runs; use float32, float16 or bfloat16")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if not isinstance(dtype, str):
+        raise InvalidInputError(f"dtype must be a name or a torch.dtype, not {dtype!r}")
     name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPES:
         raise InvalidInputError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
@@ -208,7 +212,7 @@ def load_stable_diffusion(
     check_tokenizer(sd.tokenizer, sd.text_encoder, where=str(folder))
     use_decode_padding(sd.vae)
     sd.set_progress_bar_config(disable=True)
-    return sd.to(device)
+    return sd.to(device, silence_dtype_warnings=True)  # float16 runs on CPU (tested); diffusers says it fails
 
 
 # A VAE whose decoder was trained on padded latents says so in its config.json; diffusers keeps a key that
