@@ -127,6 +127,18 @@ def test_half_precision_on_cpu_loads_the_fp16_variant_files(marked_fp16, dtype):
     assert result.parameters[0].dtype == str(dtype).removeprefix("torch.")
 
 
+def test_an_explicit_variant_loads_it_and_a_missing_one_is_named(marked_fp16):
+    pipe = load_pipeline(marked_fp16, dtype="float32", variant="fp16", safety_checker=False)
+    bias = pipe.sd.unet.conv_in.bias
+    assert pipe.sd.unet.dtype == torch.float32 and torch.equal(bias, torch.full_like(bias, 0.5))
+    with pytest.raises(ModelLoadError) as exc_info:
+        load_pipeline(marked_fp16, variant="fp8")
+    assert assert_one_line(exc_info) == (
+        f"{marked_fp16} has no 'fp8' variant (no unet/*.fp8.safetensors); leave the variant out to load its plain "
+        "weights"
+    )
+
+
 def test_float32_ignores_the_fp16_variant_files(marked_fp16, tiny_zh):
     pipe = load_pipeline(marked_fp16, dtype="float32", safety_checker=False)
     assert pipe.sd.unet.dtype == torch.float32

@@ -187,6 +187,11 @@ def load_stable_diffusion(
 
     if variant is None and dtype in (torch.float16, torch.bfloat16) and has_variant(folder, "fp16"):
         variant = "fp16"  # half-size files, same weights
+    elif variant is not None and not any(f".{variant}." in p.name for p in (folder / "unet").glob("*")):
+        raise ModelLoadError(
+            f"{folder} has no {variant!r} variant (no unet/*.{variant}.safetensors); leave the variant out to load "
+            "its plain weights"
+        )
     # Old repos name CLIPFeatureExtractor (gone in transformers 5): diffusers substitutes CLIPImageProcessor.
     check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
     kwargs: dict = {"dtype": dtype, "use_safetensors": None if allow_pickle else True}
