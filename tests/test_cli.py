@@ -452,3 +452,20 @@ def test_words_the_chinese_vocabulary_lacks_are_named_once(capsys, tmp_path, tin
         code, _, err = run(capsys, "generate", "小桥流水 sunset🌊" if model == tiny_en else "小桥流水人家",
                            "-m", model, *FAST, "-o", tmp_path / f"{model.name}.png")  # fmt: skip
         assert code == 0 and err == ""
+
+
+def test_a_phone_photo_is_edited_upright_and_a_16_bit_one_not_as_white(capsys, tmp_path, tiny_zh):
+    """Its EXIF rotation applied (as diffusers' load_image does), and 16-bit grey scaled, not clipped to 255."""
+    stored = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 128, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif)
+    code, _, err = run(capsys, "edit", tmp_path / "phone.jpg", "山", "-m", tiny_zh, *FAST, "-o", tmp_path / "e.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "e.png").size == (64, 128)  # displayed 64 wide, 128 tall; stored 128 x 64
+
+    from taiyi.io import load_image
+
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert np.asarray(load_image(tmp_path / "grey16.png")).max() == round(30000 / 257)  # Pillow alone: 255
+    assert np.asarray(load_image(tmp_path / "grey16.png", mode="L")).max() == round(30000 / 257)

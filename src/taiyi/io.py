@@ -9,7 +9,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInputError, OutputError
 
@@ -27,8 +27,9 @@ DIR_MODE = 0o777 & ~_umask()
 MAX_INPUT_PIXELS = 4096 * 4096  # larger inputs are refused rather than decoded (decompression bombs)
 
 
-def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image") -> Image.Image:
-    """Open an image file fully, converted to ``mode``; one-line errors for anything unusable."""
+def load_image(path: str | os.PathLike, *, mode: str | None = "RGB", what: str = "image") -> Image.Image:
+    """Open an image file fully, upright (its EXIF rotation applied) and converted to ``mode`` (None: as stored,
+    16-bit greyscale scaled to 8 bits); one-line errors for anything unusable."""
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"{what} {path} is a folder; give an image file")
@@ -39,7 +40,7 @@ def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise InvalidInputError(f"{what} {path} is {im.width}x{im.height}; the largest accepted is 4096x4096")
             im.load()
-            return im.convert(mode)
+            return _upright_8bit(im).convert(mode) if mode else _upright_8bit(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, InvalidInputError):
             raise
@@ -50,6 +51,20 @@ def load_image(path: str | os.PathLike, *, mode: str = "RGB", what: str = "image
         else:  # truncated data, a broken header or chunk
             reason = f"damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         raise InvalidInputError(f"{what} {path} is not a readable image: {reason}") from exc
+
+
+def _upright_8bit(image: Image.Image) -> Image.Image:
+    """As displayed, in 8 bits: the EXIF rotation applied (diffusers' ``load_image`` does too; a phone photo is
+    stored sideways), and 16-bit or 32-bit greyscale scaled, where Pillow's ``convert`` would clip it to white."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is no reason to refuse the picture
+        pass
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        from .data.decode import to_rgb
+
+        image = to_rgb(image)
+    return image
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
