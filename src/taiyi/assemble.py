@@ -30,7 +30,7 @@ from typing import Annotated
 import typer
 
 from .errors import InvalidInputError, ModelLoadError
-from .io import make_temp_dir
+from .io import atomic_folder
 
 logger = logging.getLogger("taiyi")
 
@@ -137,9 +137,8 @@ def write_pipeline_folder(
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it or choose a new --out")
     if not out.parent.is_dir():
         raise InvalidInputError(f"output folder {out.parent} does not exist; create it first")
-    tmp = make_temp_dir(out)
     index: dict = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
-    try:
+    with atomic_folder(out) as tmp:
         for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
             if isinstance(part, str | os.PathLike):
                 shutil.copytree(part, tmp / name)
@@ -158,12 +157,6 @@ def write_pipeline_folder(
         index["feature_extractor"] = [None, None]
         index["requires_safety_checker"] = False
         (tmp / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import InvalidInputError, ModelLoadError
-from .io import make_temp_dir
+from .io import atomic_folder
 
 logger = logging.getLogger("taiyi")
 
@@ -363,29 +362,15 @@ class ChineseCLIP(nn.Module):
 
         out_dir = Path(out_dir)
         _check_new_folder(out_dir, overwrite)
-        tmp = make_temp_dir(out_dir)
-        if self.text_head == "projection":
-            try:
+        with atomic_folder(out_dir) as tmp:
+            if self.text_head == "projection":
                 self._save_clip_folder(tmp)
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)
-                os.replace(tmp, out_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return out_dir
-        try:
-            self.text_model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-            self.vision_model.save_pretrained(tmp / "image_encoder", safe_serialization=True)
-            self.image_processor.save_pretrained(tmp / "image_processor")
-            save_tokenizer_as_folder(self.tokenizer, tmp / "tokenizer", max_length=self.max_length)
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            else:
+                self.text_model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.vision_model.save_pretrained(tmp / "image_encoder", safe_serialization=True)
+                self.image_processor.save_pretrained(tmp / "image_processor")
+                save_tokenizer_as_folder(self.tokenizer, tmp / "tokenizer", max_length=self.max_length)
+                (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
         return out_dir
 
     def to_clip_model(self):
@@ -453,16 +438,9 @@ class ChineseCLIP(nn.Module):
             )
         out_dir = Path(out_dir)
         _check_new_folder(out_dir, overwrite)
-        tmp = make_temp_dir(out_dir)
-        try:
+        with atomic_folder(out_dir) as tmp:
             self.text_model.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer_as_folder(self.tokenizer, tmp, max_length=512)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
     @classmethod

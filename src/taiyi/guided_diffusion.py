@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .errors import InvalidInputError, OutputError
-from .io import FILE_MODE, make_temp_dir
+from .io import FILE_MODE, atomic_folder
 
 __all__ = [
     "ADMConfig",
@@ -788,15 +787,8 @@ def convert_guided_diffusion(
     except RuntimeError as exc:  # a mapping bug, not a user mistake: keep the details
         raise RuntimeError(f"converted weights do not fit {cls.__name__}: {exc}") from exc
 
-    tmp = make_temp_dir(out_dir)
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for path in tmp.iterdir():
             os.chmod(path, FILE_MODE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
     return out_dir

@@ -6,7 +6,10 @@ import errno
 import io
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -118,6 +121,28 @@ def make_temp_dir(out: Path) -> Path:
         raise OutputError(f"could not write {out}: {exc.strerror or exc}") from exc
     os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private
     return tmp
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Write a folder atomically: fill the temporary folder this yields; on success it replaces ``out`` (an
+    existing ``out`` is removed first: check ``overwrite`` before), on any error it is removed and ``out`` stays.
+
+    Raises:
+        OutputError: the folder cannot be created or written (no permission, a full disk).
+    """
+    tmp = make_temp_dir(out)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _unlink_quietly(path: str) -> None:

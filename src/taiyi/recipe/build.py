@@ -96,7 +96,7 @@ def copy_embedded_probe(out: Path, preset, config) -> Path:  # noqa: ARG001 (a s
         InvalidInputError: this installation has no embedded probe, it judges pictures of another size than
             the preset's, or ``OUT/probe`` holds an unfinished probe of an earlier ``--train-probe`` run.
     """
-    from ..io import make_temp_dir
+    from ..io import atomic_folder
     from ..models import bundled_model
     from .probe import CONFIG_NAME, WEIGHTS_NAME, AttributeProbe
 
@@ -114,14 +114,9 @@ def copy_embedded_probe(out: Path, preset, config) -> Path:  # noqa: ARG001 (a s
         raise InvalidInputError(
             f"{target} holds an unfinished probe of an earlier run; continue it with --train-probe, or remove it"
         )
-    tmp = make_temp_dir(target)
-    try:
+    with atomic_folder(target) as tmp:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copyfile(source / name, tmp / name)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
