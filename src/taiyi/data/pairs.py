@@ -156,7 +156,7 @@ class _TableRows:
     def image_file(self, index: int) -> Path:
         image_ref = self.rows[index][0]
         if image_ref is None:
-            raise SkipSample("invalid row")
+            raise SkipSample(_row_problem(self.rows[index][1]))
         if not image_ref.strip():
             raise SkipSample("missing image")
         return self.base / image_ref.strip()  # an absolute path stays absolute
@@ -164,12 +164,22 @@ class _TableRows:
     def caption(self, index: int) -> str:
         image_ref, caption_value = self.rows[index]
         if image_ref is None:
-            raise SkipSample("invalid row")
+            raise SkipSample(_row_problem(caption_value))
         return clean_caption(caption_value)
 
     def read(self, index: int) -> Pair:
         caption = self.caption(index)
         return Pair(str(index), _read_image(self.image_file(index)), caption, image_id=self.rows[index][0].strip())
+
+
+# A CSV row with more fields than its header: a caption with an unquoted comma, cut at the comma.
+_EXTRA_FIELDS = "row with more fields than the header (unquoted comma?)"
+
+
+def _row_problem(caption_value: object) -> str:
+    """Why a row whose image is None is unusable: this very reason stored in its caption's place, or any other
+    problem (a short row, a JSONL image that is not a path)."""
+    return _EXTRA_FIELDS if caption_value is _EXTRA_FIELDS else "invalid row"
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -513,6 +523,8 @@ def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[
                 continue  # blank line
             if len(row) <= max(image_at, caption_at):
                 rows.append((None, None))
+            elif any(field.strip() for field in row[len(header) :]):
+                rows.append((None, _EXTRA_FIELDS))  # reading it would train on half a caption
             else:
                 rows.append((row[image_at], row[caption_at]))
     except csv.Error as exc:

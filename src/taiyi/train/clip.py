@@ -965,7 +965,7 @@ def train_clip(config: ClipTrainConfig) -> dict:
             if main:
                 logger.info("--resume %s: %s has no checkpoint yet; starting the run", config.resume, output)
         else:
-            state = load_checkpoint(accelerator, checkpoint)
+            state = load_checkpoint(accelerator, checkpoint, total_steps)
             if state.get("num_processes", world) != world and main:
                 logger.warning(
                     "resuming with %d processes a run saved with %d: same data order, but float sums differ",

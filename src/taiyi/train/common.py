@@ -137,7 +137,8 @@ def check_output_dir(
 
     Raises:
         InvalidInputError: the folder holds something else, or another run and neither ``--resume``
-            nor ``--overwrite`` was given, or ``--resume`` with settings that change the run.
+            nor ``--overwrite`` was given, or ``--resume`` with settings that change the run (``--resume PATH``
+            naming another run's checkpoint: that run's recorded settings).
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -151,10 +152,7 @@ def check_output_dir(
             raise InvalidInputError(
                 f"{recorded_path} is unreadable ({exc}); remove it or choose a new --output"
             ) from exc
-        recorded = {**{k: v for k, v in ADDED_SETTINGS.items() if k in config}, **recorded}
-        changed = sorted(
-            k for k in set(recorded) | set(config) if k not in ignore and recorded.get(k) != config.get(k)
-        )
+        changed = _changed_settings(recorded, config, ignore)
         if overwrite:
             return
         if resume is None:
@@ -173,6 +171,47 @@ def check_output_dir(
         raise InvalidInputError(
             f"output {output} is not empty and holds no taiyi training run; choose a new --output or pass --overwrite"
         )
+    if resume not in (None, "latest"):
+        _check_checkpoint_run(output, config, resume, ignore)
+
+
+def _changed_settings(recorded: dict, config: dict, ignore: set[str]) -> list[str]:
+    """The settings that differ between a recorded run and this one (settings added since count as their old value)."""
+    recorded = {**{k: v for k, v in ADDED_SETTINGS.items() if k in config}, **recorded}
+    return sorted(k for k in set(recorded) | set(config) if k not in ignore and recorded.get(k) != config.get(k))
+
+
+def _check_checkpoint_run(output: Path, config: dict, resume: str, ignore: set[str]) -> None:
+    """``--resume PATH`` naming another run's checkpoint continues that run: its recorded settings must be this
+    run's (the optimizer and schedule come from the checkpoint, so a changed --lr or --data would be recorded
+    but not used)."""
+    path = _resume_path(output, resume)
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
+    if run_dir is None or not (run_dir / RUN_CONFIG).is_file() or run_dir.resolve() == output.resolve():
+        return  # a checkpoint of --output itself (checked above), or one without a recorded run
+    try:
+        recorded = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(recorded, dict):
+        return
+    if set(config) - set(recorded) - set(ADDED_SETTINGS) or set(recorded) - set(config):
+        return  # another kind of run: loading its checkpoint says it does not fit
+    changed = _changed_settings(recorded, config, ignore)
+    if changed:
+        shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {config.get(k)!r}" for k in changed[:3])
+        raise InvalidInputError(
+            f"--resume {resume} is a checkpoint of the run in {run_dir}, which had other settings ({shown}); "
+            f"resume it with those settings (see {run_dir / RUN_CONFIG}) or start without --resume"
+        )
+
+
+def _resume_path(output: Path, resume: str) -> Path:
+    """The folder ``--resume PATH`` names: the path itself, or a checkpoint name inside ``output``."""
+    path = Path(resume)
+    if not path.exists() and (Path(output) / CHECKPOINTS / resume).exists():
+        path = Path(output) / CHECKPOINTS / resume
+    return path
 
 
 def record_run(output: Path, config: dict, *, overwrite: bool = False) -> None:
@@ -236,9 +275,7 @@ def resolve_resume(output: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = list_checkpoints(output)
         return found[-1] if found else None
-    path = Path(resume)
-    if not path.exists() and (Path(output) / CHECKPOINTS / resume).exists():
-        path = Path(output) / CHECKPOINTS / resume
+    path = _resume_path(output, resume)
     if not (path / TRAINER_STATE).is_file():
         raise InvalidInputError(
             f"--resume {resume}: no complete checkpoint there (no {TRAINER_STATE}); give 'latest' or a folder "
@@ -333,12 +370,25 @@ def _checkpoint_error(output: Path, final: Path, failure: OSError | None) -> Out
     return OutputError(f"{what} while writing checkpoint {final} (removed, nothing half-written is left); {kept}")
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore the accelerate state saved by :func:`save_checkpoint`; returns its trainer state."""
+def load_checkpoint(accelerator, path: Path, total_steps: int | None = None) -> dict:
+    """Restore the accelerate state saved by :func:`save_checkpoint`; returns its trainer state.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        path: the checkpoint folder.
+        total_steps: the run's last step: a checkpoint past it is refused (resuming it would train nothing and
+            export the checkpoint's later weights as this run's result).
+    """
     try:
         state = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"checkpoint {path} is unreadable ({TRAINER_STATE}: {exc})") from exc
+    step = state.get("step") if isinstance(state, dict) else None
+    if total_steps is not None and isinstance(step, int) and step > total_steps:
+        raise InvalidInputError(
+            f"checkpoint {path} is at step {step}, past this run's {total_steps} steps; resume it with --max-steps "
+            f"{step} or more, or give an earlier checkpoint"
+        )
     try:
         accelerator.load_state(str(path))
     except FileNotFoundError as exc:

@@ -103,9 +103,24 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def instance_manifest(folder: Path, prompt: str, out: Path) -> Path:
-    """A JSONL pair list: every image under ``folder`` captioned ``prompt``."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def instance_manifest(folder: Path, prompt: str, out: Path, exclude: tuple[Path, ...] = ()) -> Path:
+    """A JSONL pair list: every image under ``folder`` captioned ``prompt``.
+
+    Images under ``exclude`` (the run's own output folder, the class images) and hidden files and folders are left
+    out: an --output inside --instance-data must not feed the run's class images, validation grids and loss plot
+    back in as photos of the subject when it resumes.
+    """
+    skip = [p.resolve() for p in exclude if not folder.resolve().is_relative_to(p.resolve())]
+
+    def wanted(path: Path) -> bool:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            return False
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            return False
+        resolved = path.resolve()
+        return not any(resolved.is_relative_to(other) for other in skip)
+
+    images = sorted(p for p in folder.rglob("*") if wanted(p))
     if not images:
         raise InvalidInputError(f"--instance-data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     rows = [json.dumps({"image": str(p.resolve()), "caption": prompt}, ensure_ascii=False) for p in images]
@@ -202,7 +217,8 @@ def train_dreambooth(config: DreamBoothConfig) -> dict:
     check_output_dir(
         output, run.to_json(), resume=config.resume, overwrite=config.overwrite, may_differ=RESUMABLE_CHANGES
     )
-    instance_manifest(folder, config.instance_prompt, lists / "instance.jsonl")
+    own = (output, *([Path(config.class_data_dir)] if config.class_data_dir else []))
+    instance_manifest(folder, config.instance_prompt, lists / "instance.jsonl", exclude=own)
     class_dir, drawn = None, 0
     if run.prior_data is not None:
         class_dir, drawn = class_images(config, output)

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..data.decode import SkipSample
 from ..errors import InvalidInputError
-from ..prompts import require_text
+from ..prompts import check_prompt, require_text
 from .clip import _DataSet, _flat_hparams, _make_accelerator, _param_groups
 from .clip import open_training_data as _open_data
 from .common import (
@@ -253,6 +253,12 @@ def validate_config(config: SDTrainConfig) -> None:
         raise InvalidInputError("no output folder given; pass --output DIR")
     for prompt in config.val_prompts:
         require_text(prompt, "--val-prompt")
+        try:
+            check_prompt(prompt)
+        except InvalidInputError:  # found only when drawing the grid, after the training: say so now
+            raise InvalidInputError(
+                f"--val-prompt {prompt!r} is empty; give a prompt to draw, e.g. --val-prompt 小桥流水人家"
+            ) from None
     checks = [
         (config.stage in (1, 2), f"--stage must be 1 (text encoder) or 2 (text encoder + UNet), not {config.stage}"),
         (len(config.data) <= 2, f"--data may be given at most twice (two sources to mix), not {len(config.data)}"),
@@ -908,7 +914,7 @@ def train_sd(config: SDTrainConfig) -> dict:
                 logger.info("removed %s, a checkpoint left half-written by an interrupted run", path)
         accelerator.wait_for_everyone()
         if checkpoint is not None:
-            state = load_checkpoint(accelerator, checkpoint)
+            state = load_checkpoint(accelerator, checkpoint, total_steps)
             start_step, resumed_from = int(state["step"]), checkpoint
             skipped_total, truncated_total = int(state.get("skipped", 0)), int(state.get("truncated", 0))
             if main:

@@ -446,7 +446,7 @@ def run_image_training(
                 logger.info("removed %s, a checkpoint left half-written by an interrupted run", path)
         accelerator.wait_for_everyone()
         if checkpoint is not None:
-            state = load_checkpoint(accelerator, checkpoint)
+            state = load_checkpoint(accelerator, checkpoint, total_steps)
             start_step, resumed_from = int(state["step"]), checkpoint
             if main:
                 logger.info("resumed from %s at step %d of %d", checkpoint, start_step, total_steps)
