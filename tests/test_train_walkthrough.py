@@ -156,3 +156,42 @@ def test_a_csv_row_with_an_unquoted_comma_is_skipped_and_counted(tmp_path):
     indexed = IndexedPairs(table)
     assert indexed[0] is None and indexed.image_file(0) is None and indexed.caption(0) is None
     assert indexed.skips.total == 2  # [0] and caption(0); image_file counts nothing
+
+
+def test_image_trainers_read_pictures_without_captions(tmp_path):
+    """`train vae` / `train uncond` ignore captions, as their --help says: a folder of plain pictures and an
+    image-only CSV train on every picture (they were refused: "no image-caption pairs", "no column caption"),
+    and the same pictures with captions train the same weights."""
+    from taiyi.train.uncond import UncondTrainConfig, train_uncond
+
+    captioned = write_folder(tmp_path / "captioned", 4, seed=0, size=32)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for picture in sorted(captioned.glob("*.png")):
+        (plain / picture.name).write_bytes(picture.read_bytes())  # the pictures alone, no .txt
+    (tmp_path / "images.csv").write_text(
+        "image\n" + "".join(f"plain/{p.name}\n" for p in sorted(plain.glob("*.png"))), encoding="utf-8"
+    )
+    runs = {}
+    for name, source in (("captioned", captioned), ("plain", plain), ("csv", tmp_path / "images.csv")):
+        runs[name] = train_vae(
+            VAETrainConfig(data=[str(source)], output=str(tmp_path / f"vae-{name}"), max_steps=2, **TINY_VAE)
+        )
+    assert runs["plain"]["losses"] == runs["captioned"]["losses"] == runs["csv"]["losses"]
+    settings = dict(resolution=32, block_out_channels=(8, 16), norm_num_groups=8, batch_size=2, save_every=0,
+                    val_every=0, val_images=0, report_to="none", max_steps=2)  # fmt: skip
+    for cache in (None, str(tmp_path / "cache")):  # the latent cache lines up with the pictures read
+        result = train_uncond(
+            UncondTrainConfig(
+                data=[str(plain)],
+                output=str(tmp_path / f"uncond-{cache is None}"),
+                vae=str(runs["plain"]["final"]),
+                cache_dir=cache,
+                **settings,
+            )  # fmt: skip
+        )
+        assert result["step"] == 2
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures")
+    with pytest.raises(InvalidInputError, match="has no images: no .* files in it"):
+        train_vae(VAETrainConfig(data=[str(tmp_path / "empty")], output=str(tmp_path / "e"), **TINY_VAE))

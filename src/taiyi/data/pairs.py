@@ -118,8 +118,8 @@ class SkipCounter:
 class _FolderRows:
     """``root/**/x.jpg`` with ``x.txt`` beside it; the key is the image's relative path."""
 
-    def __init__(self, root: Path, images: list[str], captions: list[str | None]):
-        self.root, self.images, self.captions = root, images, captions
+    def __init__(self, root: Path, images: list[str], captions: list[str | None] | None):
+        self.root, self.images, self.captions = root, images, captions  # captions None: images only
 
     def __len__(self) -> int:
         return len(self.images)
@@ -131,6 +131,8 @@ class _FolderRows:
         return self.root / self.images[index]
 
     def caption(self, index: int) -> str:
+        if self.captions is None:
+            return ""
         caption_file = self.captions[index]
         if caption_file is None:
             raise SkipSample("missing caption")
@@ -144,8 +146,9 @@ class _FolderRows:
 class _TableRows:
     """Rows of a CSV or JSONL file; the key is the 0-based data-row number."""
 
-    def __init__(self, base: Path, rows: list[tuple[str | None, object]]):
+    def __init__(self, base: Path, rows: list[tuple[str | None, object]], captions: bool = True):
         self.base, self.rows = base, rows  # (image path or None for an unusable row, caption value)
+        self.captions = captions  # False: images only, every caption ""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -165,7 +168,7 @@ class _TableRows:
         image_ref, caption_value = self.rows[index]
         if image_ref is None:
             raise SkipSample(_row_problem(caption_value))
-        return clean_caption(caption_value)
+        return clean_caption(caption_value) if self.captions else ""
 
     def read(self, index: int) -> Pair:
         caption = self.caption(index)
@@ -322,7 +325,7 @@ class IndexedPairs(torch.utils.data.Dataset):
         source: str | os.PathLike,
         *,
         image_column: str = "image",
-        caption_column: str = "caption",
+        caption_column: str | None = "caption",
         skips: SkipCounter | None = None,
         caption_files: str | Sequence[str] = (".txt",),
     ):
@@ -381,7 +384,7 @@ def open_pairs(
     source: str | os.PathLike,
     *,
     image_column: str = "image",
-    caption_column: str = "caption",
+    caption_column: str | None = "caption",
     skips: SkipCounter | None = None,
     caption_files: str | Sequence[str] = (".txt",),
     rank: int = 0,
@@ -395,7 +398,8 @@ def open_pairs(
             other files in it are then ignored), or a brace pattern such as ``"data/{00000..00009}.tar"``.
         image_column: CSV column / JSONL field holding image paths (relative to the file's folder).
         caption_column: CSV column / JSONL field holding captions; also the caption field of a tar
-            sample's ``.json`` member.
+            sample's ``.json`` member. None: images only (folder, CSV, JSONL): no captions are read and every
+            pair's caption is ``""`` (the image trainers).
         skips: where skipped samples are counted; a new counter when omitted (see ``.skips``).
         caption_files: extensions of caption files (folders) or members (tar), in order of preference.
         rank, world_size: read only this distributed rank's share (see :meth:`PairSource.shard`).
@@ -409,6 +413,8 @@ def open_pairs(
     name = os.fspath(source)
     path = Path(name)
     common = {"caption_files": caption_files, "skips": skips, "rank": rank, "world_size": world_size}
+    if caption_column is None and (_is_tar_name(path.name) or "{" in name and not path.exists()):
+        raise InvalidInputError(f"{name} is tar shards; images without captions are read from folders, CSV, JSONL")
     if "{" in name and not path.exists():
         shards = [Path(p) for p in expand_braces(name)]
         return PairSource(name, "tar", shards=_check_shards(shards, name), caption_field=caption_column, **common)
@@ -416,15 +422,20 @@ def open_pairs(
         raise InvalidInputError(f"data source {name} does not exist; give {_LAYOUTS}")
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.is_file() and _is_tar_name(p.name))
+        if shards and caption_column is None:
+            raise InvalidInputError(
+                f"{name} holds tar shards; images without captions are read from folders, CSV, JSONL"
+            )
         if shards:
             return PairSource(name, "tar", shards=_check_shards(shards, name), caption_field=caption_column, **common)
-        return PairSource(name, "folder", rows=_scan_folder(path, caption_files), **common)
+        rows = _scan_folder(path, caption_files, images_only=caption_column is None)
+        return PairSource(name, "folder", rows=rows, **common)
     lower = path.name.lower()
     if lower.endswith(".csv"):
-        rows = _TableRows(path.parent, _read_csv(path, image_column, caption_column))
+        rows = _TableRows(path.parent, _read_csv(path, image_column, caption_column), caption_column is not None)
         return PairSource(name, "csv", rows=rows, **common)
     if lower.endswith(".jsonl"):
-        rows = _TableRows(path.parent, _read_jsonl(path, image_column, caption_column))
+        rows = _TableRows(path.parent, _read_jsonl(path, image_column, caption_column), caption_column is not None)
         return PairSource(name, "jsonl", rows=rows, **common)
     if _is_tar_name(lower):
         return PairSource(name, "tar", shards=_check_shards([path], name), caption_field=caption_column, **common)
@@ -450,7 +461,7 @@ def _check_caption_files(caption_files: str | Sequence[str]) -> tuple[str, ...]:
 # Opening each layout
 
 
-def _scan_folder(root: Path, caption_files: tuple[str, ...]) -> _FolderRows:
+def _scan_folder(root: Path, caption_files: tuple[str, ...], *, images_only: bool = False) -> _FolderRows:
     found: list[tuple[str, str | None]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .ipynb_checkpoints, .git, ...
@@ -468,9 +479,11 @@ def _scan_folder(root: Path, caption_files: tuple[str, ...]) -> _FolderRows:
                 caption = next((options[e] for e in caption_files if e in options), None)
                 found.append((prefix + filename, None if caption is None else prefix + caption))
     found.sort()
-    if not any(caption is not None for _, caption in found):
+    if images_only and not found:
+        raise InvalidInputError(f"data folder {root} has no images: no {'/'.join(IMAGE_EXTENSIONS)} files in it")
+    if not images_only and not any(caption is not None for _, caption in found):
         raise InvalidInputError(_no_pairs_message(root, len(found), caption_files))
-    return _FolderRows(root, [image for image, _ in found], [caption for _, caption in found])
+    return _FolderRows(root, [image for image, _ in found], None if images_only else [c for _, c in found])
 
 
 def _no_pairs_message(root: Path, n_images: int, caption_files: tuple[str, ...]) -> str:
@@ -498,6 +511,11 @@ def _read_table_text(path: Path) -> str:
         raise InvalidInputError(f"{path} is neither UTF-8 nor GB18030 text; save it as UTF-8") from None
 
 
+def _wanted(image_column: str, caption_column: str | None) -> dict[str, str]:
+    wanted = {"image_column": image_column, "caption_column": caption_column}
+    return {arg: column for arg, column in wanted.items() if column is not None}
+
+
 def _check_columns(path: Path, found: Sequence[str], wanted: dict[str, str], what: str) -> None:
     missing = [f"the {arg.replace('_', ' ')} {column!r}" for arg, column in wanted.items() if column not in found]
     if missing:
@@ -508,7 +526,7 @@ def _check_columns(path: Path, found: Sequence[str], wanted: dict[str, str], wha
         )
 
 
-def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[str | None, object]]:
+def _read_csv(path: Path, image_column: str, caption_column: str | None) -> list[tuple[str | None, object]]:
     reader = csv.reader(io.StringIO(_read_table_text(path), newline=""))
     rows: list[tuple[str | None, object]] = []
     try:
@@ -516,8 +534,9 @@ def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[
         if header is None:
             raise InvalidInputError(f"{path} is empty; a CSV needs a header row such as 'image,caption'")
         header = [column.strip() for column in header]
-        _check_columns(path, header, {"image_column": image_column, "caption_column": caption_column}, "column")
-        image_at, caption_at = header.index(image_column), header.index(caption_column)
+        _check_columns(path, header, _wanted(image_column, caption_column), "column")
+        image_at = header.index(image_column)
+        caption_at = image_at if caption_column is None else header.index(caption_column)  # None: images only
         for row in reader:
             if not row:
                 continue  # blank line
@@ -534,7 +553,7 @@ def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[
     return rows
 
 
-def _read_jsonl(path: Path, image_column: str, caption_column: str) -> list[tuple[str | None, object]]:
+def _read_jsonl(path: Path, image_column: str, caption_column: str | None) -> list[tuple[str | None, object]]:
     rows: list[tuple[str | None, object]] = []
     checked = False
     # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028.
@@ -550,12 +569,11 @@ def _read_jsonl(path: Path, image_column: str, caption_column: str) -> list[tupl
             rows.append((None, None))
             continue
         if not checked:  # the first object plays the part of a CSV header
-            _check_columns(
-                path, list(record), {"image_column": image_column, "caption_column": caption_column}, "field"
-            )
+            _check_columns(path, list(record), _wanted(image_column, caption_column), "field")
             checked = True
         image_ref = record.get(image_column)
-        rows.append((image_ref if isinstance(image_ref, str) else None, record.get(caption_column)))
+        caption = record.get(caption_column) if caption_column is not None else ""
+        rows.append((image_ref if isinstance(image_ref, str) else None, caption))
     if not checked:
         raise InvalidInputError(
             f'{path} has no JSON object lines; each line should be like {{"image": ..., "caption": ...}}'

@@ -404,8 +404,9 @@ class _DataSet:
         return getattr(self.pairs, "kind", None) == "tar"
 
 
-def open_training_data(source: str, config: ClipTrainConfig, image_size: int) -> _DataSet:
-    """Open ``source`` (``synthetic:N`` or anything :func:`taiyi.data.open_pairs` reads)."""
+def open_training_data(source: str, config: ClipTrainConfig, image_size: int, *, captions: bool = True) -> _DataSet:
+    """Open ``source`` (``synthetic:N`` or anything :func:`taiyi.data.open_pairs` reads); ``captions=False``: the
+    images alone (the image trainers), every caption ``""`` and none required."""
     n = parse_synthetic(source)
     if n is not None:
         pairs = SyntheticPairs(n, image_size=image_size)
@@ -413,7 +414,7 @@ def open_training_data(source: str, config: ClipTrainConfig, image_size: int) ->
     from ..data import IndexedPairs, SkipCounter, open_pairs
 
     skips = SkipCounter()
-    columns = {"image_column": config.image_column, "caption_column": config.caption_column}
+    columns = {"image_column": config.image_column, "caption_column": config.caption_column if captions else None}
     opened = open_pairs(source, skips=skips, **columns)
     pairs = opened if opened.kind == "tar" else IndexedPairs(source, skips=skips, **columns)
     return _DataSet(source, pairs, _source_fingerprint(source, pairs, columns), skips)

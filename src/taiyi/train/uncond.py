@@ -252,9 +252,9 @@ def train_uncond(config: UncondTrainConfig) -> dict:
 
         means, stds = [], []
         for source in config.data:
-            ds = open_training_data(source, config, config.resolution)
+            ds = open_training_data(source, config, config.resolution, captions=False)
             table, path, computed = cached_latents(ds, vae, accelerator, config.resolution, Path(config.cache_dir))
-            # the images load_images kept: rows with a readable image and caption, in order
+            # the images load_images kept: rows with a readable image, in order
             means.append(table.mean[table.valid]), stds.append(table.std[table.valid])
             logger.info("latents of %s: %s %s", source, "computed and cached in" if computed else "loaded from", path)
         mean, std = torch.cat(means), torch.cat(stds)

@@ -287,7 +287,7 @@ def load_images(config: ImageTrainConfig) -> Images:
 
             pairs = ShanshuiDataset(n, seed=0, size=max(config.resolution, 32), split="train")
         else:
-            ds = _open_data(source, config, config.resolution)
+            ds = _open_data(source, config, config.resolution, captions=False)
             if ds.streamed:
                 raise InvalidInputError(f"{ds.name} is tar shards; image trainers read folders, CSV, JSONL")
             pairs = ds.pairs
