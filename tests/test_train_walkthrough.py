@@ -195,3 +195,18 @@ def test_image_trainers_read_pictures_without_captions(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no pictures")
     with pytest.raises(InvalidInputError, match="has no images: no .* files in it"):
         train_vae(VAETrainConfig(data=[str(tmp_path / "empty")], output=str(tmp_path / "e"), **TINY_VAE))
+
+
+def test_train_sd_says_why_samples_were_skipped(setup, tmp_path, caplog):
+    """As train clip and train vae do: the reasons, not only a count of unreadable samples."""
+    import logging
+
+    base, _ = setup
+    data = write_folder(tmp_path / "data", 6, seed=1, size=32)
+    pictures = sorted(data.glob("*.png"))
+    pictures[0].write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    pictures[1].write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="taiyi"):
+        train_sd(SDTrainConfig(model=str(base), data=[str(data)], output=str(tmp_path / "run"), max_steps=1, **FAST))
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert said == [f"{data}: skipped 2 samples: 1 corrupt image, 1 zero-byte image"], said

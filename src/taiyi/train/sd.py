@@ -808,6 +808,8 @@ def train_sd(config: SDTrainConfig) -> dict:
                     len(table.captions),
                     int((~table.valid).sum()),
                 )
+                if computed and ds.skips is not None and ds.skips.total:  # why, as the other trainers say
+                    logger.warning("%s: %s", ds.name, ds.skips.summary())
         cache_seconds = time.perf_counter() - started
     pools = [
         torch.nonzero(t.valid).flatten() if t is not None else torch.arange(len(ds.pairs))
