@@ -187,6 +187,8 @@ def test_cli_shanshui_writes_the_set_write_folder_writes(tmp_path, capsys):
     assert [p.caption for p in open_pairs(out)] == [p.caption for p in open_pairs(reference)]
     for extra, needle in [
         (["--n", "0"], "--n"),
+        (["--n", "3", "--size", "5"], "--size must be between 32 and 1024 pixels, not 5"),  # not "size=5"
+        (["--n", "3", "--seed", "-1"], "--seed must be 0 or more, not -1"),
         (["--captions", "fr"], "captions"),
         (["--split", "eval"], "split"),
         ([], "already holds samples"),

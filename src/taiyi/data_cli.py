@@ -92,10 +92,14 @@ def shanshui_command(
 ) -> None:
     """Write the synthetic 山水 landscape set: procedural Chinese landscapes with Chinese, English or mixed
     captions, in the folder layout `taiyi train` and `taiyi data filter` read."""
-    from .data.shanshui import write_folder
+    from .data.shanshui import MAX_SIZE, MIN_SIZE, write_folder
     from .errors import InvalidInputError
 
     if n < 1:
         raise InvalidInputError(f"--n must be at least 1, not {n}")
+    if not MIN_SIZE <= size <= MAX_SIZE:  # the library's words name its arguments (size=5), not the options
+        raise InvalidInputError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, not {size}")
+    if seed < 0:
+        raise InvalidInputError(f"--seed must be 0 or more, not {seed}")
     folder = write_folder(out, n, seed, size, split, captions, full=full, overwrite=overwrite)
     typer.echo(f"wrote {n} samples to {folder}")
