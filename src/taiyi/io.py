@@ -43,7 +43,7 @@ def load_image(path: str | os.PathLike, *, mode: str | None = "RGB", what: str =
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise InvalidInputError(f"{what} {path} is {im.width}x{im.height}; the largest accepted is 4096x4096")
             im.load()
-            return _upright_8bit(im).convert(mode) if mode else _upright_8bit(im)
+            return as_displayed(im).convert(mode) if mode else as_displayed(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, InvalidInputError):
             raise
@@ -56,18 +56,27 @@ def load_image(path: str | os.PathLike, *, mode: str | None = "RGB", what: str =
         raise InvalidInputError(f"{what} {path} is not a readable image: {reason}") from exc
 
 
-def _upright_8bit(image: Image.Image) -> Image.Image:
-    """As displayed, in 8 bits: the EXIF rotation applied (diffusers' ``load_image`` does too; a phone photo is
-    stored sideways), and 16-bit or 32-bit greyscale scaled, where Pillow's ``convert`` would clip it to white."""
+# Pillow's convert() clips these at 255 instead of scaling: a mid-grey 16-bit picture would come out white
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit or 32-bit greyscale scaled to 8 bits (as :func:`taiyi.data.decode.to_rgb` does); others unchanged."""
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    from .data.decode import to_rgb
+
+    return to_rgb(image)
+
+
+def as_displayed(image: Image.Image) -> Image.Image:
+    """A decoded file as a viewer shows it, in 8 bits: the EXIF rotation applied (diffusers' ``load_image`` does
+    too; a phone photo is stored sideways) and high-bit greyscale scaled (:func:`to_8bit`)."""
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block is no reason to refuse the picture
         pass
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        from .data.decode import to_rgb
-
-        image = to_rgb(image)
-    return image
+    return to_8bit(image)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:

@@ -143,16 +143,13 @@ def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
     return binary * blurred.astype(np.float32) / 255.0
 
 
-# Pillow's convert() clips these at 255 instead of scaling: a mid-grey 16-bit picture would come out white
-_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-
-
 def as_picture(
     image: Image.Image | str | os.PathLike | np.ndarray, mode: str = "RGB", what: str = "image"
 ) -> Image.Image:
     """A PIL image, an image file's path or a uint8 numpy array (H, W[, C]) as a PIL image in ``mode``.
 
-    16-bit and 32-bit greyscale is scaled to 8 bits (as :func:`taiyi.data.decode.to_rgb` does), not clipped.
+    A file is read as displayed (its EXIF rotation applied); 16-bit and 32-bit greyscale is scaled to 8 bits (as
+    :func:`taiyi.data.decode.to_rgb` does), not clipped.
 
     Args:
         image: the picture; a boolean (H, W) array is a mask (True = 255).
@@ -162,10 +159,10 @@ def as_picture(
     Raises:
         InvalidInputError: a missing or unreadable file, an array that is not uint8 pixels, or another type.
     """
-    from .io import load_image
+    from .io import load_image, to_8bit
 
     if isinstance(image, str | os.PathLike):
-        image = load_image(image, mode=None, what=what)  # mode None: as stored, so 16-bit is scaled below
+        image = load_image(image, mode=None, what=what)  # upright, 8 bits
     elif isinstance(image, np.ndarray):
         image = _array_picture(image, what)
     elif not isinstance(image, Image.Image):
@@ -177,11 +174,7 @@ def as_picture(
                 else ""
             )
         )
-    if image.mode in _HIGH_BIT_MODES:
-        from .data.decode import to_rgb
-
-        image = to_rgb(image)
-    return image.convert(mode)
+    return to_8bit(image).convert(mode)
 
 
 def _array_picture(array: np.ndarray, what: str) -> Image.Image:

@@ -264,7 +264,9 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return answer(400, message, code, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.scope.get("state", {}).get("client_gone"):  # FastAPI's 400 for a body cut off by the client
+            return await client_gone(request, ClientGone())
         headers = dict(exc.headers or {})
         if exc.status_code == 413:
             headers["Connection"] = "close"  # the rest of the body is not read
@@ -306,6 +308,8 @@ def _describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
         return f"{param or 'the request body'} is required", "missing_parameter", param
     if param is None:
         return f"request body: {first.get('msg', 'invalid')}; send a JSON object", "invalid_request", None
+    if "Expected UploadFile" in str(first.get("msg", "")):  # a text field where a file belongs
+        return f"{param} must be a file upload (a multipart file field), not text", "invalid_image", param
     return f"{param}: {first.get('msg', 'invalid value')}", "invalid_value", param
 
 
@@ -473,8 +477,12 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     )
     async def edit_images(
         request: Request,
-        image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; at most 4096x4096.")],
         prompt: Annotated[str, Form(description="What the edited image (or the masked area) should show.")],
+        image: Annotated[UploadFile | None, File(description="PNG, JPEG or WebP; at most 4096x4096.")] = None,
+        image_list: Annotated[
+            list[UploadFile] | None,
+            File(alias="image[]", description='OpenAI\'s client sends a list of images as "image[]"; one here.'),
+        ] = None,
         mask: Annotated[UploadFile | None, File(description="Same size as the image; see above.")] = None,
         n: Annotated[int, Form()] = 1,
         size: Annotated[str | None, Form(description='"WxH": resize the image (and mask) first.')] = None,
@@ -500,6 +508,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                 "scheduler": scheduler,
             }
         )
+        image = _one_edit_image(await request.form())
         check_model(model, state.model_name)
         check_response_format(response_format)
         n = check_int("n", n, 1, config.max_n, why=" on this server")
@@ -652,12 +661,17 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         ]
         return {"model": state.clip_name, "data": data}
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "taiyi"}
+
     @app.get("/v1/models", dependencies=auth, tags=["meta"], summary="The served model (OpenAI's shape)")
     async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "taiyi"}],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=auth, responses=_ERRORS, tags=["meta"], summary="One model")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        check_model(model, state.model_name)  # OpenAI's client.models.retrieve(id)
+        return model_card()
 
     @app.get("/healthz", tags=["meta"], summary="Liveness, limits and what the server offers (no key needed)")
     async def healthz() -> JSONResponse:
@@ -719,6 +733,42 @@ def _static_route(content: bytes, media_type: str):
         return Response(content, media_type=media_type, headers=_page_headers())
 
     return static_file
+
+
+# The edit form's fields: taiyi's, and OpenAI's that this server accepts and ignores (it always answers PNGs).
+_EDIT_FIELDS = frozenset(
+    {"image", "image[]", "mask", "prompt", "n", "size", "response_format", "model", "user", "negative_prompt"}
+    | {"seed", "steps", "guidance", "guidance_end", "scheduler", "strength"}
+)
+_EDIT_IGNORED = frozenset({"quality", "background", "output_format", "output_compression", "input_fidelity"})
+
+
+def _one_edit_image(form) -> Any:
+    """The one uploaded image of an edit form, sent as ``image`` or (OpenAI's client, for a list) ``image[]``.
+
+    Unknown fields are refused, as in the JSON endpoints, so that a typo such as ``strenght`` is not lost.
+    """
+    for name in form:
+        if name not in _EDIT_FIELDS and name not in _EDIT_IGNORED:
+            raise bad_request(
+                f"unknown parameter {name[:100]!r}; see /openapi.json for the accepted fields",
+                param=name[:100],
+                code="unknown_parameter",
+            )
+    uploads = [*form.getlist("image"), *form.getlist("image[]")]
+    if not uploads:
+        raise bad_request(
+            "image is required: send the picture as the multipart file field image",
+            param="image",
+            code="missing_parameter",
+        )
+    if len(uploads) > 1:
+        raise bad_request(f"{len(uploads)} images were sent; this server edits one image per request", param="image")
+    if isinstance(uploads[0], str):
+        raise bad_request(
+            "image must be a file upload (a multipart file field), not text", param="image", code="invalid_image"
+        )
+    return uploads[0]
 
 
 def _prepare_edit(

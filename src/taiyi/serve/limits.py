@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidInputError
-from ..io import MAX_INPUT_PIXELS
+from ..io import MAX_INPUT_PIXELS, as_displayed
 from ..pipeline import MAX_SEED, MIN_SIDE
 from .config import ServeConfig
 from .errors import APIError, bad_request
@@ -209,7 +209,9 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
         raise bad_request(
             f"{param} is truncated or corrupt ({type(exc).__name__})", param=param, code="invalid_image"
         ) from None
-    return image
+    # As the library reads a file: upright (a phone photo is stored sideways, its mask drawn upright) and
+    # 16-bit greyscale scaled to 8 bits, where Pillow's convert() would clip a mid-grey picture to white.
+    return as_displayed(image)
 
 
 def decode_base64_image(text: str, *, param: str) -> Image.Image:

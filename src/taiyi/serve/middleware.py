@@ -141,7 +141,9 @@ class GuardMiddleware:
             async def counting_receive() -> Message:
                 nonlocal received
                 message = await receive()
-                if message["type"] == "http.request":
+                if message["type"] == "http.disconnect":
+                    scope_state["client_gone"] = True  # a body cut short is the client leaving, not a bad request
+                elif message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body:
                         raise PayloadTooLarge(self.max_body)

@@ -35,8 +35,22 @@
 
   function intOrNull(value) {
     const text = String(value).trim();
-    return /^\d+$/.test(text) ? text : null; // kept as text: seeds may exceed JavaScript's exact integers
+    if (/^\d+$/.test(text)) return text; // kept as text: seeds may exceed JavaScript's exact integers
+    const number = Number(text); // what a number field also accepts, such as 1e5
+    return text !== "" && Number.isSafeInteger(number) && number >= 0 ? String(number) : null;
   }
+
+  // What each HTTP status means, in words, before the server's own (English) message.
+  const STATUS_WORDS = {
+    400: "请求有误",
+    404: "未找到",
+    413: "上传内容过大",
+    415: "不支持的图片格式",
+    500: "服务器内部错误",
+    502: "服务器暂不可用",
+    503: "服务器暂不可用或正在关闭",
+    504: "请求超时",
+  };
 
   async function api(path, options = {}) {
     const headers = new Headers(options.headers || {});
@@ -55,7 +69,7 @@
       body = null;
     }
     if (!res.ok) {
-      const message = body && body.error ? body.error.message : res.statusText;
+      const message = (body && body.error && body.error.message) || res.statusText || "无详细信息";
       if (res.status === 401) {
         $("key-box").hidden = false;
         throw new Error("需要正确的 API 密钥（" + message + "）");
@@ -64,9 +78,16 @@
         const wait = res.headers.get("Retry-After") || "几";
         throw new Error(`服务器繁忙，请 ${wait} 秒后重试（${message}）`);
       }
-      throw new Error(`出错了（${res.status}）：${message}`);
+      const words = STATUS_WORDS[res.status] || (res.status >= 500 ? "服务器出错" : "请求未被接受");
+      throw new Error(`出错了（${res.status} ${words}）：${message}`);
     }
+    if (!body || typeof body !== "object") throw new Error("服务器的回答无法读取（不是 JSON）");
     return body;
+  }
+
+  function itemsOf(result) {
+    if (!Array.isArray(result.data)) throw new Error("服务器的回答缺少 data 列表");
+    return result.data;
   }
 
   async function busy(button, text, work) {
@@ -150,7 +171,7 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
       });
-      result.data.slice().reverse().forEach((item) => addToGallery(item, "文生图"));
+      itemsOf(result).slice().reverse().forEach((item) => addToGallery(item, "文生图"));
     });
   }
 
@@ -215,7 +236,12 @@
         canvas.width = w;
         canvas.height = h;
       }
-      editCanvas().getContext("2d").drawImage(img, 0, 0, w, h);
+      const ctx = editCanvas().getContext("2d");
+      // On white, as the library reads a transparent file: the server would take transparent pixels for a
+      // mask (OpenAI's convention), and here only the painted mask decides what is redrawn.
+      ctx.fillStyle = "#fff";
+      ctx.fillRect(0, 0, w, h);
+      ctx.drawImage(img, 0, 0, w, h);
       editCanvas().style.width = Math.max(w, Math.min(512, 4 * w)) + "px"; // small images shown larger
       $("canvas-wrap").hidden = false;
       setStatus(`已载入图片 ${w}×${h}，可在图上涂抹蒙版`);
@@ -228,13 +254,13 @@
     const canvas = maskCanvas();
     if (!canvas.width) return false;
     const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) return true;
+    for (let i = 3; i < data.length; i += 4) if (data[i] >= 128) return true; // the server's threshold
     return false;
   }
 
   function setupPainting() {
     const canvas = maskCanvas();
-    const ctx = canvas.getContext("2d");
+    const ctx = canvas.getContext("2d", { willReadFrequently: true }); // read back by maskHasPaint
     let last = null;
     const point = (event) => {
       const rect = canvas.getBoundingClientRect();
@@ -250,7 +276,7 @@
       ctx.fillStyle = "#d23c32";
       ctx.lineCap = "round";
       ctx.lineJoin = "round";
-      ctx.lineWidth = Number($("brush").value) * to.scale;
+      ctx.lineWidth = Math.max(2, Number($("brush").value) * to.scale); // thinner lines would be too faint to count
       ctx.beginPath();
       ctx.moveTo(from.x, from.y);
       ctx.lineTo(to.x + 0.01, to.y);
@@ -319,7 +345,7 @@
       const negative = $("edit-negative").value.trim();
       if (negative) form.append("negative_prompt", negative);
       const result = await api("/v1/images/edits", { method: "POST", body: form });
-      result.data.slice().reverse().forEach((item) => addToGallery(item, inpaint ? "局部重绘" : "图生图"));
+      itemsOf(result).slice().reverse().forEach((item) => addToGallery(item, inpaint ? "局部重绘" : "图生图"));
     });
   }
 
@@ -339,7 +365,7 @@
       });
       const box = $("search-results");
       box.replaceChildren();
-      for (const hit of result.data) {
+      for (const hit of itemsOf(result)) {
         const figure = document.createElement("figure");
         if (hit.thumbnail) {
           const img = document.createElement("img");
@@ -413,11 +439,22 @@
       if (file) loadEditImage(URL.createObjectURL(file));
     });
     setupPainting();
+    window.addEventListener("beforeunload", (event) => {
+      if ($("gallery").children.length) event.preventDefault(); // the gallery lives only in this page: ask first
+    });
     try {
       const res = await fetch("/healthz");
-      info = await res.json();
+      let health = null;
+      try {
+        health = await res.json();
+      } catch (err) {
+        health = null;
+      }
+      if (!health || !health.limits) throw new Error(`服务器没有给出状态（${res.status}）`);
+      info = health;
       fillSettings();
       document.body.dataset.ready = "true";
+      if (info.status !== "ok") setStatus("服务器正在关闭，暂不接受新请求", true);
     } catch (err) {
       setStatus("无法读取服务器状态：" + err.message, true);
     }
