@@ -40,29 +40,83 @@ OVERRIDES = {
 }
 
 
+def _convert(key: str, kind: type, value, where: str):
+    """``value`` as ``kind``: a CSV cell's text, or a JSON value of that type (a whole float for an int). A bool, or
+    a fraction for a whole number, is refused rather than rounded: ``"steps": 1.5`` is not 1 step."""
+    if kind is str:
+        ok = isinstance(value, str)
+    elif isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            ok = False
+    elif kind is int:
+        ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    else:
+        ok = isinstance(value, int | float)
+    if ok and not isinstance(value, bool):
+        return kind(value)
+    what = {int: "a whole number", float: "a number", str: "text"}[kind]
+    raise InvalidInputError(f"{where}: {key} must be {what}, not {value!r}")
+
+
+def check_settings(settings: dict, where: str) -> None:
+    """Judge a row's settings (those given; None is "the default") as ``generate`` will, before any is drawn.
+
+    Raises:
+        InvalidInputError: a value ``generate`` would refuse, in one line naming the row.
+    """
+    from .pipeline import MAX_IMAGES, MAX_SEED, MAX_STEPS, _check_range, check_guidance_end, validate_size
+    from .schedulers import sampling_kwargs, scheduler_spec
+
+    def given(key):
+        return settings.get(key) is not None
+
+    try:
+        if given("steps"):
+            _check_range("steps", settings["steps"], 1, MAX_STEPS)
+        if given("num_images"):
+            _check_range("num_images", settings["num_images"], 1, MAX_IMAGES)
+        if given("seed"):
+            _check_range("seed", settings["seed"], 0, MAX_SEED - settings.get("num_images", 1))
+        if given("guidance"):
+            _check_range("guidance", settings["guidance"], 0.0, 100.0)
+        if given("guidance_end"):
+            check_guidance_end(settings["guidance_end"])
+        if given("guidance_rescale"):
+            _check_range("guidance rescale", settings["guidance_rescale"], 0.0, 1.0)
+        for side in ("width", "height"):
+            if given(side):
+                validate_size(settings[side], settings[side])  # each side alone: the other may be the default
+        if given("scheduler"):
+            scheduler_spec(settings["scheduler"])
+            if given("steps"):
+                sampling_kwargs(settings["scheduler"], settings["steps"])
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
+
+
 def _coerce(row: dict, where: str) -> dict:
     unknown = set(row) - set(OVERRIDES) - {"prompt"}
     if unknown:
         raise InvalidInputError(
             f"{where}: unknown column(s) {', '.join(sorted(unknown))}; allowed: prompt, " + ", ".join(OVERRIDES)
         )
-    if not str(row.get("prompt") or "").strip():
-        raise InvalidInputError(f"{where}: no prompt")
-    out = {"prompt": str(row["prompt"])}
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise InvalidInputError(f"{where}: no prompt" if not row.get("prompt") else f"{where}: prompt must be text")
+    out = {"prompt": row["prompt"]}
     for key, kind in OVERRIDES.items():
         value = row.get(key)
         if value is None or value == "":
             continue
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"{where}: {key} must be {kind.__name__}, not {value!r}") from exc
+        out[key] = _convert(key, kind, value, where)
     for key in ("prompt", "negative_prompt"):
         if key in out:
             try:
                 require_text(out[key], key)  # JSON can carry a lone surrogate, "\ud800"
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{where}: {exc}") from None
+    check_settings(out, where)
     return out
 
 
@@ -92,8 +146,14 @@ def read_prompts_file(path: str | os.PathLike) -> list[dict]:
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise InvalidInputError(f"{path}: the first row must be a header naming a 'prompt' column")
-        for n, row in enumerate(reader, 2):
-            rows.append(_coerce({k: v for k, v in row.items() if k is not None}, f"{path}:{n}"))
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if any(v not in ("", None) for v in row.get(None) or []):  # csv's restkey: cells beyond the header
+                raise InvalidInputError(
+                    f"{where}: {len(reader.fieldnames) + len(row[None])} cells, but the header names "
+                    f"{len(reader.fieldnames)} columns; quote a cell that holds a comma"
+                )
+            rows.append(_coerce({k: v for k, v in row.items() if k is not None}, where))
     else:
         for line in text.splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
@@ -175,22 +235,89 @@ def run_batch(
         raise
 
 
+def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
+    """How the picture ``params`` describes is not image ``pos`` of this row (None when it is)."""
+    expected = {
+        "prompt": prompt,
+        "negative_prompt": settings.get("negative_prompt") or "",
+        "steps": settings.get("steps"),
+        "seed": None if settings.get("seed") is None else settings["seed"] + pos,
+        "width": settings.get("width"),
+        "height": settings.get("height"),
+        "scheduler": settings.get("scheduler"),
+        "guidance": settings.get("guidance"),
+        "guidance_end": settings.get("guidance_end"),
+        "guidance_rescale": settings.get("guidance_rescale"),
+        "batch_size": settings.get("num_images", 1),
+        "normalize": settings.get("normalize"),
+    }  # not the model: one model has several spellings (a short name, a hub id, a folder)
+    for key, value in expected.items():
+        if value is not None and getattr(params, key) != value:
+            return f"its {key} is {getattr(params, key)!r}, not {value!r}"
+    from .lora import HASHES_KEY, lora_extras
+
+    ours = lora_extras(list(getattr(pipe, "loras", None) or [])).get(HASHES_KEY, "none")
+    if params.extras.get(HASHES_KEY, "none") != ours:
+        return f"its LoRAs are {params.extras.get(HASHES_KEY, 'none')}, not {ours}"
+    return None
+
+
+def _existing(pipe, index: int, prompt: str, settings: dict, paths: list[Path]) -> list | None:
+    """The parameters of row ``index``'s pictures when all are there (None when some are missing).
+
+    Raises:
+        InvalidInputError: a file of the row is there but is not this row's picture (another job's folder, an
+            edited prompts file, a file that is not taiyi's): nothing is skipped or overwritten on a guess.
+    """
+    from .metadata import read_parameters
+
+    found = []
+    for pos, path in enumerate(paths):
+        if not path.exists():
+            found.append(None)
+            continue
+        try:
+            params = read_parameters(path)
+            why = _differs(params, prompt, settings, pos, pipe)
+        except InvalidInputError as exc:
+            params, why = None, str(exc)
+        if why is not None:
+            raise InvalidInputError(
+                f"{path} is already there but is not row {index}'s picture ({why}); give a new output folder, "
+                "or --overwrite to draw the rows again"
+            )
+        found.append(params)
+    return None if None in found else found
+
+
 def _run_rows(pipe, rows, defaults, out_dir: Path, overwrite, on_row, rank, world_size, barrier) -> dict:
     from .io import atomic_write_bytes, save_png
     from .metadata import pnginfo, read_parameters
 
     counts = {"written": 0, "skipped": 0}
     params_of: dict[int, list] = {}
-    for index, row in enumerate(rows):
-        if index % world_size != rank:
-            continue
-        kwargs = {**defaults, **row}
+    mine = [index for index in range(len(rows)) if index % world_size == rank]
+    # Every row is judged, and every file already there checked, before the first picture is drawn.
+    for index in mine:
+        settings = {**defaults, **rows[index]}
+        prompt = settings.pop("prompt")
+        paths = row_paths(out_dir, index, settings.get("num_images", 1))
+        check_settings(settings, f"row {index} ({paths[0].name})")
+        if not overwrite:
+            found = _existing(pipe, index, prompt, settings, paths)
+            if found is not None:
+                params_of[index] = found
+    for index in mine:
+        kwargs = {**defaults, **rows[index]}
         prompt = kwargs.pop("prompt")
         paths = row_paths(out_dir, index, kwargs.get("num_images", 1))
-        if not overwrite and all(p.exists() for p in paths):
+        if index in params_of:
             counts["skipped"] += 1
         else:
-            result = pipe.generate(prompt, **kwargs)
+            try:
+                result = pipe.generate(prompt, **kwargs)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"row {index} ({paths[0].name}): {exc}") from None
             for image, p, path in zip(result.images, result.parameters, paths, strict=True):
                 save_png(image, path, pnginfo=pnginfo(p), overwrite=True)
             counts["written"] += 1

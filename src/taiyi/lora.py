@@ -191,6 +191,7 @@ def _peft_to_diffusers_text(state: dict, text_encoder) -> dict:
 
 def _adapter_metadata(module) -> dict:
     config = module.peft_config["default"].to_dict()
+    config.pop("base_model_name_or_path", None)  # the trainer's local folder: no business in a shared file
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
@@ -251,7 +252,7 @@ def _file_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
     return {k: tuple(v["shape"]) for k, v in header.items()}, meta
 
 
-def check_lora_fits(path: Path, sd, model: str) -> list[str]:
+def check_lora_fits(path: Path, sd, model: str, *, shown: Path | None = None) -> list[str]:
     """Check that a LoRA's layers are layers (of the same width) of this model; return the keys to leave out.
 
     A LoRA made for Stable Diffusion v1 (CLIP text encoder) fits the UNet of a Taiyi Chinese model (SD v1's
@@ -260,12 +261,15 @@ def check_lora_fits(path: Path, sd, model: str) -> list[str]:
     ``lora_te_*``) are checked by diffusers' own converter, except that their text-encoder part (CLIP names)
     is left out for a non-CLIP text encoder.
 
+    ``shown`` is the name messages give the file (``path`` may be a converted copy).
+
     Raises:
         InvalidInputError: the LoRA does not fit (one line naming the first layer that does not).
     """
     if not path.name.lower().endswith(".safetensors"):
         return []
     shapes, _ = _file_keys(path)
+    path = shown or path  # the keys are read: from here on, only messages name the file
     if not shapes:
         raise InvalidInputError(f"LoRA {path} holds no tensors")
     clip_text = "CLIP" in type(sd.text_encoder).__name__
@@ -284,8 +288,13 @@ def check_lora_fits(path: Path, sd, model: str) -> list[str]:
     for key, shape in shapes.items():
         prefix, _, rest = key.partition(".")
         suffix = next((down for down, _ in _SUFFIXES if rest.endswith(down)), None)
-        if prefix not in components or suffix is None:
+        up = next((up for _, up in _SUFFIXES if rest.endswith(up)), None)
+        if prefix not in components or (suffix is None and up is None):
             continue
+        if suffix is None:  # an up (lora_B) weight: [out, rank], out must be the layer's output width
+            suffix, dim, attr = up, 0, ("out_features", "out_channels")
+        else:  # a down (lora_A) weight: [rank, in]
+            dim, attr = 1, ("in_features", "in_channels")
         module_path = rest[: -len(suffix)].replace(".processor.", ".")
         if prefix not in modules:
             modules[prefix] = dict(components[prefix].named_modules())
@@ -293,12 +302,13 @@ def check_lora_fits(path: Path, sd, model: str) -> list[str]:
         module = next((found[c] for c in (module_path, module_path.removeprefix("text_model.")) if c in found), None)
         if module is not None and hasattr(module, "base_layer"):  # already holds another adapter
             module = module.base_layer
-        width = getattr(module, "in_features", getattr(module, "in_channels", None))
-        if module is None or (len(shape) >= 2 and width is not None and width != shape[1]):
+        width = getattr(module, attr[0], getattr(module, attr[1], None))
+        if module is None or (len(shape) >= 2 and width is not None and width != shape[dim]):
+            side = "wide" if dim else "wide at its output"
             what = (
                 f"has no layer {module_path}"
                 if module is None
-                else f"has layer {module_path} {width} wide, not {shape[1]}"
+                else f"has layer {module_path} {width} {side}, not {shape[dim]}"
             )
             misfits.setdefault(
                 prefix, f"LoRA {path} does not fit {model}: its {prefix} {what}; it was trained for another model"
@@ -328,15 +338,92 @@ def _warn_text_left_out(path: Path, model: str, sd) -> None:
     )
 
 
-def _without_keys(path: Path, keys: list[str], folder: Path) -> Path:
-    """A copy of the safetensors file ``path`` without ``keys`` (same header metadata) in ``folder``."""
+def _needs_rewrite(path: Path, left_out: list[str], sd) -> bool:
+    """Whether diffusers needs a rewritten copy of ``path``: keys to leave out, or a text-encoder part it cannot read.
+
+    diffusers 0.42 reads text-encoder LoRA keys only in its ``lora_linear_layer`` form or with CLIP's names, and
+    infers a text encoder's rank only from CLIP's module names: without ``lora_adapter_metadata`` a BERT LoRA fails
+    with an IndexError (stock ``load_lora_weights`` too).
+    """
+    if left_out:
+        return True
+    if not path.name.lower().endswith(".safetensors") or "CLIP" in type(sd.text_encoder).__name__:
+        return False
+    shapes, meta = _file_keys(path)
+    text = [k for k in shapes if k.startswith("text_encoder.")]
+    return bool(text) and ("lora_adapter_metadata" not in meta or any(".lora_A." in k for k in text))
+
+
+def _inferred_metadata(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """``lora_adapter_metadata`` for a file without it, as diffusers infers it for CLIP: each component's most common
+    rank, alpha = rank for every layer (no alphas stored: the diffusers/peft convention, scale 1)."""
+    from collections import Counter
+
+    meta = {}
+    for prefix in ("unet", "text_encoder"):
+        ranks = {}
+        for key, shape in shapes.items():
+            component, _, rest = key.partition(".")
+            up = next((u for _, u in _SUFFIXES if rest.endswith(u)), None)
+            if component == prefix and up is not None and len(shape) >= 2:
+                ranks[rest[: -len(up)].replace(".processor.", ".")] = shape[1]
+        if not ranks:
+            continue
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {m: k for m, k in ranks.items() if k != r}
+        meta.update(
+            {
+                f"{prefix}.r": r,
+                f"{prefix}.lora_alpha": r,
+                f"{prefix}.rank_pattern": pattern,
+                f"{prefix}.alpha_pattern": dict(pattern),
+                f"{prefix}.target_modules": sorted(ranks),
+            }
+        )
+    return meta
+
+
+def _unpickled(path: Path, folder: Path) -> Path:
+    """A safetensors copy in ``folder`` of the pickled LoRA ``path`` (tensors only: ``weights_only`` loading)."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInputError(f"LoRA {path} cannot be read as a state dict of tensors: {first[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidInputError(f"LoRA {path} does not hold a state dict of tensors")
+    folder.mkdir()
+    out = folder / f"{path.stem}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+def _rewritten(path: Path, keys: list[str], folder: Path) -> Path:
+    """A copy of the safetensors file ``path`` in ``folder`` that diffusers reads (see :func:`_needs_rewrite`):
+    without ``keys``, its peft-style text-encoder keys (``lora_A``/``lora_B``) in the ``lora_linear_layer`` form, and
+    with ``lora_adapter_metadata`` inferred when missing. The original's header metadata is kept."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     drop = set(keys)
+    tensors = {}
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
-        meta = f.metadata()
+        for key in f.keys():
+            if key in drop:
+                continue
+            new = key
+            if key.startswith("text_encoder."):
+                new = key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up.")
+            tensors[new] = f.get_tensor(key)
+        meta = dict(f.metadata() or {})
+    if "lora_adapter_metadata" not in meta and not any(k.startswith("lora_") for k in tensors):  # not Kohya's
+        inferred = _inferred_metadata({k: tuple(v.shape) for k, v in tensors.items()})
+        present = {k.partition(".")[0] for k in tensors} & {"unet", "text_encoder"}
+        if all(f"{c}.r" in inferred for c in present):  # else a layout not inferred here: diffusers judges it
+            meta["lora_adapter_metadata"] = json.dumps(inferred)
     out = folder / path.name
     save_file(tensors, str(out), metadata=meta)
     return out
@@ -356,10 +443,14 @@ def apply_loras(
     loaded = []
     for i, spec in enumerate(specs):
         path = resolve_lora_file(spec.path, allow_pickle=allow_pickle)
-        left_out = check_lora_fits(path, sd, model)
         adapter = f"taiyi_{start + i}"
         with tempfile.TemporaryDirectory(prefix="taiyi-lora-") as tmp:
-            source = _without_keys(path, left_out, Path(tmp)) if left_out else path
+            # A pickled LoRA (allowed by the caller) is read as a safetensors copy, so it is checked and converted
+            # as the safetensors files are (diffusers cannot read a BERT one without adapter metadata).
+            source = _unpickled(path, Path(tmp) / "pickled") if path.name.lower().endswith(PICKLE_SUFFIXES) else path
+            left_out = check_lora_fits(source, sd, model, shown=path)
+            if _needs_rewrite(source, left_out, sd):
+                source = _rewritten(source, left_out, Path(tmp))
             try:
                 with warnings.catch_warnings():
                     # peft warns when a model gets a second adapter: several LoRAs at once is what --lora is for.
@@ -370,7 +461,7 @@ def apply_loras(
                         adapter_name=adapter,
                         use_safetensors=source.suffix == ".safetensors",
                     )
-            except (ValueError, RuntimeError, KeyError) as exc:
+            except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:  # diffusers cannot read it
                 _drop_adapter(sd, adapter)
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InvalidInputError(f"LoRA {path} does not fit {model}: {first[:300]}") from None
@@ -417,16 +508,28 @@ def _pairs(text: str) -> list[tuple[str, str]]:
 
 
 def recorded_loras(extras: dict[str, str]) -> list[tuple[str, str, float]]:
-    """(name, short hash, scale) of the LoRAs an image's parameters record (A1111 ``Lora hashes``)."""
-    scales = {}
+    """(name, short hash, scale) of the LoRAs an image's parameters record (A1111 ``Lora hashes``).
+
+    The scales pair with the hashes by position when both list the same names in the same order (taiyi writes them
+    so; a file given twice, or two files of one name, then keeps each its own scale), else by name.
+
+    Raises:
+        InvalidInputError: a recorded scale is not a number in ``--lora``'s range.
+    """
+    hashes = _pairs(extras.get(HASHES_KEY, ""))
+    weights = []
     for name, value in _pairs(extras.get(WEIGHTS_KEY, "")):
         try:
-            scales[name] = float(value)
+            scale = float(value)
         except ValueError:
             raise InvalidInputError(
                 f"generation parameters: {WEIGHTS_KEY} {value!r} of {name} is not a number"
             ) from None
-    return [(name, h, scales.get(name, 1.0)) for name, h in _pairs(extras.get(HASHES_KEY, ""))]
+        weights.append((name, _check_scale(scale, f"{name} (the image's {WEIGHTS_KEY})")))
+    if [n for n, _ in weights] == [n for n, _ in hashes]:
+        return [(name, h, scale) for (name, h), (_, scale) in zip(hashes, weights, strict=True)]
+    scales = dict(weights)
+    return [(name, h, scales.get(name, 1.0)) for name, h in hashes]
 
 
 def find_recorded_loras(extras: dict[str, str], search: list[Path]) -> list[LoraSpec]:
@@ -437,6 +540,10 @@ def find_recorded_loras(extras: dict[str, str], search: list[Path]) -> list[Lora
     """
     specs = []
     for name, short, scale in recorded_loras(extras):
+        if any(c in name for c in "/\\") or name in (".", ".."):  # names hold no folder: look only in `search`
+            raise InvalidInputError(
+                f"the image records LoRA name {name!r}, which is not a file name; pass it with --lora FILE[:SCALE]"
+            )
         candidates = []
         for folder in search:
             candidates += [

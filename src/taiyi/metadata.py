@@ -104,9 +104,12 @@ def _parse_int(key: str, value: str) -> int:
 
 def _parse_float(key: str, value: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise InvalidInputError(f"generation parameters: {key} {value!r} is not a number") from None
+    if not math.isfinite(number):  # no tool writes "nan" or "inf"; read back, they would be JSON's NaN/Infinity
+        raise InvalidInputError(f"generation parameters: {key} {value!r} is not a finite number")
+    return number
 
 
 @dataclass
@@ -226,6 +229,10 @@ class GenerationParameters:
         Raises:
             InvalidInputError: Steps, CFG scale, Seed, Size or another field's value is malformed.
         """
+        # A text whose every line ends in CRLF (written on Windows, or edited there) reads as lines; taiyi's own
+        # texts end the prompt lines in "\n" (a "\r" in a value is quoted), so a "\r" they hold is kept.
+        if "\r\n" in text and text.count("\n") == text.count("\r\n"):
+            text = text.replace("\r\n", "\n")
         # Only the end is stripped: it is the parameters line, whose values keep their whitespace in quotes.
         *lines, last = text.rstrip().split("\n")
         pairs = _PARAM_RE.findall(last)
