@@ -65,11 +65,30 @@ def test_from_image_rerenders_bit_identical(capsys, tmp_path, tiny_zh):
     code, _, _ = run(capsys, "generate", "--from", second, "-o", tmp_path / "again.png")
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(tmp_path / "again.png")))
+    # Settings --from would ignore are refused, not dropped; a text lacking what a redraw needs is refused.
+    code, _, err = run(capsys, "generate", "--from", second, "--steps", 7, "--seed", 1, "-o", tmp_path / "x.png")
+    assert_user_error(code, err, "--from redraws the picture with its own settings; --steps, --seed cannot change")
+    from taiyi.metadata import GenerationParameters
+
+    text = read_parameters(second).to_text().replace(", Seed: 4", "")
+    Image.new("RGB", (64, 64)).save(tmp_path / "seedless.png", pnginfo=_text_chunk(text))
+    assert GenerationParameters.from_text(text).seed == 0  # the default, not what drew it
+    code, _, err = run(capsys, "generate", "--from", tmp_path / "seedless.png", "-o", tmp_path / "x.png")
+    assert_user_error(code, err, "the parameters do not record Seed, so the picture cannot be drawn again")
+    assert not (tmp_path / "x.png").exists()
     # Image i of a batch at seed S equals a single run at seed S + i (within float rounding).
     code, _, _ = run(capsys, "generate", "山水", "-m", tiny_zh, "--seed", 4, *FAST, "-o", tmp_path / "single.png")
     batch = np.asarray(Image.open(second), dtype=int)
     single = np.asarray(Image.open(tmp_path / "single.png"), dtype=int)
     assert np.abs(batch - single).max() <= 1
+
+
+def _text_chunk(text: str):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info
 
 
 def test_default_output_folder_never_collides(capsys, tmp_path, tiny_zh, monkeypatch):

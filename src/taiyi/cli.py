@@ -229,6 +229,23 @@ def generate(
     if from_image is not None:
         from .metadata import read_parameters
 
+        changed = [
+            option
+            for option, value, default in (
+                ("--negative-prompt", negative_prompt, None), ("--steps", steps, DEFAULT_STEPS),
+                ("--guidance", guidance, None), ("--guidance-end", guidance_end, None),
+                ("--guidance-rescale", guidance_rescale, None), ("--seed", seed, None),
+                ("--num-images", num_images, 1), ("--width", width, None), ("--height", height, None),
+                ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
+                ("--no-normalize", no_normalize, False),
+            )
+            if value != default
+        ]  # fmt: skip
+        if changed:  # they would be silently ignored: the picture's own settings redraw it
+            raise InvalidInputError(
+                f"--from redraws the picture with its own settings; {', '.join(changed)} cannot change them "
+                "(to vary them, generate with its prompt instead)"
+            )
         params = read_parameters(from_image)
         _precheck(output, overwrite, 1)
         loras = _rerender_loras(params, lora, from_image)
@@ -410,7 +427,8 @@ def info(
     from .metadata import read_parameters, read_parameters_text
 
     if as_json:
-        typer.echo(json.dumps(asdict(read_parameters(image)), ensure_ascii=False, indent=2))
+        fields = {k: v for k, v in asdict(read_parameters(image)).items() if k != "recorded"}  # the text's own keys
+        typer.echo(json.dumps(fields, ensure_ascii=False, indent=2))
     else:  # as stored: a re-rendered text would add defaults (CFG scale) to pictures that never had them
         typer.echo(read_parameters_text(image))
 

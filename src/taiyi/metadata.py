@@ -141,6 +141,8 @@ class GenerationParameters:
         extras: any other ``Key: value`` pairs, kept in order and written after the fields above; a text
             read from another tool keeps its unknown keys (e.g. "Model hash") here. "Version" is not kept:
             ``to_text`` always writes taiyi's own.
+        recorded: the keys a parsed text held (None when the parameters were not parsed): a field missing there
+            holds its default, not what drew the image.
     """
 
     prompt: str
@@ -160,6 +162,7 @@ class GenerationParameters:
     dtype: str | None = None
     normalize: bool = True
     extras: dict[str, str] = field(default_factory=dict)
+    recorded: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # keys a parsed text held
 
     def to_text(self) -> str:
         """The A1111-style text for the ``parameters`` chunk.
@@ -299,6 +302,7 @@ class GenerationParameters:
                 params.scheduler = ""
                 extras = {**sampler, **extras}
         params.extras = extras
+        params.recorded = tuple(key for key, _ in pairs)
         return params
 
 

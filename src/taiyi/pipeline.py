@@ -758,6 +758,13 @@ class TaiyiPipeline:
             raise InvalidInputError(f"batch position {params.batch_pos} is outside a batch of {params.batch_size}")
         if not params.scheduler:
             raise InvalidInputError(f"sampler {params.extras.get('Sampler')!r} is not one taiyi can run")
+        keys = params.recorded if params.recorded is not None else ("Steps", "Seed", "Size")
+        missing = [key for key in ("Steps", "Seed", "Size") if key not in keys]
+        if missing:  # the defaults would draw some other picture, said to be this one
+            raise InvalidInputError(
+                f"the parameters do not record {', '.join(missing)}, so the picture cannot be drawn again; "
+                "generate it anew with a prompt and those settings"
+            )
         recorded = sorted((h, scale) for _, h, scale in recorded_loras(params.extras))
         if recorded != sorted((x.hash, x.scale) for x in self.loras):
             ours = lora_extras(self.loras)
