@@ -50,11 +50,11 @@ def mini(
 @recipe_app.command()
 def probe(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the probe (config.json + model.safetensors).")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Scenes per step.")] = None,
-    size: Annotated[int | None, typer.Option("--size", help="Picture side in pixels.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of scenes and initialisation.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps [1000].")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Scenes per step [64].")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Picture side in pixels, 32 to 256 [64].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of scenes and initialisation [0].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads [1].")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing probe.")] = None,
 ) -> None:
     """Train the attribute probe: a small classifier of 山水 attributes, trained on rendered scenes only."""
@@ -67,8 +67,12 @@ def probe(
 @recipe_app.command()
 def report(
     run: Annotated[str, typer.Argument(help="A taiyi recipe mini run folder.")],
-    preset: Annotated[str, typer.Option("--preset", help="The run's preset.")] = "full",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation pictures.")] = 0,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="The run's preset [the one its recipe.json records, else full].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the evaluation pictures [the run's seed, else 0].")
+    ] = None,
 ) -> None:
     """Judge a finished run's models, check stage 1 froze the UNet/VAE, write report.json/.md and models/."""
     from ..cli import _quiet_libraries
@@ -88,7 +92,9 @@ def ship(
     ] = None,
 ) -> None:
     """Install a run's models as the embedded taiyi-mini-* models (checks the 40 MB budget)."""
+    from ..models import bundled_dir
     from .report import ship as install
 
     sizes = install(run, into)
-    typer.echo(f"installed {', '.join(sizes)}: {sum(sizes.values()) / 2**20:.1f} MB")
+    where = into if into is not None else bundled_dir()  # say where: the default is the package's own models
+    typer.echo(f"installed {', '.join(sizes)} into {where}: {sum(sizes.values()) / 2**20:.1f} MB")

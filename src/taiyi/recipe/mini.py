@@ -374,11 +374,57 @@ def _check(config: RecipeConfig) -> Preset:
     for name in config.only or ():
         if name not in STAGES:
             raise InvalidInputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    if not str(config.out).strip():
+        raise InvalidInputError("--out must name a folder for the run")
     out = Path(config.out)
-    if out.is_dir() and not (out / "logs").is_dir() and not (out / "recipe.json").exists() and any(out.iterdir()):
-        # a run folder has logs/ from its first moment; anything else is the user's, which the stages would mix with
+    if out.is_dir() and not _is_run(out) and any(out.iterdir()):
+        # anything else is the user's, which the stages would mix with
         raise InvalidInputError(f"{config.out} is not empty and holds no recipe run; choose a new --out")
+    recorded = recorded_config(out / "recipe.json")
+    for option in ("preset", "seed"):  # a run continued with other sizes or seeds would mix two runs' models
+        if option in recorded and recorded[option] != getattr(config, option):
+            raise InvalidInputError(
+                f"{config.out} is a run of --{option} {recorded[option]}, not {getattr(config, option)}; "
+                f"continue it with --{option} {recorded[option]}, or choose a new --out"
+            )
+    wanted = set(config.only or STAGES)
+    done = {s.name for s in _stages() if (out / s.done).exists()}
+    for stage in _stages():  # before any work: a stage whose needs neither ran nor will run cannot start
+        missing = [n for n in stage.needs if n not in done and n not in wanted]
+        if stage.name in wanted and stage.name not in done and missing:
+            raise InvalidInputError(
+                f"stage {stage.name} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                f"not done; run {'it' if len(missing) == 1 else 'them'} too"
+            )
     return PRESETS[config.preset]
+
+
+# what a run folder holds besides its stages' folders (temporary ones start with a dot)
+_RUN_NAMES = {"logs", "init", "cache", "vae-base", "grids", "models", "recipe.json", "report.json", "report.md"}
+
+
+def _is_run(out: Path) -> bool:
+    """Whether ``out`` holds a recipe run: its ``recipe.json``, or (a run stopped before writing one) a ``logs/``
+    of stage logs beside nothing but what a run writes — a user's own folder holds other files."""
+    if recorded_config(out / "recipe.json"):
+        return True
+    logs = out / "logs"
+    if not logs.is_dir():
+        return False
+    known = _RUN_NAMES | set(STAGES)
+    return all(p.name in {f"{s}.log" for s in STAGES} | {_LOCK} for p in logs.iterdir()) and all(
+        p.name in known or p.name.startswith(".") for p in out.iterdir()
+    )
+
+
+def recorded_config(record: Path) -> dict:
+    """The ``config`` a run's ``recipe.json`` records (empty if the file is missing or not a recipe record)."""
+    try:
+        found = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    config = found.get("config") if isinstance(found, dict) else None
+    return config if isinstance(config, dict) and "preset" in config else {}
 
 
 def _taiyi(argv: list[str]) -> list[str]:
@@ -512,8 +558,27 @@ def run_recipe(config: RecipeConfig, *, echo: Callable[[str], None] = print) -> 
     out = Path(config.out).resolve()  # the stages run in it (cwd), so the paths they are given must not be relative
     try:
         (out / "logs").mkdir(parents=True, exist_ok=True)
+        lock = open(out / "logs" / _LOCK, "a+")  # noqa: SIM115 (held until the run ends)
     except OSError as exc:  # --out names a file, or a folder inside one, or one that cannot be written
         raise InvalidInputError(f"cannot use {config.out} as the run folder: {exc.strerror}") from None
+    with lock:
+        try:  # two invocations on one folder would train the same stages into the same files
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise InvalidInputError(
+                f"{config.out} is in use by another taiyi recipe mini; wait for it to end, or stop it"
+            ) from None
+        return _run(config, preset, out, echo)
+
+
+_LOCK = "recipe.lock"  # in logs/: held by the invocation running in the folder
+
+
+def _run(config: RecipeConfig, preset: Preset, out: Path, echo: Callable[[str], None]) -> dict:
     stages = {s.name: s for s in _stages()}
     wanted = set(config.only or STAGES)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads are set per command (threads_for)

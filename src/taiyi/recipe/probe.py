@@ -44,6 +44,7 @@ from torch import nn
 from ..data import shanshui
 from ..data.shanshui import Scene
 from ..errors import InvalidInputError, ModelLoadError, OutputError
+from ..io import check_writable
 from ..train.common import seed_check
 
 logger = logging.getLogger("taiyi")
@@ -364,19 +365,30 @@ class AttributeProbe:
 # Training
 
 
+def _is_probe(folder: Path) -> bool:
+    """Whether ``folder`` holds an attribute probe (its config.json says so) and nothing but its files."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return isinstance(config, dict) and config.get("format") == FORMAT and names <= {CONFIG_NAME, WEIGHTS_NAME}
+
+
 def _validate(config: ProbeConfig) -> None:
     checks = [
-        (bool(str(config.output).strip()), "no output folder given; set output"),
-        (config.steps >= 1, f"steps must be at least 1, not {config.steps}"),
-        (config.batch_size >= 2, f"batch_size must be at least 2, not {config.batch_size}"),
-        (config.lr > 0, f"lr must be positive, not {config.lr}"),
-        (config.weight_decay >= 0, f"weight_decay must be 0 or more, not {config.weight_decay}"),
-        (32 <= config.size <= 256, f"size must lie in 32..256, not {config.size}"),
-        (config.width >= 4, f"width must be at least 4, not {config.width}"),
+        # named as the commands spell them (taiyi recipe probe, python -m taiyi.recipe.probe)
+        (bool(str(config.output).strip()), "no output folder given; set --out"),
+        (config.steps >= 1, f"--steps must be at least 1, not {config.steps}"),
+        (config.batch_size >= 2, f"--batch-size must be at least 2, not {config.batch_size}"),
+        (config.lr > 0, f"--lr must be positive, not {config.lr}"),
+        (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
+        (32 <= config.size <= 256, f"--size must lie in 32..256, not {config.size}"),
+        (config.width >= 4, f"--width must be at least 4, not {config.width}"),
         (config.split in shanshui.SPLITS, f"split must be one of {', '.join(shanshui.SPLITS)}, not {config.split!r}"),
-        (config.eval_scenes >= 0, f"eval_scenes must be 0 or more, not {config.eval_scenes}"),
-        (config.threads >= 1, f"threads must be at least 1, not {config.threads}"),
-        seed_check(config.seed, "seed"),
+        (config.eval_scenes >= 0, f"--eval-scenes must be 0 or more, not {config.eval_scenes}"),
+        (config.threads >= 1, f"--threads must be at least 1, not {config.threads}"),
+        seed_check(config.seed, "--seed"),
     ]
     for ok, message in checks:
         if not ok:
@@ -386,7 +398,21 @@ def _validate(config: ProbeConfig) -> None:
             raise InvalidInputError(f"only: unknown attribute {name!r}; use {', '.join(ATTRIBUTES)}")
     out = Path(config.output)
     if out.exists() and not config.overwrite:
-        raise OutputError(f"{out} exists; pass overwrite to replace it or choose another output")
+        raise OutputError(f"{out} exists; pass --overwrite to replace it or choose another output")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file, not a probe folder; choose another output")
+    if out.is_dir() and any(out.iterdir()) and not _is_probe(out):  # --overwrite replaces a probe, nothing else
+        raise OutputError(f"{out} holds something other than an attribute probe; choose another output")
+    # before the training, not after it: the nearest folder that exists must take the probe's temporary folder
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"cannot write the probe to {out}: {parent} is a file; choose another output")
+    try:
+        check_writable(parent)
+    except OutputError:
+        raise OutputError(
+            f"cannot write the probe to {out}: {parent} is not writable; choose another output"
+        ) from None
 
 
 def evaluate_probe(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError
-from ..train.common import write_json_atomic
+from ..train.common import seed_check, write_json_atomic
 
 __all__ = ["frozen_check", "targets", "write_report", "EXPORTS"]
 
@@ -238,17 +238,35 @@ def _judge(probe: Path) -> dict:
     return {"probe": f"the embedded {EMBEDDED_PROBE}" if same else "the run's own", "sha256": mine}
 
 
-def write_report(run: str | os.PathLike, *, preset_name: str = "full", seed: int = 0) -> dict:
-    """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc)."""
+def write_report(run: str | os.PathLike, *, preset_name: str | None = None, seed: int | None = None) -> dict:
+    """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc).
+
+    Args:
+        run: a ``taiyi recipe mini`` run folder.
+        preset_name: the run's preset; None: the one its ``recipe.json`` records (``full`` without one).
+        seed: seed of the evaluation pictures; None: the run's seed (0 without a ``recipe.json``).
+
+    Raises:
+        InvalidInputError: an unknown preset, one other than the run's, or a run without its models.
+    """
     from ..clip import load_clip
     from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_SCHEDULER, DEFAULT_STEPS, load_pipeline
     from .faithfulness import eval_prompts, evaluate_clip, evaluate_pipeline
-    from .mini import PRESETS
+    from .mini import PRESETS, recorded_config
     from .probe import AttributeProbe
 
     run = Path(run)
+    recorded = recorded_config(run / "recipe.json")
+    if preset_name is not None and recorded.get("preset", preset_name) != preset_name:
+        # another preset's evaluation (the full one: 288 prompts per model) would judge the run's models with it
+        raise InvalidInputError(f"{run} is a run of --preset {recorded['preset']}, not {preset_name}")
+    preset_name = preset_name or recorded.get("preset", "full")
+    seed = recorded.get("seed", 0) if seed is None else seed
     if preset_name not in PRESETS:
         raise InvalidInputError(f"unknown preset {preset_name!r}; use one of {', '.join(PRESETS)}")
+    ok, message = seed_check(seed)  # the recipe's seeds; refused here, not by a sampler after the models load
+    if not ok:
+        raise InvalidInputError(message)
     preset = PRESETS[preset_name]
     for sub in ("probe", "sd-en/final", "sd-zh/final", "sd-zh-en/final", "clip-en/final", "clip-zh/final"):
         if not (run / sub).exists():
@@ -418,6 +436,28 @@ def _write_markdown(run: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_ship_target(run: Path, preset: str | None, target: Path) -> None:
+    """Refuse to install where it would replace what is not a recipe's models, or a full run's models with toys."""
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(f"cannot install into {target}: it is a file; choose another --into")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    try:
+        source = json.loads((target / "SOURCE.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        source = {} if any((target / name).is_dir() for name in EXPORTS) else None
+    except (OSError, ValueError):
+        source = None
+    if not isinstance(source, dict) or (source and "run" not in source):
+        # the folder is someone's own: its SOURCE.json and taiyi-mini-* folders would be replaced
+        raise InvalidInputError(f"{target} holds no embedded models of a recipe run; choose another --into")
+    if source.get("preset") == "full" and preset != "full":
+        raise InvalidInputError(
+            f"{run} is a --preset {preset} run: its toy models would replace the {source.get('run')} models in "
+            f"{target}; install it with --into another folder"
+        )
+
+
 def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_mb: float = 40.0) -> dict:
     """Install a finished run's exported models as the embedded ones (``taiyi-mini-*`` short names).
 
@@ -428,6 +468,11 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
 
     Returns:
         ``{name: bytes}`` of what was installed; ``weights/SOURCE.json`` records the run and its report figures.
+
+    Raises:
+        InvalidInputError: ``run`` is unfinished, its models are over budget, ``into`` cannot be written or holds
+            something other than a recipe's models, or a run of another preset than ``full`` would replace the
+            models of a ``full`` one.
     """
     from ..models import bundled_dir
 
@@ -439,7 +484,14 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
     if missing:
         raise InvalidInputError(f"{run}/models lacks {', '.join(missing)}; rerun taiyi recipe mini --out {run}")
     target = Path(into) if into is not None else bundled_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    _check_ship_target(run, report.get("preset"), target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file, a folder inside one, a place that cannot be written
+        raise InvalidInputError(
+            f"cannot install into {target}: {exc.strerror or exc}; choose another --into"
+        ) from None
     staging = target / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -454,7 +506,6 @@ def ship(run: str | os.PathLike, into: str | os.PathLike | None = None, *, max_m
             os.replace(staging / name, target / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report = json.loads(report_path.read_text(encoding="utf-8"))
     recipe = json.loads((run / "recipe.json").read_text(encoding="utf-8")) if (run / "recipe.json").is_file() else {}
     source = {"run": run.resolve().name, "preset": report.get("preset"), "seed": report.get("seed"), "bytes": sizes,
               "preset_values": recipe.get("preset_values"), "stages": recipe.get("stages"),
