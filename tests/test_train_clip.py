@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from taiyi.cli import main
@@ -214,6 +215,7 @@ def test_frozen_image_tower_gets_no_gradient_and_stays_bit_identical(towers, tmp
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert Image.open(tmp_path / "run" / "loss.png").size == (640, 400)  # the loss curve, as train sd/vae draw
     assert all({"loss", "lr", "logit_scale", "epoch"} <= r.keys() for r in rows if r["kind"] == "train")
     val = [r for r in rows if r["kind"] == "val"]
     assert [r["step"] for r in val] == [0, 3] and "R@1" in val[-1]["text_to_image"]

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -1208,14 +1207,12 @@ def train_clip(config: ClipTrainConfig) -> dict:
     elif main:
         clip.eval()
         clip.save_pretrained(final_dir, overwrite=True)
-        tmp = output / ".taiyi-text-tower.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        clip.export_taiyi(tmp)
-        if text_dir.exists():
-            shutil.rmtree(text_dir)
-        os.replace(tmp, text_dir)
+        clip.export_taiyi(text_dir, overwrite=True)  # atomically, as final/
         logger.info("saved %s (load_clip) and %s (Taiyi-CLIP text tower layout)", final_dir, text_dir)
+    if main:
+        from .sd import plot_losses
+
+        plot_losses(metrics.read(), output / "loss.png")  # as the other trainers draw theirs
     accelerator.wait_for_everyone()
     accelerator.end_training()
     last_checkpoint = list_checkpoints(output)
