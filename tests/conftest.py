@@ -90,3 +90,15 @@ def log_warnings(caplog):
     for logger, propagate, level in saved:
         logger.propagate = propagate
         logger.setLevel(level)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train as fast on one thread, and a second thread only adds contention noise; a test module
+    takes it for all its tests with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

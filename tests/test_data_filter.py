@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from taiyi.cli import main
@@ -26,13 +25,7 @@ from taiyi.data.shanshui import write_folder
 from taiyi.errors import InvalidInputError, OutputError
 from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from taiyi.pipeline import load_pipeline
 PROMPT = "小桥流水人家"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def draw(pipe):

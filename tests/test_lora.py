@@ -31,12 +31,7 @@ SEED = 1234
 STEPS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pixels(image: Image.Image) -> np.ndarray:
