@@ -75,6 +75,13 @@ def test_from_image_rerenders_bit_identical(capsys, tmp_path, tiny_zh):
     assert GenerationParameters.from_text(text).seed == 0  # the default, not what drew it
     code, _, err = run(capsys, "generate", "--from", tmp_path / "seedless.png", "-o", tmp_path / "x.png")
     assert_user_error(code, err, "the parameters do not record Seed, so the picture cannot be drawn again")
+    text = read_parameters(second).to_text().replace(f"Model: {tiny_zh}", "Model: v1-5-pruned-emaonly")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=_text_chunk(text))
+    code, _, err = run(capsys, "generate", "--from", tmp_path / "a1111.png", "-o", tmp_path / "x.png")
+    assert_user_error(code, err, "the picture names model 'v1-5-pruned-emaonly': give it with --model")
+    code, _, err = run(capsys, "generate", "--from", tmp_path / "a1111.png", "-m", tiny_zh, "-o", tmp_path / "y.png")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(tmp_path / "y.png")))
     assert not (tmp_path / "x.png").exists()
     # Image i of a batch at seed S equals a single run at seed S + i (within float rounding).
     code, _, _ = run(capsys, "generate", "山水", "-m", tiny_zh, "--seed", 4, *FAST, "-o", tmp_path / "single.png")

@@ -20,7 +20,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from .errors import InvalidInputError, StoppedError, TaiyiError
+from .errors import InvalidInputError, ModelLoadError, StoppedError, TaiyiError
 
 app = typer.Typer(
     name="taiyi",
@@ -249,16 +249,22 @@ def generate(
         params = read_parameters(from_image)
         _precheck(output, overwrite, 1)
         loras = _rerender_loras(params, lora, from_image)
-        pipe = _load(
-            model or params.model or None,
-            params.dtype or dtype,
-            device,
-            no_safety_checker,
-            allow_pickle,
-            loras,
-            memory,
-            backend,
-        )
+        try:
+            pipe = _load(
+                model or params.model or None,
+                params.dtype or dtype,
+                device,
+                no_safety_checker,
+                allow_pickle,
+                loras,
+                memory,
+                backend,
+            )
+        except ModelLoadError as exc:
+            if model or not params.model:
+                raise
+            # another tool's picture names its checkpoint (A1111: "v1-5-pruned-emaonly"), not a folder here
+            raise ModelLoadError(f"{exc}; the picture names model {params.model!r}: give it with --model") from None
         with _Progress("rendering") as bar:
             result = pipe.rerender(params, progress=bar)
         _save(result, output, overwrite, grid=False)
