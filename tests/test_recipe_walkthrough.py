@@ -221,3 +221,18 @@ def test_report_refuses_a_bad_seed_before_loading_the_models(tmp_path, capsys):
 
     assert main(["recipe", "report", str(tmp_path), "--seed", "-1"]) == 2
     assert _one_line_error(capsys) == "taiyi: error: --seed must be between 0 and 4294967295, not -1"
+
+
+def test_the_report_counts_its_stage_from_when_the_recipe_started_it(monkeypatch):
+    """Its process start and imports belong to the stage, as the recipe's record counts them; a report run
+    alone counts from its own start."""
+    import time
+
+    from taiyi.recipe.report import STAGE_STARTED, stage_seconds
+
+    t0 = time.monotonic()
+    monkeypatch.setenv(STAGE_STARTED, repr(time.time() - 12.0))
+    assert 12.0 <= stage_seconds(t0) < 13.0
+    for unusable in ("", "soon", repr(time.time() + 3600)):  # none, not a time, or in the future
+        monkeypatch.setenv(STAGE_STARTED, unusable)
+        assert 0 <= stage_seconds(t0) < 1.0

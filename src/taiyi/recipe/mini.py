@@ -633,7 +633,10 @@ def _run(config: RecipeConfig, preset: Preset, out: Path, echo: Callable[[str], 
         log.flush()
         log_start[name] = log.tell()  # progress is read from here on: not an earlier invocation's steps
         n = str(threads)
-        proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        from .report import STAGE_STARTED
+
+        started = time.time() - (time.monotonic() - t0)  # the stage's start on the clock every process shares
+        proc_env = {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, STAGE_STARTED: repr(started)}
         proc = subprocess.Popen(_taiyi(argv), stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=out)
         proc._taiyi_threads = threads  # type: ignore[attr-defined]
         proc._taiyi_log = log  # type: ignore[attr-defined]

@@ -238,6 +238,21 @@ def _judge(probe: Path) -> dict:
     return {"probe": f"the embedded {EMBEDDED_PROBE}" if same else "the run's own", "sha256": mine}
 
 
+STAGE_STARTED = "TAIYI_RECIPE_STAGE_STARTED"  # set by taiyi recipe mini: when the report's stage began (epoch s)
+
+
+def stage_seconds(t0: float) -> float:
+    """How long the report's stage has taken: since ``taiyi recipe mini`` started it (its process start and imports
+    included, as the recipe's record counts them), else since ``t0`` (``time.monotonic()``, a report run alone)."""
+    try:
+        started = float(os.environ.get(STAGE_STARTED, ""))
+    except ValueError:
+        started = None
+    if started is not None and 0 <= time.time() - started < 86400 * 7:
+        return time.time() - started
+    return time.monotonic() - t0
+
+
 def write_report(run: str | os.PathLike, *, preset_name: str | None = None, seed: int | None = None) -> dict:
     """Evaluate a finished recipe run in ``run`` and write its report and exports (see the module doc).
 
@@ -314,7 +329,7 @@ def write_report(run: str | os.PathLike, *, preset_name: str | None = None, seed
         recorded = json.loads(recipe_json.read_text(encoding="utf-8"))
         report["stages"] = recorded.get("stages", {})
         report["calibrations"] = recorded.get("calibrations", [])
-    report["report_seconds"] = round(time.monotonic() - t0, 1)
+    report["report_seconds"] = round(stage_seconds(t0), 1)
     if "stages" in report:  # every stage's time but an earlier report's, and this report's own
         seconds = sum(st.get("seconds", 0) for name, st in report["stages"].items() if name != "report")
         minutes = round((seconds + report["report_seconds"]) / 60, 1)
