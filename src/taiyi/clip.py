@@ -203,7 +203,7 @@ class ChineseCLIP(nn.Module):
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (or paths, uint8 arrays) → pixel values (B, 3, S, S) as the image tower expects."""
-        from .pipeline import as_picture
+        from .io import as_picture
 
         rgb = [as_picture(im, "RGB", "image") for im in images]  # 16-bit scaled, not clipped to white
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]

@@ -638,7 +638,7 @@ def disco_sample(
     Raises:
         InvalidInputError: an unusable prompt, setting, size or init image.
     """
-    from .pipeline import as_picture
+    from .io import as_picture
 
     if settings is not None and not isinstance(settings, DiscoSettings):
         raise InvalidInputError(f"settings must be a DiscoSettings, not {type(settings).__name__}")

@@ -28,6 +28,7 @@ from PIL import Image, ImageFilter
 from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet, use_torch_unet
 from .encoding import PromptCache, encode_prompts
 from .errors import InvalidInputError
+from .io import as_picture
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
@@ -141,52 +142,6 @@ def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
         return binary
     blurred = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)))
     return binary * blurred.astype(np.float32) / 255.0
-
-
-def as_picture(
-    image: Image.Image | str | os.PathLike | np.ndarray, mode: str = "RGB", what: str = "image"
-) -> Image.Image:
-    """A PIL image, an image file's path or a uint8 numpy array (H, W[, C]) as a PIL image in ``mode``.
-
-    A file is read as displayed (its EXIF rotation applied); 16-bit and 32-bit greyscale is scaled to 8 bits (as
-    :func:`taiyi.data.decode.to_rgb` does), not clipped.
-
-    Args:
-        image: the picture; a boolean (H, W) array is a mask (True = 255).
-        mode: the PIL mode wanted (``RGB``, ``L``).
-        what: how error messages name it (``image``, ``mask``, ``init image``).
-
-    Raises:
-        InvalidInputError: a missing or unreadable file, an array that is not uint8 pixels, or another type.
-    """
-    from .io import load_image, to_8bit
-
-    if isinstance(image, str | os.PathLike):
-        image = load_image(image, mode=None, what=what)  # upright, 8 bits
-    elif isinstance(image, np.ndarray):
-        image = _array_picture(image, what)
-    elif not isinstance(image, Image.Image):
-        raise InvalidInputError(
-            f"{what} must be a PIL image, a file path or a uint8 numpy array, not {type(image).__name__}"
-            + (
-                "; for a (3, H, W) tensor in 0-1: (t.permute(1, 2, 0) * 255).round().byte().numpy()"
-                if isinstance(image, torch.Tensor)
-                else ""
-            )
-        )
-    return to_8bit(image).convert(mode)
-
-
-def _array_picture(array: np.ndarray, what: str) -> Image.Image:
-    if array.dtype == np.bool_ and array.ndim == 2:  # a boolean mask: True = redraw
-        return Image.fromarray(array.astype(np.uint8) * 255)
-    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
-    if array.dtype != np.uint8 or not shape_ok:
-        raise InvalidInputError(
-            f"{what} array is {array.dtype} of shape {array.shape}; give uint8 (H, W) or (H, W, 3) pixels in "
-            "0-255, e.g. (array * 255).round().astype(np.uint8) for floats in 0-1"
-        )
-    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
 def _check_progress(progress) -> None:
