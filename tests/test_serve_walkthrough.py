@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -95,6 +96,29 @@ def test_uploads_are_read_upright_and_16_bit_grey_is_scaled_not_white(client):
     )
     assert response.status_code == 200, response.text
     assert "Size: 64x80" in response.json()["data"][0]["parameters"]
+
+
+def test_a_truncated_upload_is_named_in_pillows_words_not_its_exception_class(client):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    whole = encoded(Image.fromarray(noise), "JPEG")
+    cut = whole[: len(whole) // 2]  # its header whole: the damage is met while decoding
+    response = client.post(EDITS, files={"image": ("cut.jpg", cut, "image/jpeg")}, data={"prompt": "山"})
+    assert response.status_code == 400
+    message = error_of(response)["message"]
+    assert message.startswith("image is damaged: image file is truncated") and "OSError" not in message
+
+
+def test_a_refused_cors_preflight_answers_in_the_apis_json_error_shape(pipe_zh):
+    config = ServeConfig(cors_origins=("https://app.example",))
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(config, pipeline=pipe_zh)) as client:
+        refused = client.options("/v1/images/generations", headers=preflight)
+        allowed = client.options("/v1/images/generations", headers={**preflight, "Origin": "https://app.example"})
+    assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
+    error = error_of(refused)
+    assert error["code"] == "cors_not_allowed" and "(origin)" in error["message"]
+    assert "access-control-allow-origin" not in refused.headers
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_client_leaving_mid_body_is_counted_as_gone_not_as_a_bad_request(pipe_zh):

@@ -54,7 +54,7 @@ from .limits import (
     parse_size,
 )
 from .metrics import CONTENT_TYPE, Metrics
-from .middleware import GuardMiddleware
+from .middleware import GuardMiddleware, JSONErrorCORSMiddleware
 from .schemas import (
     ClipClassifyRequest,
     ClipClassifyResponse,
@@ -226,10 +226,8 @@ def create_app(
         GuardMiddleware, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=metrics, routes=routes
     )
     if config.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
         app.add_middleware(
-            CORSMiddleware,
+            JSONErrorCORSMiddleware,
             allow_origins=list(config.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],

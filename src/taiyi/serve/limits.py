@@ -206,9 +206,9 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise bad_request(
-            f"{param} is truncated or corrupt ({type(exc).__name__})", param=param, code="invalid_image"
-        ) from None
+        # Pillow's own words ("image file is truncated (3 bytes not processed)"), not its exception class
+        reason = str(exc).splitlines()[0] if str(exc) else "corrupt data"
+        raise bad_request(f"{param} is damaged: {reason}", param=param, code="invalid_image") from None
     # As the library reads a file: upright (a phone photo is stored sideways, its mask drawn upright) and
     # 16-bit greyscale scaled to 8 bits, where Pillow's convert() would clip a mid-grey picture to white.
     return as_displayed(image)

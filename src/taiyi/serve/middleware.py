@@ -15,7 +15,10 @@ import time
 import uuid
 from collections.abc import Callable
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
@@ -173,3 +176,16 @@ class GuardMiddleware:
         if not hmac.compare_digest(token.strip().encode("utf-8"), self._key):
             return "invalid_api_key", "incorrect API key"
         return None
+
+
+class JSONErrorCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS layer, its refused preflights answered in the API's JSON error shape, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. "origin, headers"
+        message = f"this server does not allow that cross-origin request ({refused}); see --cors-origin"
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error_body(message, 400, code="cors_not_allowed"), status_code=400, headers=headers)
