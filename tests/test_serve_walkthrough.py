@@ -259,3 +259,19 @@ def test_leaving_a_page_with_pictures_asks_first_and_a_broken_health_answer_is_s
     fresh.goto(site[0] + "/")
     fresh.locator("#status.error").wait_for(timeout=10_000)
     assert fresh.locator("#status").inner_text() == "无法读取服务器状态：服务器没有给出状态（503）"
+
+
+@pytest.mark.browser
+def test_pictures_of_one_seed_download_under_different_names(page, tmp_path):
+    page.fill("#prompt", "小桥流水")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    assert finish(page, "#generate").startswith("完成")
+    page.click("#gallery figure:first-child button:text-is('编辑')")  # an edit that keeps the same seed
+    page.locator("#canvas-wrap").wait_for(state="visible")
+    page.fill("#edit-prompt", "一轮明月")
+    page.fill("#edit-steps", "2")
+    page.fill("#edit-seed", "5")
+    assert finish(page, "#edit-run").startswith("完成")
+    names = page.locator("#gallery figure a").evaluate_all("links => links.map((a) => a.download)")
+    assert names == ["taiyi-002-edit-seed5.png", "taiyi-001-generate-seed5.png"]

@@ -176,7 +176,11 @@
   }
 
   // --- gallery ---------------------------------------------------------------------------------------
+  let shown = 0; // pictures put in the gallery so far: numbers the downloads, which a reused seed would collide
+  const KIND_NAMES = { 文生图: "generate", 图生图: "edit", 局部重绘: "inpaint" };
+
   function addToGallery(item, kind) {
+    shown += 1;
     const src = "data:image/png;base64," + item.b64_json;
     const figure = document.createElement("figure");
     const img = document.createElement("img");
@@ -196,7 +200,7 @@
 
     const download = document.createElement("a");
     download.href = src;
-    download.download = `taiyi-${item.seed}.png`;
+    download.download = `taiyi-${String(shown).padStart(3, "0")}-${KIND_NAMES[kind]}-seed${item.seed}.png`;
     download.textContent = "下载";
     const edit = document.createElement("button");
     edit.type = "button";
