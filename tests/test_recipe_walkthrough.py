@@ -236,3 +236,36 @@ def test_the_report_counts_its_stage_from_when_the_recipe_started_it(monkeypatch
     for unusable in ("", "soon", repr(time.time() + 3600)):  # none, not a time, or in the future
         monkeypatch.setenv(STAGE_STARTED, unusable)
         assert 0 <= stage_seconds(t0) < 1.0
+
+
+def test_a_stage_of_two_commands_says_which_one_its_progress_counts(tmp_path, monkeypatch):
+    """The VAE stage trains the autoencoder, then its decoder alone: two step counts, each from 1."""
+    import dataclasses
+
+    from taiyi.recipe import mini
+
+    def script(steps: int) -> str:
+        return (
+            "import pathlib, time\n"
+            f"for i in (10, {steps}):\n"
+            f"    print(f'taiyi: info: step {{i}}/{steps} loss 0.1 (0.30 s/step)', flush=True); time.sleep(1)\n"
+            "pathlib.Path('probe').mkdir(exist_ok=True); pathlib.Path('probe/config.json').write_text('{}')\n"
+        )
+
+    stages = mini._stages()
+    two = [dataclasses.replace(s, commands=lambda o, p, c: [["first"], ["second"]]) if s.name == "probe" else s
+           for s in stages]  # fmt: skip
+    monkeypatch.setattr(mini, "_stages", lambda: two)
+    monkeypatch.setattr(mini, "_taiyi", lambda argv: [sys.executable, "-c", script(20 if argv == ["first"] else 30)])
+    lines: list[str] = []
+    config = mini.RecipeConfig(
+        out=str(tmp_path / "run"), preset="tiny", only=["probe"], progress_every=0.1, train_probe=True
+    )
+    assert mini.run_recipe(config, echo=lines.append)["probe"]["status"] == "done"
+    progress = [line for line in lines if line.startswith("[recipe] probe: part")]
+    assert "[recipe] probe: part 1/2, step 20/20, finishing" in progress
+    assert "[recipe] probe: part 2/2 …" in progress
+    assert progress[-1] == "[recipe] probe: part 2/2, step 30/30, finishing"
+    assert progress.index("[recipe] probe: part 2/2 …") > progress.index(
+        "[recipe] probe: part 1/2, step 20/20, finishing"
+    )

@@ -607,6 +607,7 @@ def _run(config: RecipeConfig, preset: Preset, out: Path, echo: Callable[[str], 
     began = time.monotonic()
     log_start: dict[str, int] = {}
     shown: dict[str, str] = {}  # the progress line last echoed per stage
+    parts: dict[str, list[int]] = {}  # per stage of several commands: [the running one's number, how many]
     last_progress = began
 
     def ready(name: str) -> bool:
@@ -627,6 +628,10 @@ def _run(config: RecipeConfig, preset: Preset, out: Path, echo: Callable[[str], 
         if not queue:
             return False
         argv = queue.pop(0)
+        part = parts.setdefault(name, [0, len(queue) + 1])
+        part[0] += 1
+        if part[0] > 1:  # its step count starts again: say which command it is
+            echo(f"[recipe] {name}: part {part[0]}/{part[1]} …")
         threads = threads_for(name)
         log = open(out / "logs" / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115 (closed with the process)
         log.write(f"$ taiyi {' '.join(argv)}  # {threads} thread(s)\n")
@@ -706,6 +711,8 @@ def _run(config: RecipeConfig, preset: Preset, out: Path, echo: Callable[[str], 
                     last_progress = time.monotonic()
                     for name in running:
                         line = stage_progress(_read_from(out / "logs" / f"{name}.log", log_start.get(name, 0)))
+                        if line and parts[name][1] > 1:
+                            line = f"part {parts[name][0]}/{parts[name][1]}, {line}"
                         if line and line != shown.get(name):
                             shown[name] = line
                             echo(f"[recipe] {name}: {line}")
