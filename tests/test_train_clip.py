@@ -420,6 +420,35 @@ def test_unreadable_samples_are_skipped_and_counted(towers, tmp_path):
     assert uncached["step"] == 4 and uncached["skipped"] >= 1
 
 
+def test_a_batch_left_with_one_readable_sample_makes_no_update(towers, tmp_path, caplog):
+    """One sample is its own only candidate: loss 0 and no gradient, but AdamW's decay would still move every
+    weight. Such a step is logged and leaves the towers as they were."""
+    from taiyi.train.synthetic import SyntheticPairs
+
+    def folder(name: str, corrupt: bool) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        pairs = SyntheticPairs(2, image_size=32)
+        for i in range(2):
+            pairs[i].image.save(path / f"{i}.png")
+            (path / f"{i}.txt").write_text(pairs[i].caption, encoding="utf-8")
+        if corrupt:
+            (path / "1.png").write_bytes(b"not an image")
+        return path
+
+    settings = dict(batch_size=2, max_steps=2, val_fraction=0, cache_image_features=False, weight_decay=0.1)
+    with caplog.at_level("WARNING", logger="taiyi"):
+        one = train(towers, tmp_path / "one", data=str(folder("one-left", corrupt=True)), **settings)
+    assert one["step"] == 2 and one["skipped"] == 2
+    assert sum("one readable sample" in r.getMessage() for r in caplog.records) == 2
+    before = load_file(towers["text"] / "model.safetensors")
+    after = load_file(one["final"] / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    two = train(towers, tmp_path / "two", data=str(folder("both", corrupt=False)), **settings)
+    moved = load_file(two["final"] / "text_encoder" / "model.safetensors")
+    assert not all(torch.equal(before[k], moved[k]) for k in before)  # two samples do train
+
+
 def _jsonl_with_negatives(folder: Path, n: int, *, without: set[int] = frozenset()) -> tuple[Path, dict[str, str]]:
     from taiyi.train.synthetic import SyntheticPairs
 

@@ -1100,6 +1100,7 @@ def train_clip(config: ClipTrainConfig) -> dict:
         )
     started_loop = last = time.perf_counter()
     batches = micro_batches(step * config.grad_accum) if step < total_steps else iter(())
+    learnable = False  # whether the optimizer step being accumulated has a micro-batch it can learn from
     with StopOnSignal() as stop:
         for micro, indices, pixels, captions, skipped in batches:
             if table is None:  # samples are read now: count what every process skipped, and stop them all alike
@@ -1111,6 +1112,11 @@ def train_clip(config: ClipTrainConfig) -> dict:
                         f"every sample of a process's share of micro-batch {micro} was unreadable; check the data "
                         f"({skipped_total} unreadable samples so far) or raise --batch-size"
                     )
+                # one sample is its own only candidate: loss 0, no gradient; AdamW would still move the weights
+                # (momentum, decay), so a step made only of such micro-batches makes no update
+                learnable = learnable or int(counts[:, 0].sum()) > 1 or negatives is not None
+            else:
+                learnable = True
             with accelerator.accumulate(model):
                 hard = [negatives[i] for i in _as_indices(indices)] if negatives is not None else []
                 tokens = clip.tokenize(captions + hard)  # one text-tower pass for captions and negatives
@@ -1132,14 +1138,22 @@ def train_clip(config: ClipTrainConfig) -> dict:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if learnable or not accelerator.sync_gradients:
+                    optimizer.step()
+                elif main:
+                    logger.warning(
+                        "step %d: its batch kept one readable sample, from which a contrastive loss learns "
+                        "nothing; no update",
+                        step + 1,
+                    )
                 optimizer.zero_grad(set_to_none=True)
             window.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
+            updated, learnable = learnable, False
             # --- one optimizer step done ---
             lr = scheduler.get_last_lr()[0]
-            if not accelerator.optimizer_step_was_skipped:
+            if updated and not accelerator.optimizer_step_was_skipped:  # as accelerate does for a skipped step
                 scheduler.step()
             with torch.no_grad():
                 logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))  # never stuck above the clamp with no gradient
