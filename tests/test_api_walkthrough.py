@@ -298,3 +298,23 @@ def test_float16_on_cpu_loads_without_diffusers_saying_it_cannot_run(tiny_zh, lo
         image = pipe.generate(PROMPT, steps=1, seed=SEED).images[0]  # it does run
     assert pipe.dtype == torch.float16 and image.size == (64, 64)
     assert not [r.getMessage() for r in log_warnings.records if "cannot run with `cpu`" in r.getMessage()]
+
+
+def test_a_thin_picture_raised_to_the_least_side_is_said_to_change_shape(pipe_zh, log_warnings):
+    """A 400x20 strip is drawn at 400x64 (sides are at least 64): the picture comes back stretched, so it says so;
+    a picture whose shape survives, and a size the user chose, say nothing."""
+    import logging
+
+    def warned(image, **size) -> list[str]:
+        log_warnings.clear()
+        with log_warnings.at_level(logging.WARNING):
+            pipe_zh.edit(image, "山水", steps=2, seed=SEED, strength=0.5, **size)
+        return [r.getMessage() for r in log_warnings.records if r.levelno >= logging.WARNING]
+
+    strip = Image.new("RGB", (400, 20), (90, 140, 60))
+    assert warned(strip) == [
+        "the image is 400x20; drawn at 400x64, which changes its shape (sides are 64 to 2048); crop it first to "
+        "keep its proportions"
+    ]
+    assert warned(Image.new("RGB", (400, 100), (90, 140, 60))) == []  # 400x96: within a tenth of its shape
+    assert warned(strip, width=64, height=64) == []  # the user's own size

@@ -568,10 +568,18 @@ class TaiyiPipeline:
     def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
         image = as_picture(image, "RGB", "image")
         # By default the picture's own size, in multiples of 8, scaled down to fit when a side is over the limit
-        fit = min(1.0, MAX_SIDE / max(image.width, image.height)) if width is None and height is None else 1.0
+        chosen = width is not None or height is not None
+        fit = 1.0 if chosen else min(1.0, MAX_SIDE / max(image.width, image.height))
         width = max(MIN_SIDE, int(image.width * fit) // 8 * 8) if width is None else width
         height = max(MIN_SIDE, int(image.height * fit) // 8 * 8) if height is None else height
-        if fit < 1:
+        if not chosen and abs(math.log((width / height) / (image.width / image.height))) > math.log(1.1):
+            # a side below the least size raised to it: the picture would come back distorted without a word
+            logger.warning(
+                "the image is %dx%d; drawn at %dx%d, which changes its shape (sides are %d to %d); crop it first "
+                "to keep its proportions",
+                image.width, image.height, width, height, MIN_SIDE, MAX_SIDE,
+            )  # fmt: skip
+        elif fit < 1:
             logger.info(
                 "the image is %dx%d; drawn at %dx%d (sides are at most %d; -W/-H choose the size)",
                 image.width, image.height, width, height, MAX_SIDE,
