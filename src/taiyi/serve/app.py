@@ -811,9 +811,10 @@ def _prepare_edit(
 def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs):
     """A uvicorn server for ``app`` whose shutdown first stops the worker's intake.
 
-    On SIGINT/SIGTERM (or ``server.should_exit = True``) new requests get 503 at once, queued ones are still
-    computed for ``config.shutdown_grace`` seconds and then answered 503, the running batch finishes, and the
-    process exits once every client has its answer.
+    On SIGINT/SIGTERM (or ``server.should_exit = True``) uvicorn closes the listening socket (new connections
+    are refused, so a load balancer moves on), new requests on open keep-alive connections get 503 at once,
+    queued ones are still computed for ``config.shutdown_grace`` seconds and then answered 503, the running batch
+    finishes, and the process exits once every client has its answer.
     """
     import uvicorn
 
