@@ -108,6 +108,29 @@ def _library_of(obj) -> str:
     return "transformers" if type(obj).__module__.startswith("transformers") else "diffusers"
 
 
+def _skip_pickles(folder: str, names: list[str]) -> list[str]:
+    """``copytree``'s ignore: pickled weights beside safetensors ones (hub repos of 2022 hold both) stay behind."""
+    from .loading import PICKLE_SUFFIXES
+
+    if not any(n.endswith(".safetensors") for n in names):
+        return []
+    return [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+
+
+def _load_pickled_part(folder: Path):
+    """A diffusers model whose folder holds only pickled weights (the caller allowed them), to save as safetensors."""
+    import diffusers
+
+    class_name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{folder} holds a {class_name or 'model without _class_name'}, not a diffusers model")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=False)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {folder}: {_first_line(exc)}") from exc
+
+
 def write_pipeline_folder(
     out: str | os.PathLike,
     *,
@@ -122,7 +145,8 @@ def write_pipeline_folder(
 
     Args:
         out: the folder to create.
-        unet, vae, scheduler: a module / scheduler object to save, or the folder of one to copy unchanged.
+        unet, vae, scheduler: a module / scheduler object to save, or the folder of one to copy unchanged (its
+            pickled weights left behind when it has safetensors ones).
         text_encoder: the text encoder module (``BertModel`` or ``CLIPTextModel``).
         tokenizer: its tokenizer (BERT ones are saved in the published ``vocab.txt`` layout).
         overwrite: replace an existing ``out``.
@@ -132,7 +156,7 @@ def write_pipeline_folder(
     """
     import diffusers
 
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it or choose a new --out")
     if not out.parent.is_dir():
@@ -141,7 +165,7 @@ def write_pipeline_folder(
     with atomic_folder(out) as tmp:
         for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
             if isinstance(part, str | os.PathLike):
-                shutil.copytree(part, tmp / name)
+                shutil.copytree(part, tmp / name, ignore=_skip_pickles)
                 config_name = "scheduler_config.json" if name == "scheduler" else "config.json"
                 class_name = json.loads((tmp / name / config_name).read_text(encoding="utf-8"))["_class_name"]
                 index[name] = ["diffusers", class_name]
@@ -205,7 +229,7 @@ def assemble(
     from .loading import check_weights, read_model_index
     from .models import resolve_model
 
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and not overwrite:  # before any loading: fail fast
         raise InvalidInputError(f"{out} already exists; pass --overwrite to replace it or choose a new --out")
     base_folder, base_name = resolve_model(base)
@@ -214,17 +238,21 @@ def assemble(
     for sub in ("unet", "vae", "scheduler"):
         if not (base_folder / sub).is_dir():
             raise ModelLoadError(f"{base_folder} has no {sub}/ folder; give a Stable Diffusion v1 pipeline folder")
+    parts: dict = {}
     for sub in ("unet", "vae"):
-        check_weights(base_folder / sub, allow_pickle=allow_pickle, what=f"component {sub!r} in {base_folder}")
+        safe = check_weights(base_folder / sub, allow_pickle=allow_pickle, what=f"component {sub!r} in {base_folder}")
+        parts[sub] = base_folder / sub if safe else None
     unet_config = json.loads((base_folder / "unet" / "config.json").read_text(encoding="utf-8"))
     if not 8 <= max_length <= 512:
         raise InvalidInputError(f"--max-length must be between 8 and 512 tokens, not {max_length}")
     bert, tokenizer = load_text_tower(text_encoder, allow_pickle=allow_pickle, max_length=max_length)
     check_text_width(bert.config.hidden_size, cross_attention_dim(unet_config), str(text_encoder), base_name)
+    for sub, part in parts.items():  # pickled ones (allowed) are written as safetensors: the result loads as is
+        parts[sub] = part or _load_pickled_part(base_folder / sub)
     written = write_pipeline_folder(
         out,
-        unet=base_folder / "unet",
-        vae=base_folder / "vae",
+        unet=parts["unet"],
+        vae=parts["vae"],
         scheduler=base_folder / "scheduler",
         text_encoder=bert,
         tokenizer=tokenizer,

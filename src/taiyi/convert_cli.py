@@ -28,6 +28,13 @@ def guided_diffusion(
     """Convert an OpenAI guided-diffusion checkpoint (Disco, Taiyi-Diffusion-532M-Nature) to a diffusers folder."""
     from .guided_diffusion import convert_guided_diffusion  # torch + diffusers: only when converting
 
+    # --out=~/x and quoted paths reach here with the ~ unexpanded
+    checkpoint, out = checkpoint.expanduser(), out.expanduser()
+    config = config.expanduser() if config is not None else None
+    if checkpoint.is_dir():
+        raise InvalidInputError(
+            f"checkpoint {checkpoint} is a folder; give the guided-diffusion weights file (.pt, .pth or .safetensors)"
+        )
     settings = None
     if config is not None:
         try:

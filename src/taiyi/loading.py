@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -73,10 +74,44 @@ def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[name]
 
 
+def cache_repo_of(folder: Path) -> str | None:
+    """The hub id whose cached snapshot ``folder`` is (or lies in): ``.../models--ORG--NAME/snapshots/HASH``."""
+    folder = Path(os.path.abspath(folder))  # not resolved: the snapshot's files are symlinks into blobs/
+    for snapshot in (folder, *folder.parents):
+        if snapshot.parent.name == "snapshots" and snapshot.parents[1].name.startswith("models--"):
+            return snapshot.parents[1].name.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+def _download_again(folder: Path) -> str:
+    """What to do about a missing or broken file in ``folder``: fetch it again when it came from the hub cache."""
+    repo = cache_repo_of(folder)
+    if repo is None:
+        return ""
+    return f"; the download of {repo} is incomplete: run hf download {repo} again with network access"
+
+
+def _not_a_pipeline(folder: Path) -> str:
+    """Why ``folder``, which has no ``model_index.json``, is not a pipeline folder, and what to pass instead."""
+    if (folder.parent / "model_index.json").is_file():
+        return f"{folder} is the {folder.name!r} part of the pipeline in {folder.parent}; pass {folder.parent}"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if isinstance(config, dict):
+        classes = config.get("architectures") or [config.get("_class_name") or config.get("model_type")]
+        return (
+            f"{folder} holds one {classes[0]} model (config.json), not a diffusers pipeline (model_index.json); "
+            "a Chinese CLIP serves taiyi clip, or taiyi assemble --text-encoder"
+        )
+    return f"{folder} is not a diffusers pipeline folder (no model_index.json){_download_again(folder)}"
+
+
 def read_model_index(folder: Path) -> dict:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise ModelLoadError(_not_a_pipeline(folder))
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -102,9 +137,8 @@ def _check_safetensors(path: Path) -> None:
         if 8 + header_len + end != path.stat().st_size:
             raise ValueError(f"{path.stat().st_size} bytes on disk, header expects {8 + header_len + end}")
     except Exception as exc:
-        raise ModelLoadError(
-            f"{path} is corrupt ({str(exc).splitlines()[0] if str(exc) else exc!r}); download it again"
-        ) from exc
+        again = _download_again(path.parent) or "; download it again"
+        raise ModelLoadError(f"{path} is corrupt ({str(exc).splitlines()[0] if str(exc) else exc!r}){again}") from exc
 
 
 def check_weights(folder: Path, *, variant: str | None = None, allow_pickle: bool = False, what: str = "") -> bool:
@@ -139,24 +173,42 @@ def check_weights(folder: Path, *, variant: str | None = None, allow_pickle: boo
                 "safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
             )
         return False
-    raise ModelLoadError(f"{what} has no weights file")
+    raise ModelLoadError(f"{what} has no weights file{_download_again(folder)}")
 
 
-def check_pipeline_folder(folder: Path, *, variant: str | None = None, allow_pickle: bool = False) -> dict:
+# the variant of a weights file: "model.fp16.safetensors", "model.fp16-00001-of-00002.safetensors" → "fp16"
+_VARIANT = re.compile(r"\.([^.\-]+)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def only_variant(folder: Path) -> str | None:
+    """The variant (``"fp16"``) of a model folder whose only safetensors weights are variant files, else None."""
+    names = [p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors")]
+    variants = {m[1] for m in map(_VARIANT.search, names) if m}
+    plain = [n for n in names if "." not in n.removesuffix(".safetensors")]
+    return next(iter(variants)) if len(variants) == 1 and not plain else None
+
+
+def check_pipeline_folder(
+    folder: Path, *, variant: str | None = None, allow_pickle: bool = False, skip: tuple[str, ...] = ()
+) -> dict:
     """Validate a pipeline folder before loading; return its model index.
 
     Args:
         folder: a diffusers pipeline folder.
         variant: weights variant that will be loaded (``"fp16"``) or None.
         allow_pickle: accept pickled ``.bin``/``.ckpt`` weights when no safetensors file exists.
+        skip: components that will not be loaded (they may be missing).
     """
     index = read_model_index(folder)
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in skip:
             continue
         sub = folder / name
         if not sub.is_dir():
-            raise ModelLoadError(f"component {name!r} listed in model_index.json is missing from {folder}")
+            hint = _download_again(folder)
+            if name in ("safety_checker", "feature_extractor"):
+                hint += "; or load without the safety checker (--no-safety-checker, safety_checker=False)"
+            raise ModelLoadError(f"component {name!r} listed in model_index.json is missing from {folder}{hint}")
         if name in WEIGHT_COMPONENTS:
             check_weights(sub, variant=variant, allow_pickle=allow_pickle, what=f"component {name!r} in {folder}")
     return index
@@ -187,13 +239,33 @@ def load_stable_diffusion(
 
     if variant is None and dtype in (torch.float16, torch.bfloat16) and has_variant(folder, "fp16"):
         variant = "fp16"  # half-size files, same weights
+    elif variant is None:
+        # A download of only the fp16 files (hf download --include "*.fp16.*"), or one whose plain file is
+        # missing: diffusers would look for the plain file and fail; the variant loads, upcast to ``dtype``.
+        index = read_model_index(folder)
+        only = {
+            name: only_variant(folder / name)
+            for name in WEIGHT_COMPONENTS
+            if isinstance(index.get(name), list)
+            and index[name][0] is not None
+            and (folder / name).is_dir()
+            and (safety_checker or name != "safety_checker")
+        }
+        found = {v for v in only.values() if v}
+        if len(found) == 1:
+            variant = found.pop()
+            parts = ", ".join(name for name, v in only.items() if v)
+            logger.info("%s has only %s weights for %s: loading its %s files in %s", folder, variant, parts, variant,
+                        str(dtype).removeprefix("torch."))  # fmt: skip
     elif variant is not None and not any(f".{variant}." in p.name for p in (folder / "unet").glob("*")):
         raise ModelLoadError(
             f"{folder} has no {variant!r} variant (no unet/*.{variant}.safetensors); leave the variant out to load "
             "its plain weights"
         )
     # Old repos name CLIPFeatureExtractor (gone in transformers 5): diffusers substitutes CLIPImageProcessor.
-    check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle)
+    # Without the safety checker its folders are not read: a download that left them out loads.
+    skip = () if safety_checker else ("safety_checker", "feature_extractor")
+    check_pipeline_folder(folder, variant=variant, allow_pickle=allow_pickle, skip=skip)
     kwargs: dict = {"dtype": dtype, "use_safetensors": None if allow_pickle else True}
     if variant:
         kwargs["variant"] = variant
@@ -202,8 +274,9 @@ def load_stable_diffusion(
     from diffusers.utils import logging as diffusers_logging
 
     # diffusers warns that a BertModel is not the CLIPTextModel it expects: true, and intended here.
+    # Errors it logs are raised too (one line below), or are its fallback to pickled weights allowed here.
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
         sd = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
     except Exception as exc:
