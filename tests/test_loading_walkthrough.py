@@ -217,3 +217,23 @@ def test_assemble_and_convert_expand_a_tilde_in_paths(tiny_zh, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err == f"taiyi: error: checkpoint {tmp_path / 'zh'} is a folder; give the guided-diffusion weights file " \
         "(.pt, .pth or .safetensors)"  # fmt: skip
+
+
+def test_a_revision_of_a_known_model_keeps_its_model_card_defaults_and_models_lists_it(
+    hub_cache, tiny_en, tiny_zh, capsys
+):
+    """taiyi-zh-en@fp16 draws at the bilingual model card's CFG 10, as taiyi-zh-en does; ``taiyi models`` names the
+    revision a cache holds; a pipeline given where a CLIP is wanted says what it is."""
+    from taiyi.clip import load_clip
+    from taiyi.errors import InvalidInputError
+
+    zh_en = "IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-EN-v0.1"
+    cache_as_hub_lays_it_out(hub_cache, zh_en, tiny_en, ref="fp16")
+    assert load_pipeline("taiyi-zh-en@fp16", safety_checker=False).default_guidance == 10.0
+    assert load_pipeline(f"{zh_en}@fp16", safety_checker=False).default_guidance == 10.0
+    assert main(["models"]) == 0
+    listed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("taiyi-zh-en "))
+    assert listed.endswith("not cached (revision fp16 is: --model taiyi-zh-en@fp16)")
+    with pytest.raises(InvalidInputError) as exc_info:
+        load_clip(tiny_zh)
+    assert "is a text-to-image pipeline (model_index.json), not a Chinese CLIP" in one_line(exc_info)

@@ -442,17 +442,19 @@ def info(
 @app.command()
 def models() -> None:
     """List the known short model names, their hub ids and whether each is available offline."""
-    from .models import list_models
+    from .models import cached_revisions, list_models
 
-    rows = [
-        (
-            info.name,
-            info.repo_id or "(embedded)",
-            info.kind,
-            str(path) if path else "not installed" if info.bundled else "not cached",
-        )
-        for info, path in list_models()
-    ]
+    def where(info, path) -> str:
+        if path:
+            return str(path)
+        if info.bundled:
+            return "not installed"
+        others = cached_revisions(info.repo_id)  # downloaded at another branch (revision="fp16") or commit
+        if not others:
+            return "not cached"
+        return f"not cached (revision {', '.join(others)} is: --model {info.name}@{others[0]})"
+
+    rows = [(info.name, info.repo_id or "(embedded)", info.kind, where(info, path)) for info, path in list_models()]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])

@@ -522,12 +522,13 @@ class ChineseCLIP(nn.Module):
         from transformers import AutoConfig, BertForSequenceClassification, BertModel, CLIPImageProcessor, CLIPModel
 
         from .loading import check_weights
-        from .models import KNOWN_MODELS
+        from .models import KNOWN_MODELS, split_revision
         from .tokenization import check_tokenizer, load_chinese_tokenizer
 
         text_folder, text_name = _resolve(text_tower)
         if image_tower is None:
-            info = next((m for m in KNOWN_MODELS.values() if text_name in (m.name, m.repo_id)), None)
+            bare = split_revision(text_name)[0]  # ID@REVISION: the default of the repo's own model
+            info = next((m for m in KNOWN_MODELS.values() if bare in (m.name, m.repo_id)), None)
             if info is None or info.image_tower is None:
                 raise InvalidInputError(f"no default image tower is known for {text_name}; pass --image-tower")
             image_tower = info.image_tower
@@ -713,7 +714,12 @@ def load_clip(
         allow_pickle: accept pickled ``.bin`` weights (the published Taiyi-CLIP repos ship them).
         device: ``auto``/None, ``cpu``, ``cuda``…
     """
-    folder, _ = _resolve(model)
+    folder, name = _resolve(model)
+    if (folder / "model_index.json").is_file():
+        raise InvalidInputError(
+            f"{name} is a text-to-image pipeline (model_index.json), not a Chinese CLIP; give a CLIP (taiyi models "
+            "lists them) or the pipeline's text_encoder folder with --image-tower"
+        )
     config = folder / CONFIG_NAME
     text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
     if '"ChineseCLIP"' in text:

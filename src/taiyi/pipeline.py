@@ -32,7 +32,7 @@ from .io import as_picture
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
-from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
+from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model, split_revision
 from .prompts import check_prompt, normalize_prompt, require_text
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs
 
@@ -549,7 +549,8 @@ class TaiyiPipeline:
 
     @property
     def default_guidance(self) -> float:
-        info = next((m for m in KNOWN_MODELS.values() if m.repo_id == self.model or m.name == self.model), None)
+        model = split_revision(self.model)[0]  # ID@REVISION: the repo's own model card
+        info = next((m for m in KNOWN_MODELS.values() if model in (m.repo_id, m.name)), None)
         return info.guidance if info and info.guidance else 7.5
 
     @property
