@@ -5,6 +5,11 @@ command and the Python API are one code path. Torch and accelerate are imported 
 Run on one process as ``taiyi train clip ...``, or on several with accelerate::
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m taiyi.cli train clip ...
+
+``--batch-size`` is the global batch and ``--lr`` is not scaled by the number of processes: N processes train
+what one process with the same flags trains. On a machine without a GPU, ``accelerate launch --multi_gpu
+--num_processes N`` (configs/accelerate/cpu_2proc.yaml) starts N CPU processes joined with gloo; ``--cpu`` starts
+one, whatever ``--num_processes`` says (a warning says so), and FSDP is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ _PANEL_DATA, _PANEL_OPT, _PANEL_RUN = "Data", "Optimisation", "Run, checkpoints,
 
 def _opt(*names: str, help: str, panel: str | None = None, **kwargs) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+
+
+def _prepare() -> None:
+    """Before a trainer runs: quiet the libraries, and refuse (or warn about) a launch this machine cannot give."""
+    from ..cli import _quiet_libraries
+    from .common import check_launch
+
+    _quiet_libraries()
+    check_launch()
 
 
 # Run-control options every trainer shares (one definition each).
@@ -173,9 +187,7 @@ def clip(
     """
     given = {k: v for k, v in locals().items() if v is not None}  # unset flags keep the config's defaults
     beta1, beta2 = given.pop("beta1", None), given.pop("beta2", None)
-    from ..cli import _quiet_libraries
-
-    _quiet_libraries()
+    _prepare()
     from .clip import ClipTrainConfig, train_clip
 
     if beta1 is not None or beta2 is not None:
@@ -277,9 +289,7 @@ def _run_sd_trainer(given: dict, kind: str) -> None:
     for flag, field in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("target", "lora_target")):
         if flag in given:
             given[field] = given.pop(flag)
-    from ..cli import _quiet_libraries
-
-    _quiet_libraries()
+    _prepare()
     if kind == "dreambooth":
         from .dreambooth import DreamBoothConfig as Config
         from .dreambooth import train_dreambooth as train
@@ -681,9 +691,7 @@ def vae(
         raise InvalidInputError(
             f"--init sets the architecture; drop {', '.join('--' + k.replace('_', '-') for k in sized)}"
         )
-    from ..cli import _quiet_libraries
-
-    _quiet_libraries()
+    _prepare()
     from .vae import VAETrainConfig, train_vae
 
     result = train_vae(VAETrainConfig(**given))
@@ -773,9 +781,7 @@ def uncond(
     latent model (--vae).
     """
     given = _image_config({k: v for k, v in locals().items() if v is not None})
-    from ..cli import _quiet_libraries
-
-    _quiet_libraries()
+    _prepare()
     from .uncond import UncondTrainConfig, train_uncond
 
     result = train_uncond(UncondTrainConfig(**given))

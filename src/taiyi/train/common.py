@@ -99,11 +99,66 @@ def make_lr_scheduler(optimizer, name: str, *, warmup_steps: int, total_steps: i
 
 
 def check_fp16_device(config) -> None:
-    """fp16 mixed precision needs a CUDA GPU (one line otherwise)."""
+    """fp16 mixed precision needs a CUDA GPU (one line otherwise), whether asked for with ``--mixed-precision`` or,
+    with ``auto``, by ``accelerate launch`` (on the CPU accelerate would train in float32 without a word)."""
     import torch
 
-    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
-        raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if config.cpu or not torch.cuda.is_available():
+        if config.mixed_precision == "fp16":
+            raise InvalidInputError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+        if config.mixed_precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16":
+            raise InvalidInputError(
+                "accelerate launch asks for fp16 mixed precision, which needs a CUDA GPU; on CPU launch with "
+                "--mixed_precision bf16 or no (or pass --mixed-precision bf16 or no)"
+            )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _gpu_visible() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def use_cpu(cpu: bool) -> bool:
+    """The ``cpu`` to give accelerate (``Accelerator``, ``PartialState``): ``--cpu``, or a launch by torchrun
+    (``LOCAL_RANK`` set) on a machine with no GPU. accelerate's own multi-CPU mode needs mpirun; told to use the
+    CPU, it joins torchrun's processes with gloo, and otherwise each process would train alone."""
+    return cpu or ("LOCAL_RANK" in os.environ and not _gpu_visible())
+
+
+def check_launch() -> None:
+    """What ``accelerate launch`` was asked for and cannot give on this machine: refused in one line, or said in
+    a warning when the run goes on (every training command calls this first).
+
+    Raises:
+        InvalidInputError: an FSDP launch with no GPU, a DeepSpeed launch without DeepSpeed installed.
+    """
+    import importlib.util
+
+    if _env_flag("ACCELERATE_USE_FSDP") and not _gpu_visible():
+        raise InvalidInputError(
+            "FSDP (accelerate's distributed_type FSDP) needs GPUs and none is visible; on the CPU train several "
+            "processes with DDP: accelerate launch --multi_gpu --num_processes N (configs/accelerate/cpu_2proc.yaml)"
+        )
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise InvalidInputError(
+            "DeepSpeed is not installed: pip install deepspeed, or launch with DDP (configs/accelerate/ddp.yaml)"
+        )
+    # `accelerate launch --cpu --num_processes N` starts ONE process (accelerate's multi-CPU mode needs mpirun),
+    # telling it only the rendezvous address; torchrun and mpirun would also say how many processes there are.
+    launched = "MASTER_ADDR" in os.environ and _env_flag("ACCELERATE_USE_CPU")
+    told = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if launched and not any(name in os.environ for name in told):
+        logger.warning(
+            "accelerate launch --cpu starts one process whatever --num_processes says (its multi-CPU mode needs "
+            "mpirun): this run trains in 1 process; for N processes on the CPU drop --cpu and pass --multi_gpu "
+            "--num_processes N (or --config_file configs/accelerate/cpu_2proc.yaml)"
+        )
 
 
 def step_dir_name(step: int) -> str:
@@ -326,6 +381,34 @@ def save_checkpoint(accelerator, output: Path, step: int, state: dict, *, keep: 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def on_main_process(accelerator, work):
+    """Run ``work()`` on the main process while the others wait; its result there, None elsewhere.
+
+    A user error (:class:`InvalidInputError`) or a failed write (``OSError``) in ``work`` is raised on every
+    process, so each ends with the same one line instead of the others dying in a barrier with a traceback.
+    """
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (InvalidInputError, OSError) as exc:
+            failure = exc
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        sent = None
+        if isinstance(failure, OSError):
+            sent = ("os", failure.errno, failure.strerror or str(failure), failure.filename)
+        elif failure is not None:
+            sent = ("input", str(failure))
+        sent = broadcast_object_list([sent])[0]  # every process meets here: the barrier
+        if failure is None and sent is not None:
+            failure = InvalidInputError(sent[1]) if sent[0] == "input" else OSError(*sent[1:])
+    if failure is not None:
+        raise failure
+    return result
 
 
 def _fresh_folder(path: Path) -> None:

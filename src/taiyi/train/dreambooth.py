@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..prompts import require_text
-from .common import CACHE, check_output_dir
+from .common import CACHE, check_output_dir, on_main_process, use_cpu
 from .sd import RESUMABLE_CHANGES, SDTrainConfig, train_sd, validate_config
 
 logger = logging.getLogger("taiyi")
@@ -140,8 +140,12 @@ def class_key(model_folder: Path, config: DreamBoothConfig) -> str:
     return digest.hexdigest()
 
 
-def class_images(config: DreamBoothConfig, output: Path) -> tuple[Path, int]:
-    """Draw the missing class images with the base model (main process); return (their folder, number drawn)."""
+def class_images(config: DreamBoothConfig, output: Path, state=None) -> tuple[Path, int]:
+    """Draw the missing class images with the base model; return (their folder, number drawn).
+
+    Under ``accelerate launch`` (``state``: accelerate's ``PartialState``) each process draws its share on its own
+    device; image i is seed + i's, whoever draws it.
+    """
     from accelerate import PartialState
 
     from ..models import resolve_model
@@ -152,23 +156,25 @@ def class_images(config: DreamBoothConfig, output: Path) -> tuple[Path, int]:
     target = root / key
     names = [f"{i:05d}.png" for i in range(config.num_class_images)]
     missing = [i for i, name in enumerate(names) if not (target / name).is_file()]
-    state = PartialState(cpu=config.cpu)
+    state = state if state is not None else PartialState(cpu=use_cpu(config.cpu))
+    mine = missing[state.process_index :: state.num_processes]
     if missing and state.is_main_process:
-        from ..io import save_png
-        from ..metadata import pnginfo
-        from ..pipeline import load_pipeline
-
         target.mkdir(parents=True, exist_ok=True)
         _write_if_changed(
             target / "class.json",
             json.dumps({"model": str(config.model), "prompt": config.class_prompt}, ensure_ascii=False) + "\n",
         )
         logger.info("drawing %d class images of %r with %s into %s", len(missing), config.class_prompt, folder, target)
-        pipe = load_pipeline(
-            config.model, device="cpu" if config.cpu else None, safety_checker=False, allow_pickle=config.allow_pickle
-        )
+    state.wait_for_everyone()
+    if mine:
+        from ..io import save_png
+        from ..metadata import pnginfo
+        from ..pipeline import load_pipeline
+
+        device = "cpu" if state.device.type == "cpu" else str(state.device)  # this process's GPU under a launch
+        pipe = load_pipeline(config.model, device=device, safety_checker=False, allow_pickle=config.allow_pickle)
         size = max(config.resolution, 64)  # the pipeline's smallest size; training resizes
-        for i in missing:  # image i is the single image of seed + i, whatever was drawn before
+        for i in mine:  # image i is the single image of seed + i, whatever was drawn before
             result = pipe.generate(
                 config.class_prompt,
                 steps=config.class_steps,
@@ -217,16 +223,22 @@ def train_dreambooth(config: DreamBoothConfig) -> dict:
     check_output_dir(
         output, run.to_json(), resume=config.resume, overwrite=config.overwrite, may_differ=RESUMABLE_CHANGES
     )
+    from accelerate import PartialState
+
+    # Under accelerate launch the main process writes the lists (one writer), every process draws class images.
+    state = PartialState(cpu=use_cpu(config.cpu))
     own = (output, *([Path(config.class_data_dir)] if config.class_data_dir else []))
-    instance_manifest(folder, config.instance_prompt, lists / "instance.jsonl", exclude=own)
+    on_main_process(
+        state, lambda: instance_manifest(folder, config.instance_prompt, lists / "instance.jsonl", exclude=own)
+    )
     class_dir, drawn = None, 0
     if run.prior_data is not None:
-        class_dir, drawn = class_images(config, output)
+        class_dir, drawn = class_images(config, output, state)
         rows = [
             json.dumps({"image": str((class_dir / f"{i:05d}.png").resolve()), "caption": config.class_prompt})
             for i in range(config.num_class_images)
         ]
-        _write_if_changed(Path(run.prior_data), "\n".join(rows) + "\n")
+        on_main_process(state, lambda: _write_if_changed(Path(run.prior_data), "\n".join(rows) + "\n"))
     result = train_sd(run)
     return {**result, "class_dir": class_dir, "class_images_drawn": drawn}
 

@@ -68,6 +68,7 @@ from .common import (
     load_checkpoint,
     lr_scheduler_check,
     make_lr_scheduler,
+    on_main_process,
     record_run,
     remove_partial_checkpoints,
     resolve_resume,
@@ -420,51 +421,52 @@ def cached_latents(data: _DataSet, vae, accelerator, resolution: int, cache_dir:
         f"{CACHE_VERSION}|{images or data.fingerprint}|{vae_fingerprint(vae)}|{resolution}".encode(), digest_size=8
     ).hexdigest()
     path = cache_dir / f"latents-{key}.safetensors"
-    computed = False
     missing = not path.is_file()
-    # Every process looks before the main one writes, so all take the same branch (and meet at its barrier).
-    accelerator.wait_for_everyone()
-    if missing:
-        if accelerator.is_main_process:
-            means, stds, valid, captions = [], [], [], []
-            n = len(data.pairs)
-            for start in range(0, n, 16):
-                if images:
-                    pictures = [data.pairs.image(i) for i in range(start, min(start + 16, n))]
-                    texts = [""] * len(pictures)
+
+    def encode() -> bool:
+        means, stds, valid, captions = [], [], [], []
+        n = len(data.pairs)
+        for start in range(0, n, 16):
+            if images:
+                pictures = [data.pairs.image(i) for i in range(start, min(start + 16, n))]
+                texts = [""] * len(pictures)
+            else:
+                pairs = [data.pairs[i] for i in range(start, min(start + 16, n))]
+                pictures = [p.image if p is not None else None for p in pairs]
+                texts = [p.caption if p is not None else "" for p in pairs]
+            kept = [p for p in pictures if p is not None]
+            if kept:
+                mean, std = encode_posterior(vae, preprocess(kept, resolution), accelerator.device)
+            it = iter(range(len(kept)))
+            for picture, text in zip(pictures, texts, strict=True):
+                if picture is None:
+                    means.append(None), stds.append(None), valid.append(False), captions.append("")
                 else:
-                    pairs = [data.pairs[i] for i in range(start, min(start + 16, n))]
-                    pictures = [p.image if p is not None else None for p in pairs]
-                    texts = [p.caption if p is not None else "" for p in pairs]
-                kept = [p for p in pictures if p is not None]
-                if kept:
-                    mean, std = encode_posterior(vae, preprocess(kept, resolution), accelerator.device)
-                it = iter(range(len(kept)))
-                for picture, text in zip(pictures, texts, strict=True):
-                    if picture is None:
-                        means.append(None), stds.append(None), valid.append(False), captions.append("")
-                    else:
-                        j = next(it)
-                        means.append(mean[j]), stds.append(std[j]), valid.append(True), captions.append(text)
-            shape = next((m.shape for m in means if m is not None), None)
-            if shape is None:
-                raise InvalidInputError(f"data source {data.name} holds no readable image-text pair")
-            zero = torch.zeros(shape)
-            tensors = {
-                "mean": torch.stack([m if m is not None else zero for m in means]).contiguous(),
-                "std": torch.stack([s if s is not None else zero for s in stds]).contiguous(),
-                "valid": torch.tensor(valid, dtype=torch.uint8),
-            }
-            if not images:
-                tensors["captions"] = torch.frombuffer(
-                    bytearray(json.dumps(captions, ensure_ascii=False).encode()), dtype=torch.uint8
-                )
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a shared cache folder may have two writers
-            save_file(tensors, str(tmp), metadata={"source": data.name, "resolution": str(resolution)})
-            os.replace(tmp, path)
-            computed = True
-        accelerator.wait_for_everyone()
+                    j = next(it)
+                    means.append(mean[j]), stds.append(std[j]), valid.append(True), captions.append(text)
+        shape = next((m.shape for m in means if m is not None), None)
+        if shape is None:
+            raise InvalidInputError(f"data source {data.name} holds no readable image-text pair")
+        zero = torch.zeros(shape)
+        tensors = {
+            "mean": torch.stack([m if m is not None else zero for m in means]).contiguous(),
+            "std": torch.stack([s if s is not None else zero for s in stds]).contiguous(),
+            "valid": torch.tensor(valid, dtype=torch.uint8),
+        }
+        if not images:
+            tensors["captions"] = torch.frombuffer(
+                bytearray(json.dumps(captions, ensure_ascii=False).encode()), dtype=torch.uint8
+            )
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a shared cache folder may have two writers
+        save_file(tensors, str(tmp), metadata={"source": data.name, "resolution": str(resolution)})
+        os.replace(tmp, path)
+        return True
+
+    # Every process looks before the main one writes, so all take the same branch (and meet at its barrier);
+    # data with no readable picture, or a full disk, ends every process with the main one's line.
+    accelerator.wait_for_everyone()
+    computed = bool(on_main_process(accelerator, encode)) if missing else False
     tensors = load_file(path)
     valid = tensors["valid"].bool()
     if "captions" in tensors:
@@ -691,6 +693,13 @@ def plot_losses(rows: list[dict], path: Path, *, size: tuple[int, int] = (640, 4
 # Training
 
 
+def _summed(accelerator, *counts: int) -> list[int]:
+    """``counts`` summed over the processes (a collective call: every process makes it)."""
+    if accelerator.num_processes == 1:
+        return list(counts)
+    return [int(c) for c in accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum")]
+
+
 def _micro_generator(seed: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + micro + 1)
 
@@ -720,7 +729,7 @@ def train_sd(config: SDTrainConfig) -> dict:
     from diffusers import DDPMScheduler
 
     from ..assemble import write_pipeline_folder
-    from ..loading import load_stable_diffusion
+    from ..loading import load_stable_diffusion, vae_factor
     from ..models import resolve_model
 
     validate_config(config)
@@ -774,6 +783,8 @@ def train_sd(config: SDTrainConfig) -> dict:
         raise InvalidInputError(f"the scheduler of {name} predicts {prediction_type!r}; pass --prediction-type")
     noise_scheduler.register_to_config(prediction_type=prediction_type)
     scaling = float(vae.config.scaling_factor)
+    side = config.resolution // vae_factor(vae)
+    latent_shape = (vae.config.latent_channels, side, side)  # (4, h, w) of one sample
     vae.to(device)
     unet.to(device)
     text_encoder.to(device)
@@ -864,29 +875,30 @@ def train_sd(config: SDTrainConfig) -> dict:
         return [(0, int(i)) for i in order[position * config.batch_size : (position + 1) * config.batch_size]]
 
     def read_batch(items: list[tuple[int, int]]):
-        """(mean, std (b, 4, h, w), captions, skipped, is_prior (b,), the teacher's captions or None) of this
-        process's readable samples."""
-        means, stds, captions, images, skipped, kept, theirs = [], [], [], [], 0, [], []
-        for s, i in items:
+        """(mean, std (b, 4, h, w), captions, places (of the readable samples in ``items``), skipped,
+        is_prior (b,), the teacher's captions or None) of this process's readable samples."""
+        means, stds, captions, images, places, kept, theirs = [], [], [], [], [], [], []
+        for place, (s, i) in enumerate(items):
             table = tables[s]
             if table is not None:
                 means.append(table.mean[i]), stds.append(table.std[i]), captions.append(table.captions[i])
             else:
                 pair = sources[s].pairs[i]
                 if pair is None:
-                    skipped += 1
                     continue
                 images.append(pair.image), captions.append(pair.caption)
+            places.append(place)
             kept.append(prior and s == 1)
             theirs.append(taught[s][i] if taught is not None else None)
+        skipped = len(items) - len(places)
         is_prior = torch.tensor(kept, dtype=torch.bool)
         theirs = theirs if taught is not None else None
         if images:
             mean, std = encode_posterior(vae, preprocess(images, config.resolution), device)
-            return mean, std, captions, skipped, is_prior, theirs
+            return mean, std, captions, places, skipped, is_prior, theirs
         if not means:
-            return None, None, captions, skipped, is_prior, theirs
-        return torch.stack(means), torch.stack(stds), captions, skipped, is_prior, theirs
+            return None, None, captions, places, skipped, is_prior, theirs
+        return torch.stack(means), torch.stack(stds), captions, places, skipped, is_prior, theirs
 
     # --- optimizer, schedule, accelerate -------------------------------------------------------------
     trainable = _Denoiser(text_encoder, unet, train_text=train_text, train_unet=train_unet, lora_only=lora)
@@ -1001,19 +1013,30 @@ def train_sd(config: SDTrainConfig) -> dict:
             # Every draw from g is made for the whole global batch, in this order, and each process takes its own
             # rows: N processes draw what one process with the global batch draws.
             per_step = (2 if prior else 1) * config.batch_size  # with prior preservation: + one class sample each
-            share = slice(rank * len(items), (rank + 1) * len(items))
-            drop = torch.rand(per_step, generator=g)[share] < config.caption_dropout
-            mean, std, captions, skipped, is_prior, theirs = read_batch(items)
+            drop = torch.rand(per_step, generator=g) < config.caption_dropout
+            mean, std, captions, places, skipped, is_prior, theirs = read_batch(items)
+            # Counted over all processes: the log, the checkpoint and the loss's weight speak of the global batch.
+            readable, skipped = _summed(accelerator, len(places), skipped)
             skipped_total += skipped
-            if mean is None:
+            if readable == 0:
                 raise InvalidInputError(
                     f"every sample of micro-batch {micro} was unreadable ({skipped_total} so far); check the data"
                 )
-            kept_drop = drop[: len(captions)]
+            # The mean over the global batch's readable samples, however they fall between processes (DDP
+            # averages the processes' gradients): one process with the global batch trains the same.
+            weight = len(places) * world / readable
+            if mean is None:  # all of this process's share was unreadable: a stand-in of no weight keeps it in step
+                mean = std = torch.zeros((1, *latent_shape))
+                captions, places, is_prior = [""], [0], torch.zeros(1, dtype=torch.bool)
+                theirs = [""] if theirs is not None else None
+            # Each sample's own row of the global draws, as one process with the global batch draws them: the
+            # global batch's instance samples, then (prior preservation) its class samples.
+            first = rank * local_batch
+            rows = torch.tensor([(p // local_batch) * config.batch_size + first + p % local_batch for p in places])
+            kept_drop = drop[rows]
             captions = ["" if d else c for c, d in zip(captions, kept_drop.tolist(), strict=True)]
             if theirs is not None:  # a dropped caption is dropped for the teacher too: its unconditional prediction
                 theirs = ["" if d else c for c, d in zip(theirs, kept_drop.tolist(), strict=True)]
-            rows = slice(share.start, share.start + mean.shape[0])  # readable samples come first
             latent_eps = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
             noise = torch.randn((per_step, *mean.shape[1:]), generator=g)[rows]
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per_step,), generator=g)
@@ -1060,6 +1083,8 @@ def train_sd(config: SDTrainConfig) -> dict:
                     )  # fmt: skip
                     w = config.teacher_weight
                     loss = distill if w == 1 else (1 - w) * loss + w * distill
+                if weight != 1:
+                    loss = loss * weight
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
