@@ -170,7 +170,7 @@ def test_dreambooth_with_prior_preservation_trains_as_one_process_group(setup, t
         ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "taiyi: error: accelerate launch asks for fp16 mixed precision"),
     ],
 )
-@pytest.mark.parametrize("command", ["sd", "uncond"])
+@pytest.mark.parametrize("command", ["sd", "uncond", "clip"])
 def test_a_launch_this_machine_cannot_give_is_refused_in_one_line(setup, tmp_path, capsys, monkeypatch, env, expected,
                                                                   command):  # fmt: skip
     """What `accelerate launch` sets for an FSDP config, or for --mixed_precision fp16 (on the CPU accelerate
@@ -181,8 +181,10 @@ def test_a_launch_this_machine_cannot_give_is_refused_in_one_line(setup, tmp_pat
     output = tmp_path / "run"
     if command == "sd":
         args = ["train", "sd", "--model", str(model), "--data", str(data), "--output", str(output)]
-    else:
+    elif command == "uncond":
         args = ["train", "uncond", "--data", "synthetic:8", "--output", str(output)]
+    else:
+        args = ["train", "clip", "--new-clip", "--data", "synthetic:8", "--output", str(output)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected), err
@@ -227,3 +229,17 @@ def test_accelerate_launch_cpu_with_two_processes_says_it_trains_one(tmp_path, c
 
     check_launch()
     assert "--num_processes" not in capsys.readouterr().err
+
+
+def test_two_processes_of_an_image_trainer_end_cleanly(tmp_path):
+    """train uncond and train vae share one loop, whose last validation met a barrier on the main process alone:
+    every 2-process run saved final/ and then died with a gloo traceback, exit 1."""
+    output = tmp_path / "uncond"
+    args = ["train", "uncond", "--data", "synthetic:8", "--output", str(output), "--resolution", "16"]
+    args += ["--block-out-channels", "16,32", "--norm-num-groups", "8", "--batch-size", "4", "--max-steps", "2"]
+    args += ["--val-images", "1", "--val-steps", "1", "--report-to", "none", "--no-ema", "--save-every", "0"]
+    done = _launch(args, output)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert done.stdout.strip().splitlines() == [str(output / "final")]
+    assert [row["step"] for row in _rows(output, "val")] == [2]  # the last validation, once

@@ -56,6 +56,8 @@ from .common import (
     MIXED_PRECISION,
     MetricsLog,
     StopOnSignal,
+    check_fp16_device,
+    check_launch,
     list_checkpoints,
     load_checkpoint,
     record_run,
@@ -63,6 +65,7 @@ from .common import (
     resolve_resume,
     seed_check,
     step_dir_name,
+    use_cpu,
 )
 from .common import check_output_dir as _check_output_dir
 from .synthetic import SyntheticPairs, parse_synthetic
@@ -624,11 +627,7 @@ def _validate_config(config: ClipTrainConfig) -> None:
         raise InvalidInputError("--cache-image-features needs a frozen image tower; drop it or --unfreeze-image-tower")
     if config.resume is not None and config.overwrite:
         raise InvalidInputError("--resume continues a run and --overwrite starts one afresh; give one of them")
-
-
-def _has_accelerator_device() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+    check_fp16_device(config)  # on the CPU accelerate would train fp16 as float32 without a word
 
 
 def _make_accelerator(config: ClipTrainConfig, output: Path):
@@ -640,9 +639,8 @@ def _make_accelerator(config: ClipTrainConfig, output: Path):
     # process group, if any, is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    # accelerate's own multi-CPU mode needs mpirun; under torchrun (LOCAL_RANK set) with no GPU, the
-    # processes must be told to use the CPU, which makes accelerate join them with gloo.
-    cpu = config.cpu or ("LOCAL_RANK" in os.environ and not _has_accelerator_device())
+    check_launch()  # FSDP without GPUs, DeepSpeed not installed: one line (the CLI has said so already)
+    cpu = use_cpu(config.cpu)
     mixed = config.mixed_precision
     if mixed == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):

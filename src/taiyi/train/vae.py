@@ -561,9 +561,9 @@ def run_image_training(
     final_dir = output / "final"
     loss_plot, info = None, {}
     model.eval()
+    if step > start_step or not (output / METRICS).is_file():
+        run_validation(step)  # every process: it ends at a barrier they all meet
     if main:
-        if step > start_step or not (output / METRICS).is_file():
-            run_validation(step)
         with torch.no_grad():
             info = export(model, images, final_dir)
         loss_plot = plot_losses(metrics.read(), output / "loss.png")
