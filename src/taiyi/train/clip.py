@@ -41,6 +41,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -73,6 +74,7 @@ from .synthetic import SyntheticPairs, parse_synthetic
 logger = logging.getLogger("taiyi")
 
 CACHE_VERSION = "1"
+CACHE_BARRIER_SECONDS = 6 * 3600  # how long processes wait for the main one to encode a cache (process group timeout)
 TOKENIZER = "tokenizer"  # the learned tokenizer of a from-scratch run, inside the output folder
 LR = 1e-5  # Taiyi-CLIP (TAIYI.md §3)
 LR_NEW_CLIP = 5e-4  # from scratch: both towers, small widths
@@ -633,13 +635,13 @@ def _validate_config(config: ClipTrainConfig) -> None:
 def _make_accelerator(config: ClipTrainConfig, output: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # A second run in the same process (tests, notebooks) starts from fresh accelerate state; the
     # process group, if any, is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    check_launch()  # FSDP without GPUs, DeepSpeed not installed: one line (the CLI has said so already)
+    check_launch(warn=False)  # for the Python API: FSDP without GPUs, DeepSpeed not installed (the CLI checked)
     cpu = use_cpu(config.cpu)
     mixed = config.mixed_precision
     if mixed == "auto":
@@ -661,6 +663,9 @@ def _make_accelerator(config: ClipTrainConfig, output: Path):
         log_with=report,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / LOGS)),
         step_scheduler_with_optimizer=False,
+        # The feature and latent caches are encoded by the main process while the others wait at a barrier:
+        # a large dataset takes longer than torch's default timeout (10-30 min), which would end the run.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=CACHE_BARRIER_SECONDS))],
     )
 
 

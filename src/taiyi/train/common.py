@@ -131,9 +131,9 @@ def use_cpu(cpu: bool) -> bool:
     return cpu or ("LOCAL_RANK" in os.environ and not _gpu_visible())
 
 
-def check_launch() -> None:
+def check_launch(*, warn: bool = True) -> None:
     """What ``accelerate launch`` was asked for and cannot give on this machine: refused in one line, or said in
-    a warning when the run goes on (every training command calls this first).
+    a warning when the run goes on (every training command calls this first; ``warn=False``: refusals only).
 
     Raises:
         InvalidInputError: an FSDP launch with no GPU, a DeepSpeed launch without DeepSpeed installed.
@@ -153,7 +153,7 @@ def check_launch() -> None:
     # telling it only the rendezvous address; torchrun and mpirun would also say how many processes there are.
     launched = "MASTER_ADDR" in os.environ and _env_flag("ACCELERATE_USE_CPU")
     told = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if launched and not any(name in os.environ for name in told):
+    if warn and launched and not any(name in os.environ for name in told):
         logger.warning(
             "accelerate launch --cpu starts one process whatever --num_processes says (its multi-CPU mode needs "
             "mpirun): this run trains in 1 process; for N processes on the CPU drop --cpu and pass --multi_gpu "
