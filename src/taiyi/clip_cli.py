@@ -228,7 +228,10 @@ def search(
     html_out: Annotated[Path | None, typer.Option("--html", help="Also write an HTML preview page.")] = None,
     grid_out: Annotated[Path | None, typer.Option("--grid", help="Also write a PNG contact sheet.")] = None,
     overwrite: Overwrite = False,
-    model: Model = DEFAULT_CLIP_MODEL,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="CLIP to search with [default: the one that built the index]."),
+    ] = None,
     image_tower: ImageTower = None,
     device: Device = "auto",
     allow_pickle: AllowPickle = False,
@@ -246,11 +249,24 @@ def search(
         _check_text(target, "query")
     _check_output(html_out, overwrite)
     _check_output(grid_out, overwrite, ".png")
+    if model is None:  # the model (and image tower) index.json names, as `taiyi clip index` was given them
+        built_by = found.model.get("name")
+        model = built_by if isinstance(built_by, str) and built_by else DEFAULT_CLIP_MODEL
+        if image_tower is None and isinstance(found.model.get("image_tower"), str):
+            image_tower = found.model["image_tower"]
     clip = _load(model, image_tower, device, allow_pickle)
     check_same_image_tower(found, clip, model)
     hits = search_index(clip, found, target, k)
     for hit in hits:
         typer.echo(f"{hit.score:.4f} {hit.path}")
+    gone = [hit.path for hit in hits if not hit.path.is_file()]
+    if gone:  # the index is older than the folder: say so rather than hand out paths that do not open
+        import logging
+
+        logging.getLogger("taiyi").warning(
+            "%d of these files no longer exist (e.g. %s); update the index: taiyi clip index %s --out %s",
+            len(gone), gone[0], found.root, index,
+        )  # fmt: skip
     if html_out is not None:
         atomic_write_bytes(html_out, render_html(query, hits).encode("utf-8"), overwrite=overwrite)
     if grid_out is not None:
@@ -284,8 +300,9 @@ def evaluate(
     device: Device = "auto",
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Retrieval R@1/5/10 and mean recall on an image-text set (--pairs) and/or zero-shot top-1/top-5 on an
-    ImageFolder (--imagefolder + --labels-file), written to --out as JSON. Figures are percentages."""
+    """Retrieval R@1/5/10, mean recall and CLIP score (100 × the mean cosine of each caption with its image) on an
+    image-text set (--pairs) and/or zero-shot top-1/top-5 on an ImageFolder (--imagefolder + --labels-file), written
+    to --out as JSON. Recalls and accuracies are percentages."""
     from .evaluation import embed_pairs, evaluate_zero_shot, list_class_folders, parse_class_labels, retrieval_metrics
     from .io import atomic_write_bytes
 
@@ -322,7 +339,7 @@ def evaluate(
             f"retrieval ({retrieval['num_images']} images, {retrieval['num_texts']} texts): "
             f"text→image R@1/5/10 {t2i['R@1']:.1f}/{t2i['R@5']:.1f}/{t2i['R@10']:.1f}, "
             f"image→text {i2t['R@1']:.1f}/{i2t['R@5']:.1f}/{i2t['R@10']:.1f}, "
-            f"mean recall {retrieval['mean_recall']:.1f}"
+            f"mean recall {retrieval['mean_recall']:.1f}, CLIP score {retrieval['clip_score']:.1f}"
         )
     if imagefolder is not None:
         with _progress("zero-shot") as bar:

@@ -32,6 +32,21 @@ def _write_json(path: str | None, data: dict, overwrite: bool) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
+def _check_sampling(
+    lang: str, seen: int, held_out: int, prompt_seed: int, images_per_prompt: int, settings: dict
+) -> None:
+    """Judge the prompts and sampling settings before the probe and the pipeline load, so a typo fails at once."""
+    from .batch import check_settings
+    from .errors import InvalidInputError
+    from .pipeline import MAX_IMAGES
+    from .recipe.faithfulness import eval_prompts
+
+    eval_prompts(lang, n_seen=seen, n_held_out=held_out, seed=prompt_seed)  # language, counts, prompt seed
+    if not 1 <= images_per_prompt <= MAX_IMAGES:  # each prompt's pictures are drawn in one call
+        raise InvalidInputError(f"--images-per-prompt must be between 1 and {MAX_IMAGES}, not {images_per_prompt}")
+    check_settings(settings, "sampling settings")
+
+
 def _probe(name: str):
     from .models import resolve_model
     from .recipe.probe import AttributeProbe
@@ -134,6 +149,9 @@ def faithfulness(
     """Per-attribute accuracy of a text-to-image model on evaluation prompts (never training captions),
     seen and held-out attribute combinations separately."""
     _check_json(output, overwrite)
+    _check_sampling(lang, seen, held_out, prompt_seed, images_per_prompt,
+                    {"steps": steps, "guidance": guidance, "guidance_rescale": guidance_rescale,
+                     "scheduler": scheduler, "width": size, "seed": seed})  # fmt: skip
     from .cli import _quiet_libraries
 
     _quiet_libraries()

@@ -2,7 +2,8 @@
 
 Figures are percentages (0–100), as the published Taiyi and Chinese-CLIP tables give them (TAIYI.md §4).
 "Mean recall" is the mean of R@1, R@5 and R@10 for one direction; the overall ``mean_recall`` is the
-mean of the six recalls of both directions.
+mean of the six recalls of both directions. The CLIP score is 100 × the mean cosine of each text with its
+own image (as ``taiyi eval disco`` reports it; torchmetrics' ``clip_score`` also clips each cosine at 0).
 
 Ties count against the model: an item's rank is the number of *other* candidates scoring at least as
 high as it, so a collapsed model that gives every candidate the same score gets 0 %, not 100 %.
@@ -46,7 +47,7 @@ def retrieval_metrics(
 
     Returns:
         ``{"text_to_image": {"R@1", "R@5", "R@10", "mean_recall"}, "image_to_text": {...}, "mean_recall",
-        "num_images", "num_texts"}``. Text→image: a text hits at k when its image is in its top k.
+        "clip_score", "num_images", "num_texts"}``. Text→image: a text hits at k when its image is in its top k.
         Image→text: an image hits at k when any of its captions is in its top k; images without a
         caption take part only as text→image distractors.
     """
@@ -87,6 +88,7 @@ def retrieval_metrics(
         "text_to_image": t2i,
         "image_to_text": i2t,
         "mean_recall": sum(recalls) / len(recalls),
+        "clip_score": 100.0 * float(right.mean()),
         "num_images": n_images,
         "num_texts": n_texts,
     }
@@ -149,8 +151,8 @@ def embed_pairs(
     for pair in pairs:
         image = pair.image
         image_id = getattr(pair, "image_id", "")
-        if image_id:
-            key = ("id", image_id)
+        if image_id:  # "./a.png" and "a.png" in a CSV are one image, not a copy competing with itself
+            key = ("id", os.path.normpath(image_id))
         else:
             digest = hashlib.blake2b(image.tobytes(), digest_size=16)
             digest.update(f"{image.mode}{image.size}".encode())

@@ -1,0 +1,173 @@
+"""A researcher's walk through `taiyi eval` and `taiyi clip`: folders of generated pictures, their figures
+checked by hand, indexes searched after the folder changed, and arguments judged before any model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taiyi.cli import main
+from taiyi.data import open_pairs
+from taiyi.evaluation import embed_pairs, retrieval_metrics
+from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def noise(seed: int, size=(40, 48), channels: int = 3) -> Image.Image:
+    shape = (*size, channels) if channels > 1 else size
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    from taiyi.clip import load_clip
+
+    root = tmp_path_factory.mktemp("walk-clip")
+    text = make_tiny_taiyi_clip_text(root / "text", head="logits", dim=16)
+    image = make_tiny_clip_image_tower(root / "image", dim=16)
+    return load_clip(text, image_tower=image, device="cpu").save_pretrained(root / "clip")
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    from taiyi.clip import load_clip
+
+    return load_clip(clip_dir, device="cpu")
+
+
+@pytest.fixture
+def generated(tmp_path) -> Path:
+    """A folder of "generated" pictures in odd modes and sizes, each with its prompt beside it."""
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    pictures = {
+        "a.png": (noise(1), "一只猫"),
+        "b.png": (noise(2, (30, 90), channels=1), "a dog 一只狗"),  # greyscale, wide
+        "c.png": (noise(3, (50, 50), channels=4), "山水画，水墨"),  # RGBA
+        "d.jpg": (noise(4, (9, 7)), "海边的日落"),  # tiny
+    }
+    for name, (picture, prompt) in pictures.items():
+        picture.save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(prompt, encoding="utf-8")
+    (folder / "notes.md").write_text("not a picture", encoding="utf-8")
+    return folder
+
+
+# --- taiyi eval faithfulness: a typo fails before the probe and the pipeline load -----------------------
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--lang", "xx"], "lang 'xx'"),
+        (["--seen", "-1"], "prompt counts"),
+        (["--seen", "0", "--held-out", "0"], "at least one evaluation prompt"),
+        (["--prompt-seed", "-5"], "prompt seed"),
+        (["--images-per-prompt", "0"], "--images-per-prompt must be between 1 and 64"),
+        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--size", "65"], "multiple of 8"),
+        (["--scheduler", "nope"], "unknown scheduler"),
+        (["--guidance", "-1"], "guidance"),
+        (["--seed", "-1"], "seed must be"),
+    ],
+)
+def test_faithfulness_judges_arguments_before_loading_models(capsys, monkeypatch, args, needle):
+    import taiyi.eval_cli
+    import taiyi.pipeline
+
+    def never(*_a, **_k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(taiyi.eval_cli, "_probe", never)
+    monkeypatch.setattr(taiyi.pipeline, "load_pipeline", never)
+    code, _, err = run(capsys, "eval", "faithfulness", *args)
+    assert_user_error(code, err, needle)
+
+
+# --- CLIP score of generated pictures against their prompts ---------------------------------------------
+def test_retrieval_metrics_clip_score_is_100_times_the_mean_cosine_with_its_own_image():
+    images = torch.eye(2)
+    texts = torch.tensor([[0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])  # cosines with their images: 0.6, 1.0, 0.8
+    m = retrieval_metrics(images, texts, [0, 1, 1])
+    assert m["clip_score"] == pytest.approx(100 * (0.6 + 1.0 + 0.8) / 3)
+    # a set matched with itself: every recall and the CLIP score at their maximum
+    e = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    same = retrieval_metrics(e, e, list(range(12)))
+    assert same["text_to_image"]["R@1"] == same["image_to_text"]["R@1"] == 100.0
+    assert same["clip_score"] == pytest.approx(100.0)
+
+
+def test_clip_eval_of_generated_pictures_reports_the_clip_score(capsys, tmp_path, clip_dir, clip, generated):
+    out = tmp_path / "m.json"
+    argv = ["clip", "eval", "-m", clip_dir, "--pairs", generated, "--out", out, "--device", "cpu"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    retrieval = json.loads(out.read_text(encoding="utf-8"))["retrieval"]
+    assert (retrieval["num_images"], retrieval["num_texts"]) == (4, 4)
+    # the pictures as the data loader reads them (RGBA composited onto white, greyscale as RGB), in name order
+    pairs = sorted(open_pairs(generated), key=lambda pair: pair.key)
+    assert [pair.key for pair in pairs] == ["a.png", "b.png", "c.png", "d.jpg"]
+    images = clip.encode_image([pair.image for pair in pairs])  # (4, D)
+    texts = clip.encode_text([(generated / p.key).with_suffix(".txt").read_text(encoding="utf-8") for p in pairs])
+    expected = 100 * float((images * texts).sum(1).mean())  # 100 × cosine, averaged over the pairs
+    assert retrieval["clip_score"] == pytest.approx(expected, abs=1e-4)
+    assert f"CLIP score {expected:.1f}" in stdout
+    # the same input twice: the same figures, to the last digit; another batch size: the same within rounding
+    code, _, err = run(capsys, *argv[:-4], "--out", tmp_path / "again.json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["retrieval"] == retrieval
+    code, _, err = run(capsys, *argv[:-4], "--out", tmp_path / "b1.json", "--batch-size", "1", "--device", "cpu")
+    assert code == 0, err
+    one_by_one = json.loads((tmp_path / "b1.json").read_text(encoding="utf-8"))["retrieval"]
+    assert one_by_one["clip_score"] == pytest.approx(retrieval["clip_score"], abs=1e-4)
+
+
+def test_one_image_named_two_ways_in_a_csv_is_one_image(tmp_path, clip, generated):
+    """`./gen/a.png` and `gen/a.png` are the same file: two copies would tie and cost every R@1 (ties count
+    against the model)."""
+    rows = "image,caption\ngen/a.png,一只猫\n./gen/a.png,睡觉的猫\ngen//b.png,一只狗\n"
+    (tmp_path / "pairs.csv").write_text(rows, encoding="utf-8")
+    image_embeds, text_embeds, text_to_image = embed_pairs(clip, open_pairs(tmp_path / "pairs.csv"))
+    assert image_embeds.shape == (2, 16) and text_to_image == [0, 0, 1]
+
+
+# --- searching an index after the folder changed -----------------------------------------------------------
+def test_search_without_model_uses_the_one_that_built_the_index(capsys, tmp_path, clip_dir, generated):
+    index = tmp_path / "idx"
+    code, _, err = run(capsys, "clip", "index", generated, "--out", index, "-m", clip_dir, "--device", "cpu")
+    assert code == 0, err
+    code, named, err = run(capsys, "clip", "search", index, "一只猫", "-k", "3", "-m", clip_dir, "--device", "cpu")
+    assert code == 0, err
+    # no -m: the model index.json records, not the default taiyi-mini-clip (whose image tower is another)
+    code, unnamed, err = run(capsys, "clip", "search", index, "一只猫", "-k", "3", "--device", "cpu")
+    assert code == 0, err
+    assert unnamed == named and len(named.splitlines()) == 3 and err == ""
+
+
+def test_search_warns_about_files_deleted_since_indexing(capsys, tmp_path, clip_dir, generated):
+    index = tmp_path / "idx"
+    code, _, err = run(capsys, "clip", "index", generated, "--out", index, "-m", clip_dir, "--device", "cpu")
+    assert code == 0, err
+    (generated / "a.png").unlink()
+    code, out, err = run(capsys, "clip", "search", index, "一只猫", "-k", "4", "-m", clip_dir, "--device", "cpu")
+    assert code == 0, err
+    assert str(generated / "a.png") in out  # still in the index until it is updated
+    assert "1 of these files no longer exist" in err and f"taiyi clip index {generated} --out {index}" in err
