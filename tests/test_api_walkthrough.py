@@ -318,3 +318,21 @@ def test_a_thin_picture_raised_to_the_least_side_is_said_to_change_shape(pipe_zh
     ]
     assert warned(Image.new("RGB", (400, 100), (90, 140, 60))) == []  # 400x96: within a tenth of its shape
     assert warned(strip, width=64, height=64) == []  # the user's own size
+
+
+def test_a_transparent_picture_is_read_on_white_everywhere(clip, pipe_zh, tmp_path):
+    """As the training data reader (and a page) shows it: the CLIP commands embedded the colours hidden under
+    transparent pixels (one PNG, two embeddings 0.16 apart), edit drew from them."""
+    from taiyi.data.decode import to_rgb
+    from taiyi.io import load_image
+
+    logo = noise_image(48).convert("RGBA")
+    logo.paste((200, 30, 30, 0), (8, 8, 40, 40))  # a transparent hole whose pixels hold red
+    logo.save(tmp_path / "logo.png")
+    shown = to_rgb(Image.open(tmp_path / "logo.png"))
+    assert shown.getpixel((20, 20)) == (255, 255, 255)
+    assert load_image(tmp_path / "logo.png").tobytes() == shown.tobytes()
+    torch.testing.assert_close(clip.encode_image(tmp_path / "logo.png"), clip.encode_image(shown), atol=0, rtol=0)
+    torch.testing.assert_close(clip.encode_image(logo), clip.encode_image(shown), atol=0, rtol=0)
+    drawn = pipe_zh.edit(logo, "山水", steps=2, seed=SEED, strength=0.5).images[0]
+    assert drawn.tobytes() == pipe_zh.edit(shown, "山水", steps=2, seed=SEED, strength=0.5).images[0].tobytes()

@@ -44,7 +44,7 @@ def load_image(path: str | os.PathLike, *, mode: str | None = "RGB", what: str =
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise InvalidInputError(f"{what} {path} is {im.width}x{im.height}; the largest accepted is 4096x4096")
             im.load()
-            return as_displayed(im).convert(mode) if mode else as_displayed(im)
+            return convert(as_displayed(im), mode) if mode else as_displayed(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, InvalidInputError):
             raise
@@ -109,7 +109,29 @@ def as_picture(
                 else ""
             )
         )
-    return to_8bit(image).convert(mode)
+    return convert(to_8bit(image), mode)
+
+
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` has transparent pixels to composite (an alpha channel or a transparent palette entry)."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """``image`` composited onto white, as RGB: what a page or viewer shows of a transparent picture."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def convert(image: Image.Image, mode: str) -> Image.Image:
+    """``image.convert(mode)``, but a transparent picture turned RGB is composited onto white (as the training data
+    reader does, and as a page shows it) rather than showing the colours its transparent pixels happen to hold."""
+    if mode == "RGB" and has_alpha(image):
+        return on_white(image)
+    return image.convert(mode)
 
 
 def _array_picture(array: np.ndarray, what: str) -> Image.Image:

@@ -13,10 +13,10 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..io import has_alpha, on_white
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_PIXELS = 8192 * 8192  # larger images are skipped undecoded (decompression bombs, absurd scans)
-_WHITE = (255, 255, 255)
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _EXIF_ORIENTATION = 0x0112
 
@@ -76,10 +76,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
             return Image.fromarray(_to_uint8(np.asarray(image), mode), mode="L").convert("RGB")
-        if mode in _ALPHA_MODES or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
+        if has_alpha(image):
+            return on_white(image)
         if mode == "RGB":
             return image
         return image.convert("RGB")  # L, P, 1, CMYK (Adobe-inverted JPEGs are handled by Pillow), YCbCr

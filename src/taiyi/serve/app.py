@@ -33,6 +33,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import TaiyiError
+from ..io import convert
 from .config import ServeConfig
 from .errors import APIError, bad_request, default_code, error_body
 from .forms import TextKeepingRoute
@@ -580,7 +581,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     async def decode_all(images: list[str]) -> list[Image.Image]:
         check_items("images", images)
         return await anyio.to_thread.run_sync(
-            lambda: [decode_base64_image(b, param=f"images[{i}]").convert("RGB") for i, b in enumerate(images)]
+            lambda: [convert(decode_base64_image(b, param=f"images[{i}]"), "RGB") for i, b in enumerate(images)]
         )
 
     @app.post(
@@ -787,7 +788,9 @@ def _prepare_edit(
         redraw = mask_from_upload(mask_image)
     elif has_transparency(picture):
         redraw = mask_from_upload(picture)  # OpenAI: without a mask, the image's transparent pixels are edited
-    picture = picture.convert("RGB")
+        # they are redrawn: their stored colours are context only, as under a separate mask (same picture)
+        picture = picture.convert("RGB")
+    picture = convert(picture, "RGB")  # other transparent pictures on white, as a page shows them
     if target is not None:
         if picture.size != target:
             picture = picture.resize(target, Image.LANCZOS)
