@@ -336,3 +336,21 @@ def test_a_transparent_picture_is_read_on_white_everywhere(clip, pipe_zh, tmp_pa
     torch.testing.assert_close(clip.encode_image(logo), clip.encode_image(shown), atol=0, rtol=0)
     drawn = pipe_zh.edit(logo, "山水", steps=2, seed=SEED, strength=0.5).images[0]
     assert drawn.tobytes() == pipe_zh.edit(shown, "山水", steps=2, seed=SEED, strength=0.5).images[0].tobytes()
+
+
+def test_a_label_too_long_for_the_text_tower_is_said_once_and_labels_embed_as_one_by_one(clip, log_warnings):
+    import logging
+
+    import torch.nn.functional as F
+
+    long_label = "山水" * 80
+    labels = ["山", long_label, "水"]
+    with log_warnings.at_level(logging.WARNING):
+        batched = clip.label_embeddings(labels)
+    said = [r.getMessage() for r in log_warnings.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].startswith("prompt is "), said  # not once per template (12 lines)
+    one_by_one = torch.stack(
+        [F.normalize(clip.encode_text([t.format(x) for t in clip.templates], warn_long=False).mean(0), dim=-1)
+         for x in labels]
+    )  # fmt: skip
+    torch.testing.assert_close(batched, one_by_one, atol=1e-6, rtol=0)

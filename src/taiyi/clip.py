@@ -288,18 +288,22 @@ class ChineseCLIP(nn.Module):
         templates = [templates] if isinstance(templates, str) else templates
         if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise InvalidInputError("every template must be a string containing {} where the label goes")
-        rows = []
-        for label in labels:
-            try:
-                texts = [t.format(label) for t in templates]
-            except (IndexError, KeyError, ValueError) as exc:
-                raise InvalidInputError(
-                    f"a template has a brace field other than {{}} ({type(exc).__name__}: {exc}); write {{{{ }}}} "
-                    "for a literal brace"
-                ) from None
-            embeds = self.encode_text(texts)  # (T, D)
-            rows.append(F.normalize(embeds.mean(0), dim=-1))
-        return torch.stack(rows)
+        try:
+            texts = [[t.format(label) for t in templates] for label in labels]  # (L, T)
+        except (IndexError, KeyError, ValueError) as exc:
+            raise InvalidInputError(
+                f"a template has a brace field other than {{}} ({type(exc).__name__}: {exc}); write {{{{ }}}} "
+                "for a literal brace"
+            ) from None
+        # a label too long for the text tower is said once, in its longest template, not once per template
+        from .encoding import warn_truncated
+        from .prompts import normalize_prompts
+
+        warn_truncated(self.tokenizer, normalize_prompts([max(row, key=len) for row in texts]), self.max_length - 2)
+        # every label's templates in shared batches: one forward pass per 64 texts, not one per label
+        embeds = self.encode_text([text for row in texts for text in row], warn_long=False)  # (L * T, D)
+        embeds = embeds.view(len(labels), len(templates), -1).mean(1)  # (L, D)
+        return F.normalize(embeds, dim=-1)
 
     def zero_shot(
         self,
