@@ -72,21 +72,23 @@ class WeightedPrompt:
 
 
 # A colon right after a digit is text, not a weight: 12:30 (a time), 16:9 (a ratio).
-_WEIGHT = re.compile(r"^(.*?)(?<![0-9])[:：]\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*$", re.S)
+_WEIGHT = re.compile(r"^(.*?)(?<![0-9])[:：]\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*$", re.S)
+# Parts are split at | and at the full-width ｜ a Chinese input method types for it (as ： works for :).
+_SEPARATOR = re.compile(r"[|｜]")
 
 
 def parse_prompts(spec: str | Sequence[str]) -> list[WeightedPrompt]:
-    """``"东临碣石，以观沧海:2|晚霞:1|文字:-0.5"`` → weighted prompts (Disco's syntax; ``：`` works too).
+    """``"东临碣石，以观沧海:2|晚霞:1|文字:-0.5"`` → weighted prompts (Disco's syntax; ``：`` and ``｜`` work too).
 
     A part without ``:weight`` weighs 1. Negative weights push away. The weights must not sum to zero. A colon
     right after a digit is part of the text (``时间 12:30`` is one prompt of weight 1, not ``时间 12`` of weight 30).
 
     Raises:
-        InvalidInputError: ``spec`` is not text, is empty, or its weights sum to zero.
+        InvalidInputError: ``spec`` is not text, is empty, a weight is too large, or the weights sum to zero.
     """
     if not isinstance(spec, str) and not (isinstance(spec, Sequence) and all(isinstance(part, str) for part in spec)):
         raise InvalidInputError(f"prompt must be a string or a list of strings, not {spec!r}"[:200])
-    parts = spec.split("|") if isinstance(spec, str) else list(spec)
+    parts = _SEPARATOR.split(spec) if isinstance(spec, str) else list(spec)
     out = []
     for part in parts:
         part = part.strip()
@@ -96,6 +98,8 @@ def parse_prompts(spec: str | Sequence[str]) -> list[WeightedPrompt]:
         text, weight = (match.group(1).strip(), float(match.group(2))) if match else (part, 1.0)
         if not text:
             raise InvalidInputError(f"prompt part {part!r} has a weight but no text; write e.g. 晚霞:1")
+        if not math.isfinite(weight):  # a weight of hundreds of digits: inf, and every weight would become nan
+            raise InvalidInputError(f"the weight of prompt part {text[:20]!r} is too large to use; write e.g. 晚霞:2")
         out.append(WeightedPrompt(text, weight))
     if not out:
         raise InvalidInputError("prompt is empty; give a description such as 东临碣石，以观沧海")
@@ -138,10 +142,20 @@ class UncondModel:
         return vae_factor(self.vae)
 
     @property
-    def sample_size(self) -> int:
-        """The picture side the model was trained at."""
+    def sample_size(self) -> int | None:
+        """The picture side the model was trained at (None: its config does not say, as for a converted
+        guided-diffusion model whose channel widths match no published size)."""
         size = self.unet.config.sample_size
+        if size is None:
+            return None
         return int(size[0] if isinstance(size, list | tuple) else size) * self.factor
+
+    @property
+    def size_multiple(self) -> int:
+        """What a picture side must be a multiple of: the UNet halves its input once per level but the last,
+        and a side its levels cannot halve evenly breaks its skip connections (never below 8)."""
+        halvings = len(self.unet.config.block_out_channels) - 1
+        return max(8, self.factor * 2**halvings)
 
     @property
     def channels(self) -> int:
@@ -216,24 +230,21 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
             f"{folder} is not an unconditional diffusion model (no unet/config.json or config.json); give a "
             "DDPMPipeline folder, a UNet2DModel folder, or convert a guided-diffusion checkpoint with taiyi convert"
         )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = _read_json(config_path)
     if config.get("_class_name") not in ("UNet2DModel", "ADMUNet2DModel"):
         found = config.get("_class_name") or (config.get("architectures") or [config.get("model_type", "model")])[0]
         raise ModelLoadError(
             f"{folder} holds a {found}, not an unconditional UNet2DModel; Disco Diffusion "
             "needs an unconditional model (taiyi train uncond, or taiyi convert guided-diffusion)"
         )
-    check_weights(unet_folder, allow_pickle=allow_pickle, what=f"the model in {unet_folder}")
+    # a pickled-only folder (allowed by now) is loaded as such, without diffusers' warning that safetensors are missing
+    safetensors = check_weights(unet_folder, allow_pickle=allow_pickle, what=f"the model in {unet_folder}")
     try:
-        unet = load_unet(unet_folder, use_safetensors=None if allow_pickle else True).to(device)
+        unet = load_unet(unet_folder, use_safetensors=safetensors).to(device)
     except Exception as exc:  # noqa: BLE001 — one line for any broken folder
         raise ModelLoadError(f"could not load {unet_folder}: {' '.join(str(exc).split())[:200]}") from exc
     schedule_path = folder / "scheduler" / "scheduler_config.json"
-    schedule = (
-        json.loads(schedule_path.read_text(encoding="utf-8"))
-        if schedule_path.is_file()
-        else _GUIDED_DIFFUSION_SCHEDULE
-    )
+    schedule = _read_json(schedule_path) if schedule_path.is_file() else _GUIDED_DIFFUSION_SCHEDULE
     vae = None
     vae_folder = _vae_folder(folder) if unet_folder != folder else None
     if vae_folder is not None:
@@ -246,6 +257,17 @@ def load_uncond(model: str | os.PathLike, *, device: str | torch.device = "cpu",
                 f"{unet.config.in_channels} channels"
             )
     return UncondModel(unet, schedule, schedule.get("prediction_type", "epsilon"), name=name, vae=vae)
+
+
+def _read_json(path: Path) -> dict:
+    """A model's JSON settings file as a dict; a broken or foreign one is a :class:`ModelLoadError`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not a readable JSON file ({' '.join(str(exc).split())[:120]})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object of settings")
+    return data
 
 
 def _vae_folder(folder: Path) -> Path | None:
@@ -426,9 +448,9 @@ class DiscoSettings:
             raise InvalidInputError(f"cutn must be at least 1, not {self.cutn}")
         if not 1 <= self.cut_batches <= self.cutn:
             raise InvalidInputError(f"cut-batches must be between 1 and cutn ({self.cutn}), not {self.cut_batches}")
-        if self.cut_pow <= 0:
-            raise InvalidInputError(f"cut-pow must be above 0, not {self.cut_pow}")
-        if self.clamp_max is not None and self.clamp_max <= 0:
+        if not 0 < self.cut_pow < math.inf:  # also refuses nan
+            raise InvalidInputError(f"cut-pow must be a finite number above 0, not {self.cut_pow}")
+        if self.clamp_max is not None and not self.clamp_max > 0:  # nan would blacken the picture
             raise InvalidInputError(f"clamp-max must be above 0, not {self.clamp_max}")
         if self.save_every < 0:
             raise InvalidInputError(f"save-every must be 0 (no frames) or more, not {self.save_every}")
@@ -444,10 +466,24 @@ class DiscoSettings:
             )
 
     def frame_count(self) -> int:
-        """How many frames :func:`disco_sample` keeps with these settings (``plms`` takes one step more than
-        ``steps``: the sampler's own timesteps are counted)."""
-        total = len(_scheduler(self.sampler, {}, "epsilon", self.steps).timesteps) - self.skip_steps
+        """How many frames :func:`disco_sample` keeps with these settings (``plms`` from noise takes one step more
+        than ``steps``: the sampler's own timesteps are counted)."""
+        timesteps = _scheduler(self.sampler, {}, "epsilon", self.steps).timesteps
+        total = len(_skip(timesteps, self.sampler, self.skip_steps))
         return len(_frame_steps(total, self.save_every))
+
+
+def _skip(timesteps: torch.Tensor, sampler: str, skip_steps: int) -> torch.Tensor:
+    """The sampler's timesteps left after skipping ``skip_steps`` steps; the first is the init image's noise level.
+
+    PLMS (diffusers' PNDM) takes t0, t1, t1, t2 …: its warm-up step t0 → t1 is retaken at the second t1 with the
+    averaged ε, the one after it starts at the third. So does a run from t_k: t_k, t_{k+1}, t_{k+1}, t_{k+2} … (cut
+    at k, the list put the repeat in the wrong place: the retake took a sample at t1 for one at t0 for k = 1, and a
+    step was applied to a sample one noise level off for k ≥ 2)."""
+    if sampler != "plms":
+        return timesteps[skip_steps:]
+    rest = torch.cat([timesteps[:1], timesteps[2:]])[skip_steps:]  # t_k … without the repeat
+    return torch.cat([rest[:2], rest[1:]]) if len(rest) > 1 else rest
 
 
 def _frame_steps(total: int, save_every: int) -> list[int]:
@@ -632,7 +668,8 @@ def disco_sample(
         settings: :class:`DiscoSettings` (defaults if None).
         init_image: start from this picture (PIL image, path or uint8 array), noised to step ``skip_steps``,
             which must then be 1 or more.
-        size: picture side (default: the model's sample size); must be a multiple of 8.
+        size: picture side (default: the model's sample size); a multiple of 8, and of the UNet's total
+            downsampling (:attr:`UncondModel.size_multiple`; 64 for Disco's 512 model).
         progress: called with ``(steps done, steps total)``.
 
     Raises:
@@ -645,12 +682,22 @@ def disco_sample(
     s = settings or DiscoSettings()
     s.check()
     prompts = parse_prompts(prompt)
+    step = model.size_multiple
+    if size is None and model.sample_size is None:
+        raise InvalidInputError(
+            f"the model does not record its picture size (sample_size in its config.json); give a size (--size), "
+            f"a multiple of {step}"
+        )
     side = model.sample_size if size is None else size  # 0 is refused, not taken as the default
     if isinstance(side, np.integer):
         side = int(side)
-    step = max(8, model.factor)
     if isinstance(side, bool) or not isinstance(side, int) or side % step or not 32 <= side <= 2048:
         raise InvalidInputError(f"size must be a multiple of {step} between 32 and 2048, not {side!r}")
+    trained = len(model.alphas_cumprod)
+    if s.steps > trained:  # the schedulers cannot space more steps than the noise levels the model learnt
+        raise InvalidInputError(
+            f"steps must be at most {trained} for this model (it was trained on {trained} noise levels), not {s.steps}"
+        )
     if s.skip_steps and init_image is None:
         raise InvalidInputError("skip-steps needs an init image (--init-image)")
     if init_image is not None and not s.skip_steps:  # the sampler would start from pure noise and ignore it
@@ -675,9 +722,8 @@ def disco_sample(
     x = torch.randn(shape, generator=generator)
     if init_image is not None:
         init = model.from_pixels(_init_latent(init_image, side).to(device)).cpu()
-        start = timesteps[s.skip_steps]
-        x = sched.add_noise(init, x, start[None]) if s.skip_steps else x
-        timesteps = timesteps[s.skip_steps :]
+        timesteps = _skip(timesteps, s.sampler, s.skip_steps)
+        x = sched.add_noise(init, x, timesteps[:1])
     x = x.to(device)
     frames, losses = [], []
     total = len(timesteps)

@@ -42,8 +42,9 @@ def _parameters_text(
     prompt: str, settings: dict, clip: str, image_tower: str | None = None, init_image: Path | None = None
 ) -> str:
     """The ``parameters`` PNG text: the prompt, then ``Key: value`` pairs (the A1111 layout) — every setting that
-    changes the picture; the image tower and the init image (its file name) only where given."""
-    from .metadata import _version
+    changes the picture; the image tower and the init image (its file name) only where given. Values are quoted as
+    A1111 quotes them, so a folder or file name with ``,`` or ``:`` reads back whole."""
+    from .metadata import _quote, _version
 
     clamp = settings["clamp_max"]
     pairs = {
@@ -69,7 +70,7 @@ def _parameters_text(
         "Color guidance": settings["color_guidance"],
         "Version": _version(),
     }
-    return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs.items())
+    return prompt + "\n" + ", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs.items())
 
 
 def disco(

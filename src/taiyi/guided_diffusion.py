@@ -619,9 +619,12 @@ def load_guided_diffusion_state_dict(
             raise InvalidInputError(
                 f"checkpoint {path} is damaged or holds objects other than tensors, which taiyi does not unpickle"
             ) from exc
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInputError(f"checkpoint {path} could not be read as a torch state dict ({reason})") from exc
+        except Exception as exc:  # torch's reasons for a cut-off file range from "EOFError" to "[Errno 22]" to "101"
+            reason = " ".join(str(exc).split())[:100] or type(exc).__name__
+            raise InvalidInputError(
+                f"checkpoint {path} could not be read as a torch state dict: it is truncated, damaged or not a "
+                f"PyTorch file ({reason}); download it again"
+            ) from exc
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     else:
