@@ -134,3 +134,33 @@ def test_a_batch_folder_holding_other_pictures_is_refused_not_skipped(tmp_path, 
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     assert manifest[0]["parameters"][0]["prompt"] == "山"
     assert run_batch(pipe_zh, [{"prompt": "水", "seed": 1}], defaults, out, overwrite=True)["written"] == 1
+
+
+def test_a_disco_picture_is_read_as_one_and_odd_outputs_are_named(tmp_path, capsys, monkeypatch):
+    """`generate --from` on a Disco picture failed inside diffusers' pipeline loader; `info --json` gave it CFG
+    7.5 it never had; `-o a.png/` with a.png a picture said the folder does not exist; the Disco model given as a
+    CLIP was called a text-to-image pipeline."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from taiyi.cli import main
+    from taiyi.clip import load_clip
+
+    monkeypatch.chdir(tmp_path)
+    info = PngInfo()
+    info.add_text("parameters", "夜晚\nSteps: 3, Sampler: DDIM, Seed: 1, Size: 64x64, Model: taiyi-mini-uncond, "
+                                "CLIP: taiyi-mini-clip, CLIP guidance scale: 20000.0, Eta: 0.8")  # fmt: skip
+    Image.new("RGB", (64, 64)).save("d.png", pnginfo=info)
+    assert main(["generate", "--from", "d.png", "-o", "g.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["taiyi: error: d.png was drawn by taiyi disco (CLIP guidance of an unconditional model), which "
+                   "--from does not redraw; run taiyi disco with the settings taiyi info d.png prints"]  # fmt: skip
+    assert main(["info", "--json", "d.png"]) == 0
+    fields = json.loads(capsys.readouterr().out)
+    assert fields["guidance"] is None and fields["extras"]["CLIP guidance scale"] == "20000.0"
+    assert main(["generate", "山", "--steps", "1", "-o", "d.png/"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "taiyi: error: d.png is a file, not a folder; drop the trailing / to replace it (--overwrite)"
+    )
+    with pytest.raises(InvalidInputError, match=r"^taiyi-mini-uncond is an unconditional diffusion model \("):
+        load_clip("taiyi-mini-uncond")

@@ -247,6 +247,11 @@ def generate(
                 "(to vary them, generate with its prompt instead)"
             )
         params = read_parameters(from_image)
+        if "CLIP guidance scale" in params.extras:  # Disco's own keys: no text-to-image model drew it
+            raise InvalidInputError(
+                f"{from_image} was drawn by taiyi disco (CLIP guidance of an unconditional model), which --from "
+                f"does not redraw; run taiyi disco with the settings taiyi info {from_image} prints"
+            )
         _precheck(output, overwrite, 1)
         loras = _rerender_loras(params, lora, from_image)
         try:
@@ -433,7 +438,10 @@ def info(
     from .metadata import read_parameters, read_parameters_text
 
     if as_json:
-        fields = {k: v for k, v in asdict(read_parameters(image)).items() if k != "recorded"}  # the text's own keys
+        params = read_parameters(image)
+        fields = {k: v for k, v in asdict(params).items() if k != "recorded"}  # the text's own keys
+        if params.recorded is not None and "CFG scale" not in params.recorded:
+            fields["guidance"] = None  # never recorded (a Disco picture has none): not the 7.5 default
         typer.echo(json.dumps(fields, ensure_ascii=False, indent=2))
     else:  # as stored: a re-rendered text would add defaults (CFG scale) to pictures that never had them
         typer.echo(read_parameters_text(image))

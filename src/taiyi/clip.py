@@ -720,9 +720,11 @@ def load_clip(
     """
     folder, name = _resolve(model)
     if (folder / "model_index.json").is_file():
+        conditioned = '"text_encoder"' in (folder / "model_index.json").read_text(encoding="utf-8", errors="replace")
+        kind = "a text-to-image pipeline" if conditioned else "an unconditional diffusion model"
         raise InvalidInputError(
-            f"{name} is a text-to-image pipeline (model_index.json), not a Chinese CLIP; give a CLIP (taiyi models "
-            "lists them) or the pipeline's text_encoder folder with --image-tower"
+            f"{name} is {kind} (model_index.json), not a Chinese CLIP; give a CLIP (taiyi models lists them) or "
+            "the pipeline's text_encoder folder with --image-tower"
         )
     config = folder / CONFIG_NAME
     text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""

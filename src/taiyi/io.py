@@ -286,6 +286,8 @@ def output_paths(output: str | os.PathLike | None, seeds: list[int], *, default_
             if len(seeds) == 1:
                 return [path]
             return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(seeds))]
+        if folder.exists() and not folder.is_dir():  # "a.png/" where a.png is a picture: it does exist
+            raise OutputError(f"{folder} is a file, not a folder; drop the trailing / to replace it (--overwrite)")
         if not folder.is_dir():
             raise OutputError(f"output folder {folder} does not exist; create it first")
     start = next_index(folder)
