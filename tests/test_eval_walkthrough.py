@@ -102,6 +102,28 @@ def test_faithfulness_judges_arguments_before_loading_models(capsys, monkeypatch
     assert_user_error(code, err, needle)
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["clip-world", "--lang", "mixed"], "lang 'mixed' is invalid"),
+        (["clip-world", "--n", "0"], "--n must be at least 10"),
+        (["disco", "--seeds", "0"], "seeds must be at least 1"),
+        (["disco", "--time", "午夜"], "is not a time of day"),
+    ],
+)
+def test_clip_world_and_disco_judge_arguments_before_loading_models(capsys, monkeypatch, args, needle):
+    import taiyi.clip
+    import taiyi.disco
+
+    def never(*_a, **_k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(taiyi.clip, "load_clip", never)
+    monkeypatch.setattr(taiyi.disco, "load_uncond", never)
+    code, _, err = run(capsys, "eval", *args)
+    assert_user_error(code, err, needle)
+
+
 # --- CLIP score of generated pictures against their prompts ---------------------------------------------
 def test_retrieval_metrics_clip_score_is_100_times_the_mean_cosine_with_its_own_image():
     images = torch.eye(2)

@@ -248,6 +248,9 @@ def clip_world(
 ) -> None:
     """Zero-shot accuracy per attribute and text→image R@1 of a CLIP on rendered held-out scenes."""
     _check_json(output, overwrite)
+    from .recipe.faithfulness import check_clip_eval
+
+    check_clip_eval(lang, n)  # before the CLIP loads
     from .cli import _quiet_libraries
 
     _quiet_libraries()
@@ -295,22 +298,15 @@ def disco(
     from .clip import load_clip
     from .disco import DiscoSettings, load_uncond
     from .disco_cli import guidance_defaults
-    from .recipe.faithfulness import evaluate_disco
+    from .recipe.faithfulness import check_disco_eval, evaluate_disco
 
     defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
                                  recurrence=recurrence, color_guidance=color_guidance)  # fmt: skip
     settings = DiscoSettings(steps=steps, cutn=cutn, **defaults)
     settings.check()
-    from .data.shanshui import TIMES
-    from .errors import InvalidInputError
-
-    for t in time or ():  # before any model loads
-        if t not in TIMES:
-            raise InvalidInputError(f"{t!r} is not a time of day of the 山水 world; use {', '.join(TIMES)}")
-    result = evaluate_disco(
-        load_uncond(model), load_clip(clip), _probe(probe), tuple(time or ("夜晚", "黄昏")),
-        seeds=seeds, settings=settings,
-    )  # fmt: skip
+    times = tuple(time or ("夜晚", "黄昏"))
+    check_disco_eval(times, seeds)  # before any model loads
+    result = evaluate_disco(load_uncond(model), load_clip(clip), _probe(probe), times, seeds=seeds, settings=settings)
     for t, row in result["results"].items():
         g, u = row["guided"], row["unguided"]
         typer.echo(

@@ -432,6 +432,23 @@ def held_out_scenes(n: int = 200, *, seed: int = 4321, size: int = 64) -> tuple[
 
 
 @torch.no_grad()
+def check_clip_eval(lang: str, n: int) -> None:
+    """The settings of :func:`evaluate_clip`, judged before any model loads."""
+    if lang not in ("zh", "en"):
+        raise InvalidInputError(f"lang {lang!r} is invalid for CLIP evaluation; use zh or en")
+    if n < 10:  # R@10 needs ten candidates
+        raise InvalidInputError(f"--n must be at least 10 scenes, not {n}")
+
+
+def check_disco_eval(times: Sequence[str], seeds: int) -> None:
+    """The settings of :func:`evaluate_disco`, judged before any model loads."""
+    for t in times:
+        if t not in shanshui.TIMES:
+            raise InvalidInputError(f"{t!r} is not a time of day of the 山水 world; use {', '.join(shanshui.TIMES)}")
+    if seeds < 1:
+        raise InvalidInputError(f"seeds must be at least 1, not {seeds}")
+
+
 def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, size: int = 64) -> dict:
     """Zero-shot accuracy per attribute (time, land, style; sky and water among the scenes that have one)
     and text→image R@1/5 on rendered held-out
@@ -440,10 +457,7 @@ def evaluate_clip(clip, lang: str = "zh", *, n: int = 200, seed: int = 4321, siz
     """
     from ..evaluation import retrieval_metrics
 
-    if lang not in ("zh", "en"):
-        raise InvalidInputError(f"lang {lang!r} is invalid for CLIP evaluation; use zh or en")
-    if n < 10:  # R@10 needs ten candidates
-        raise InvalidInputError(f"--n must be at least 10 scenes, not {n}")
+    check_clip_eval(lang, n)
     scenes, images = held_out_scenes(n, seed=seed, size=size)
     image_embeds = clip.encode_image(images)  # (N, D), normalised
     templates = _ZH_LABEL_TEMPLATES if lang == "zh" else _EN_LABEL_TEMPLATES
@@ -502,11 +516,7 @@ def evaluate_disco(
     from ..disco import DiscoSettings, disco_sample
 
     base = settings or DiscoSettings()
-    for t in times:
-        if t not in shanshui.TIMES:
-            raise InvalidInputError(f"{t!r} is not a time of day of the 山水 world; use {', '.join(shanshui.TIMES)}")
-    if seeds < 1:
-        raise InvalidInputError(f"seeds must be at least 1, not {seeds}")
+    check_disco_eval(times, seeds)
     out: dict = {}
     done, total = 0, 2 * seeds * len(times)
     for t in times:
