@@ -193,3 +193,29 @@ def test_search_warns_about_files_deleted_since_indexing(capsys, tmp_path, clip_
     assert code == 0, err
     assert str(generated / "a.png") in out  # still in the index until it is updated
     assert "1 of these files no longer exist" in err and f"taiyi clip index {generated} --out {index}" in err
+
+
+def test_a_folder_of_generated_pngs_is_an_image_text_set_by_their_recorded_prompts(capsys, tmp_path, clip_dir):
+    """`taiyi generate` writes each prompt into the picture's parameters chunk: such a folder needs no .txt files
+    to be judged (a .txt beside a picture still wins; a picture recording nothing is skipped as captionless)."""
+    from taiyi.data import open_pairs
+    from taiyi.metadata import GenerationParameters, pnginfo
+
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    for i, prompt in enumerate(["一只猫", "海边的日落", "小桥流水人家"]):
+        params = GenerationParameters(prompt=prompt, steps=2, seed=i, width=40, height=48, model="m")
+        noise(i).save(folder / f"{i:05d}-{i}.png", pnginfo=pnginfo(params))
+    (folder / "00001-1.txt").write_text("海边", encoding="utf-8")  # the caption file wins
+    noise(9).save(folder / "plain.png")  # records nothing
+    pairs = [pair for pair in open_pairs(folder) if pair is not None]
+    assert sorted(pair.caption for pair in pairs) == ["一只猫", "小桥流水人家", "海边"]
+    code, _, err = run(capsys, "clip", "eval", "-m", clip_dir, "--pairs", folder, "--out", tmp_path / "m.json")
+    assert code == 0, err
+    retrieval = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["retrieval"]
+    assert (retrieval["num_images"], retrieval["num_texts"]) == (3, 3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    noise(9).save(bare / "plain.png")
+    code, _, err = run(capsys, "clip", "eval", "-m", clip_dir, "--pairs", bare, "--out", tmp_path / "n.json")
+    assert_user_error(code, err, "no image-caption pairs", "'parameters' chunk")

@@ -115,8 +115,24 @@ class SkipCounter:
 # read (and possibly skipped) only when asked for.
 
 
+# A PNG without a caption file is captioned by the prompt in its ``parameters`` chunk (taiyi's, A1111's): a
+# folder of generated pictures is an image-text set as it stands (CLIP score, retrieval, training).
+PNG_PROMPT = "\x00parameters"  # no file name holds a NUL
+
+
+def png_prompt(path: Path) -> str | None:
+    """The prompt a PNG's ``parameters`` chunk records, or None when it has none (or is unreadable)."""
+    from ..metadata import GenerationParameters, read_parameters_text
+
+    try:
+        return GenerationParameters.from_text(read_parameters_text(path)).prompt or None
+    except InvalidInputError:
+        return None
+
+
 class _FolderRows:
-    """``root/**/x.jpg`` with ``x.txt`` beside it; the key is the image's relative path."""
+    """``root/**/x.jpg`` with ``x.txt`` beside it, or a PNG recording its prompt; the key is the image's relative
+    path."""
 
     def __init__(self, root: Path, images: list[str], captions: list[str | None] | None):
         self.root, self.images, self.captions = root, images, captions  # captions None: images only
@@ -136,6 +152,11 @@ class _FolderRows:
         caption_file = self.captions[index]
         if caption_file is None:
             raise SkipSample("missing caption")
+        if caption_file == PNG_PROMPT:
+            prompt = png_prompt(self.image_file(index))
+            if prompt is None:
+                raise SkipSample("missing caption")
+            return clean_caption(prompt)
         return clean_caption(decode_text(_read_bytes(self.root / caption_file, "caption")))
 
     def read(self, index: int) -> Pair:
@@ -477,12 +498,18 @@ def _scan_folder(root: Path, caption_files: tuple[str, ...], *, images_only: boo
             if ext.lower() in IMAGE_EXTENSIONS and not filename.startswith("."):  # ._x.jpg: macOS metadata
                 options = captions.get(stem, {})
                 caption = next((options[e] for e in caption_files if e in options), None)
-                found.append((prefix + filename, None if caption is None else prefix + caption))
+                if caption is None and ext.lower() == ".png":
+                    found.append((prefix + filename, PNG_PROMPT))  # its recorded prompt, if it has one
+                else:
+                    found.append((prefix + filename, None if caption is None else prefix + caption))
     found.sort()
     if images_only and not found:
         raise InvalidInputError(f"data folder {root} has no images: no {'/'.join(IMAGE_EXTENSIONS)} files in it")
-    if not images_only and not any(caption is not None for _, caption in found):
-        raise InvalidInputError(_no_pairs_message(root, len(found), caption_files))
+    if not images_only and not any(caption not in (None, PNG_PROMPT) for _, caption in found):
+        # no caption file: a set only if its pictures record their prompts (the first PNG is asked)
+        first = next((image for image, caption in found if caption == PNG_PROMPT), None)
+        if first is None or png_prompt(root / first) is None:
+            raise InvalidInputError(_no_pairs_message(root, len(found), caption_files))
     return _FolderRows(root, [image for image, _ in found], None if images_only else [c for _, c in found])
 
 
@@ -492,7 +519,8 @@ def _no_pairs_message(root: Path, n_images: int, caption_files: tuple[str, ...])
     else:
         message = (
             f"data folder {root} has no image-caption pairs: {n_images} images but no caption files "
-            f"(x.jpg needs x{caption_files[0]} beside it)"
+            f"(x.jpg needs x{caption_files[0]} beside it, or a PNG its prompt in a 'parameters' chunk, as taiyi "
+            "and A1111 write it)"
         )
     tables = sorted(p.name for p in root.iterdir() if p.suffix.lower() in (".csv", ".jsonl"))
     if tables:
