@@ -13,26 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from taiyi.cli import main
 from taiyi.metadata import read_parameters
 from taiyi.schedulers import DEFAULT_SCHEDULER, scheduler_spec
-from taiyi.testing import populate_hf_cache
+from taiyi.testing import assert_user_error, populate_hf_cache
+from taiyi.testing import run_cli as run
 
 FAST = ["--steps", "3"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
-    for needle in needles:
-        assert needle in lines[0]
 
 
 @pytest.fixture

@@ -18,24 +18,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from taiyi.cli import main
-from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.testing import assert_user_error, make_tiny_clip_image_tower, make_tiny_taiyi_clip_text, run_cli
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    """`taiyi *argv` in-process, on the CPU (where the reference numbers are computed) unless --device is given."""
-    argv = [str(a) for a in argv]
-    code = main(argv if "--device" in argv else [*argv, "--device", "cpu"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    return run_cli(capsys, *argv, device="cpu")  # the reference numbers are CPU ones
 
 
 def noise(seed: int, size=(40, 48)) -> Image.Image:

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from taiyi.cli import main
 from taiyi.data import open_pairs
 from taiyi.data.filter import filter_pairs
 from taiyi.data.shanshui import write_folder
 from taiyi.errors import InvalidInputError, OutputError
 from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.testing import run_cli as run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,12 +59,6 @@ def expected_scores(clip, folder: Path) -> dict[str, float]:
     for pair in open_pairs(folder):
         out[pair.caption] = float(clip.encode_image(pair.image)[0] @ clip.encode_text(pair.caption)[0])
     return out
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_threshold_keeps_exactly_the_pairs_at_or_above_it(clip, pairs, tmp_path):

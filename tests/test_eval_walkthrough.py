@@ -11,26 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from taiyi.cli import main
 from taiyi.data import open_pairs
 from taiyi.evaluation import embed_pairs, retrieval_metrics
-from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.testing import assert_user_error, make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.testing import run_cli as run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def noise(seed: int, size=(40, 48), channels: int = 3) -> Image.Image:

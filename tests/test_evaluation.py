@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from taiyi.cli import main
 from taiyi.errors import InvalidInputError
 from taiyi.evaluation import (
     check_labels,
@@ -20,7 +19,7 @@ from taiyi.evaluation import (
     retrieval_metrics,
     zero_shot_accuracy,
 )
-from taiyi.testing import make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
+from taiyi.testing import assert_user_error, make_tiny_clip_image_tower, make_tiny_taiyi_clip_text, run_cli
 
 # --- retrieval_metrics ---------------------------------------------------------------------------------
 # Images are the identity basis, so each text's row below *is* its similarity to images 0, 1, 2.
@@ -33,6 +32,10 @@ SIMS = torch.tensor(
     ]
 )
 TEXT_TO_IMAGE = [0, 0, 1, 2]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    return run_cli(capsys, *argv, device="cpu")  # the reference numbers are CPU ones
 
 
 def test_retrieval_hand_computed():
@@ -166,22 +169,6 @@ def test_embed_pairs_groups_captions_by_image(clip):
     assert image_embeds.shape == (2, 16) and text_embeds.shape == (3, 16) and text_to_image == [0, 1, 0]
     torch.testing.assert_close(image_embeds, clip.encode_image([a, b]), atol=1e-6, rtol=0)
     torch.testing.assert_close(text_embeds, clip.encode_text(["一只猫", "一只狗", "睡觉的猫"]), atol=1e-6, rtol=0)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """`taiyi *argv` in-process, on the CPU (where the reference numbers are computed) unless --device is given."""
-    argv = [str(a) for a in argv]
-    code = main(argv if "--device" in argv else [*argv, "--device", "cpu"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from taiyi.cli import main
 from taiyi.errors import InvalidInputError
 from taiyi.lora import LORA_FILE, file_hash, parse_lora_spec, save_lora
 from taiyi.metadata import read_parameters
 from taiyi.pipeline import load_pipeline
+from taiyi.testing import assert_user_error
+from taiyi.testing import run_cli as run
 
 PROMPT = "小桥流水人家，油画"
 SEED = 1234
@@ -162,20 +163,6 @@ def test_edit_and_inpaint_draw_with_the_lora(loras, tiny_zh, pipe_zh):
     assert "Lora hashes" in edited.parameters[0].extras
     inpainted = pipe.inpaint(init, mask, PROMPT, **kw).images[0]
     assert max_diff(inpainted, pipe_zh.inpaint(init, mask, PROMPT, **kw).images[0]) > 5
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_png_records_loras_and_from_reapplies_them(capsys, tmp_path, loras, tiny_zh):

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from taiyi.cli import main
 from taiyi.data.shanshui import write_folder
 from taiyi.testing import make_tiny_pipeline
+from taiyi.testing import run_cli as run
 from taiyi.train.dreambooth import DreamBoothConfig, train_dreambooth
 from taiyi.train.sd import SDTrainConfig, train_sd
 
@@ -42,12 +42,6 @@ def setup(tmp_path_factory):
     }
     data = write_folder(root / "data", 4, seed=0, size=32)
     return root, bases, data
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

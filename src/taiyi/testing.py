@@ -40,6 +40,31 @@ TAIYI_SCHEDULER_CONFIG = {
 TEXT_WIDTH = 32  # hidden size of the tiny text encoders = UNet cross-attention width
 
 
+def run_cli(capsys, *argv, device: str | None = None) -> tuple[int, str, str]:
+    """``taiyi *argv`` in-process: (exit code, stdout, stderr) as pytest's ``capsys`` caught them.
+
+    Args:
+        device: appended as ``--device`` unless ``argv`` gives one (commands whose reference numbers are CPU ones).
+    """
+    from .cli import main
+
+    args = [str(a) for a in argv]
+    if device is not None and "--device" not in args:
+        args += ["--device", device]
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    """A user mistake as the CLI reports one: exit 2 and one ``taiyi: error:`` line holding every needle."""
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taiyi: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest to U+0100+.
     bs = (
