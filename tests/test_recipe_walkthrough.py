@@ -269,3 +269,35 @@ def test_a_stage_of_two_commands_says_which_one_its_progress_counts(tmp_path, mo
     assert progress.index("[recipe] probe: part 2/2 …") > progress.index(
         "[recipe] probe: part 1/2, step 20/20, finishing"
     )
+
+
+def test_ctrl_c_during_the_data_stage_ends_its_rendering_workers_at_once(tmp_path):
+    """Ctrl-C reaches the whole process group: the pool's workers used to render every remaining picture
+    first, and a second Ctrl-C left the recipe hung for good in the pool's shutdown."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    images = run / "data" / "images"
+    argv = [sys.executable, "-m", "taiyi.cli", "recipe", "mini", "--out", str(run), "--only", "data", "--threads", "2"]
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if images.is_dir() and len(list(images.iterdir())) > 50:  # the workers are rendering
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+        time.sleep(1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a hang fails here, not a slow host
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().endswith("taiyi: interrupted"), err[-2000:]
+    assert "Traceback" not in err
+    assert len(list(images.glob("*.png"))) < 2000  # of the preset's many thousands: not rendered to the end

@@ -6,11 +6,11 @@ recipe downloads (a pretrained Chinese BERT, SD v1-4's UNet); in miniature they 
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -38,6 +38,16 @@ def _render_images(folder: str, n: int, seed: int, size: int, indices: range) ->
             os.replace(tmp, path)
 
 
+def _render_share(task: tuple) -> None:
+    _render_images(*task)
+
+
+def _ignore_interrupts() -> None:
+    """A rendering worker's start: Ctrl-C and SIGTERM are the parent's to handle (it terminates the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def write_data(out: Path, preset, config) -> None:
     """Render ``preset.n_train`` training scenes (split ``train``: no held-out combination) once, as
     ``data/images/NNNNNN.png``, with one manifest per caption language (``zh.jsonl``, ``en.jsonl``,
@@ -56,11 +66,13 @@ def write_data(out: Path, preset, config) -> None:
         for share in shares:
             _render_images(*args, share)
     else:
-        # spawn, not fork: the parent may already run torch's thread pools
+        # spawn, not fork: the parent may already run torch's thread pools. Ctrl-C reaches the workers too (one
+        # process group): they ignore it and the parent, interrupted, terminates them on leaving the pool (a
+        # ProcessPoolExecutor rendered every remaining picture first, and hung for good on a second Ctrl-C).
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for future in [pool.submit(_render_images, *args, share) for share in shares]:
-                future.result()
+        with context.Pool(workers, initializer=_ignore_interrupts) as pool:
+            for _ in pool.imap_unordered(_render_share, [(*args, share) for share in shares]):
+                pass
     data = {
         lang: shanshui.ShanshuiDataset(preset.n_train, config.seed, preset.size, "train", lang)
         for lang in CAPTION_LANGS
