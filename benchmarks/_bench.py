@@ -47,11 +47,17 @@ def machine() -> dict:
 
 def save_json(path: str | None, args, rows: list) -> None:
     """Write a benchmark's figures with the machine and its arguments to ``path`` (nothing when None)."""
+    if path:
+        write_json(path, {"machine": machine(), "args": vars(args), "rows": rows})
+
+
+def write_json(path, report: dict) -> None:
+    """``report`` as JSON in ``path``, replaced atomically: minutes of figures are never left half-written."""
     import json
 
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=2, ensure_ascii=False)
+    from taiyi.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(), overwrite=True)
 
 
 def parse_scene_args(parser, argv: list[str] | None):

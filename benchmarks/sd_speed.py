@@ -15,11 +15,10 @@ PNDM, 50 steps, fp32; and stock with taiyi's scheduler and steps, which isolates
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from _bench import prepare
+from _bench import prepare, write_json
 
 FULL_UNET = {
     "sample_size": 64,
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="taiyi's steps (default: its own)")
     parser.add_argument("--scheduler", default=None, help="taiyi's sampler (default: its own)")
     parser.add_argument("--guidance-end", type=float, default=None, help="taiyi's guided fraction (default: its own)")
-    parser.add_argument("--engine", action="append", help="taiyi, stock, stock-matched (repeatable)")
+    parser.add_argument("--engine", action="append", help="taiyi, taiyi-openvino, stock, stock-matched (repeatable)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     report["model_name"] = args.model
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0
 
 

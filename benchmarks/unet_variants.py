@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import machine, prepare  # noqa: E402
+from _bench import machine, prepare, write_json  # noqa: E402
 from sd_speed import full_size_checkpoint  # noqa: E402
 
 VARIANTS = (
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  cosine {cosine:.7f}  {notes}", flush=True)  # fmt: skip
     report = {"size": args.size, "rows": rows, "machine": machine()}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0
 
 

@@ -112,14 +112,16 @@ def test_conversion_happens_once_and_a_damaged_cache_is_rebuilt(tiny_zh, cache, 
     pipe.generate("山水", steps=2, seed=0)
 
 
-def test_other_weights_get_their_own_cache_entry(tiny_zh, tiny_en, cache):
+def test_other_weights_get_their_own_cache_entry(tiny_zh, tiny_en, tiny_inpaint, cache):
     a = load_pipeline(tiny_zh, safety_checker=False).sd.unet
     key = backends.unet_fingerprint(a)
     with torch.no_grad():
         a.conv_in.bias[0] += 1e-3
     assert backends.unet_fingerprint(a) != key
     load_pipeline(tiny_zh, safety_checker=False, backend="openvino")
-    load_pipeline(tiny_en, safety_checker=False, backend="openvino")
+    load_pipeline(tiny_inpaint, safety_checker=False, backend="openvino")
+    assert len(list(cache.iterdir())) == 2
+    load_pipeline(tiny_en, safety_checker=False, backend="openvino")  # the same seeded UNet as tiny_zh's: shared
     assert len(list(cache.iterdir())) == 2
 
 

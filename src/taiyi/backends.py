@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -48,6 +49,8 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
 # the backend that ``auto`` stands for when set (``torch`` keeps a process's pictures the same on every CPU)
 BACKEND_ENV = "TAIYI_BACKEND"
 _IR_NAME = "unet.xml"
+_IR_FORMAT = 1  # how _convert traces the UNet: a change of it must not reuse IR traced the old way
+logger = logging.getLogger("taiyi")
 
 
 CPU_ALLOCATOR_ENV = "TAIYI_CPU_ALLOCATOR"  # "system": leave the C library's malloc settings as they are
@@ -67,14 +70,17 @@ def tune_cpu_allocator() -> bool:
     tuning guides for PyTorch recommend, without a preload. The process keeps its peak memory mapped
     between pictures instead of returning it.
 
-    Linux with glibc only; ``TAIYI_CPU_ALLOCATOR=system`` leaves it off. Returns whether it is in effect.
+    Linux with glibc only; ``TAIYI_CPU_ALLOCATOR=system`` (or ``off``) leaves it off. Returns whether it is in effect.
     """
     global _allocator_tuned
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if os.environ.get(CPU_ALLOCATOR_ENV, "").strip().lower() == "system":
+    setting = os.environ.get(CPU_ALLOCATOR_ENV, "").strip().lower()
+    if setting in ("system", "off"):
         return False
+    if setting:  # a typo would silently keep the tuning the user meant to turn off
+        logger.warning("%s=%s is not 'system': the CPU allocator is tuned as by default", CPU_ALLOCATOR_ENV, setting)
     import platform
     import sys
 
@@ -114,14 +120,18 @@ def resolve_backend(
     ``auto`` is ``openvino`` where it was measured to win — a CPU with bf16 instructions (OpenVINO then
     runs the UNet in bf16), float32 weights, the openvino package installed — unless the ``low`` memory
     mode or LoRAs ask for PyTorch; everywhere else it is ``torch``. ``TAIYI_BACKEND`` (``torch`` or
-    ``openvino``), when set, is what ``auto`` means instead.
+    ``openvino``), when set, is what ``auto`` means instead of the CPU's instructions; the ``low`` memory mode
+    and LoRAs still run in PyTorch then (a LoRA is not in the converted UNet).
     """
     check_backend(backend)
+    asked, instead = "the openvino backend", "use --backend torch"
     if backend == "auto" and os.environ.get(BACKEND_ENV):  # what auto means here, set by the environment
         chosen = os.environ[BACKEND_ENV]
         if chosen not in BACKENDS:
             raise InvalidInputError(f"{BACKEND_ENV}={chosen!r} is not a backend; use one of {', '.join(BACKENDS)}")
-        backend = chosen
+        if chosen == "openvino" and (memory == "low" or loras):
+            return "torch"  # as for auto: the lean path, and LoRAs, which the converted UNet would drop
+        backend, asked, instead = chosen, f"{BACKEND_ENV}=openvino", f"unset {BACKEND_ENV}"
     if backend == "auto":
         wins = device.type == "cpu" and dtype == torch.float32 and bool(cpu_bf16_instructions())
         if wins and memory != "low" and not loras and _openvino() is not None:
@@ -131,28 +141,38 @@ def resolve_backend(
         return "torch"
     if device.type != "cpu" or dtype != torch.float32:
         here = f"{device.type}, {str(dtype).removeprefix('torch.')}"
-        raise InvalidInputError(
-            f"the openvino backend runs on the CPU in float32 (here {here}); use --backend torch, or cpu and float32"
-        )
+        raise InvalidInputError(f"{asked} runs on the CPU in float32 (here {here}); {instead}, or cpu and float32")
     if _openvino() is None:
-        raise InvalidInputError("the openvino backend needs the openvino package: pip install 'taiyi[openvino]'")
+        raise InvalidInputError(f"{asked} needs the openvino package: pip install 'taiyi[openvino]', or {instead}")
+    if memory == "low":  # asked by name: run it, but say what low does not do there
+        logger.warning(
+            "--memory low slices attention in PyTorch's UNet only; with the openvino backend it tiles the VAE and"
+            " the UNet runs whole (--backend torch for the least memory)"
+        )
     return "openvino"
 
 
 def cache_dir() -> Path:
-    """``TAIYI_CACHE``, else ``XDG_CACHE_HOME/taiyi``, else ``~/.cache/taiyi``."""
+    """``TAIYI_CACHE``, else ``XDG_CACHE_HOME/taiyi``, else ``~/.cache/taiyi`` (a leading ``~`` is the home folder)."""
     if os.environ.get("TAIYI_CACHE"):
-        return Path(os.environ["TAIYI_CACHE"])
+        return Path(os.environ["TAIYI_CACHE"]).expanduser()  # quoted in a unit or .env file, ~ reaches us as is
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "taiyi"
 
 
 def unet_fingerprint(unet) -> str:
-    """A digest of the UNet's config, every tensor's bytes and the converter's version: same key, same model."""
+    """A digest of the UNet's config, every tensor's bytes and the converter's versions: same key, same model.
+
+    Where the model was loaded from is not in it: a moved or copied checkpoint reuses its conversion.
+    """
+    import diffusers
+
     ov = _openvino()
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    h.update(f"openvino {ov.__version__ if ov else '-'} torch {torch.__version__}".encode())
+    config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    versions = f"openvino {ov.__version__ if ov else '-'} torch {torch.__version__} diffusers {diffusers.__version__}"
+    h.update(f"{versions} ir {_IR_FORMAT}".encode())  # diffusers' forward is what is traced
     for name, tensor in sorted(unet.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
@@ -171,24 +191,49 @@ class _Traceable(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def _convert(unet, folder: Path) -> None:
-    """Trace ``unet`` to OpenVINO IR in ``folder`` (written to a temporary folder, then renamed into place)."""
+def _convert(unet, folder: Path):
+    """Trace ``unet`` to OpenVINO IR in ``folder``; returns None, or the traced model where ``folder`` cannot be
+    written (a read-only cache), which then runs from memory."""
     ov = _openvino()
     c, s, d = unet.config.in_channels, unet.config.sample_size, unet.config.cross_attention_dim
     example = (torch.randn(2, c, s, s), torch.tensor([500.0, 500.0]), torch.randn(2, 8, d))
     shapes = [ov.PartialShape([-1, c, -1, -1]), ov.PartialShape([-1]), ov.PartialShape([-1, -1, d])]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless here
-        model = ov.convert_model(_Traceable(unet).eval(), example_input=example, input=shapes)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: harmless
+            model = ov.convert_model(_Traceable(unet).eval(), example_input=example, input=shapes)
+    except Exception as e:  # the converter's own errors name no file; say which step failed
+        raise ModelLoadError(f"OpenVINO could not convert this UNet: {str(e).splitlines()[0][:200]}") from e
+    try:
+        _save(model, folder)
+    except (OSError, RuntimeError) as e:  # OpenVINO's own writes fail with RuntimeError (a full disk)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        logger.warning(
+            "cannot write the OpenVINO cache %s (%s): the UNet is converted again at every load; set TAIYI_CACHE"
+            " to a folder you can write to",
+            folder,
+            reason,
+        )
+        return model
+    return None
+
+
+def _save(model, folder: Path) -> None:
+    """Save ``model`` as IR in ``folder`` (written to a temporary folder, then renamed into place)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
-        ov.save_model(model, tmp / _IR_NAME, compress_to_fp16=False)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process converted the same model first: keep theirs
-            if not (folder / _IR_NAME).is_file():
-                raise
+        _openvino().save_model(model, tmp / _IR_NAME, compress_to_fp16=False)
+        for attempt in range(2):
+            try:
+                tmp.rename(folder)
+                return
+            except OSError:
+                if (folder / _IR_NAME).is_file():  # another process converted the same model first: keep theirs
+                    return
+                if attempt:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)  # no IR in it (a file deleted by hand): replace it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -215,23 +260,17 @@ def compile_unet(unet, *, threads: int | None = None, precision: str | None = No
     config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
-    for attempt in range(2):
-        if not (folder / _IR_NAME).is_file():
-            if echo is not None:
-                echo(f"converting the UNet to OpenVINO (once; cached in {folder})")
-            try:
-                _convert(unet, folder)
-            except OSError as e:
-                raise ModelLoadError(f"cannot write the OpenVINO cache {folder}: {e.strerror or e}") from e
-            except Exception as e:  # the converter's own errors name no file; say which step failed
-                raise ModelLoadError(f"OpenVINO could not convert this UNet: {str(e).splitlines()[0][:200]}") from e
+    if (folder / _IR_NAME).is_file():
         try:
             return core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
-        except Exception:
-            if attempt:
-                raise
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache entry: convert again
-    raise AssertionError("unreachable")
+        except Exception:  # a damaged cache entry (a truncated file): convert again
+            shutil.rmtree(folder, ignore_errors=True)
+    if echo is not None:
+        echo(f"converting the UNet to OpenVINO (once; cached in {folder})")
+    unsaved = _convert(unet, folder)
+    if unsaved is not None:  # a read-only cache
+        return core.compile_model(unsaved, "CPU", config)
+    return core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
 
 
 def use_openvino_unet(unet, *, threads: int | None = None, echo=None) -> None:

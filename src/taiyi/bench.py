@@ -109,10 +109,11 @@ def measure(config: BenchConfig) -> dict:
     """Load and run one engine in this process; returns per-image, per-step and per-phase seconds and memory."""
     import torch
 
-    from .loading import select_device, select_dtype
+    from .loading import limit_threads, select_device, select_dtype
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    limit_threads()  # every engine, not only taiyi's (load_pipeline does it): stock oversubscribed the cores
     device = select_device(config.device)
     t0 = time.perf_counter()
     if config.engine in ("taiyi", "taiyi-openvino"):
@@ -186,6 +187,7 @@ def measure(config: BenchConfig) -> dict:
         **settings,
         "size": config.size,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "load_s": round(load_seconds, 2),
         "image_s": total / runs,
         "unet_step_s": unet.seconds / max(unet.calls, 1),
@@ -203,6 +205,9 @@ def run_engine(config: BenchConfig, *, timeout: float | None = None) -> dict:
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode < 0:  # no Python error to show: the kernel's OOM killer sends SIGKILL
+        oom = " (out of memory? try a smaller --size)" if proc.returncode == -9 else ""
+        raise TaiyiError(f"benchmark of {config.engine} failed: killed by signal {-proc.returncode}{oom}")
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         tail = re.sub(r"^(?:\w+\.)*\w+(?:Error|Exception): ", "", tail)  # the child's error, not its class name
@@ -239,6 +244,8 @@ def bench(
         raise InvalidInputError(f"--guidance-end must be above 0 and at most 1, not {guidance_end}")
     if size % 8 or not 64 <= size <= 2048:
         raise InvalidInputError(f"--size must be a multiple of 8 between 64 and 2048, not {size}")
+    if "taiyi-openvino" in engines:  # before the other engines' minutes, not after
+        _check_openvino_engine(device, dtype)
     results = []
     for engine in engines:
         own = engine != "stock"  # stock runs at the model card's defaults
@@ -246,14 +253,33 @@ def bench(
                              warmup, device, dtype, threads, guidance_end, allow_pickle)  # fmt: skip
         results.append(run_engine(config))
     ratios = {}
-    base = next((r for r in results if r["engine"] == "taiyi"), None)
-    if base is not None:
-        for other in results:
-            if other is base:
-                continue
-            ratios[f"{other['engine']} / taiyi, per image"] = other["image_s"] / base["image_s"]
-            ratios[f"{other['engine']} / taiyi, per UNet call"] = other["unet_step_s"] / base["unet_step_s"]
+    base = next((r for r in results if r["engine"] == "taiyi"), results[0])  # else the first engine measured
+    for other in results:
+        if other is base:
+            continue
+        name = f"{other['engine']} / {base['engine']}"
+        ratios[f"{name}, per image"] = other["image_s"] / base["image_s"]
+        ratios[f"{name}, per UNet call"] = other["unet_step_s"] / base["unet_step_s"]
     return {"machine": machine(), "model": model, "results": results, "ratios": ratios}
+
+
+def _check_openvino_engine(device: str, dtype: str) -> None:
+    """What ``taiyi-openvino`` needs, said in this command's words (its child would say ``--backend``)."""
+    import torch
+
+    from .backends import _openvino
+    from .loading import select_device, select_dtype
+
+    dev = select_device(device)
+    torch_dtype = select_dtype(dtype, dev)
+    if dev.type != "cpu" or torch_dtype != torch.float32:
+        here = f"{dev.type}, {str(torch_dtype).removeprefix('torch.')}"
+        raise InvalidInputError(
+            f"--engine taiyi-openvino runs on the CPU in float32 (here {here}); pass --device cpu --dtype float32"
+            " or leave that engine out"
+        )
+    if _openvino() is None:
+        raise InvalidInputError("--engine taiyi-openvino needs the openvino package: pip install 'taiyi[openvino]'")
 
 
 def machine() -> dict:
@@ -303,11 +329,13 @@ def format_table(report: dict) -> str:
             f"{r['dtype']:>10}{r['image_s']:>10.2f}{r['unet_step_s']:>9.3f}{r['text_encode_s']:>8.3f}"
             f"{r['vae_decode_s']:>8.3f}{peak:>9.0f}"
         )
-    for name, value in report["ratios"].items():
-        lines.append(f"{name}: {value:.2f}×")
+    for name, value in report["ratios"].items():  # ratios of seconds: above 1, the first engine named is slower
+        lines.append(f"{name}: {value:.2f}× the time")
     m = report["machine"]
+    threads = sorted({r["threads"] for r in report["results"] if "threads" in r})
     lines.append(
         f"machine: {m['processor']}, {m['usable_cores']} cores"
+        + (f", torch threads {'/'.join(map(str, threads))}" if threads else "")
         + (f" ({', '.join(m['cpu_bf16'])})" if m.get("cpu_bf16") else "")
         + f", torch {m['torch']}"
         + (f", {m['gpu']}" if "gpu" in m else "")
@@ -343,6 +371,8 @@ def bench_command(
     from .models import DEFAULT_MODEL
 
     if output:
+        if Path(output).is_dir():  # check_output_file's words are for pictures
+            raise InvalidInputError(f"{output} is a folder; give a file name for the JSON report")
         check_output_file(Path(output), overwrite=overwrite)  # before minutes of timing, not after
     report = bench(
         model or DEFAULT_MODEL, engines=tuple(engine or ("taiyi", "stock")), size=size, steps=steps,
