@@ -174,11 +174,13 @@ def _share_cores(processes: int) -> None:
         torch.set_num_threads(max(1, cpu_count() // max(local, 1)))
 
 
-def _precheck(output, overwrite, num_images, grid: bool = False) -> None:
-    """Refuse a bad --output (and --grid's file) before the model is loaded and the images are drawn."""
+def _precheck(output, overwrite, num_images, grid: bool = False, **settings) -> None:
+    """Refuse bad settings and a bad --output (and --grid's file) before the model is loaded (a real checkpoint takes
+    a minute) and the images are drawn."""
     from .io import check_output_file, output_paths
-    from .pipeline import grid_path
+    from .pipeline import check_settings, grid_path
 
+    check_settings(num_images=num_images, **settings)
     if output is not None:
         paths = output_paths(output, [0] * num_images)
         for path in [*paths, *([grid_path(output, paths)] if grid and num_images > 1 else [])]:
@@ -310,7 +312,8 @@ def generate(
         who = f" (process {rank} of {world})" if world > 1 else ""
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
-    _precheck(output, overwrite, num_images, grid)
+    model_free = {k: v for k, v in settings.items() if k not in ("negative_prompt", "normalize", "num_images")}
+    _precheck(output, overwrite, num_images, grid, **model_free)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
@@ -350,7 +353,10 @@ def edit(
 
     init = load_image(image)  # checked before the model is loaded: a typo fails fast
     check_strength(strength, steps)
-    _precheck(output, overwrite, num_images, grid)
+    _precheck(
+        output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
+        scheduler=scheduler, width=width, height=height,
+    )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("editing") as bar:
         result = pipe.edit(
@@ -375,7 +381,7 @@ def edit(
 @app.command()
 def inpaint(
     image: Annotated[Path, typer.Argument(help="Image to edit.")],
-    mask: Annotated[Path, typer.Argument(help="Same size as IMAGE; white = redraw, black = keep.")],
+    mask: Annotated[Path, typer.Argument(help="Same size as IMAGE; white = redraw, black (or transparent) = keep.")],
     prompt: Annotated[str, typer.Argument(help="What the masked area should show.")],
     strength: Annotated[float, typer.Option("--strength", help="How much to redraw, in (0, 1].")] = 1.0,
     feather: Annotated[float, typer.Option("--feather", help="Paste-back edge softness, pixels.")] = 4.0,
@@ -403,9 +409,13 @@ def inpaint(
     from .io import load_image
     from .pipeline import check_strength
 
-    init, mask_image = load_image(image), load_image(mask, mode="L", what="mask")
+    # the mask as stored: its transparent pixels count as black (see TaiyiPipeline.inpaint)
+    init, mask_image = load_image(image), load_image(mask, mode=None, what="mask")
     check_strength(strength, steps)
-    _precheck(output, overwrite, num_images, grid)
+    _precheck(
+        output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
+        scheduler=scheduler,
+    )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("inpainting") as bar:
         result = pipe.inpaint(

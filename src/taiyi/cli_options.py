@@ -9,7 +9,10 @@ import typer
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Short name, hub id or local folder.")]
 Negative = Annotated[str | None, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
 Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (1-1000).")]
-Guidance = Annotated[float | None, typer.Option("--guidance", "-g", help="CFG scale (default: the model's).")]
+# A1111's name too (without it click suggests --guidance-rescale for --cfg-scale)
+Guidance = Annotated[
+    float | None, typer.Option("--guidance", "-g", "--cfg-scale", help="CFG scale (default: the model's).")
+]
 GuidanceEnd = Annotated[
     float | None,
     typer.Option("--guidance-end", help="Fraction of the steps that run CFG, (0, 1] (default: taiyi's)."),
@@ -28,7 +31,9 @@ Scheduler = Annotated[
     str,
     typer.Option(
         "--scheduler",
-        help="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc.",
+        "--sampler",
+        help="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, dpm++-karras, euler-a, euler, ddim, pndm, lms, unipc;"
+        ' A1111\'s names ("DPM++ 2M Karras", "Euler a") and diffusers\' class names work too.',
     ),
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")]

@@ -102,7 +102,7 @@ def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Te
     window, length = _window(tok), tok.model_max_length
     out = []
     for text in texts:
-        ids = tok(text, add_special_tokens=False, truncation=False).input_ids
+        ids = tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids  # chunked below
         chunks = [ids[i : i + window] for i in range(0, max(len(ids), 1), window)]
         rows = [[tok.bos_token_id, *c, tok.eos_token_id] + [tok.pad_token_id] * (length - len(c) - 2) for c in chunks]
         with torch.no_grad():

@@ -33,8 +33,8 @@ from .loading import limit_threads, load_stable_diffusion, select_device, select
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model, split_revision
-from .prompts import check_prompt, normalize_prompt, require_text
-from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs
+from .prompts import check_prompt, normalize_prompt, parameters_line, require_text, weighting_syntax
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs, scheduler_spec
 
 logger = logging.getLogger("taiyi")
 
@@ -122,17 +122,79 @@ def _check_range(name: str, value, low, high) -> None:
 
 def validate_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
-        _check_range(name, value, MIN_SIDE, MAX_SIDE)
-        if value % 8:
-            raise InvalidInputError(f"{name} {value} is not a multiple of 8; try {max(8, round(value / 8) * 8)}")
+        _validate_side(name, value)
+
+
+def _validate_side(name: str, value: int) -> None:
+    _check_range(name, value, MIN_SIDE, MAX_SIDE)
+    if value % 8:
+        raise InvalidInputError(f"{name} {value} is not a multiple of 8; try {max(8, round(value / 8) * 8)}")
+
+
+def check_settings(
+    *,
+    steps: int = DEFAULT_STEPS,
+    guidance: float | None = None,
+    guidance_end: float | None = None,
+    guidance_rescale: float | None = None,
+    scheduler: str = DEFAULT_SCHEDULER,
+    seed: int | None = None,
+    num_images: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+) -> None:
+    """Judge the settings of a generate / edit / inpaint call that need no model, as the call will (None: the
+    default), so that a command refuses them before it spends time loading one.
+
+    Raises:
+        InvalidInputError: the first setting the call would refuse.
+    """
+    _check_range("steps", steps, 1, MAX_STEPS)
+    if guidance is not None:
+        if isinstance(guidance, int | float) and guidance < 0:
+            raise InvalidInputError(f"guidance must be 0 or more, not {guidance} (7.5 is usual; 1 turns it off)")
+        _check_range("guidance", guidance, 0.0, 100.0)
+    check_guidance_end(guidance_end)
+    if guidance_rescale is not None:
+        check_guidance_rescale(guidance_rescale)
+    _check_range("num_images", num_images, 1, MAX_IMAGES)
+    sampling_kwargs(scheduler, steps)  # an unknown sampler, or more steps than it can take
+    if seed is not None:
+        seeds_for(seed, num_images)
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:  # each side alone: the other may be the model's
+            _validate_side(name, value)
+
+
+def check_guidance_rescale(value: float) -> float:
+    """A guidance rescale φ in [0, 1], as a float."""
+    if isinstance(value, bool):
+        raise InvalidInputError(f"guidance rescale must be a number between 0 and 1 (0: plain CFG), not {value}")
+    _check_range("guidance rescale", value, 0.0, 1.0)
+    return float(value)
 
 
 def seeds_for(seed: int | None, n: int) -> list[int]:
     """The per-image seeds of a run: ``S, S+1, ...``; a random ``S`` when none is given."""
     if seed is None:
         seed = secrets.randbelow(2**32)
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:  # A1111 and ComfyUI users type -1
+        raise InvalidInputError(f"seed must be 0 or more, not {seed}; for a random seed give none (no --seed)")
     _check_range("seed", seed, 0, MAX_SEED - n)
     return [seed + i for i in range(n)]
+
+
+def _mask_picture(mask: Image.Image | str | os.PathLike | np.ndarray) -> tuple[Image.Image, bool]:
+    """An inpainting mask in mode L, and whether it had transparent pixels.
+
+    A mask painted on a transparent layer is read as it looks: a transparent pixel is unpainted, black, whatever colour
+    it hides (editors store white there too, which read as L would redraw the whole picture).
+    """
+    rgba = as_picture(mask, "RGBA", "mask")
+    transparent = rgba.getextrema()[3][0] < 255
+    if transparent:
+        rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return rgba.convert("L"), transparent
 
 
 def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
@@ -294,6 +356,7 @@ class TaiyiPipeline:
             raise InvalidInputError(f"normalize must be True or False, not {normalize!r}")
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
+        scheduler = scheduler_spec(scheduler).name  # "Euler a" or a diffusers class name: recorded as taiyi's name
         prompts, negatives = self._prepare(
             prompt,
             negative_prompt,
@@ -350,16 +413,29 @@ class TaiyiPipeline:
         num_images: int,
         normalize: bool,
     ) -> tuple[list[str], list[str]]:
-        _check_range("steps", steps, 1, MAX_STEPS)
-        if isinstance(guidance, int | float) and guidance < 0:
-            raise InvalidInputError(f"guidance must be 0 or more, not {guidance} (7.5 is usual; 1 turns it off)")
-        _check_range("guidance", guidance, 0.0, 100.0)
-        _check_range("num_images", num_images, 1, MAX_IMAGES)
-        sampling_kwargs(scheduler, steps)  # an unknown sampler, or more steps than it can take
+        check_settings(steps=steps, guidance=guidance, scheduler=scheduler, num_images=num_images)
         require_text(prompt)
         text = check_prompt(normalize_prompt(prompt) if normalize else prompt)
+        if pasted := parameters_line(prompt):  # the picture's parameters would not read back as this prompt
+            raise InvalidInputError(
+                f"the prompt holds a line starting {pasted!r}, as pasted generation parameters do; give the prompt "
+                "alone, the negative prompt and settings separately (--negative-prompt, --steps …), or redraw the "
+                "picture with --from IMAGE"
+            )
         negative = negative_prompt or ""
         require_text(negative, "negative prompt")
+        if negative.strip() and guidance <= 1:  # diffusers drops it without a word
+            logger.warning(
+                "the negative prompt has no effect at guidance %s: it steers only when guidance is above 1", guidance
+            )
+        for what, typed in (("prompt", prompt), ("negative prompt", negative)):
+            if syntax := weighting_syntax(typed):  # an A1111 or ComfyUI habit that would pass silently
+                logger.warning(
+                    "prompt weighting is not read here: %s in the %s is drawn as text, brackets and numbers too; "
+                    "write the words alone",
+                    " ".join(syntax),
+                    what,
+                )
         negative = normalize_prompt(negative) if normalize else negative
         return [text] * num_images, [negative] * num_images
 
@@ -508,6 +584,7 @@ class TaiyiPipeline:
             raise InvalidInputError("prompts, negative_prompts and seeds must have the same length")
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
+        scheduler = scheduler_spec(scheduler).name
         rescale = self._guidance_rescale(guidance_rescale)
         width = self.default_size if width is None else width  # 0 is refused, not taken as the default
         height = self.default_size if height is None else height
@@ -561,10 +638,7 @@ class TaiyiPipeline:
     def _guidance_rescale(self, value: float | None) -> float:
         if value is None:
             return self.default_guidance_rescale
-        if isinstance(value, bool):
-            raise InvalidInputError(f"guidance rescale must be a number between 0 and 1 (0: plain CFG), not {value}")
-        _check_range("guidance rescale", value, 0.0, 1.0)
-        return float(value)
+        return check_guidance_rescale(value)
 
     def _init_image(self, image: Image.Image | str | os.PathLike, width: int | None, height: int | None):
         image = as_picture(image, "RGB", "image")
@@ -655,8 +729,9 @@ class TaiyiPipeline:
 
         Args:
             image: the picture to edit (PIL image, path, or uint8 numpy array (H, W[, C])).
-            mask: same size as ``image``; white (≥ 128) = redraw, black = keep (also a path, a uint8 array, or a
-                boolean (H, W) array, True = redraw).
+            mask: same size as ``image``; white (≥ 128) = redraw, black = keep, read as it looks: a transparent
+                pixel is black, whatever colour it hides (also a path, a uint8 array, or a boolean (H, W) array,
+                True = redraw).
             strength: in (0, 1]; 1 redraws the masked area from noise.
             feather: blur radius in pixels of the paste-back edge (inside the mask only).
             Other arguments as :meth:`generate`.
@@ -672,15 +747,20 @@ class TaiyiPipeline:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
         job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
         image, width, height = self._init_image(image, None, None)
-        mask = as_picture(mask, "L", "mask")
+        mask, transparent = _mask_picture(mask)
         if mask.size != image.size:
             raise InvalidInputError(
                 f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match"
             )
         if mask.getextrema()[1] < 128:  # the picture would come back unchanged after a whole run
+            why = (
+                "its transparent pixels count as black, unlike the HTTP API's masks: paint the area to redraw white"
+                if transparent
+                else "is the mask inverted?"
+            )
             raise InvalidInputError(
                 "the mask has no white pixels, so nothing would be redrawn; white (128 or more) marks what to redraw "
-                "and black what to keep (is the mask inverted?)"
+                f"and black what to keep ({why})"
             )
         pipe = self._sub_pipeline(StableDiffusionInpaintPipeline)
         size = (width, height)
@@ -713,6 +793,11 @@ class TaiyiPipeline:
         An image that was number ``batch_pos`` of a batch is re-drawn within the same batch, since a
         batched UNet call may round differently from a single one.
         """
+        if any(key.startswith("Hires ") for key in params.extras):  # its "Denoising strength" is the second pass's
+            raise InvalidInputError(
+                "these parameters come from A1111's hires fix (a second, upscaling image-to-image pass), which taiyi "
+                "does not run; generate with its prompt instead"
+            )
         if params.strength is not None:
             raise InvalidInputError(
                 "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "

@@ -71,7 +71,14 @@ from .errors import InvalidInputError
 if TYPE_CHECKING:
     import opencc
 
-__all__ = ["check_prompt", "normalize_prompt", "normalize_prompts", "require_text"]
+__all__ = [
+    "check_prompt",
+    "normalize_prompt",
+    "normalize_prompts",
+    "parameters_line",
+    "require_text",
+    "weighting_syntax",
+]
 
 # Invisible format characters that users paste in from web pages; left in, they would split or glue
 # words for the tokenizer. ZWJ (U+200D) is kept because emoji sequences need it.
@@ -105,6 +112,8 @@ _FULLWIDTH_PARENS_RE = re.compile(r"（([^（）]*)）")
 # the sentence, not the URL (as in "see https://example.com.").
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[!-~]*")
 _URL_TRAILING = ".,:;?!'\")]"
+# AUTOMATIC1111's and ComfyUI's prompt weighting: (words:1.3), ((words)), [words] and BREAK (ASCII brackets only)
+_WEIGHTING_RE = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)|\(\([^()]*\)\)|\[[^\[\]]+\]|\bBREAK\b")
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,6 +299,34 @@ def normalize_prompts(prompts: str | list[str] | None, *, enabled: bool = True) 
     if isinstance(prompts, list):
         return [normalize_prompt(prompt) for prompt in prompts]
     raise InvalidInputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+
+
+def weighting_syntax(text: str) -> list[str]:
+    """The parts of ``text`` that AUTOMATIC1111 or ComfyUI would read as weighting rather than words:
+    ``(words:1.3)``, ``((words))``, ``[words]`` and ``BREAK``. taiyi reads them as text.
+
+    Args:
+        text: a prompt as typed.
+
+    Returns:
+        Each such part once, in order; empty when there is none.
+    """
+    return list(dict.fromkeys(match.group() for match in _WEIGHTING_RE.finditer(text)))
+
+
+# A line of an A1111 ``parameters`` text: the negative prompt's, or the settings' ("Steps: 20, Sampler: ...")
+_PARAMETERS_LINE_RE = re.compile(r"^(Negative prompt:|Steps: *\d+ *,)", re.MULTILINE)
+
+
+def parameters_line(text: str) -> str | None:
+    """How a line of ``text`` starts when it is a line of an A1111 ``parameters`` text (``Negative prompt:``, or
+    ``Steps: 20,`` of the settings), as a prompt pasted with its parameters holds; None when none is.
+
+    A prompt with such a line is drawn with it as words, and cannot be recorded as itself: the PNG's ``parameters``
+    text would read back with that line as the negative prompt or the settings.
+    """
+    pasted = _PARAMETERS_LINE_RE.search(text)
+    return pasted.group(1) if pasted else None
 
 
 def check_prompt(text: str) -> str:

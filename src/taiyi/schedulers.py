@@ -68,11 +68,40 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 DEFAULT_SCHEDULER = "dpm++-sde-ays"
 
 
+# ComfyUI's sampler names where they differ from the others below
+_COMFYUI_NAMES = {"dpmpp_2m": "dpm++", "dpmpp_2m_sde": "dpm++-sde", "euler_ancestral": "euler-a", "uni_pc": "unipc"}
+
+
+def _a1111_menu_name(spec: SchedulerSpec) -> str:
+    # A1111's sampler menu before 1.9 folded the schedule into the name ("DPM++ 2M Karras"), as users still type it
+    return spec.a1111_sampler if spec.a1111_schedule == "Automatic" else f"{spec.a1111_sampler} {spec.a1111_schedule}"
+
+
+def _aliases() -> dict[str, str]:
+    """Other tools' names for taiyi's samplers, lower-case: A1111's menu, ComfyUI's and diffusers' class names (a
+    class with several entries here names the first, which is the class's own defaults: DPMSolverMultistepScheduler
+    is ``dpm++``)."""
+    names = dict(_COMFYUI_NAMES)
+    for spec in SCHEDULERS.values():
+        names.setdefault(_a1111_menu_name(spec).lower(), spec.name)
+        names.setdefault(spec.class_name.lower(), spec.name)
+    return names
+
+
 def scheduler_spec(name: str) -> SchedulerSpec:
-    """Look up a scheduler by its short name (case-insensitive)."""
-    spec = SCHEDULERS.get(name.strip().lower())
+    """Look up a scheduler by its short name, or by the name A1111 (``"DPM++ 2M Karras"``, ``"Euler a"``), ComfyUI
+    (``dpmpp_2m``) or diffusers (``EulerAncestralDiscreteScheduler``) gives it; case-insensitive. The spec's ``name``
+    is taiyi's short name."""
+    if not isinstance(name, str):
+        raise InvalidInputError(f"scheduler must be a name such as {DEFAULT_SCHEDULER!r}, not {name!r}")
+    key = " ".join(name.split()).lower()
+    spec = SCHEDULERS.get(key) or SCHEDULERS.get(_aliases().get(key, ""))
     if spec is None:
-        raise InvalidInputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+        raise InvalidInputError(
+            f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)} (A1111's names work too: "
+            + ", ".join(repr(_a1111_menu_name(s)) for s in SCHEDULERS.values() if s.timesteps is None)
+            + ")"
+        )
     return spec
 
 
