@@ -164,3 +164,16 @@ def test_a_disco_picture_is_read_as_one_and_odd_outputs_are_named(tmp_path, caps
     )
     with pytest.raises(InvalidInputError, match=r"^taiyi-mini-uncond is an unconditional diffusion model \("):
         load_clip("taiyi-mini-uncond")
+
+
+def test_a_rows_settings_are_judged_as_generate_judges_them(tmp_path, capsys):
+    """One check serves the command line and a prompts file's rows: a row's seed -1 gets the same advice."""
+    from taiyi.cli import main
+
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(json.dumps({"prompt": "山", "seed": -1}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["generate", "--prompts-file", str(rows), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("taiyi: error: ") and err.endswith(
+        "seed must be 0 or more, not -1; for a random seed give none (no --seed)"
+    ), err

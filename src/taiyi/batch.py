@@ -66,32 +66,14 @@ def check_settings(settings: dict, where: str) -> None:
     Raises:
         InvalidInputError: a value ``generate`` would refuse, in one line naming the row.
     """
-    from .pipeline import MAX_IMAGES, MAX_SEED, MAX_STEPS, _check_range, check_guidance_end, validate_size
-    from .schedulers import sampling_kwargs, scheduler_spec
+    import inspect
 
-    def given(key):
-        return settings.get(key) is not None
+    from .pipeline import check_settings as check
 
+    judged = inspect.signature(check).parameters  # the settings that need no model (not prompts, normalize …)
+    given = {k: v for k, v in settings.items() if v is not None and k in judged}
     try:
-        if given("steps"):
-            _check_range("steps", settings["steps"], 1, MAX_STEPS)
-        if given("num_images"):
-            _check_range("num_images", settings["num_images"], 1, MAX_IMAGES)
-        if given("seed"):
-            _check_range("seed", settings["seed"], 0, MAX_SEED - settings.get("num_images", 1))
-        if given("guidance"):
-            _check_range("guidance", settings["guidance"], 0.0, 100.0)
-        if given("guidance_end"):
-            check_guidance_end(settings["guidance_end"])
-        if given("guidance_rescale"):
-            _check_range("guidance rescale", settings["guidance_rescale"], 0.0, 1.0)
-        for side in ("width", "height"):
-            if given(side):
-                validate_size(settings[side], settings[side])  # each side alone: the other may be the default
-        if given("scheduler"):
-            scheduler_spec(settings["scheduler"])
-            if given("steps"):
-                sampling_kwargs(settings["scheduler"], settings["steps"])
+        check(**given)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{where}: {exc}") from None
 
