@@ -90,7 +90,7 @@ def test_score_warns_about_a_text_longer_than_the_tower_reads(capsys, photo, mod
     window = clip.max_length - 2
     assert warnings == [
         f"taiyi: warning: prompt is 120 tokens but the text encoder reads {window}; the last {120 - window} "
-        f"were dropped: '{long[:40]}…'"
+        f"were dropped: '{long[window : window + 40]}…'"  # the dropped end itself (one token per character)
     ]
 
 

@@ -61,13 +61,23 @@ def warn_truncated(tokenizer, texts: Iterable[str], window: int | None = None) -
     for text in dict.fromkeys(texts):
         n = _token_count(tokenizer, text)
         if n > window:
+            dropped = _dropped_text(tokenizer, text, window)
             logger.warning(
                 "prompt is %d tokens but the text encoder reads %d; the last %d were dropped: %r",
                 n,
                 window,
                 n - window,
-                text[:40] + "…",
+                dropped if len(dropped) <= 40 else dropped[:40] + "…",
             )
+
+
+def _dropped_text(tokenizer, text: str, window: int) -> str:
+    """The part of ``text`` past its first ``window`` tokens: what the encoder never reads."""
+    if getattr(tokenizer, "is_fast", False):  # offsets give the text itself, spaces and all
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return text[encoded["offset_mapping"][window][0] :]
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    return tokenizer.decode(ids[window:])
 
 
 def unknown_words(tokenizer, text: str) -> list[str]:
