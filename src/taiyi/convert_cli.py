@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import AllowPickle, Overwrite
+from .cli_options import Overwrite
 from .errors import InvalidInputError
 
 convert_app = typer.Typer(help="Convert checkpoints to the diffusers layout.", no_args_is_help=True)
@@ -22,7 +22,9 @@ def guided_diffusion(
         Path | None,
         typer.Option("--config", help="JSON of guided-diffusion settings (e.g. Disco's model_config) to override."),
     ] = None,
-    allow_pickle: AllowPickle = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Read a pickled .pt/.pth checkpoint (can run code).")
+    ] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Convert an OpenAI guided-diffusion checkpoint (Disco, Taiyi-Diffusion-532M-Nature) to a diffusers folder."""
