@@ -182,6 +182,19 @@ def test_a_hires_fix_picture_is_refused_for_what_it_is(pipe_zh):
         pipe_zh.rerender(params)
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [(", Variation seed: 5, Variation seed strength: 0.3", "Variation seed"), (", Clip skip: 2", "Clip skip")],
+)
+def test_settings_taiyi_does_not_run_are_refused_not_ignored(pipe_zh, extra, named):
+    text = "山水\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 12, Size: 64x64" + extra
+    with pytest.raises(InvalidInputError, match=f"A1111's {named}, which taiyi does not run"):
+        pipe_zh.rerender(GenerationParameters.from_text(text))
+    last_layer = GenerationParameters.from_text("山水\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 12, "
+                                                "Size: 64x64, Clip skip: 1")  # fmt: skip
+    assert pipe_zh.rerender(last_layer).images[0].size == (64, 64)  # clip skip 1 is the last layer: taiyi's own
+
+
 def test_a_long_clip_prompt_draws_without_the_tokenizers_length_warning(tiny_en):
     """Chunked on purpose (A1111's convention): transformers' "indexing errors" warning is wrong there."""
     import transformers

@@ -798,6 +798,14 @@ class TaiyiPipeline:
                 "these parameters come from A1111's hires fix (a second, upscaling image-to-image pass), which taiyi "
                 "does not run; generate with its prompt instead"
             )
+        unread = [key for key in ("Variation seed", "Clip skip") if key in params.extras]
+        if "Clip skip" in unread and params.extras["Clip skip"].strip() in ("1", ""):
+            unread.remove("Clip skip")  # the last layer: what taiyi reads anyway
+        if unread:  # the picture would come back another one without a word
+            raise InvalidInputError(
+                f"these parameters use A1111's {' and '.join(unread)}, which taiyi does not run, so --from would draw "
+                "another picture; generate with its prompt instead"
+            )
         if params.strength is not None:
             raise InvalidInputError(
                 "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "
