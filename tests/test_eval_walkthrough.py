@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from taiyi.data import open_pairs
+from taiyi.errors import InvalidInputError
 from taiyi.evaluation import embed_pairs, retrieval_metrics
 from taiyi.testing import assert_user_error, make_tiny_clip_image_tower, make_tiny_taiyi_clip_text
 from taiyi.testing import run_cli as run
@@ -205,3 +206,50 @@ def test_a_folder_of_generated_pngs_is_an_image_text_set_by_their_recorded_promp
     noise(9).save(bare / "plain.png")
     code, _, err = run(capsys, "clip", "eval", "-m", clip_dir, "--pairs", bare, "--out", tmp_path / "n.json")
     assert_user_error(code, err, "no image-caption pairs", "'parameters' chunk")
+
+
+# --- Fréchet distance of two picture sets ------------------------------------------------------------------
+def test_frechet_distance_matches_the_closed_form_and_is_zero_for_a_set_against_itself():
+    from taiyi.evaluation import frechet_distance, frechet_distance_from_stats
+
+    # diagonal covariances commute: FD = |Δμ|² + Σ (√a − √b)²
+    mu_a, mu_b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    var_a, var_b = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([4.0, 1.0, 0.25])
+    expected = 1 + 4 + sum((var_a.sqrt() - var_b.sqrt()) ** 2)
+    got = frechet_distance_from_stats(mu_a, torch.diag(var_a), mu_b, torch.diag(var_b))
+    assert got == pytest.approx(float(expected), abs=1e-9)
+    # a full covariance: against scipy's-free reference Tr((Σa Σb)^½) from the eigenvalues of Σa Σb
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 6, generator=g, dtype=torch.float64), torch.randn(150, 6, generator=g, dtype=torch.float64)
+    b = b @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.5
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    cross = torch.linalg.eigvals(sa @ sb).real.clamp(min=0).sqrt().sum()
+    reference = (a.mean(0) - b.mean(0)).square().sum() + sa.trace() + sb.trace() - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(float(reference), rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(InvalidInputError, match="at least two pictures"):
+        frechet_distance(a[:1], b)
+
+
+def test_eval_fd_compares_two_folders_in_clip_feature_space(capsys, tmp_path, clip_dir):
+    def folder(name: str, seeds: range, channels: int = 3) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for s in seeds:
+            noise(s, channels=channels).save(path / f"{s}.png")
+        return path
+
+    real, same, other = folder("real", range(6)), folder("same", range(6)), folder("other", range(10, 16), 1)
+    (same / "broken.png").write_bytes(b"not a picture")  # skipped and said, not fatal
+    code, out, err = run(capsys, "eval", "fd", real, same, "--clip", clip_dir, "-o", tmp_path / "fd.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "fd.json").read_text())["fd_clip"] == pytest.approx(0.0, abs=1e-6)
+    assert "generated" in err and "1 corrupt image" in err
+    code, out, err = run(capsys, "eval", "fd", real, other, "--clip", clip_dir)
+    assert code == 0, err
+    assert float(out.split(": ")[1].split()[0]) > 1e-3  # greyscale noise is another set
+    code, _, err = run(capsys, "eval", "fd", real, tmp_path / "missing", "--clip", clip_dir)
+    assert_user_error(code, err, "generated folder", "does not exist")
+    one = folder("one", range(1))
+    code, _, err = run(capsys, "eval", "fd", real, one, "--clip", clip_dir)
+    assert_user_error(code, err, "at least two pictures")
