@@ -296,6 +296,9 @@ def test_cli_writes_png_with_parameters_and_frames(tmp_path, uncond_dir, clip, c
     assert main(["info", str(out)]) == 0  # as stored: no CFG scale or schedule the picture never had
     assert capsys.readouterr().out == text + "\n"
     assert main(argv) == 2  # no silent overwrite
+    (tmp_path / "night-frames" / "notes.txt").write_text("mine")
+    assert main([*argv, "--save-every", "2", "--overwrite"]) == 0  # 2 frames now: the earlier third is not this run's
+    assert sorted(p.name for p in (tmp_path / "night-frames").iterdir()) == ["0000.png", "0001.png", "notes.txt"]
 
 
 def test_latent_model_is_steered_through_its_decoder(tmp_path, clip):

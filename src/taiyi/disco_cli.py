@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -193,4 +194,8 @@ def _save(result, path: Path, parameters: str, overwrite: bool) -> None:
         frames[0].parent.mkdir(exist_ok=True)
         for frame, image in zip(frames, result.frames, strict=True):
             save_png(image, frame, overwrite=overwrite)  # checked before sampling; a frame written since is refused
+        if overwrite:  # the replaced run's later frames would pass for this picture's
+            for stale in frames[0].parent.iterdir():
+                if re.fullmatch(r"\d{4}\.png", stale.name) and int(stale.name[:4]) >= len(frames):
+                    stale.unlink()
     typer.echo(str(written))
