@@ -65,16 +65,6 @@ def test_bilingual_layout_loads_clip_text_model(pipe_en):
 # --- hub ids and short names through an offline cache -----------------------------------------
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)  # so that "taiyi-zh" cannot be taken for a folder of the caller's cwd
-    return cache
-
-
 @pytest.mark.parametrize("name", [ZH_REPO, "taiyi-zh"])
 def test_loads_hub_id_and_short_name_from_the_offline_cache(hub_cache, tiny_zh, pipe_zh, name):
     snapshot = populate_hf_cache(hub_cache, ZH_REPO, tiny_zh)

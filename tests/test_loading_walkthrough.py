@@ -4,9 +4,7 @@ ways, component or CLIP folders given where a pipeline is wanted, pickled bases 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from taiyi.cli import main
 from taiyi.errors import ModelLoadError
 from taiyi.models import resolve_model
 from taiyi.pipeline import load_pipeline
-from taiyi.testing import make_tiny_pipeline, make_tiny_taiyi_clip_text
+from taiyi.testing import make_tiny_pipeline, make_tiny_taiyi_clip_text, populate_hf_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,32 +27,8 @@ COMMIT = "a" * 40
 
 
 def cache_as_hub_lays_it_out(cache: Path, repo_id: str, folder: Path, ref: str = "main") -> Path:
-    """``folder`` as ``hf download`` leaves it: ``blobs/<sha256>`` files, ``snapshots/<commit>/...`` relative
-    symlinks into them, ``refs/<ref>`` naming the commit. Returns the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = repo / "snapshots" / COMMIT
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            link = snapshot / path.relative_to(folder)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(COMMIT)
-    return snapshot
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    return cache
+    """``folder`` as ``hf download`` leaves it (blobs, relative symlinks, ``refs/<ref>``); its snapshot folder."""
+    return populate_hf_cache(cache, repo_id, folder, COMMIT, ref=ref, blobs=True)
 
 
 def one_line(exc_info) -> str:

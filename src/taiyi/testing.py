@@ -362,17 +362,40 @@ def make_tiny_taiyi_clip_text(
     return out_dir
 
 
-def populate_hf_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, commit: str = "0" * 40) -> Path:
+def populate_hf_cache(
+    cache_dir: str | Path,
+    repo_id: str,
+    folder: str | Path,
+    commit: str = "0" * 40,
+    *,
+    ref: str = "main",
+    blobs: bool = False,
+) -> Path:
     """Copy a pipeline folder into a Hugging Face hub cache as if ``repo_id`` had been downloaded.
 
-    Lays out ``models--{org}--{name}/snapshots/{commit}/`` and ``refs/main`` exactly as
-    ``huggingface_hub`` does, so ``HF_HUB_OFFLINE=1`` resolution can be tested without a network.
+    Lays out ``models--{org}--{name}/snapshots/{commit}/`` and ``refs/{ref}`` as ``huggingface_hub`` does, so
+    ``HF_HUB_OFFLINE=1`` resolution can be tested without a network. ``blobs``: as ``hf download`` leaves it
+    exactly, the files in ``blobs/<sha256>`` and the snapshot's entries relative symlinks into them.
     """
+    import hashlib
+    import os
+
     repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
+    if blobs:
+        (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+                blob.write_bytes(data)
+                link = snapshot / path.relative_to(folder)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(os.path.relpath(blob, link.parent))
+    else:
+        shutil.copytree(folder, snapshot)
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "refs" / ref).write_text(commit)
     return snapshot
 
 
