@@ -253,3 +253,17 @@ def test_eval_fd_compares_two_folders_in_clip_feature_space(capsys, tmp_path, cl
     one = folder("one", range(1))
     code, _, err = run(capsys, "eval", "fd", real, one, "--clip", clip_dir)
     assert_user_error(code, err, "at least two pictures")
+
+
+def test_eval_fd_refuses_a_folder_of_unreadable_pictures_and_a_folder_as_its_json(capsys, tmp_path, clip_dir):
+    real = tmp_path / "real"
+    real.mkdir()
+    for s in range(3):
+        noise(s).save(real / f"{s}.png")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a picture")
+    code, _, err = run(capsys, "eval", "fd", real, broken, "--clip", clip_dir)
+    assert_user_error(code, err, f"generated folder {broken} has no readable picture (skipped 1 sample")
+    code, _, err = run(capsys, "eval", "fd", real, real, "--clip", clip_dir, "-o", tmp_path)
+    assert_user_error(code, err, "is a folder; give a file name ending in .json")

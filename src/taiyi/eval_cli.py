@@ -22,8 +22,11 @@ def _check_json(path: str | None, overwrite: bool) -> None:
     if path is not None:
         from pathlib import Path
 
+        from .errors import OutputError
         from .io import check_output_file
 
+        if Path(path).is_dir():  # check_output_file's words are a picture's
+            raise OutputError(f"{path} is a folder; give a file name ending in .json")
         check_output_file(Path(path), overwrite=overwrite)
 
 
@@ -261,9 +264,13 @@ def _embed_folder(clip, folder: Path, what: str, batch: int = 32):
             pictures = []
     if pictures:
         chunks.append(clip.encode_image(pictures, batch_size=batch))
+    if not chunks:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(f"{what} folder {folder} has no readable picture ({skips.summary()})")
     if skips.total:
         logging.getLogger("taiyi").warning("%s %s: %s", what, folder, skips.summary())
-    return torch.cat(chunks) if chunks else torch.zeros(0, 1)
+    return torch.cat(chunks)
 
 
 @eval_app.command("fd")
