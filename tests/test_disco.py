@@ -384,9 +384,9 @@ def test_long_prompt_warns_as_generate_does(uncond, clip, log_warnings):
     assert warnings[0].startswith("prompt is 120 tokens but the text encoder reads 75; the last 45 were dropped")
 
 
-def test_cli_help_describes_one_picture(capsys):
+def test_cli_help_says_how_seeds_count_up_with_k(capsys):
     from taiyi.cli import main
 
     assert main(["disco", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "seed+i" not in out and "Seed of the picture" in out
+    assert "Seed of the picture; with -k, of the first: picture i uses seed + i" in out

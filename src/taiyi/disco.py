@@ -31,8 +31,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ __all__ = [
     "MakeCutouts",
     "CLIPGuidance",
     "disco_sample",
+    "disco_samples",
+    "disco_seeds",
     "spherical_dist_loss",
     "tv_loss",
     "range_loss",
@@ -753,3 +756,67 @@ def disco_sample(
     with torch.no_grad():
         picture = model.to_pixels(x)[0]
     return DiscoResult(_to_image(picture), frames, settings_out, prompts, losses)
+
+
+def disco_seeds(seed: int | None, num_images: int) -> list[int]:
+    """The seeds of ``num_images`` pictures: ``seed``, ``seed + 1`` …; a random first one when ``seed`` is None.
+
+    Raises:
+        InvalidInputError: ``num_images`` is not a whole number of 1 or more, or the last seed is past the largest.
+    """
+    if isinstance(num_images, np.integer):
+        num_images = int(num_images)
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise InvalidInputError(f"num-images must be a whole number of 1 or more, not {num_images!r}")
+    first = seed if seed is not None else secrets.randbelow(2**31)  # not the caller's global torch RNG
+    if first + num_images - 1 >= 2**63:
+        raise InvalidInputError(
+            f"seed must be at most {2**63 - num_images} for {num_images} pictures (picture i uses seed+i), not {first}"
+        )
+    return [first + i for i in range(num_images)]
+
+
+def disco_samples(
+    model: UncondModel,
+    clip,
+    prompt: str | Sequence[str],
+    settings: DiscoSettings | None = None,
+    *,
+    num_images: int = 1,
+    init_image: Image.Image | str | os.PathLike | None = None,
+    size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Iterator[DiscoResult]:
+    """Draw ``num_images`` pictures one after another (Disco Diffusion's ``n_batches``), picture i with the seed
+    ``settings.seed + i``: each is the very picture :func:`disco_sample` draws with that seed, and each is yielded as
+    soon as it is done, so that a caller can save it before the next one starts.
+
+    Args:
+        model, clip, prompt, init_image, size: as for :func:`disco_sample`.
+        settings: :class:`DiscoSettings` (defaults if None); a seed of None: a random first seed.
+        num_images: how many pictures.
+        progress: called with ``(steps done, steps total)`` over all the pictures.
+
+    Raises:
+        InvalidInputError: at the call, before any picture is drawn: ``num_images`` below 1, seeds past the largest,
+            an unusable setting; an unusable prompt, size or init image when the first picture starts.
+    """
+    if settings is not None and not isinstance(settings, DiscoSettings):
+        raise InvalidInputError(f"settings must be a DiscoSettings, not {type(settings).__name__}")
+    s = replace(settings or DiscoSettings())  # a copy: the caller's settings keep their seed
+    s.check()
+    first = disco_seeds(s.seed, num_images)[0]
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"progress must be a function of (step, total), not {type(progress).__name__}")
+
+    def overall(i: int) -> ProgressCallback | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(i * total + done, num_images * total)
+
+    def draw() -> Iterator[DiscoResult]:
+        for i in range(num_images):
+            one = replace(s, seed=first + i)
+            yield disco_sample(model, clip, prompt, one, init_image=init_image, size=size, progress=overall(i))
+
+    return draw()

@@ -10,9 +10,21 @@ import typer
 
 from .cli_options import AllowPickle, Device, Output, Overwrite
 
-# Disco draws one picture: the shared --seed help ("image i uses seed+i") does not apply.
+# Disco's own --seed help: the pictures of -k are drawn one after another, each the picture of its own seed.
 Seed = Annotated[
-    int | None, typer.Option("--seed", "-s", help="Seed of the picture (default: a random one, recorded in it).")
+    int | None,
+    typer.Option(
+        "--seed",
+        "-s",
+        help="Seed of the picture; with -k, of the first: picture i uses seed + i, as a run with that seed would"
+        " (default: a random one, recorded in each picture).",
+    ),
+]
+NumImages = Annotated[
+    int,
+    typer.Option(
+        "--num-images", "-k", help="Pictures to draw, one after another (Disco's n_batches), each written when done."
+    ),
 ]
 
 DEFAULT_UNCOND = "taiyi-mini-uncond"
@@ -75,11 +87,21 @@ def _parameters_text(
 
 
 def disco(
-    prompt: Annotated[str, typer.Argument(help="Chinese prompt; weighted parts as 诗句:2|晚霞:1 (negative allowed).")],
+    ctx: typer.Context,
+    prompt: Annotated[
+        str | None, typer.Argument(help="Chinese prompt; weighted parts as 诗句:2|晚霞:1 (negative allowed).")
+    ] = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Unconditional model folder (DDPMPipeline or UNet2DModel).")
-    ] = DEFAULT_UNCOND,
-    clip: Annotated[str, typer.Option("--clip", help="Chinese CLIP (folder or short name).")] = DEFAULT_CLIP,
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Unconditional model folder (DDPMPipeline or UNet2DModel) [default: {DEFAULT_UNCOND}].",
+        ),
+    ] = None,
+    clip: Annotated[
+        str | None, typer.Option("--clip", help=f"Chinese CLIP (folder or short name) [default: {DEFAULT_CLIP}].")
+    ] = None,
     image_tower: Annotated[
         str | None, typer.Option("--image-tower", help="CLIP image model for a bare Taiyi-CLIP text tower.")
     ] = None,
@@ -99,10 +121,14 @@ def disco(
     clamp_max: Annotated[
         float | None, typer.Option("--clamp-max", help="Clamp the gradient's RMS to this [the model's; Disco: 0.05].")
     ] = None,
-    init_image: Annotated[Path | None, typer.Option("--init-image", help="Start from this picture.")] = None,
+    init_image: Annotated[
+        Path | None,
+        typer.Option("--init-image", help="Start from this picture (with --from: the picture's own, if moved)."),
+    ] = None,
     skip_steps: Annotated[int, typer.Option("--skip-steps", help="With --init-image: steps to skip.")] = 0,
     size: Annotated[int | None, typer.Option("--size", help="Picture side (default: the model's).")] = None,
     seed: Seed = None,
+    num_images: NumImages = 1,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Also save the predicted picture every N steps (OUTPUT-frames/).")
     ] = 0,
@@ -123,41 +149,211 @@ def disco(
     output: Output = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
+    from_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Redraw a picture taiyi disco wrote, with the settings it records (no PROMPT). Its init image is "
+            "looked for beside it, then here (else give --init-image); --model, --clip and --image-tower name its "
+            "models where they are not found under the names it records.",
+        ),
+    ] = None,
 ) -> None:
-    """CLIP-guided sampling of an unconditional diffusion model (Chinese Disco Diffusion)."""
+    """CLIP-guided sampling of an unconditional diffusion model (Chinese Disco Diffusion).
+
+    -k N draws N pictures one after another, their seeds counting up from --seed, each written as soon as it is
+    done; --from redraws a picture taiyi disco wrote.
+    """
     from .cli import _Progress, _quiet_libraries
+    from .errors import InvalidInputError
     from .io import check_output_file, load_image, output_paths
 
+    if prompt is None and from_image is None:
+        raise InvalidInputError("give a PROMPT (or --from IMAGE to redraw a picture taiyi disco wrote)")
+    if prompt is not None and from_image is not None:
+        raise InvalidInputError("give a PROMPT or --from IMAGE, not both: --from redraws the picture's own prompt")
     _quiet_libraries()
-    from .disco import DiscoSettings, disco_sample, load_uncond, parse_prompts
+    from .disco import DiscoSettings, disco_samples, disco_seeds, load_uncond, parse_prompts
 
-    if seed is None:
-        import secrets
+    if from_image is not None:
+        _refuse_changes(ctx)
+        run = _recorded_run(from_image, init_image)
+        prompt, settings, size = run["prompt"], run["settings"], run["size"]
+        init_image = init_image or run["init_image"]
+        hints = _hints(run, model, clip, image_tower)
+        model, clip, image_tower = model or run["model"], clip or run["clip"], image_tower or run["image_tower"]
+        settings.gradient_checkpointing, settings.save_every = gradient_checkpointing, save_every  # the same picture
+    else:
+        hints = {}
+        model, clip = model or DEFAULT_UNCOND, clip or DEFAULT_CLIP
+        if seed is None:
+            import secrets
 
-        seed = secrets.randbelow(2**31)
-    defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
-                                 recurrence=recurrence, color_guidance=color_guidance)  # fmt: skip
-    settings = DiscoSettings(
-        steps=steps, sampler=sampler, eta=eta, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale,
-        cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow, skip_steps=skip_steps, seed=seed,
-        gradient_checkpointing=gradient_checkpointing, save_every=save_every, **defaults,
-    )  # fmt: skip
+            seed = secrets.randbelow(2**31)
+        defaults = guidance_defaults(model, clip_guidance_scale=clip_guidance_scale, clamp_max=clamp_max,
+                                     recurrence=recurrence, color_guidance=color_guidance)  # fmt: skip
+        settings = DiscoSettings(
+            steps=steps, sampler=sampler, eta=eta, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale,
+            cutn=cutn, cut_batches=cut_batches, cut_pow=cut_pow, skip_steps=skip_steps, seed=seed,
+            gradient_checkpointing=gradient_checkpointing, save_every=save_every, **defaults,
+        )  # fmt: skip
     settings.check()  # bad settings fail before anything loads
     parse_prompts(prompt)
     init = load_image(init_image, what="init image") if init_image is not None else None
-    path = output_paths(output, [seed])[0]
-    check_output_file(path, overwrite=overwrite)
-    _check_frames(_frame_paths(path, settings.frame_count()), overwrite=overwrite)  # before anything is computed
+    # picture i is the one a run with seed+i draws, under the names taiyi generate gives its images
+    paths = output_paths(output, disco_seeds(settings.seed, num_images))
+    for path in paths:  # every name before anything is computed: a run of N is never stopped halfway by a name
+        check_output_file(path, overwrite=overwrite)
+        _check_frames(_frame_paths(path, settings.frame_count()), overwrite=overwrite)
     from .clip import load_clip
     from .loading import select_device
 
     dev = select_device(device)
-    uncond = load_uncond(model, device=dev, allow_pickle=allow_pickle)
-    chinese_clip = load_clip(clip, image_tower=image_tower, allow_pickle=allow_pickle, device=dev)
+    uncond = _load_named(
+        model, hints.get("model"), lambda name: load_uncond(name, device=dev, allow_pickle=allow_pickle)
+    )
+    chinese_clip = _load_named(
+        clip, hints.get("clip"),
+        lambda name: load_clip(name, image_tower=image_tower, allow_pickle=allow_pickle, device=dev),
+    )  # fmt: skip
     with _Progress("disco") as bar:
-        result = disco_sample(uncond, chinese_clip, prompt, settings, init_image=init, size=size, progress=bar)
-    text = _parameters_text(prompt, result.settings, clip, image_tower, init_image)
-    _save(result, path, text, overwrite)
+        pictures = disco_samples(
+            uncond, chinese_clip, prompt, settings, num_images=num_images, init_image=init, size=size, progress=bar
+        )
+        for path, result in zip(paths, pictures, strict=True):  # each written as soon as it is drawn
+            text = _parameters_text(prompt, result.settings, clip, image_tower, init_image)
+            _save(result, path, text, overwrite)
+
+
+# Options whose value changes the picture: --from draws the picture's own, so giving one is refused.
+_PICTURE_OPTIONS = (
+    ("steps", "--steps"), ("sampler", "--sampler"), ("eta", "--eta"),
+    ("clip_guidance_scale", "--clip-guidance-scale"), ("tv_scale", "--tv-scale"), ("range_scale", "--range-scale"),
+    ("sat_scale", "--sat-scale"), ("cutn", "--cutn"), ("cut_batches", "--cut-batches"), ("cut_pow", "--cut-pow"),
+    ("clamp_max", "--clamp-max"), ("skip_steps", "--skip-steps"), ("size", "--size"), ("seed", "--seed"),
+    ("num_images", "--num-images"), ("recurrence", "--recurrence"), ("color_guidance", "--color-guidance"),
+)  # fmt: skip
+
+
+def _refuse_changes(ctx: typer.Context) -> None:
+    """Refuse, with --from, every option given that would change the picture (given at all: ``--steps 50`` would
+    be ignored as silently as ``--steps 20``)."""
+    from .errors import InvalidInputError
+
+    try:  # typer >= 0.20 vendors click
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover
+        from click.core import ParameterSource
+
+    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    given = [option for name, option in _PICTURE_OPTIONS if ctx.get_parameter_source(name) not in unset]
+    if given:
+        raise InvalidInputError(
+            f"--from redraws the picture with its own settings; {', '.join(given)} cannot change them (to vary "
+            "them, run taiyi disco with its prompt instead)"
+        )
+
+
+# The keys of _parameters_text that every picture of taiyi disco records (the CLIP image tower and the init image
+# only where given).
+_RECORDED = ("Steps", "Sampler", "Seed", "Size", "Model", "CLIP", "CLIP guidance scale", "Clamp max", "TV scale",
+             "Range scale", "Sat scale", "Cutn", "Cut pow", "Cut batches", "Eta", "Skip steps", "Recurrence",
+             "Color guidance")  # fmt: skip
+
+
+def _recorded_run(picture: Path, init_image: Path | None) -> dict:
+    """What drew ``picture``, read back from its ``parameters`` text (see :func:`_parameters_text`): the prompt,
+    the :class:`~taiyi.disco.DiscoSettings`, the size, the models as recorded and the init image found.
+
+    Raises:
+        InvalidInputError: no parameters, not a Disco picture, a setting missing or unreadable, or its init image
+            not found (nor given) — or given to a picture drawn without one.
+    """
+    from .disco import SAMPLERS, DiscoSettings
+    from .errors import InvalidInputError
+    from .metadata import _parse_float, _parse_int, read_parameters
+    from .schedulers import scheduler_spec
+
+    params = read_parameters(picture)
+    extras = params.extras
+    if "CLIP guidance scale" not in extras:  # taiyi generate's (or A1111's) picture: a text-to-image model drew it
+        raise InvalidInputError(
+            f"{picture} was not drawn by taiyi disco (its parameters have no CLIP guidance scale); redraw it with "
+            f"taiyi generate --from {picture}"
+        )
+    missing = [key for key in _RECORDED if key not in (params.recorded or ()) and key not in extras]
+    if missing:  # a default would draw some other picture, said to be this one
+        raise InvalidInputError(
+            f"{picture}'s parameters do not record {', '.join(missing)} (an older taiyi drew it), so it cannot be "
+            f"drawn again; run taiyi disco with the settings taiyi info {picture} prints"
+        )
+    # "DDIM" and "PLMS" are A1111 names too, read into the scheduler; "DDPM" is not, and stays in the extras
+    sampler = (extras.get("Sampler") or scheduler_spec(params.scheduler).a1111_sampler).strip().lower()
+    if sampler not in SAMPLERS:
+        raise InvalidInputError(f"{picture}: sampler {sampler!r} is not one taiyi disco runs ({', '.join(SAMPLERS)})")
+    if params.width != params.height:
+        raise InvalidInputError(f"{picture}: taiyi disco draws squares, not {params.width}x{params.height} pictures")
+
+    def number(key: str) -> float:
+        return _parse_float(key, extras[key])
+
+    def whole(key: str) -> int:
+        return _parse_int(key, extras[key])
+
+    clamp = extras["Clamp max"].strip()
+    settings = DiscoSettings(
+        steps=params.steps, sampler=sampler, eta=number("Eta"), clip_guidance_scale=number("CLIP guidance scale"),
+        tv_scale=number("TV scale"), range_scale=number("Range scale"), sat_scale=number("Sat scale"),
+        cutn=whole("Cutn"), cut_batches=whole("Cut batches"), cut_pow=number("Cut pow"),
+        clamp_max=None if clamp == "off" else number("Clamp max"), skip_steps=whole("Skip steps"), seed=params.seed,
+        recurrence=whole("Recurrence"), color_guidance=number("Color guidance"),
+    )  # fmt: skip
+    init_name = extras.get("Init image")
+    if init_name is None and init_image is not None:
+        raise InvalidInputError(f"{picture} was drawn without an init image; --init-image would change it")
+    found = None
+    if init_name is not None and init_image is None:
+        found = next((place / init_name for place in (picture.parent, Path.cwd()) if (place / init_name).is_file()),
+                     None)  # fmt: skip
+        if found is None:
+            raise InvalidInputError(
+                f"{picture} was drawn from the init image {init_name}, found neither beside it nor in the current "
+                "folder; give it with --init-image"
+            )
+    prompt = params.prompt
+    if params.negative_prompt:  # A1111's layout reads a prompt line starting "Negative prompt:" as one; Disco has none
+        prompt = "\n".join([*([prompt] if prompt else []), f"Negative prompt: {params.negative_prompt}"])
+    return {
+        "prompt": prompt, "settings": settings, "size": params.width, "model": params.model, "clip": extras["CLIP"],
+        "image_tower": extras.get("CLIP image tower"), "init_image": found,
+    }  # fmt: skip
+
+
+def _hints(run: dict, model: str | None, clip: str | None, image_tower: str | None) -> dict[str, str]:
+    """For --from: what to add to the error when a model the picture records (not one given) is not found here."""
+    hints = {}
+    if model is None:
+        hints["model"] = f"the picture names model {run['model']!r}: give it with --model"
+    if clip is None and image_tower is None:
+        tower = run["image_tower"]
+        hints["clip"] = f"the picture names CLIP {run['clip']!r}" + (
+            f" with the image tower {tower!r}: give them with --clip and --image-tower" if tower else
+            ": give it with --clip"
+        )  # fmt: skip
+    return hints
+
+
+def _load_named(name: str, hint: str | None, load):
+    """``load(name)``; a :class:`~taiyi.errors.ModelLoadError` gets ``hint`` added (a name that a picture records
+    and that is not found here, another machine's folder say: which option gives it)."""
+    from .errors import ModelLoadError
+
+    try:
+        return load(name)
+    except ModelLoadError as exc:
+        if hint is None:
+            raise
+        raise ModelLoadError(f"{exc}; {hint}") from None
 
 
 def _frame_paths(path: Path, count: int) -> list[Path]:
