@@ -4,9 +4,10 @@ The UNet is the cost of a picture (every denoising step calls it, twice with gui
 ``backend="openvino"`` it is converted once to OpenVINO IR — traced from the loaded model, so LoRA-free
 weights of any Taiyi / SD v1 checkpoint, inpainting UNets included — saved in the cache (see
 :func:`cache_dir`) under a fingerprint of its weights and config, and run by OpenVINO's CPU plugin from
-then on. The rest of the pipeline (text encoder, scheduler, VAE) stays in PyTorch. OpenVINO picks the
-precision: bf16 on CPUs with bf16 instructions (``avx512_bf16``/AMX; UNet outputs within cosine 0.9997 of
-float32 at full size), float32 elsewhere (float32 rounding apart from PyTorch).
+then on (``taiyi cache list`` / ``prune``: :func:`cache_entries`, :func:`prune_cache`). The rest of the
+pipeline (text encoder, scheduler, VAE) stays in PyTorch. OpenVINO picks the precision: bf16 on CPUs with bf16
+instructions (``avx512_bf16``/AMX; UNet outputs within cosine 0.9997 of float32 at full size), float32 elsewhere
+(float32 rounding apart from PyTorch).
 
 ``auto`` is ``openvino`` on CPUs with bf16 instructions when the package is installed, ``torch`` elsewhere,
 from measurements of the full-size UNet (512², classifier-free-guidance batch of 2, same run each):
@@ -23,11 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
+import time
 import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +44,16 @@ from .errors import InvalidInputError, ModelLoadError
 
 __all__ = [
     "BACKENDS",
+    "CacheEntry",
+    "PruneReport",
     "cache_dir",
+    "cache_entries",
     "check_backend",
     "cpu_bf16_instructions",
+    "format_size",
+    "installed_versions",
+    "prune_cache",
+    "remove_cache_entry",
     "resolve_backend",
     "tune_cpu_allocator",
     "use_openvino_unet",
@@ -50,6 +64,11 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
 BACKEND_ENV = "TAIYI_BACKEND"
 _IR_NAME = "unet.xml"
 _IR_FORMAT = 1  # how _convert traces the UNet: a change of it must not reuse IR traced the old way
+_ENTRY_INFO = "taiyi-entry.json"  # written with the IR: the versions that made it and the model it came from
+_LAST_USED = "last-used"  # its modification time is when a load last read the entry
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}")  # unet_fingerprint's digest
+_PARTIAL = (".converting-", ".removing-")  # _save's temporary folders; remove_cache_entry's, renamed away
+_WRITING_S = 600  # a .converting- folder changed this recently may be a conversion saving now: left alone
 logger = logging.getLogger("taiyi")
 
 
@@ -204,8 +223,9 @@ def _convert(unet, folder: Path):
             model = ov.convert_model(_Traceable(unet).eval(), example_input=example, input=shapes)
     except Exception as e:  # the converter's own errors name no file; say which step failed
         raise ModelLoadError(f"OpenVINO could not convert this UNet: {str(e).splitlines()[0][:200]}") from e
+    info = {**installed_versions(), "model": str(getattr(unet.config, "_name_or_path", "") or "") or None}
     try:
-        _save(model, folder)
+        _save(model, folder, info)
     except (OSError, RuntimeError) as e:  # OpenVINO's own writes fail with RuntimeError (a full disk)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
         logger.warning(
@@ -218,12 +238,15 @@ def _convert(unet, folder: Path):
     return None
 
 
-def _save(model, folder: Path) -> None:
-    """Save ``model`` as IR in ``folder`` (written to a temporary folder, then renamed into place)."""
+def _save(model, folder: Path, info: dict | None = None) -> None:
+    """Save ``model`` as IR in ``folder``, with ``info`` (versions, model) beside it for ``taiyi cache list``
+    (written to a temporary folder, then renamed into place)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_PARTIAL[0], dir=folder.parent))
     try:
         _openvino().save_model(model, tmp / _IR_NAME, compress_to_fp16=False)
+        if info is not None:
+            (tmp / _ENTRY_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         for attempt in range(2):
             try:
                 tmp.rename(folder)
@@ -262,15 +285,21 @@ def compile_unet(unet, *, threads: int | None = None, precision: str | None = No
         config["INFERENCE_PRECISION_HINT"] = precision
     if (folder / _IR_NAME).is_file():
         try:
-            return core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
+            compiled = core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
         except Exception:  # a damaged cache entry (a truncated file): convert again
             shutil.rmtree(folder, ignore_errors=True)
+        else:
+            _mark_used(folder)
+            return compiled
     if echo is not None:
         echo(f"converting the UNet to OpenVINO (once; cached in {folder})")
     unsaved = _convert(unet, folder)
     if unsaved is not None:  # a read-only cache
         return core.compile_model(unsaved, "CPU", config)
-    return core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
+    compiled = core.compile_model(core.read_model(folder / _IR_NAME), "CPU", config)
+    _mark_used(folder)
+    _note_stale_entries()
+    return compiled
 
 
 def use_openvino_unet(unet, *, threads: int | None = None, echo=None) -> None:
@@ -313,3 +342,259 @@ def use_torch_unet(unet) -> None:
         unet.__dict__.pop("forward", None)
         unet.__dict__.pop("_taiyi_openvino_calls", None)
         unet.__dict__.pop("_taiyi_openvino_precision", None)
+
+
+# The cache of converted UNets: what is there, and removing what this install can never use again.
+
+
+def installed_versions() -> dict[str, str | int | None]:
+    """The versions a conversion depends on, as installed (None: not installed), and the tracing's format.
+
+    An entry made under other versions has another fingerprint, so this install can never load it.
+    """
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "diffusers": version("diffusers"),
+        "openvino": version("openvino"),
+        "torch": version("torch"),
+        "ir": _IR_FORMAT,
+    }
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One folder of the OpenVINO cache (``cache_dir() / "openvino"``).
+
+    Attributes:
+        path: the entry's folder.
+        size: bytes of its files (each file once; symbolic links not followed).
+        made: when it was written (seconds since the epoch).
+        last_used: when a load last read it; None where no load recorded it (entries of older taiyi versions).
+        versions: ``diffusers``, ``openvino``, ``torch`` and ``ir`` (the tracing's format) it was made with;
+            None where not recorded.
+        model: the folder (or hub snapshot) the UNet was loaded from when converted; None where not recorded.
+        complete: False for a conversion that never finished (killed while saving) or a damaged entry.
+        writing: an incomplete entry changed in the last 10 minutes: perhaps a conversion saving now.
+    """
+
+    path: Path
+    size: int
+    made: float
+    last_used: float | None = None
+    versions: dict | None = None
+    model: str | None = None
+    complete: bool = True
+    writing: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def stale(self, installed: dict | None = None) -> bool:
+        """Made under other versions than ``installed`` (default: :func:`installed_versions`), so never loaded."""
+        installed = installed if installed is not None else installed_versions()
+        return self.versions is not None and any(self.versions.get(k) != v for k, v in installed.items())
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_cache` removed (or would remove), each entry with why, and what it could not remove."""
+
+    removed: list[tuple[CacheEntry, str]]
+    failed: list[tuple[CacheEntry, str]]
+    kept: list[CacheEntry]
+    dry_run: bool = False
+
+    @property
+    def freed(self) -> int:
+        return sum(entry.size for entry, _ in self.removed)
+
+
+def cache_entries(now: float | None = None) -> list[CacheEntry]:
+    """The entries of the OpenVINO cache, most recently used (or made) first; [] when there is none.
+
+    Only real folders named as a fingerprint or as a temporary folder of a conversion are entries; anything
+    else there (a symbolic link, a file of the user's) is not listed, and never removed.
+    """
+    root = cache_dir() / "openvino"
+    now = time.time() if now is None else now
+    try:
+        children = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    entries = []
+    for child in children:
+        named = bool(_ENTRY_NAME.fullmatch(child.name))
+        if not (named or child.name.startswith(_PARTIAL)) or not child.is_dir(follow_symlinks=False):
+            continue
+        try:
+            entries.append(_read_entry(Path(child.path), named, now))
+        except FileNotFoundError:  # removed meanwhile (a conversion's temporary folder renamed into place)
+            continue
+    return sorted(entries, key=lambda e: -(e.last_used or e.made))
+
+
+def _read_entry(path: Path, named: bool, now: float) -> CacheEntry:
+    size, made, last_used, seen, files = 0, None, None, set(), set()
+    for folder, _, names in os.walk(path):  # os.walk does not enter linked folders
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            size += st.st_size
+            if folder == str(path):
+                files.add(name)
+            if folder == str(path) and name == _LAST_USED:
+                last_used = st.st_mtime
+            else:
+                made = st.st_mtime if made is None else max(made, st.st_mtime)
+    if made is None:  # no file in it (a conversion killed before saving any): the folder's own time
+        made = os.lstat(path).st_mtime
+    versions = model = None
+    try:
+        info = json.loads((path / _ENTRY_INFO).read_text(encoding="utf-8"))
+        versions = {k: info[k] for k in ("diffusers", "openvino", "torch", "ir")}
+        model = info.get("model") if isinstance(info.get("model"), str) else None
+    except (OSError, ValueError, KeyError, TypeError):  # an entry of an older taiyi, or a damaged record
+        pass
+    complete = named and {_IR_NAME, Path(_IR_NAME).with_suffix(".bin").name} <= files
+    writing = not complete and path.name.startswith(_PARTIAL[0]) and now - made < _WRITING_S
+    return CacheEntry(path, size, made, last_used, versions, model, complete, writing)
+
+
+def _mark_used(folder: Path) -> None:
+    """Record that a load read ``folder`` now (the time of a file in it); never fails a load."""
+    try:
+        (folder / _LAST_USED).touch()  # the time only; an empty file is created whole or not at all
+    except OSError:  # a read-only cache, or the entry removed meanwhile
+        pass
+
+
+def _removal_reason(
+    entry: CacheEntry,
+    installed: dict,
+    now: float,
+    older_than_days: float | None,
+    stale_versions: bool,
+    everything: bool,
+) -> str | None:
+    if entry.writing:  # a conversion may be saving it now
+        return None
+    if not entry.complete:
+        return "incomplete"
+    if everything:
+        return "all"
+    if stale_versions and entry.stale(installed):
+        return "other versions"
+    when = entry.last_used or entry.made
+    if older_than_days is not None and now - when > older_than_days * 86400:
+        days = round((now - when) / 86400)
+        return f"{'last used' if entry.last_used else 'made'} {days} day{'' if days == 1 else 's'} ago"
+    return None
+
+
+def prune_cache(
+    *,
+    older_than_days: float | None = None,
+    stale_versions: bool = False,
+    everything: bool = False,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> PruneReport:
+    """Remove entries of the OpenVINO cache; a removed entry is converted again when its UNet is next loaded.
+
+    Args:
+        older_than_days: remove entries no load has read for this many days (an entry without a record of
+            use, made by an older taiyi, counts from when it was made).
+        stale_versions: remove entries made by other diffusers/OpenVINO/torch versions than the installed ones
+            (or traced the way of another taiyi): this install can never load them.
+        everything: remove every entry.
+        dry_run: remove nothing; the report says what would go.
+
+    Incomplete entries (a conversion killed while saving, a damaged entry) go with any selector, unless
+    changed in the last 10 minutes (a conversion may be saving it now). Raises InvalidInputError without a
+    selector or with a negative age.
+    """
+    if older_than_days is None and not stale_versions and not everything:
+        raise InvalidInputError("say what to remove: older_than_days, stale_versions or everything")
+    if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
+        raise InvalidInputError(f"older_than_days must be 0 or more, not {older_than_days}")
+    now = time.time() if now is None else now
+    installed = installed_versions()
+    report = PruneReport([], [], [], dry_run)
+    for entry in cache_entries(now):
+        reason = _removal_reason(entry, installed, now, older_than_days, stale_versions, everything)
+        if reason is None:
+            report.kept.append(entry)
+            continue
+        try:
+            if not dry_run:
+                remove_cache_entry(entry)
+        except OSError as e:
+            report.failed.append((entry, f"{e.strerror or e}"))
+            report.kept.append(entry)
+        else:
+            report.removed.append((entry, reason))
+    return report
+
+
+def remove_cache_entry(entry: CacheEntry) -> None:
+    """Remove one entry of :func:`cache_entries`: only a real folder of the OpenVINO cache named as an entry.
+
+    A complete entry is first renamed aside, so a load never reads a half-removed one; links in it are removed,
+    never followed.
+    """
+    root = cache_dir() / "openvino"
+    path = entry.path
+    named = bool(_ENTRY_NAME.fullmatch(path.name))
+    if path.parent != root or not (named or path.name.startswith(_PARTIAL)):
+        raise InvalidInputError(f"{path} is not an entry of the OpenVINO cache {root}")
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise InvalidInputError(f"{path} is not a folder; the OpenVINO cache's entries are folders")
+    if named:
+        aside = root / f"{_PARTIAL[1]}{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, aside)
+        path = aside
+    try:
+        shutil.rmtree(path)  # removes links in the folder, never what they point to
+    except FileNotFoundError:  # removed meanwhile by another prune
+        pass
+
+
+def _note_stale_entries() -> None:
+    """Say once a new entry is written that entries of other versions take space and how to remove them."""
+    try:
+        installed = installed_versions()
+        stale = [entry for entry in cache_entries() if entry.complete and entry.stale(installed)]
+    except OSError:
+        return
+    if stale:
+        logger.info(
+            "%d OpenVINO cache %s made by other diffusers/OpenVINO/torch versions take %s in %s; this install never"
+            " loads them: `taiyi cache prune --stale-versions` removes them",
+            len(stale),
+            "entry" if len(stale) == 1 else "entries",
+            format_size(sum(entry.size for entry in stale)),
+            cache_dir() / "openvino",
+        )
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes for people: ``3.4 GB``, ``512 B`` (powers of 1000, as ``du --si`` and the hub's cache tools)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"
