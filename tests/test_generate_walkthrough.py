@@ -119,28 +119,6 @@ def test_a_negative_seed_says_how_to_get_a_random_one(pipe_zh):
         pipe_zh.generate("山水", steps=1, seed=-1)
 
 
-@pytest.mark.parametrize(
-    ("prompt", "negative", "named"),
-    [
-        ("(山水:1.3)，清晨", "", "(山水:1.3) in the prompt"),
-        ("((masterpiece)), 山水", "", "((masterpiece)) in the prompt"),
-        ("山水 BREAK 清晨", "", "BREAK in the prompt"),
-        ("山水", "[模糊]", "[模糊] in the negative prompt"),
-    ],
-)
-def test_a1111_weighting_syntax_is_said_to_be_read_as_text(pipe_zh, log_warnings, prompt, negative, named):
-    with log_warnings.at_level(logging.WARNING):
-        pipe_zh.generate(prompt, negative_prompt=negative, steps=1, seed=SEED)
-    said = [r.getMessage() for r in log_warnings.records if "prompt weighting is not read" in r.getMessage()]
-    assert len(said) == 1 and named in said[0], said
-
-
-def test_plain_brackets_and_ratios_are_not_taken_for_weighting(pipe_zh, log_warnings):
-    with log_warnings.at_level(logging.WARNING):
-        pipe_zh.generate("（水彩）山水 (oil painting)，3:2", steps=1, seed=SEED)
-    assert not [r for r in log_warnings.records if "prompt weighting is not read" in r.getMessage()]
-
-
 def test_a_mask_painted_on_a_transparent_layer_redraws_only_what_was_painted(pipe_zh):
     image = noise_image()
     layered = pipe_zh.inpaint(image, painted_on_a_transparent_layer(), "明月", steps=2, seed=SEED).images[0]

@@ -37,6 +37,7 @@ OVERRIDES = {
     "width": int,
     "height": int,
     "scheduler": str,
+    "emphasis": str,
 }
 
 
@@ -232,6 +233,7 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
         "guidance_rescale": settings.get("guidance_rescale"),
         "batch_size": settings.get("num_images", 1),
         "normalize": settings.get("normalize"),
+        "emphasis": settings.get("emphasis"),
     }  # not the model: one model has several spellings (a short name, a hub id, a folder)
     for key, value in expected.items():
         if value is not None and getattr(params, key) != value:

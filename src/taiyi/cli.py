@@ -65,6 +65,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Backend,
     Device,
     Dtype,
+    Emphasis,
     Grid,
     Guidance,
     GuidanceEnd,
@@ -213,6 +214,7 @@ def generate(
     overwrite: Overwrite = False,
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
+    emphasis: Emphasis = "original",
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -239,7 +241,7 @@ def generate(
                 ("--guidance-rescale", guidance_rescale, None), ("--seed", seed, None),
                 ("--num-images", num_images, 1), ("--width", width, None), ("--height", height, None),
                 ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
-                ("--no-normalize", no_normalize, False),
+                ("--no-normalize", no_normalize, False), ("--emphasis", emphasis, "original"),
             )
             if value != default
         ]  # fmt: skip
@@ -288,6 +290,7 @@ def generate(
         height=height,
         scheduler=scheduler,
         normalize=not no_normalize,
+        emphasis=emphasis,
     )
     if prompts_file is not None:
         from .batch import check_output_folder, process_group, read_prompts_file, run_batch
@@ -312,8 +315,8 @@ def generate(
         who = f" (process {rank} of {world})" if world > 1 else ""
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
-    model_free = {k: v for k, v in settings.items() if k not in ("negative_prompt", "normalize", "num_images")}
-    _precheck(output, overwrite, num_images, grid, **model_free)
+    model_free = {k: v for k, v in settings.items() if k != "num_images"}
+    _precheck(output, overwrite, num_images, grid, prompt=prompt, **model_free)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("generating") as bar:
         result = pipe.generate(prompt, progress=bar, **settings)
@@ -342,6 +345,7 @@ def edit(
     overwrite: Overwrite = False,
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
+    emphasis: Emphasis = "original",
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -355,7 +359,8 @@ def edit(
     check_strength(strength, steps)
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
-        scheduler=scheduler, width=width, height=height,
+        scheduler=scheduler, width=width, height=height, prompt=prompt, negative_prompt=negative_prompt,
+        normalize=not no_normalize, emphasis=emphasis,
     )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("editing") as bar:
@@ -373,6 +378,7 @@ def edit(
             height=height,
             scheduler=scheduler,
             normalize=not no_normalize,
+            emphasis=emphasis,
             progress=bar,
         )
     _save(result, output, overwrite, grid)
@@ -400,6 +406,7 @@ def inpaint(
     overwrite: Overwrite = False,
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
+    emphasis: Emphasis = "original",
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -414,7 +421,8 @@ def inpaint(
     check_strength(strength, steps)
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
-        scheduler=scheduler,
+        scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt, normalize=not no_normalize,
+        emphasis=emphasis,
     )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("inpainting") as bar:
@@ -432,6 +440,7 @@ def inpaint(
             num_images=num_images,
             scheduler=scheduler,
             normalize=not no_normalize,
+            emphasis=emphasis,
             progress=bar,
         )
     _save(result, output, overwrite, grid)
@@ -481,6 +490,7 @@ def models() -> None:
 def _register_subcommands() -> None:
     from .assemble import assemble_command
     from .bench import bench_command
+    from .cache_cli import cache_app
     from .clip_cli import clip_app
     from .convert_cli import convert_app
     from .data_cli import data_app
@@ -500,6 +510,7 @@ def _register_subcommands() -> None:
     app.command("disco")(disco)
     app.command("bench")(bench_command)
     app.add_typer(data_app, name="data")
+    app.add_typer(cache_app, name="cache")
 
 
 _register_subcommands()

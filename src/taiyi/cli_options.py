@@ -45,6 +45,14 @@ Grid = Annotated[bool, typer.Option("--grid", help="Also write all images as one
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 NoSafety = Annotated[bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")]
 NoNormalize = Annotated[bool, typer.Option("--no-normalize", help="Use the prompt exactly as typed.")]
+Emphasis = Annotated[
+    str,
+    typer.Option(
+        "--emphasis",
+        help="How (words:1.3), (words), [words] and BREAK are read, as in A1111: original (weighted), no-norm, "
+        "or none (as words).",
+    ),
+]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (can run code).")]
 Lora = Annotated[
     list[str] | None,

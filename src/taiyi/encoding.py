@@ -7,6 +7,11 @@
   with its own start/end tokens, and concatenate the chunk embeddings along the sequence axis (the
   convention of AUTOMATIC1111 and ComfyUI): nothing is dropped. The negative prompt is padded with
   empty chunks to the same length. Prompts that fit one window are encoded exactly as diffusers does.
+- Emphasis (:func:`taiyi.prompts.read_emphasis`, A1111's ``(words:1.3)``): each window is encoded as above, then
+  every token's embedding is multiplied by its weight and, for A1111's default "Original" emphasis, the window is
+  scaled back to its unweighted mean (per prompt; A1111 takes the mean over its batch, which for a batch of one
+  prompt is the same). ``BREAK`` ends a window: the parts on either side are encoded apart and concatenated, for
+  BERT as for CLIP.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+
+from .prompts import WeightedPrompt
 
 logger = logging.getLogger("taiyi")
 TOKENIZER_LOGGER = "transformers.tokenization_utils_base"  # its "Token indices sequence length" warning
@@ -106,19 +113,74 @@ def warn_unknown(tokenizer, texts: Iterable[str]) -> None:
         )
 
 
-def _encode_chunked(sd, texts: list[str], device: torch.device) -> list[torch.Tensor]:
-    """Each text → (n_chunks, 77, D) embeddings of 75-token chunks."""
-    tok, enc = sd.tokenizer, sd.text_encoder
-    window, length = _window(tok), tok.model_max_length
+def _windows(tok, item: str | WeightedPrompt, bert: bool) -> list[tuple[list[int], list[float]]]:
+    """``item``'s token ids and weights in windows of the encoder (no start/end tokens yet): each BREAK part on
+    its own, split every 75 tokens for CLIP; a BERT encoder reads one window of a part (the rest was warned of)."""
+    segments = item.segments if isinstance(item, WeightedPrompt) else (((item, 1.0),),)
+    window = _window(tok)
     out = []
-    for text in texts:
-        ids = tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids  # chunked below
-        chunks = [ids[i : i + window] for i in range(0, max(len(ids), 1), window)]
-        rows = [[tok.bos_token_id, *c, tok.eos_token_id] + [tok.pad_token_id] * (length - len(c) - 2) for c in chunks]
-        with torch.no_grad():
-            hidden = enc(torch.tensor(rows, device=device))[0]  # (n_chunks, 77, D)
-        out.append(hidden.to(dtype=enc.dtype))
+    for segment in segments:
+        ids: list[int] = []
+        weights: list[float] = []
+        for text, weight in segment:  # each piece tokenised alone, as A1111 does
+            piece = tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            ids += piece
+            weights += [weight] * len(piece)
+        if bert:
+            ids, weights = ids[:window], weights[:window]
+        out += [(ids[i : i + window], weights[i : i + window]) for i in range(0, max(len(ids), 1), window)]
     return out
+
+
+def _encode_windows(sd, item: str | WeightedPrompt, device: torch.device) -> torch.Tensor:
+    """One prompt → (n_windows, L, D): each window padded and encoded as stock diffusers encodes a prompt (start and
+    end tokens, padding to ``model_max_length``, its attention-mask rule), then weighted as A1111 does (each token's
+    embedding × its weight; for "Original" emphasis scaled back to the window's unweighted mean)."""
+    tok, enc = sd.tokenizer, sd.text_encoder
+    length = tok.model_max_length
+    bert = is_bert(enc)
+    first, last = (tok.cls_token_id, tok.sep_token_id) if bert else (tok.bos_token_id, tok.eos_token_id)
+    rows, multipliers = [], []
+    for ids, weights in _windows(tok, item, bert):
+        row = [first, *ids, last]  # [CLS] … [SEP] or <|startoftext|> … <|endoftext|>
+        weight_row = [1.0] * length  # the start, end and padding tokens keep theirs
+        weight_row[1 : 1 + len(weights)] = weights
+        rows.append(row + [tok.pad_token_id] * (length - len(row)))
+        multipliers.append(weight_row)
+    ids = torch.tensor(rows, device=device)
+    use_mask = getattr(enc.config, "use_attention_mask", False)
+    with torch.no_grad():
+        hidden = enc(ids, attention_mask=(ids != tok.pad_token_id).long() if use_mask else None)[0]  # (n, L, D)
+    weighted = isinstance(item, WeightedPrompt) and any(w != 1.0 for row in multipliers for w in row)
+    if weighted:
+        z = hidden.float()
+        mean = z.mean(dim=(1, 2), keepdim=True)
+        weights = torch.tensor(multipliers, device=device)  # (n, L)
+        z = z * weights[..., None]
+        if item.restore_mean:
+            z = z * _mean_restoring_factor(mean, z.mean(dim=(1, 2), keepdim=True), weights)
+        hidden = z
+    return hidden.to(dtype=enc.dtype)
+
+
+def _mean_restoring_factor(mean: torch.Tensor, weighted_mean: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's scale back to the unweighted mean, per window (n, 1, 1) — or 1 where it is noise.
+
+    When every token's embedding averages to one sign (trained encoders: a final LayerNorm's bias), the weighted
+    mean is a weighted average of the token means, so the factor lies within [1/max weight, 1/min weight]. Outside
+    that range the token means cancel (an encoder whose embeddings average to about zero): the factor is a ratio of
+    two near-zeros, any size or sign, and A1111's rule would scale the whole window by it; such a window is left
+    unscaled ("No norm"), with a warning.
+    """
+    factor = mean / weighted_mean
+    low, high = weights.amin(dim=1)[:, None, None], weights.amax(dim=1)[:, None, None]
+    sound = torch.isfinite(factor) & (factor * high >= 1 - 1e-6) & (factor * low <= 1 + 1e-6)
+    if not bool(sound.all()):
+        logger.warning(
+            "the text encoder's embeddings average to about zero, so A1111's rescale to their mean is noise; "
+            "the weights are applied without it (as --emphasis no-norm)"
+        )
+    return torch.where(sound, factor, torch.ones_like(factor))
 
 
 class PromptCache:
@@ -165,8 +227,8 @@ def _encode_cached(sd, texts: list[str], device, cache: PromptCache, tag: tuple)
 
 def encode_prompts(
     sd,
-    prompts: list[str],
-    negative_prompts: list[str],
+    prompts: list[str | WeightedPrompt],
+    negative_prompts: list[str | WeightedPrompt],
     device: torch.device,
     guidance: float,
     *,
@@ -177,7 +239,8 @@ def encode_prompts(
 
     Args:
         sd: a diffusers Stable Diffusion pipeline (its tokenizer and text encoder are used).
-        prompts: one prompt per image, already normalised.
+        prompts: one prompt per image, already normalised; a :class:`~taiyi.prompts.WeightedPrompt` is read
+            with its weights and BREAKs (A1111's emphasis).
         negative_prompts: same length as ``prompts``.
         device: where the embeddings go.
         guidance: classifier-free guidance scale; at ≤ 1 no negative embeddings are needed.
@@ -190,12 +253,14 @@ def encode_prompts(
     do_cfg = guidance > 1.0
     tok = sd.tokenizer
     window = _window(tok)
-    counts = {t: _token_count(tok, t) for t in set(prompts) | (set(negative_prompts) if do_cfg else set())}
+    bert = is_bert(sd.text_encoder)
+    items = prompts + (negative_prompts if do_cfg else [])
+    counts = {t: _token_count(tok, t) for item in dict.fromkeys(items) for t in _part_texts(item)}
     too_long = {t: n for t, n in counts.items() if n > window}
-    if not too_long or is_bert(sd.text_encoder):
+    if bert:  # CLIP reads a long prompt in windows; its byte-level BPE has no unknown token
         warn_truncated(tok, too_long, window)
-        if is_bert(sd.text_encoder):  # CLIP's byte-level BPE has no unknown token
-            warn_unknown(tok, counts)
+        warn_unknown(tok, counts)
+    if all(isinstance(item, str) for item in items) and (not too_long or bert):
         # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
         if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
             rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)
@@ -205,16 +270,33 @@ def encode_prompts(
                 prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
             )
         return embeds, negative
-    # CLIP with a long prompt: chunks of 75 tokens, every row padded to the same chunk count.
+    # Weighted prompts, BREAKs, or CLIP with a long prompt: windows, every row padded to the same count.
     texts = prompts + (negative_prompts if do_cfg else [])
-    encoded = _encode_chunked(sd, texts, device)
-    n_chunks = max(e.shape[0] for e in encoded)
-    empty = _encode_chunked(sd, [""], device)[0]
+    encoded = [_cached_windows(sd, t, device, cache, cache_tag) for t in texts]
+    n_windows = max(e.shape[0] for e in encoded)
+    empty = _cached_windows(sd, "", device, cache, cache_tag)
     rows = []
     for e in encoded:
-        pad = empty.expand(n_chunks - e.shape[0], -1, -1)
-        rows.append(torch.cat([e, pad]).reshape(1, -1, e.shape[-1]))  # (1, n_chunks*77, D)
+        pad = empty.expand(n_windows - e.shape[0], -1, -1)
+        rows.append(torch.cat([e, pad]).reshape(1, -1, e.shape[-1]))  # (1, n_windows*L, D)
     stacked = torch.cat(rows)
     if do_cfg:
         return stacked[: len(prompts)], stacked[len(prompts) :]
     return stacked, None
+
+
+def _part_texts(item: str | WeightedPrompt) -> list[str]:
+    """The texts an encoder window reads: the prompt, or each BREAK part of a weighted one."""
+    if isinstance(item, WeightedPrompt):
+        return ["".join(text for text, _ in segment) for segment in item.segments]
+    return [item]
+
+
+def _cached_windows(sd, item, device, cache: PromptCache | None, tag: tuple) -> torch.Tensor:
+    key = (tag, "windows", item)
+    rows = cache.get(key) if cache is not None else None
+    if rows is None:
+        rows = _encode_windows(sd, item, device)
+        if cache is not None:
+            cache.put(key, rows)
+    return rows

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InvalidInputError
+from .prompts import EMPHASIS_MODES, check_emphasis, has_emphasis
 from .schedulers import scheduler_spec, spec_from_a1111
 
 __all__ = ["PARAMETERS_KEY", "GenerationParameters", "pnginfo", "read_parameters", "read_parameters_text"]
@@ -56,6 +57,7 @@ _FIELD_KEYS = frozenset(
         "Batch pos",
         "Dtype",
         "Prompt normalization",
+        "Emphasis",
         "Version",
     ]
 )
@@ -138,6 +140,11 @@ class GenerationParameters:
         batch_pos: this image's index in its batch (A1111 "Batch pos"); recorded only when batch_size > 1.
         dtype: weights dtype such as "float16" (taiyi's "Dtype" key); None leaves it out.
         normalize: whether taiyi's Chinese prompt normalisation ran; recorded only when off.
+        emphasis: how the prompts' ``(words:1.3)`` weighting was read, one of :data:`taiyi.prompts.EMPHASIS_MODES`;
+            recorded as A1111's "Emphasis" (its names) when not ``"original"``, and also whenever the prompt or
+            negative prompt holds emphasis syntax — so that a taiyi picture with such syntax and no "Emphasis" was
+            drawn before taiyi read it, with the brackets as words, and reads back as ``"none"``. Any other
+            tool's text without the key reads as ``"original"``, A1111's default.
         extras: any other ``Key: value`` pairs, kept in order and written after the fields above; a text
             read from another tool keeps its unknown keys (e.g. "Model hash") here. "Version" is not kept:
             ``to_text`` always writes taiyi's own.
@@ -161,6 +168,7 @@ class GenerationParameters:
     batch_pos: int = 0
     dtype: str | None = None
     normalize: bool = True
+    emphasis: str = "original"
     extras: dict[str, str] = field(default_factory=dict)
     recorded: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # keys a parsed text held
 
@@ -207,6 +215,8 @@ class GenerationParameters:
             pairs.append(("Dtype", self.dtype))
         if not self.normalize:
             pairs.append(("Prompt normalization", "off"))
+        if self.emphasis != "original" or has_emphasis(self.prompt) or has_emphasis(self.negative_prompt):
+            pairs.append(("Emphasis", EMPHASIS_MODES[check_emphasis(self.emphasis)]))
         pairs += [(k, str(v)) for k, v in self.extras.items() if not (sampler_from_extras and k in _SAMPLER_KEYS)]
         pairs.append(("Version", _version()))
 
@@ -290,6 +300,11 @@ class GenerationParameters:
                 if value.strip() not in ("on", "off"):
                     raise InvalidInputError(f"generation parameters: Prompt normalization {value!r} is not on/off")
                 params.normalize = value.strip() == "on"
+            elif key == "Emphasis":
+                try:
+                    params.emphasis = check_emphasis(value.strip())
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"generation parameters: Emphasis {value!r}: {exc}") from None
             elif key != "Version":  # the writer's version: to_text writes taiyi's own instead
                 extras[key] = value
 
@@ -301,8 +316,13 @@ class GenerationParameters:
                 # Not an error yet: the text is still worth reading; re-rendering it is what cannot be done.
                 params.scheduler = ""
                 extras = {**sampler, **extras}
+        keys = [key for key, _ in pairs]
+        writer = next((_unquote(raw) for key, raw in pairs if key == "Version"), "")
+        if "Emphasis" not in keys and writer.startswith("taiyi "):
+            if has_emphasis(params.prompt) or has_emphasis(params.negative_prompt):
+                params.emphasis = "none"  # drawn before taiyi read emphasis: its brackets were words
         params.extras = extras
-        params.recorded = tuple(key for key, _ in pairs)
+        params.recorded = tuple(keys)
         return params
 
 

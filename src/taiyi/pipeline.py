@@ -33,7 +33,13 @@ from .loading import limit_threads, load_stable_diffusion, select_device, select
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model, split_revision
-from .prompts import check_prompt, normalize_prompt, parameters_line, require_text, weighting_syntax
+from .prompts import (
+    WeightedPrompt,
+    check_emphasis,
+    parameters_line,
+    prepare_prompt,
+    unread_syntax,
+)
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs, scheduler_spec
 
 logger = logging.getLogger("taiyi")
@@ -142,6 +148,10 @@ def check_settings(
     num_images: int = 1,
     width: int | None = None,
     height: int | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    normalize: bool = True,
+    emphasis: str = "original",
 ) -> None:
     """Judge the settings of a generate / edit / inpaint call that need no model, as the call will (None: the
     default), so that a command refuses them before it spends time loading one.
@@ -164,6 +174,11 @@ def check_settings(
     for name, value in (("width", width), ("height", height)):
         if value is not None:  # each side alone: the other may be the model's
             _validate_side(name, value)
+    check_emphasis(emphasis)
+    if prompt is not None:  # its words and weights
+        prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
+    if negative_prompt is not None:
+        prepare_prompt(negative_prompt, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False)
 
 
 def check_guidance_rescale(value: float) -> float:
@@ -222,13 +237,14 @@ class _Job:
 
     prompt: str  # as given (recorded in the metadata)
     negative_prompt: str
-    prompts: list[str]  # normalised, one per image
-    negatives: list[str]
+    prompts: list[str | WeightedPrompt]  # normalised and read with emphasis, one per image
+    negatives: list[str | WeightedPrompt]
     steps: int
     guidance: float
     scheduler: str
     normalize: bool
     guidance_end: float
+    emphasis: str = "original"
 
 
 class TaiyiPipeline:
@@ -330,6 +346,7 @@ class TaiyiPipeline:
         seeds: list[int],
         guidance_end: float = 1.0,
         guidance_rescale: float = 0.0,
+        emphasis: str = "original",
     ) -> list[GenerationParameters]:
         base = GenerationParameters(
             prompt=prompt,
@@ -346,14 +363,18 @@ class TaiyiPipeline:
             batch_size=len(seeds),
             dtype=str(self.dtype).removeprefix("torch."),
             normalize=normalize,
+            emphasis=emphasis,
             extras=lora_extras(self.loras),
         )
         return [replace(base, seed=s, batch_pos=i) for i, s in enumerate(seeds)]
 
-    def _job(self, prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end) -> _Job:
-        """Validate the arguments every task shares; the prompt is normalised once here."""
+    def _job(
+        self, prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
+    ) -> _Job:
+        """Validate the arguments every task shares; the prompt is normalised and read with emphasis once here."""
         if not isinstance(normalize, bool):  # "no" would be true, and normalise
             raise InvalidInputError(f"normalize must be True or False, not {normalize!r}")
+        emphasis = check_emphasis(emphasis)
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
         scheduler = scheduler_spec(scheduler).name  # "Euler a" or a diffusers class name: recorded as taiyi's name
@@ -365,9 +386,12 @@ class TaiyiPipeline:
             scheduler=scheduler,
             num_images=num_images,
             normalize=normalize,
+            emphasis=emphasis,
         )
         negative = negative_prompt or ""
-        return _Job(prompt, negative, prompts, negatives, steps, guidance, scheduler, normalize, guidance_end)
+        return _Job(
+            prompt, negative, prompts, negatives, steps, guidance, scheduler, normalize, guidance_end, emphasis
+        )
 
     def _draw(self, job: _Job, pipe, seed, progress, *, size, strength=None, **call_kwargs) -> GenerationResult:
         """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``."""
@@ -399,6 +423,7 @@ class TaiyiPipeline:
             seeds,
             job.guidance_end,
             call_kwargs.get("guidance_rescale", 0.0),
+            job.emphasis,
         )
         return GenerationResult(images, params, nsfw)
 
@@ -412,10 +437,10 @@ class TaiyiPipeline:
         scheduler: str,
         num_images: int,
         normalize: bool,
-    ) -> tuple[list[str], list[str]]:
+        emphasis: str = "original",
+    ) -> tuple[list[str | WeightedPrompt], list[str | WeightedPrompt]]:
         check_settings(steps=steps, guidance=guidance, scheduler=scheduler, num_images=num_images)
-        require_text(prompt)
-        text = check_prompt(normalize_prompt(prompt) if normalize else prompt)
+        text = prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
         if pasted := parameters_line(prompt):  # the picture's parameters would not read back as this prompt
             raise InvalidInputError(
                 f"the prompt holds a line starting {pasted!r}, as pasted generation parameters do; give the prompt "
@@ -423,21 +448,23 @@ class TaiyiPipeline:
                 "picture with --from IMAGE"
             )
         negative = negative_prompt or ""
-        require_text(negative, "negative prompt")
+        negative_read = prepare_prompt(
+            negative, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False
+        )
+        if emphasis != "none":
+            for what, typed in (("prompt", prompt), ("negative prompt", negative)):
+                if unread := unread_syntax(typed):  # an A1111 habit that would pass silently
+                    logger.warning(
+                        "A1111's prompt editing and alternation are not read: %s in the %s is drawn as its words, "
+                        "weighted ÷1.1 by the brackets",
+                        " ".join(unread),
+                        what,
+                    )
         if negative.strip() and guidance <= 1:  # diffusers drops it without a word
             logger.warning(
                 "the negative prompt has no effect at guidance %s: it steers only when guidance is above 1", guidance
             )
-        for what, typed in (("prompt", prompt), ("negative prompt", negative)):
-            if syntax := weighting_syntax(typed):  # an A1111 or ComfyUI habit that would pass silently
-                logger.warning(
-                    "prompt weighting is not read here: %s in the %s is drawn as text, brackets and numbers too; "
-                    "write the words alone",
-                    " ".join(syntax),
-                    what,
-                )
-        negative = normalize_prompt(negative) if normalize else negative
-        return [text] * num_images, [negative] * num_images
+        return [text] * num_images, [negative_read] * num_images
 
     def _run(self, sd, *, prompts, negatives, steps, guidance, scheduler, seeds, progress, guidance_end=1.0, **kwargs):
         limit_threads()
@@ -506,6 +533,7 @@ class TaiyiPipeline:
         height: int | None = None,
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
+        emphasis: str = "original",
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Text-to-image.
@@ -525,6 +553,9 @@ class TaiyiPipeline:
             width: multiple of 8 in [64, 2048]; None takes the model's native size. Same for ``height``.
             scheduler: one of :data:`taiyi.schedulers.SCHEDULERS`.
             normalize: apply :func:`taiyi.prompts.normalize_prompt` to prompt and negative prompt.
+            emphasis: how ``(words:1.3)``, ``(words)``, ``[words]`` and ``BREAK`` are read, as A1111's option of that
+                name: ``"original"`` (weighted, A1111's default), ``"no-norm"``, or ``"none"`` (they are words); see
+                :func:`taiyi.prompts.read_emphasis`.
             progress: called with ``(step, total)`` after every denoising step.
         """
         self._require_plain_unet("text-to-image")
@@ -534,7 +565,9 @@ class TaiyiPipeline:
         width = self.default_size if width is None else width  # 0 is refused, not taken as the default
         height = self.default_size if height is None else height
         validate_size(width, height)
-        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
+        job = self._job(
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
+        )
         rescale = self._guidance_rescale(guidance_rescale)
         return self._draw(
             job, self.sd, seed, progress, size=(width, height), width=width, height=height, guidance_rescale=rescale
@@ -554,6 +587,7 @@ class TaiyiPipeline:
         height: int | None = None,
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
+        emphasis: str = "original",
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Text-to-image for independent rows in one batched call (a server batching requests).
@@ -576,6 +610,7 @@ class TaiyiPipeline:
             _plain, (steps, guidance, guidance_end, guidance_rescale, width, height)
         )
         _check_progress(progress)
+        emphasis = check_emphasis(emphasis)
         n = len(prompts)
         _check_range("rows", n, 1, MAX_IMAGES)
         negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
@@ -599,6 +634,7 @@ class TaiyiPipeline:
                 scheduler=scheduler,
                 num_images=1,
                 normalize=normalize,
+                emphasis=emphasis,
             )
             texts += text
             negatives += neg
@@ -620,8 +656,9 @@ class TaiyiPipeline:
         params = []
         for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True):  # one seed each: one parameter set
             params += self._params(
-                p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end, rescale
-            )
+                p, neg or "", steps, guidance, scheduler, normalize, width, height, None, [s], guidance_end, rescale,
+                emphasis,
+            )  # fmt: skip
         return GenerationResult(images, params, nsfw)
 
     @property
@@ -678,6 +715,7 @@ class TaiyiPipeline:
         height: int | None = None,
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
+        emphasis: str = "original",
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Image-to-image: redraw ``image`` following ``prompt``.
@@ -696,7 +734,9 @@ class TaiyiPipeline:
             _plain, (strength, steps, guidance, guidance_end, seed, num_images, width, height)
         )
         check_strength(strength, steps)
-        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
+        job = self._job(
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
+        )
         image, width, height = self._init_image(image, width, height)
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
         pipe = self._sub_pipeline(StableDiffusionImg2ImgPipeline)
@@ -718,6 +758,7 @@ class TaiyiPipeline:
         num_images: int = 1,
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
+        emphasis: str = "original",
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Redraw the white part of ``mask`` following ``prompt``; everything else is kept.
@@ -745,7 +786,9 @@ class TaiyiPipeline:
         _check_number("feather", feather)
         if feather < 0:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
-        job = self._job(prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end)
+        job = self._job(
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
+        )
         image, width, height = self._init_image(image, None, None)
         mask, transparent = _mask_picture(mask)
         if mask.size != image.size:
@@ -845,6 +888,7 @@ class TaiyiPipeline:
             height=params.height,
             scheduler=params.scheduler,
             normalize=params.normalize,
+            emphasis=params.emphasis,
             progress=progress,
         )
         i = params.batch_pos

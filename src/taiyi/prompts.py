@@ -64,6 +64,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, overload
 
 from .errors import InvalidInputError
@@ -72,12 +73,18 @@ if TYPE_CHECKING:
     import opencc
 
 __all__ = [
+    "EMPHASIS_MODES",
+    "WeightedPrompt",
+    "check_emphasis",
     "check_prompt",
+    "has_emphasis",
     "normalize_prompt",
     "normalize_prompts",
     "parameters_line",
+    "prepare_prompt",
+    "read_emphasis",
     "require_text",
-    "weighting_syntax",
+    "unread_syntax",
 ]
 
 # Invisible format characters that users paste in from web pages; left in, they would split or glue
@@ -112,8 +119,23 @@ _FULLWIDTH_PARENS_RE = re.compile(r"（([^（）]*)）")
 # the sentence, not the URL (as in "see https://example.com.").
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[!-~]*")
 _URL_TRAILING = ".,:;?!'\")]"
-# AUTOMATIC1111's and ComfyUI's prompt weighting: (words:1.3), ((words)), [words] and BREAK (ASCII brackets only)
-_WEIGHTING_RE = re.compile(r"\([^()]*:\s*-?\d+(?:\.\d+)?\s*\)|\(\([^()]*\)\)|\[[^\[\]]+\]|\bBREAK\b")
+# AUTOMATIC1111's emphasis tokens: an escaped bracket or backslash, an opening bracket, ":WEIGHT)" closing a round
+# bracket, a closing bracket, a run of plain text, a lone colon or backslash. A colon may be full-width: the prompt is
+# normalised first, which makes the colon after a Chinese word "：".
+_EMPHASIS_TOKEN_RE = re.compile(r"\\[()\[\]\\]|[(\[]|[:：]\s*([+-]?[\d.]+)\s*\)|[)\]]|[^\\()\[\]:：]+|[:：\\]")
+# A full-width pair with an explicit weight, （山水：1.3）, as a Chinese input method types it; a full-width pair
+# without one is ordinary punctuation and stays text.
+_FULLWIDTH_WEIGHTED_RE = re.compile(r"（([^（）()]*?)[:：]\s*([+-]?[\d.]+)\s*）")
+# BREAK between words: not inside an English word, but directly beside Chinese characters too (where \b is not).
+_WEIGHT_SUFFIX_RE = re.compile(r"[:：]\s*[+-]?[\d.]+\s*$")  # the ":1.2" before a closing bracket
+_BREAK_RE = re.compile(r"\s*(?<![A-Za-z])BREAK(?![A-Za-z])\s*")
+_ROUND, _SQUARE = 1.1, 1 / 1.1  # A1111's multipliers for (words) and [words]
+MAX_WEIGHT = 10.0
+
+EMPHASIS_MODES = {"original": "Original", "no-norm": "No norm", "none": "None"}
+"""taiyi's names of A1111's emphasis modes → the names A1111 records ("Emphasis" in the ``parameters`` text).
+``original``: weighted token embeddings, then scaled back to the chunk's unweighted mean (A1111's default);
+``no-norm``: weighted, not scaled back; ``none``: brackets and numbers are words."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,7 +203,9 @@ def _left_script(text: str, i: int) -> str | None:
     """The script, ``"han"`` or ``"alphabetic"``, of the left neighbour of the mark at ``text[i]``; None for others."""
     j = i - 1
     while j >= 0 and (text[j].isspace() or text[j] in _MARKS or text[j] in _CLOSERS):
-        j -= 1
+        # An emphasis weight, "(流水:1.2)", is looked through with its bracket: the words it weights are the neighbour.
+        weight = _WEIGHT_SUFFIX_RE.search(text, 0, j) if text[j] in ")）" else None
+        j = weight.start() - 1 if weight else j - 1
     if j < 0:
         return None
     if _is_han(text[j]):
@@ -301,17 +325,155 @@ def normalize_prompts(prompts: str | list[str] | None, *, enabled: bool = True) 
     raise InvalidInputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
 
 
-def weighting_syntax(text: str) -> list[str]:
-    """The parts of ``text`` that AUTOMATIC1111 or ComfyUI would read as weighting rather than words:
-    ``(words:1.3)``, ``((words))``, ``[words]`` and ``BREAK``. taiyi reads them as text.
+@dataclass(frozen=True)
+class WeightedPrompt:
+    """A prompt read with emphasis: ``segments`` (the parts between ``BREAK``s, each encoded in windows of its
+    own) of ``(text, weight)`` pieces; ``restore_mean`` scales each window's weighted embeddings back to their
+    unweighted mean, as A1111's "Original" emphasis does."""
+
+    segments: tuple[tuple[tuple[str, float], ...], ...]
+    restore_mean: bool = True
+
+    @property
+    def text(self) -> str:
+        """The words alone (every piece, BREAKs as spaces): what emptiness and vocabulary checks read."""
+        return " ".join("".join(piece for piece, _ in segment) for segment in self.segments)
+
+
+def check_emphasis(emphasis: str) -> str:
+    """``emphasis`` as one of :data:`EMPHASIS_MODES` (A1111's recorded names are accepted too)."""
+    by_label = {label.lower(): mode for mode, label in EMPHASIS_MODES.items()}
+    mode = by_label.get(emphasis.lower(), emphasis.lower()) if isinstance(emphasis, str) else None
+    if mode not in EMPHASIS_MODES:
+        raise InvalidInputError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, not {emphasis!r}")
+    return mode
+
+
+_AS_WORDS = r"to write brackets as words, escape them as \( \) or turn emphasis off (--emphasis none)"
+
+
+def _weight(number: str, group: str) -> float:
+    try:
+        weight = float(number)
+    except ValueError:
+        raise InvalidInputError(f"prompt weight {number!r} in {group!r} is not a number; {_AS_WORDS}") from None
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise InvalidInputError(
+            f"prompt weight {number} in {group!r} is not between 0 and {MAX_WEIGHT:g} (above 1 strengthens, below 1 "
+            f"weakens); {_AS_WORDS}"
+        )
+    return weight
+
+
+def read_emphasis(text: str, emphasis: str = "original") -> str | WeightedPrompt:
+    """Read AUTOMATIC1111's emphasis syntax in a prompt, as A1111 does.
+
+    ``(words)`` multiplies their weight by 1.1, ``[words]`` divides it by 1.1, ``(words:1.3)`` multiplies it by
+    1.3 (also written ``（words：1.3）`` in full width; a full-width pair without a weight is punctuation);
+    brackets nest and multiply; ``\\(`` ``\\)`` ``\\[`` ``\\]`` are the brackets themselves; a bracket never
+    closed weights the rest of the prompt, a closing one never opened is text. ``BREAK`` starts a new window of
+    the text encoder (the parts on either side are encoded apart).
 
     Args:
-        text: a prompt as typed.
+        text: the prompt (normalised, if it is to be).
+        emphasis: one of :data:`EMPHASIS_MODES`; ``"none"`` returns ``text`` as it is.
 
     Returns:
-        Each such part once, in order; empty when there is none.
+        The words as a string when nothing in them is weighted or broken (escapes resolved), else a
+        :class:`WeightedPrompt`.
+
+    Raises:
+        InvalidInputError: a weight that is not a number, or outside 0–10.
     """
-    return list(dict.fromkeys(match.group() for match in _WEIGHTING_RE.finditer(text)))
+    mode = check_emphasis(emphasis)
+    if mode == "none":
+        return text
+    text = _FULLWIDTH_WEIGHTED_RE.sub(r"(\1:\2)", text)
+    pieces: list[list] = []  # [text, weight]; a BREAK is [None, 1.0]
+    rounds: list[tuple[int, int]] = []  # (first piece, where in the text) of each open bracket
+    squares: list[tuple[int, int]] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in _EMPHASIS_TOKEN_RE.finditer(text):
+        token, number = match.group(), match.group(1)
+        if token[0] == "\\" and len(token) == 2:
+            pieces.append([token[1], 1.0])
+        elif token in "([":
+            (rounds if token == "(" else squares).append((len(pieces), match.start()))
+        elif number is not None and rounds:
+            start, at = rounds.pop()
+            multiply(start, _weight(number, text[at : match.end()]))
+        elif token == ")" and rounds:
+            multiply(rounds.pop()[0], _ROUND)
+        elif token == "]" and squares:
+            multiply(squares.pop()[0], _SQUARE)
+        else:
+            for i, part in enumerate(_BREAK_RE.split(token)):
+                if i:
+                    pieces.append([None, 1.0])
+                pieces.append([part, 1.0])
+    for start, _ in rounds:
+        multiply(start, _ROUND)
+    for start, _ in squares:
+        multiply(start, _SQUARE)
+
+    segments: list[list[tuple[str, float]]] = [[]]
+    for piece, weight in pieces:
+        if piece is None:
+            segments.append([])
+        elif piece:
+            segment = segments[-1]
+            if segment and segment[-1][1] == weight:  # one piece per run of equal weight
+                segment[-1] = (segment[-1][0] + piece, weight)
+            else:
+                segment.append((piece, weight))
+    if len(segments) == 1 and all(weight == 1.0 for _, weight in segments[0]):
+        return "".join(piece for piece, _ in segments[0])
+    return WeightedPrompt(tuple(tuple(s) for s in segments if s) or ((),), restore_mean=mode == "original")
+
+
+def prepare_prompt(
+    text: str, *, normalize: bool = True, emphasis: str = "original", what: str = "prompt", required: bool = True
+) -> str | WeightedPrompt:
+    """A prompt as the text encoder reads it: normalised (:func:`normalize_prompt`) when ``normalize``, then read
+    with ``emphasis`` (:func:`read_emphasis`; after normalisation, which keeps brackets and weights).
+
+    Args:
+        text: the prompt as given.
+        normalize: apply :func:`normalize_prompt` first.
+        emphasis: one of :data:`EMPHASIS_MODES`.
+        what: what the text is, for messages ("negative prompt").
+        required: refuse a text without words (:func:`check_prompt`).
+
+    Raises:
+        InvalidInputError: not text, a malformed weight, or (when required) no words.
+    """
+    require_text(text, what)
+    read = read_emphasis(normalize_prompt(text) if normalize else text, emphasis)
+    if required:
+        check_prompt(read.text if isinstance(read, WeightedPrompt) else read)
+    return read
+
+
+# A1111's prompt editing, [from:to:when] or [to:when], and alternation, [a|b]: not read here
+_UNREAD_RE = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
+
+
+def unread_syntax(text: str) -> list[str]:
+    """The parts of ``text`` that A1111 reads as prompt editing (``[a:b:0.5]``) or alternation (``[a|b]``), which
+    taiyi does not: there the brackets weight the words inside (÷1.1), colons and bars included."""
+    return list(dict.fromkeys(match.group() for match in _UNREAD_RE.finditer(text)))
+
+
+def has_emphasis(text: str) -> bool:
+    """Whether ``text`` reads otherwise with emphasis than as plain words (weights, ``BREAK`` or escapes)."""
+    try:
+        return read_emphasis(text) != text
+    except InvalidInputError:  # a malformed weight is syntax too
+        return True
 
 
 # A line of an A1111 ``parameters`` text: the negative prompt's, or the settings' ("Steps: 20, Sampler: ...")

@@ -71,7 +71,7 @@ def parse_size(text: str, max_side: int, *, param: str = "size") -> tuple[int, i
 
 def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -> str:
     """A prompt-like field: present when required, within the length cap; returns it normalised."""
-    from ..prompts import check_prompt, normalize_prompt
+    from ..prompts import normalize_prompt, prepare_prompt
 
     if text is None or (not required and text == ""):
         if required:
@@ -80,8 +80,8 @@ def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -
     if len(text) > max_chars:
         raise bad_request(f"{name} is {len(text)} characters long; the limit is {max_chars}", param=name)
     try:
-        normalized = normalize_prompt(text)
-        return check_prompt(normalized) if required else normalized
+        prepare_prompt(text, what=name, required=required)  # its words and (words:1.3) weights, as drawn
+        return normalize_prompt(text)
     except InvalidInputError as exc:
         raise bad_request(str(exc), param=name) from None
 
