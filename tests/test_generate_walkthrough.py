@@ -162,7 +162,7 @@ def test_a_hires_fix_picture_is_refused_for_what_it_is(pipe_zh):
 
 @pytest.mark.parametrize(
     "extra, named",
-    [(", Variation seed: 5, Variation seed strength: 0.3", "Variation seed"), (", Clip skip: 2", "Clip skip")],
+    [(", Seed resize from: 512x768", "Seed resize from"), (", Clip skip: 2", "Clip skip")],
 )
 def test_settings_taiyi_does_not_run_are_refused_not_ignored(pipe_zh, extra, named):
     text = "山水\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 12, Size: 64x64" + extra

@@ -38,6 +38,8 @@ OVERRIDES = {
     "height": int,
     "scheduler": str,
     "emphasis": str,
+    "variation_seed": int,
+    "variation_strength": float,
 }
 
 
@@ -234,6 +236,12 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
         "batch_size": settings.get("num_images", 1),
         "normalize": settings.get("normalize"),
         "emphasis": settings.get("emphasis"),
+        "variation_seed": (  # recorded only with a strength above 0; without a seed, a random one
+            settings["variation_seed"] + pos
+            if settings.get("variation_strength") and settings.get("variation_seed") is not None
+            else None
+        ),
+        "variation_strength": settings.get("variation_strength"),
     }  # not the model: one model has several spellings (a short name, a hub id, a folder)
     for key, value in expected.items():
         if value is not None and getattr(params, key) != value:

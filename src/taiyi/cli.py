@@ -83,6 +83,8 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     Scheduler,
     Seed,
     Steps,
+    VariationSeed,
+    VariationStrength,
     Width,
 )
 
@@ -215,6 +217,8 @@ def generate(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     emphasis: Emphasis = "original",
+    variation_seed: VariationSeed = None,
+    variation_strength: VariationStrength = 0.0,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -242,6 +246,7 @@ def generate(
                 ("--num-images", num_images, 1), ("--width", width, None), ("--height", height, None),
                 ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
                 ("--no-normalize", no_normalize, False), ("--emphasis", emphasis, "original"),
+                ("--variation-seed", variation_seed, None), ("--variation-strength", variation_strength, 0.0),
             )
             if value != default
         ]  # fmt: skip
@@ -291,6 +296,8 @@ def generate(
         scheduler=scheduler,
         normalize=not no_normalize,
         emphasis=emphasis,
+        variation_seed=variation_seed,
+        variation_strength=variation_strength,
     )
     if prompts_file is not None:
         from .batch import check_output_folder, process_group, read_prompts_file, run_batch

@@ -45,6 +45,18 @@ Grid = Annotated[bool, typer.Option("--grid", help="Also write all images as one
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 NoSafety = Annotated[bool, typer.Option("--no-safety-checker", help="Drop the checkpoint's safety checker.")]
 NoNormalize = Annotated[bool, typer.Option("--no-normalize", help="Use the prompt exactly as typed.")]
+VariationSeed = Annotated[
+    int | None,
+    typer.Option(
+        "--variation-seed",
+        help="A1111's variation seed: image i's noise moves toward this seed+i's by --variation-strength "
+        "(default with a strength: a random one).",
+    ),
+]
+VariationStrength = Annotated[
+    float,
+    typer.Option("--variation-strength", help="How far toward the variation seed's noise, 0–1 (0: off)."),
+]
 Emphasis = Annotated[
     str,
     typer.Option(

@@ -58,6 +58,8 @@ _FIELD_KEYS = frozenset(
         "Dtype",
         "Prompt normalization",
         "Emphasis",
+        "Variation seed",
+        "Variation seed strength",
         "Version",
     ]
 )
@@ -145,6 +147,9 @@ class GenerationParameters:
             negative prompt holds emphasis syntax — so that a taiyi picture with such syntax and no "Emphasis" was
             drawn before taiyi read it, with the brackets as words, and reads back as ``"none"``. Any other
             tool's text without the key reads as ``"original"``, A1111's default.
+        variation_seed: A1111's "Variation seed" (None: none); recorded with ``variation_strength`` (A1111's
+            "Variation seed strength") when that is above 0.
+        variation_strength: in [0, 1].
         extras: any other ``Key: value`` pairs, kept in order and written after the fields above; a text
             read from another tool keeps its unknown keys (e.g. "Model hash") here. "Version" is not kept:
             ``to_text`` always writes taiyi's own.
@@ -169,6 +174,8 @@ class GenerationParameters:
     dtype: str | None = None
     normalize: bool = True
     emphasis: str = "original"
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
     extras: dict[str, str] = field(default_factory=dict)
     recorded: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # keys a parsed text held
 
@@ -201,10 +208,13 @@ class GenerationParameters:
             pairs.append(("CFG end", _format_float(self.guidance_end)))
         if self.guidance_rescale > 0:
             pairs.append(("CFG rescale", _format_float(self.guidance_rescale)))
-        pairs += [
-            ("Seed", str(self.seed)),
-            ("Size", f"{self.width}x{self.height}"),
-        ]
+        pairs.append(("Seed", str(self.seed)))
+        if self.variation_strength > 0 and self.variation_seed is not None:  # A1111 writes them beside the seed
+            pairs += [
+                ("Variation seed", str(self.variation_seed)),
+                ("Variation seed strength", _format_float(self.variation_strength)),
+            ]
+        pairs.append(("Size", f"{self.width}x{self.height}"))
         if self.model:
             pairs.append(("Model", self.model))
         if self.strength is not None:
@@ -281,6 +291,10 @@ class GenerationParameters:
                 params.guidance_rescale = _parse_float(key, value)
             elif key == "Seed":
                 params.seed = _parse_int(key, value)
+            elif key == "Variation seed":
+                params.variation_seed = _parse_int(key, value)
+            elif key == "Variation seed strength":
+                params.variation_strength = _parse_float(key, value)
             elif key == "Size":
                 size = _SIZE_RE.fullmatch(value.strip())
                 if size is None:

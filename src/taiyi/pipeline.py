@@ -152,6 +152,8 @@ def check_settings(
     negative_prompt: str | None = None,
     normalize: bool = True,
     emphasis: str = "original",
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
 ) -> None:
     """Judge the settings of a generate / edit / inpaint call that need no model, as the call will (None: the
     default), so that a command refuses them before it spends time loading one.
@@ -175,10 +177,48 @@ def check_settings(
         if value is not None:  # each side alone: the other may be the model's
             _validate_side(name, value)
     check_emphasis(emphasis)
+    check_variation(variation_seed, variation_strength, num_images)
     if prompt is not None:  # its words and weights
         prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
     if negative_prompt is not None:
         prepare_prompt(negative_prompt, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False)
+
+
+def check_variation(variation_seed: int | None, strength: float, num_images: int = 1) -> None:
+    """A1111's variation seed and strength: a seed (or None) and a strength in [0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 <= strength <= 1:
+        raise InvalidInputError(
+            f"variation strength must be between 0 and 1 (0: the seed's own picture), not {strength!r}"
+        )
+    if variation_seed is not None:
+        seeds_for(variation_seed, num_images)
+
+
+def variation_noise(sd, generators, variation_seeds, strength, width, height, embeds) -> torch.Tensor:
+    """The starting noise of a batch with A1111's variation seeds: row ``i`` drawn from ``generators[i]`` exactly as
+    diffusers draws it (so the generator goes on to the sampler's noise as it would), then moved toward the noise of
+    ``variation_seeds[i]`` by ``strength`` along the great circle between them (A1111's slerp, over the whole latent).
+    """
+    shape = (1, sd.unet.config.in_channels, height // sd.vae_scale_factor, width // sd.vae_scale_factor)
+    rows = []
+    for generator, other in zip(generators, variation_seeds, strict=True):
+        own = torch.randn(shape, generator=generator, dtype=embeds.dtype)  # diffusers' randn_tensor, row by row
+        away = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(other), dtype=embeds.dtype)
+        rows.append(slerp(strength, own, away))
+    return torch.cat(rows).to(embeds.device)  # (B, 4, h, w)
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), computed in float64; linear where they are
+    nearly parallel (as A1111's)."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    dot = torch.dot(a64 / a64.norm(), b64 / b64.norm()).clamp(-1, 1)
+    if dot > 0.9995:
+        out = (1 - t) * a64 + t * b64
+    else:
+        omega = torch.acos(dot)
+        out = (torch.sin((1 - t) * omega) * a64 + torch.sin(t * omega) * b64) / torch.sin(omega)
+    return out.reshape(a.shape).to(a.dtype)
 
 
 def check_guidance_rescale(value: float) -> float:
@@ -393,10 +433,14 @@ class TaiyiPipeline:
             prompt, negative, prompts, negatives, steps, guidance, scheduler, normalize, guidance_end, emphasis
         )
 
-    def _draw(self, job: _Job, pipe, seed, progress, *, size, strength=None, **call_kwargs) -> GenerationResult:
-        """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``."""
+    def _draw(
+        self, job: _Job, pipe, seed, progress, *, size, strength=None, variation=(None, 0.0), **call_kwargs
+    ) -> GenerationResult:
+        """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``;
+        ``variation`` is ``(variation seed, strength)`` (text-to-image)."""
         _check_progress(progress)
         seeds = seeds_for(seed, len(job.prompts))
+        variation_seeds = seeds_for(variation[0], len(seeds)) if variation[1] > 0 else None
         images, nsfw = self._run(
             pipe,
             prompts=job.prompts,
@@ -407,6 +451,7 @@ class TaiyiPipeline:
             scheduler=job.scheduler,
             seeds=seeds,
             progress=progress,
+            variation=(variation_seeds, variation[1]) if variation_seeds else None,
             **({"strength": strength} if strength is not None else {}),
             **call_kwargs,
         )
@@ -425,6 +470,11 @@ class TaiyiPipeline:
             call_kwargs.get("guidance_rescale", 0.0),
             job.emphasis,
         )
+        if variation_seeds:
+            params = [
+                replace(p, variation_seed=v, variation_strength=variation[1])
+                for p, v in zip(params, variation_seeds, strict=True)
+            ]
         return GenerationResult(images, params, nsfw)
 
     def _prepare(
@@ -466,7 +516,21 @@ class TaiyiPipeline:
             )
         return [text] * num_images, [negative_read] * num_images
 
-    def _run(self, sd, *, prompts, negatives, steps, guidance, scheduler, seeds, progress, guidance_end=1.0, **kwargs):
+    def _run(
+        self,
+        sd,
+        *,
+        prompts,
+        negatives,
+        steps,
+        guidance,
+        scheduler,
+        seeds,
+        progress,
+        guidance_end=1.0,
+        variation=None,
+        **kwargs,
+    ):
         limit_threads()
         sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
         tag = tuple((lora.hash, lora.scale) for lora in self.loras)  # LoRAs change the text encoder's output
@@ -474,6 +538,8 @@ class TaiyiPipeline:
             sd, prompts, negatives, self.device, guidance, cache=self.prompt_cache, cache_tag=tag
         )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if variation is not None:  # text-to-image: the starting noise, drawn here from the same generators
+            kwargs["latents"] = variation_noise(sd, generators, *variation, kwargs["width"], kwargs["height"], embeds)
         # Guidance stops after the first ``guidance_end`` of the steps: diffusers' documented way of
         # turning it off mid-run (keep the conditional half of every CFG-doubled tensor, guidance scale 0).
         halved = [name for name in _CFG_DOUBLED if name in sd._callback_tensor_inputs]
@@ -534,6 +600,8 @@ class TaiyiPipeline:
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
         emphasis: str = "original",
+        variation_seed: int | None = None,
+        variation_strength: float = 0.0,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Text-to-image.
@@ -556,9 +624,16 @@ class TaiyiPipeline:
             emphasis: how ``(words:1.3)``, ``(words)``, ``[words]`` and ``BREAK`` are read, as A1111's option of that
                 name: ``"original"`` (weighted, A1111's default), ``"no-norm"``, or ``"none"`` (they are words); see
                 :func:`taiyi.prompts.read_emphasis`.
+            variation_seed: A1111's variation seed: image ``i`` starts from its seed's noise moved toward the noise
+                of ``variation_seed + i`` by ``variation_strength`` (spherical interpolation); None with a strength
+                picks one at random.
+            variation_strength: in [0, 1]; 0 (the default) draws the seed's own picture, 1 the variation seed's
+                noise (with the seed's sampler noise).
             progress: called with ``(step, total)`` after every denoising step.
         """
         self._require_plain_unet("text-to-image")
+        variation_seed, variation_strength = map(_plain, (variation_seed, variation_strength))
+        check_variation(variation_seed, variation_strength, num_images)
         steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height = map(
             _plain, (steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height)
         )
@@ -570,8 +645,9 @@ class TaiyiPipeline:
         )
         rescale = self._guidance_rescale(guidance_rescale)
         return self._draw(
-            job, self.sd, seed, progress, size=(width, height), width=width, height=height, guidance_rescale=rescale
-        )
+            job, self.sd, seed, progress, size=(width, height), width=width, height=height, guidance_rescale=rescale,
+            variation=(variation_seed, float(variation_strength)),
+        )  # fmt: skip
 
     def generate_many(
         self,
@@ -841,7 +917,7 @@ class TaiyiPipeline:
                 "these parameters come from A1111's hires fix (a second, upscaling image-to-image pass), which taiyi "
                 "does not run; generate with its prompt instead"
             )
-        unread = [key for key in ("Variation seed", "Clip skip") if key in params.extras]
+        unread = [key for key in ("Seed resize from", "Clip skip") if key in params.extras]
         if "Clip skip" in unread and params.extras["Clip skip"].strip() in ("1", ""):
             unread.remove("Clip skip")  # the last layer: what taiyi reads anyway
         if unread:  # the picture would come back another one without a word
@@ -889,6 +965,8 @@ class TaiyiPipeline:
             scheduler=params.scheduler,
             normalize=params.normalize,
             emphasis=params.emphasis,
+            variation_seed=None if params.variation_seed is None else params.variation_seed - params.batch_pos,
+            variation_strength=params.variation_strength,
             progress=progress,
         )
         i = params.batch_pos
