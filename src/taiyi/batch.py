@@ -40,6 +40,10 @@ OVERRIDES = {
     "emphasis": str,
     "variation_seed": int,
     "variation_strength": float,
+    "hires_scale": float,
+    "hires_strength": float,
+    "hires_steps": int,
+    "hires_upscaler": str,
 }
 
 
@@ -242,6 +246,8 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
             else None
         ),
         "variation_strength": settings.get("variation_strength"),
+        "hires_scale": settings.get("hires_scale"),
+        "strength": settings.get("hires_strength", 0.7) if settings.get("hires_scale") is not None else None,
     }  # not the model: one model has several spellings (a short name, a hub id, a folder)
     for key, value in expected.items():
         if value is not None and getattr(params, key) != value:

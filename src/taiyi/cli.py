@@ -71,6 +71,10 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     GuidanceEnd,
     GuidanceRescale,
     Height,
+    HiresScale,
+    HiresSteps,
+    HiresStrength,
+    HiresUpscaler,
     Lora,
     Memory,
     Model,
@@ -219,6 +223,10 @@ def generate(
     emphasis: Emphasis = "original",
     variation_seed: VariationSeed = None,
     variation_strength: VariationStrength = 0.0,
+    hires_scale: HiresScale = None,
+    hires_strength: HiresStrength = 0.7,
+    hires_steps: HiresSteps = 0,
+    hires_upscaler: HiresUpscaler = "Latent",
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -247,6 +255,8 @@ def generate(
                 ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
                 ("--no-normalize", no_normalize, False), ("--emphasis", emphasis, "original"),
                 ("--variation-seed", variation_seed, None), ("--variation-strength", variation_strength, 0.0),
+                ("--hires-scale", hires_scale, None), ("--hires-strength", hires_strength, 0.7),
+                ("--hires-steps", hires_steps, 0), ("--hires-upscaler", hires_upscaler, "Latent"),
             )
             if value != default
         ]  # fmt: skip
@@ -298,6 +308,10 @@ def generate(
         emphasis=emphasis,
         variation_seed=variation_seed,
         variation_strength=variation_strength,
+        hires_scale=hires_scale,
+        hires_strength=hires_strength,
+        hires_steps=hires_steps,
+        hires_upscaler=hires_upscaler,
     )
     if prompts_file is not None:
         from .batch import check_output_folder, process_group, read_prompts_file, run_batch

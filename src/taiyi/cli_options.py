@@ -57,6 +57,24 @@ VariationStrength = Annotated[
     float,
     typer.Option("--variation-strength", help="How far toward the variation seed's noise, 0–1 (0: off)."),
 ]
+HiresScale = Annotated[
+    float | None,
+    typer.Option(
+        "--hires-scale",
+        help="A1111's hires fix: draw at the size, upscale by this (1–4) and redraw at --hires-strength.",
+    ),
+]
+HiresStrength = Annotated[
+    float, typer.Option("--hires-strength", help="The hires fix's denoising strength, in (0, 1].")
+]
+HiresSteps = Annotated[int, typer.Option("--hires-steps", help="The hires fix's steps (0: --steps).")]
+HiresUpscaler = Annotated[
+    str,
+    typer.Option(
+        "--hires-upscaler",
+        help='A1111\'s names: "Latent" (and its antialiased/bicubic/nearest kinds), "Lanczos" or "Nearest".',
+    ),
+]
 Emphasis = Annotated[
     str,
     typer.Option(

@@ -60,6 +60,9 @@ _FIELD_KEYS = frozenset(
         "Emphasis",
         "Variation seed",
         "Variation seed strength",
+        "Hires upscale",
+        "Hires steps",
+        "Hires upscaler",
         "Version",
     ]
 )
@@ -150,6 +153,10 @@ class GenerationParameters:
         variation_seed: A1111's "Variation seed" (None: none); recorded with ``variation_strength`` (A1111's
             "Variation seed strength") when that is above 0.
         variation_strength: in [0, 1].
+        hires_scale: A1111's hires fix ("Hires upscale"; None: none): ``width``/``height`` are then the first pass's
+            size, as A1111 records them, and ``strength`` the second pass's ("Denoising strength").
+        hires_steps: the second pass's steps ("Hires steps", written when not 0: the first pass's).
+        hires_upscaler: "Hires upscaler", A1111's name.
         extras: any other ``Key: value`` pairs, kept in order and written after the fields above; a text
             read from another tool keeps its unknown keys (e.g. "Model hash") here. "Version" is not kept:
             ``to_text`` always writes taiyi's own.
@@ -176,6 +183,9 @@ class GenerationParameters:
     emphasis: str = "original"
     variation_seed: int | None = None
     variation_strength: float = 0.0
+    hires_scale: float | None = None
+    hires_steps: int = 0
+    hires_upscaler: str = "Latent"
     extras: dict[str, str] = field(default_factory=dict)
     recorded: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # keys a parsed text held
 
@@ -221,6 +231,11 @@ class GenerationParameters:
             pairs.append(("Denoising strength", _format_float(self.strength)))
         if self.batch_size > 1:
             pairs += [("Batch size", str(self.batch_size)), ("Batch pos", str(self.batch_pos))]
+        if self.hires_scale is not None:
+            pairs.append(("Hires upscale", _format_float(self.hires_scale)))
+            if self.hires_steps:
+                pairs.append(("Hires steps", str(self.hires_steps)))
+            pairs.append(("Hires upscaler", self.hires_upscaler))
         if self.dtype is not None:
             pairs.append(("Dtype", self.dtype))
         if not self.normalize:
@@ -295,6 +310,12 @@ class GenerationParameters:
                 params.variation_seed = _parse_int(key, value)
             elif key == "Variation seed strength":
                 params.variation_strength = _parse_float(key, value)
+            elif key == "Hires upscale":
+                params.hires_scale = _parse_float(key, value)
+            elif key == "Hires steps":
+                params.hires_steps = _parse_int(key, value)
+            elif key == "Hires upscaler":
+                params.hires_upscaler = value.strip()
             elif key == "Size":
                 size = _SIZE_RE.fullmatch(value.strip())
                 if size is None:

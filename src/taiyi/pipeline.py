@@ -154,6 +154,10 @@ def check_settings(
     emphasis: str = "original",
     variation_seed: int | None = None,
     variation_strength: float = 0.0,
+    hires_scale: float | None = None,
+    hires_strength: float = 0.7,
+    hires_steps: int = 0,
+    hires_upscaler: str = "Latent",
 ) -> None:
     """Judge the settings of a generate / edit / inpaint call that need no model, as the call will (None: the
     default), so that a command refuses them before it spends time loading one.
@@ -178,6 +182,9 @@ def check_settings(
             _validate_side(name, value)
     check_emphasis(emphasis)
     check_variation(variation_seed, variation_strength, num_images)
+    hires = check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler, steps=steps)
+    if hires is not None and width is not None and height is not None:
+        validate_size(*hires.size(width, height))
     if prompt is not None:  # its words and weights
         prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
     if negative_prompt is not None:
@@ -192,6 +199,72 @@ def check_variation(variation_seed: int | None, strength: float, num_images: int
         )
     if variation_seed is not None:
         seeds_for(variation_seed, num_images)
+
+
+# A1111's hires upscalers taiyi runs: latent ones as (torch interpolation mode, antialias), picture ones as PIL filters
+HIRES_UPSCALERS: dict[str, tuple] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+    "Lanczos": (Image.LANCZOS,),
+    "Nearest": (Image.NEAREST,),
+}
+MAX_HIRES_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: the second pass's upscale factor, denoising strength, steps (0: the first pass's) and
+    upscaler (a key of :data:`HIRES_UPSCALERS`)."""
+
+    scale: float
+    strength: float
+    steps: int
+    upscaler: str
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler.startswith("Latent")
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: each side × the scale, rounded down to a multiple of 8 (A1111's rule)."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+
+def check_hires(scale, strength, steps_2: int, upscaler: str, *, steps: int) -> HiresFix | None:
+    """The hires fix these settings ask for (None when ``scale`` is None), judged as A1111 would take them."""
+    if scale is None:
+        return None
+    _check_number("hires scale", scale)
+    if not 1 <= scale <= MAX_HIRES_SCALE:
+        raise InvalidInputError(
+            f"hires scale must be between 1 and {MAX_HIRES_SCALE:g} (2 doubles each side), not {scale}"
+        )
+    _check_range("hires steps", steps_2, 0, MAX_STEPS)
+    check_strength(strength, steps_2 or steps)
+    by_name = {name.lower(): name for name in HIRES_UPSCALERS}
+    name = by_name.get(upscaler.strip().lower()) if isinstance(upscaler, str) else None
+    if name is None:
+        raise InvalidInputError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)}, not {upscaler!r}")
+    return HiresFix(float(scale), float(strength), int(steps_2), name)
+
+
+class _HiresProgress:
+    """One progress count over both passes: the second pass's steps follow the first's."""
+
+    def __init__(self, progress: ProgressCallback):
+        self.progress, self.offset, self.first_total = progress, 0, 0
+
+    def second_pass(self) -> None:
+        self.offset = self.first_total
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.offset:
+            self.first_total = total
+        self.progress(self.offset + done, self.offset + total)
 
 
 def variation_noise(sd, generators, variation_seeds, strength, width, height, embeds) -> torch.Tensor:
@@ -434,13 +507,17 @@ class TaiyiPipeline:
         )
 
     def _draw(
-        self, job: _Job, pipe, seed, progress, *, size, strength=None, variation=(None, 0.0), **call_kwargs
+        self, job: _Job, pipe, seed, progress, *, size, strength=None, variation=(None, 0.0), hires=None, **call_kwargs
     ) -> GenerationResult:
         """Run one task's batch (seeds ``seed, seed+1, ...``) and record each image's parameters at ``size``;
-        ``variation`` is ``(variation seed, strength)`` (text-to-image)."""
+        ``variation`` is ``(variation seed, strength)`` and ``hires`` a :class:`HiresFix` (text-to-image)."""
         _check_progress(progress)
         seeds = seeds_for(seed, len(job.prompts))
         variation_seeds = seeds_for(variation[0], len(seeds)) if variation[1] > 0 else None
+        first_pass = {}
+        if hires is not None:  # the first pass hands over latents or pictures; the second redraws them larger
+            first_pass = {"output_type": "latent" if hires.latent else "pil"}
+            progress = _HiresProgress(progress) if progress is not None else None
         images, nsfw = self._run(
             pipe,
             prompts=job.prompts,
@@ -453,8 +530,12 @@ class TaiyiPipeline:
             progress=progress,
             variation=(variation_seeds, variation[1]) if variation_seeds else None,
             **({"strength": strength} if strength is not None else {}),
+            **first_pass,
             **call_kwargs,
         )
+        if hires is not None:
+            images, nsfw = self._hires_pass(job, images, seeds, hires, progress, size)
+            strength = hires.strength
         params = self._params(
             job.prompt,
             job.negative_prompt,
@@ -475,7 +556,40 @@ class TaiyiPipeline:
                 replace(p, variation_seed=v, variation_strength=variation[1])
                 for p, v in zip(params, variation_seeds, strict=True)
             ]
+        if hires is not None:
+            params = [replace(p, hires_scale=hires.scale, hires_steps=hires.steps, hires_upscaler=hires.upscaler)
+                      for p in params]  # fmt: skip
         return GenerationResult(images, params, nsfw)
+
+    def _hires_pass(self, job: _Job, first, seeds, hires: HiresFix, progress, size):
+        """A1111's second pass: the first pass's latents (or pictures) upscaled to ``hires.size(*size)`` and redrawn
+        by image-to-image at ``hires.strength``, each image from a generator seeded as its first pass was."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        width, height = hires.size(*size)
+        if hires.latent:
+            mode, antialias = HIRES_UPSCALERS[hires.upscaler]
+            f = self.sd.vae_scale_factor
+            upscaled = torch.nn.functional.interpolate(
+                first, size=(height // f, width // f), mode=mode, antialias=antialias
+            )  # (B, C, H/f, W/f), handed over as latents
+        else:
+            upscaled = [image.resize((width, height), HIRES_UPSCALERS[hires.upscaler][0]) for image in first]
+        if progress is not None:
+            progress.second_pass()
+        return self._run(
+            self._sub_pipeline(StableDiffusionImg2ImgPipeline),
+            prompts=job.prompts,
+            negatives=job.negatives,
+            steps=hires.steps or job.steps,
+            guidance=job.guidance,
+            guidance_end=job.guidance_end,
+            scheduler=job.scheduler,
+            seeds=seeds,
+            progress=progress,
+            image=upscaled,
+            strength=hires.strength,
+        )
 
     def _prepare(
         self,
@@ -602,6 +716,10 @@ class TaiyiPipeline:
         emphasis: str = "original",
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
+        hires_scale: float | None = None,
+        hires_strength: float = 0.7,
+        hires_steps: int = 0,
+        hires_upscaler: str = "Latent",
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Text-to-image.
@@ -629,11 +747,19 @@ class TaiyiPipeline:
                 picks one at random.
             variation_strength: in [0, 1]; 0 (the default) draws the seed's own picture, 1 the variation seed's
                 noise (with the seed's sampler noise).
-            progress: called with ``(step, total)`` after every denoising step.
+            hires_scale: A1111's hires fix: draw at ``width``×``height``, upscale by this factor (1–4; the sides
+                rounded down to multiples of 8) and redraw with image-to-image at ``hires_strength``; None: off.
+            hires_strength: the second pass's denoising strength, in (0, 1] (A1111's "Denoising strength").
+            hires_steps: the second pass's steps (``int(hires_steps × hires_strength)`` are run, as for an edit);
+                0 takes ``steps``.
+            hires_upscaler: one of :data:`HIRES_UPSCALERS` (A1111's names): the latent upscalers resize the first
+                pass's latents, ``Lanczos`` and ``Nearest`` its decoded picture.
+            progress: called with ``(step, total)`` after every denoising step (of both passes with the hires fix).
         """
         self._require_plain_unet("text-to-image")
         variation_seed, variation_strength = map(_plain, (variation_seed, variation_strength))
         check_variation(variation_seed, variation_strength, num_images)
+        hires = check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler, steps=steps)
         steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height = map(
             _plain, (steps, guidance, guidance_end, guidance_rescale, seed, num_images, width, height)
         )
@@ -644,9 +770,11 @@ class TaiyiPipeline:
             prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
         )
         rescale = self._guidance_rescale(guidance_rescale)
+        if hires is not None:
+            validate_size(*hires.size(width, height))
         return self._draw(
             job, self.sd, seed, progress, size=(width, height), width=width, height=height, guidance_rescale=rescale,
-            variation=(variation_seed, float(variation_strength)),
+            variation=(variation_seed, float(variation_strength)), hires=hires,
         )  # fmt: skip
 
     def generate_many(
@@ -912,10 +1040,10 @@ class TaiyiPipeline:
         An image that was number ``batch_pos`` of a batch is re-drawn within the same batch, since a
         batched UNet call may round differently from a single one.
         """
-        if any(key.startswith("Hires ") for key in params.extras):  # its "Denoising strength" is the second pass's
+        if hires_extras := [key for key in params.extras if key.startswith("Hires ")]:
             raise InvalidInputError(
-                "these parameters come from A1111's hires fix (a second, upscaling image-to-image pass), which taiyi "
-                "does not run; generate with its prompt instead"
+                f"these parameters use A1111's {', '.join(hires_extras)} (a hires fix taiyi runs only with the first "
+                "pass's prompt, sampler and CFG, at an upscale factor); generate with its prompt instead"
             )
         unread = [key for key in ("Seed resize from", "Clip skip") if key in params.extras]
         if "Clip skip" in unread and params.extras["Clip skip"].strip() in ("1", ""):
@@ -925,7 +1053,7 @@ class TaiyiPipeline:
                 f"these parameters use A1111's {' and '.join(unread)}, which taiyi does not run, so --from would draw "
                 "another picture; generate with its prompt instead"
             )
-        if params.strength is not None:
+        if params.strength is not None and params.hires_scale is None:
             raise InvalidInputError(
                 "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "
                 "the source image instead"
@@ -967,8 +1095,13 @@ class TaiyiPipeline:
             emphasis=params.emphasis,
             variation_seed=None if params.variation_seed is None else params.variation_seed - params.batch_pos,
             variation_strength=params.variation_strength,
+            **(
+                {"hires_scale": params.hires_scale, "hires_strength": params.strength,
+                 "hires_steps": params.hires_steps, "hires_upscaler": params.hires_upscaler}
+                if params.hires_scale is not None else {}
+            ),
             progress=progress,
-        )
+        )  # fmt: skip
         i = params.batch_pos
         return GenerationResult([result.images[i]], [result.parameters[i]], result.nsfw[i : i + 1])
 
