@@ -44,6 +44,7 @@ OVERRIDES = {
     "hires_strength": float,
     "hires_steps": int,
     "hires_upscaler": str,
+    "clip_skip": int,
 }
 
 
@@ -247,6 +248,7 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
         ),
         "variation_strength": settings.get("variation_strength"),
         "hires_scale": settings.get("hires_scale"),
+        "clip_skip": settings.get("clip_skip"),
         "strength": settings.get("hires_strength", 0.7) if settings.get("hires_scale") is not None else None,
     }  # not the model: one model has several spellings (a short name, a hub id, a folder)
     for key, value in expected.items():

@@ -63,6 +63,7 @@ def _root(
 from .cli_options import (  # noqa: E402  (after the click import fallback)
     AllowPickle,
     Backend,
+    ClipSkip,
     Device,
     Dtype,
     Emphasis,
@@ -221,6 +222,7 @@ def generate(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     emphasis: Emphasis = "original",
+    clip_skip: ClipSkip = 1,
     variation_seed: VariationSeed = None,
     variation_strength: VariationStrength = 0.0,
     hires_scale: HiresScale = None,
@@ -254,6 +256,7 @@ def generate(
                 ("--num-images", num_images, 1), ("--width", width, None), ("--height", height, None),
                 ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
                 ("--no-normalize", no_normalize, False), ("--emphasis", emphasis, "original"),
+                ("--clip-skip", clip_skip, 1),
                 ("--variation-seed", variation_seed, None), ("--variation-strength", variation_strength, 0.0),
                 ("--hires-scale", hires_scale, None), ("--hires-strength", hires_strength, 0.7),
                 ("--hires-steps", hires_steps, 0), ("--hires-upscaler", hires_upscaler, "Latent"),
@@ -306,6 +309,7 @@ def generate(
         scheduler=scheduler,
         normalize=not no_normalize,
         emphasis=emphasis,
+        clip_skip=clip_skip,
         variation_seed=variation_seed,
         variation_strength=variation_strength,
         hires_scale=hires_scale,
@@ -367,6 +371,7 @@ def edit(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     emphasis: Emphasis = "original",
+    clip_skip: ClipSkip = 1,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -381,7 +386,7 @@ def edit(
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
         scheduler=scheduler, width=width, height=height, prompt=prompt, negative_prompt=negative_prompt,
-        normalize=not no_normalize, emphasis=emphasis,
+        normalize=not no_normalize, emphasis=emphasis, clip_skip=clip_skip,
     )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("editing") as bar:
@@ -400,6 +405,7 @@ def edit(
             scheduler=scheduler,
             normalize=not no_normalize,
             emphasis=emphasis,
+            clip_skip=clip_skip,
             progress=bar,
         )
     _save(result, output, overwrite, grid)
@@ -428,6 +434,7 @@ def inpaint(
     no_safety_checker: NoSafety = False,
     no_normalize: NoNormalize = False,
     emphasis: Emphasis = "original",
+    clip_skip: ClipSkip = 1,
     allow_pickle: AllowPickle = False,
     lora: Lora = None,
     memory: Memory = "auto",
@@ -443,7 +450,7 @@ def inpaint(
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
         scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt, normalize=not no_normalize,
-        emphasis=emphasis,
+        emphasis=emphasis, clip_skip=clip_skip,
     )  # fmt: skip
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
     with _Progress("inpainting") as bar:
@@ -462,6 +469,7 @@ def inpaint(
             scheduler=scheduler,
             normalize=not no_normalize,
             emphasis=emphasis,
+            clip_skip=clip_skip,
             progress=bar,
         )
     _save(result, output, overwrite, grid)

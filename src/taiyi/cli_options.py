@@ -75,6 +75,10 @@ HiresUpscaler = Annotated[
         help='A1111\'s names: "Latent" (and its antialiased/bicubic/nearest kinds), "Lanczos" or "Nearest".',
     ),
 ]
+ClipSkip = Annotated[
+    int,
+    typer.Option("--clip-skip", help="A1111's Clip skip: 1 reads the text encoder's last layer, 2 the one before."),
+]
 Emphasis = Annotated[
     str,
     typer.Option(

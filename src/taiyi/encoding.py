@@ -132,7 +132,7 @@ def _windows(tok, item: str | WeightedPrompt, bert: bool) -> list[tuple[list[int
     return out
 
 
-def _encode_windows(sd, item: str | WeightedPrompt, device: torch.device) -> torch.Tensor:
+def _encode_windows(sd, item: str | WeightedPrompt, device: torch.device, clip_skip: int = 1) -> torch.Tensor:
     """One prompt → (n_windows, L, D): each window padded and encoded as stock diffusers encodes a prompt (start and
     end tokens, padding to ``model_max_length``, its attention-mask rule), then weighted as A1111 does (each token's
     embedding × its weight; for "Original" emphasis scaled back to the window's unweighted mean)."""
@@ -149,8 +149,14 @@ def _encode_windows(sd, item: str | WeightedPrompt, device: torch.device) -> tor
         multipliers.append(weight_row)
     ids = torch.tensor(rows, device=device)
     use_mask = getattr(enc.config, "use_attention_mask", False)
+    mask = (ids != tok.pad_token_id).long() if use_mask else None
     with torch.no_grad():
-        hidden = enc(ids, attention_mask=(ids != tok.pad_token_id).long() if use_mask else None)[0]  # (n, L, D)
+        if clip_skip == 1:
+            hidden = enc(ids, attention_mask=mask)[0]  # (n, L, D)
+        else:  # A1111's "Clip skip": an earlier layer's output; CLIP's then through its final LayerNorm, as A1111
+            hidden = enc(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-clip_skip]
+            if not bert:
+                hidden = getattr(enc, "text_model", enc).final_layer_norm(hidden)
     weighted = isinstance(item, WeightedPrompt) and any(w != 1.0 for row in multipliers for w in row)
     if weighted:
         z = hidden.float()
@@ -234,6 +240,7 @@ def encode_prompts(
     *,
     cache: PromptCache | None = None,
     cache_tag: tuple = (),
+    clip_skip: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode a batch of prompts (one per image) and their negatives.
 
@@ -246,6 +253,7 @@ def encode_prompts(
         guidance: classifier-free guidance scale; at ≤ 1 no negative embeddings are needed.
         cache: reuse embeddings of texts encoded before (prompts within the encoder's window).
         cache_tag: what else the embeddings depend on (e.g. the LoRAs applied); part of the cache key.
+        clip_skip: A1111's "Clip skip": 1 reads the encoder's last layer (stock), 2 the one before, and so on.
 
     Returns:
         ``(prompt_embeds, negative_embeds)``, each (B, L, D); ``negative_embeds`` is None without CFG.
@@ -260,7 +268,7 @@ def encode_prompts(
     if bert:  # CLIP reads a long prompt in windows; its byte-level BPE has no unknown token
         warn_truncated(tok, too_long, window)
         warn_unknown(tok, counts)
-    if all(isinstance(item, str) for item in items) and (not too_long or bert):
+    if clip_skip == 1 and all(isinstance(item, str) for item in items) and (not too_long or bert):
         # Exactly stock diffusers' encoding (padding to model_max_length, its attention-mask rule).
         if cache is not None:  # prompts and negatives not seen before: one text-encoder batch
             rows = _encode_cached(sd, prompts + (negative_prompts if do_cfg else []), device, cache, cache_tag)
@@ -272,9 +280,9 @@ def encode_prompts(
         return embeds, negative
     # Weighted prompts, BREAKs, or CLIP with a long prompt: windows, every row padded to the same count.
     texts = prompts + (negative_prompts if do_cfg else [])
-    encoded = [_cached_windows(sd, t, device, cache, cache_tag) for t in texts]
+    encoded = [_cached_windows(sd, t, device, cache, cache_tag, clip_skip) for t in texts]
     n_windows = max(e.shape[0] for e in encoded)
-    empty = _cached_windows(sd, "", device, cache, cache_tag)
+    empty = _cached_windows(sd, "", device, cache, cache_tag, clip_skip)
     rows = []
     for e in encoded:
         pad = empty.expand(n_windows - e.shape[0], -1, -1)
@@ -292,11 +300,11 @@ def _part_texts(item: str | WeightedPrompt) -> list[str]:
     return [item]
 
 
-def _cached_windows(sd, item, device, cache: PromptCache | None, tag: tuple) -> torch.Tensor:
-    key = (tag, "windows", item)
+def _cached_windows(sd, item, device, cache: PromptCache | None, tag: tuple, clip_skip: int = 1) -> torch.Tensor:
+    key = (tag, "windows", clip_skip, item)
     rows = cache.get(key) if cache is not None else None
     if rows is None:
-        rows = _encode_windows(sd, item, device)
+        rows = _encode_windows(sd, item, device, clip_skip)
         if cache is not None:
             cache.put(key, rows)
     return rows

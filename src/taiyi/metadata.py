@@ -63,6 +63,7 @@ _FIELD_KEYS = frozenset(
         "Hires upscale",
         "Hires steps",
         "Hires upscaler",
+        "Clip skip",
         "Version",
     ]
 )
@@ -157,6 +158,7 @@ class GenerationParameters:
             size, as A1111 records them, and ``strength`` the second pass's ("Denoising strength").
         hires_steps: the second pass's steps ("Hires steps", written when not 0: the first pass's).
         hires_upscaler: "Hires upscaler", A1111's name.
+        clip_skip: A1111's "Clip skip" (1: the text encoder's last layer; recorded when above 1).
         extras: any other ``Key: value`` pairs, kept in order and written after the fields above; a text
             read from another tool keeps its unknown keys (e.g. "Model hash") here. "Version" is not kept:
             ``to_text`` always writes taiyi's own.
@@ -186,6 +188,7 @@ class GenerationParameters:
     hires_scale: float | None = None
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
+    clip_skip: int = 1
     extras: dict[str, str] = field(default_factory=dict)
     recorded: tuple[str, ...] | None = field(default=None, compare=False, repr=False)  # keys a parsed text held
 
@@ -231,6 +234,8 @@ class GenerationParameters:
             pairs.append(("Denoising strength", _format_float(self.strength)))
         if self.batch_size > 1:
             pairs += [("Batch size", str(self.batch_size)), ("Batch pos", str(self.batch_pos))]
+        if self.clip_skip > 1:
+            pairs.append(("Clip skip", str(self.clip_skip)))
         if self.hires_scale is not None:
             pairs.append(("Hires upscale", _format_float(self.hires_scale)))
             if self.hires_steps:
@@ -310,6 +315,8 @@ class GenerationParameters:
                 params.variation_seed = _parse_int(key, value)
             elif key == "Variation seed strength":
                 params.variation_strength = _parse_float(key, value)
+            elif key == "Clip skip":
+                params.clip_skip = _parse_int(key, value)
             elif key == "Hires upscale":
                 params.hires_scale = _parse_float(key, value)
             elif key == "Hires steps":

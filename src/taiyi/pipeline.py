@@ -158,6 +158,7 @@ def check_settings(
     hires_strength: float = 0.7,
     hires_steps: int = 0,
     hires_upscaler: str = "Latent",
+    clip_skip: int = 1,
 ) -> None:
     """Judge the settings of a generate / edit / inpaint call that need no model, as the call will (None: the
     default), so that a command refuses them before it spends time loading one.
@@ -182,6 +183,7 @@ def check_settings(
             _validate_side(name, value)
     check_emphasis(emphasis)
     check_variation(variation_seed, variation_strength, num_images)
+    check_clip_skip(clip_skip)
     hires = check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler, steps=steps)
     if hires is not None and width is not None and height is not None:
         validate_size(*hires.size(width, height))
@@ -189,6 +191,13 @@ def check_settings(
         prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
     if negative_prompt is not None:
         prepare_prompt(negative_prompt, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False)
+
+
+def check_clip_skip(clip_skip: int, layers: int | None = None) -> int:
+    """A1111's "Clip skip": a whole number from 1 (the last layer) to the text encoder's layer count (``layers``;
+    A1111's 12 when it is not known yet)."""
+    _check_range("clip skip", clip_skip, 1, layers or 12)
+    return clip_skip
 
 
 def check_variation(variation_seed: int | None, strength: float, num_images: int = 1) -> None:
@@ -358,6 +367,7 @@ class _Job:
     normalize: bool
     guidance_end: float
     emphasis: str = "original"
+    clip_skip: int = 1
 
 
 class TaiyiPipeline:
@@ -482,12 +492,23 @@ class TaiyiPipeline:
         return [replace(base, seed=s, batch_pos=i) for i, s in enumerate(seeds)]
 
     def _job(
-        self, prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
+        self,
+        prompt,
+        negative_prompt,
+        steps,
+        guidance,
+        scheduler,
+        num_images,
+        normalize,
+        guidance_end,
+        emphasis,
+        clip_skip=1,
     ) -> _Job:
         """Validate the arguments every task shares; the prompt is normalised and read with emphasis once here."""
         if not isinstance(normalize, bool):  # "no" would be true, and normalise
             raise InvalidInputError(f"normalize must be True or False, not {normalize!r}")
         emphasis = check_emphasis(emphasis)
+        clip_skip = check_clip_skip(_plain(clip_skip), self.sd.text_encoder.config.num_hidden_layers)
         guidance = self.default_guidance if guidance is None else guidance
         guidance_end = check_guidance_end(guidance_end)
         scheduler = scheduler_spec(scheduler).name  # "Euler a" or a diffusers class name: recorded as taiyi's name
@@ -503,8 +524,9 @@ class TaiyiPipeline:
         )
         negative = negative_prompt or ""
         return _Job(
-            prompt, negative, prompts, negatives, steps, guidance, scheduler, normalize, guidance_end, emphasis
-        )
+            prompt, negative, prompts, negatives, steps, guidance, scheduler, normalize, guidance_end, emphasis,
+            clip_skip,
+        )  # fmt: skip
 
     def _draw(
         self, job: _Job, pipe, seed, progress, *, size, strength=None, variation=(None, 0.0), hires=None, **call_kwargs
@@ -529,6 +551,7 @@ class TaiyiPipeline:
             seeds=seeds,
             progress=progress,
             variation=(variation_seeds, variation[1]) if variation_seeds else None,
+            clip_skip=job.clip_skip,
             **({"strength": strength} if strength is not None else {}),
             **first_pass,
             **call_kwargs,
@@ -551,6 +574,8 @@ class TaiyiPipeline:
             call_kwargs.get("guidance_rescale", 0.0),
             job.emphasis,
         )
+        if job.clip_skip > 1:
+            params = [replace(p, clip_skip=job.clip_skip) for p in params]
         if variation_seeds:
             params = [
                 replace(p, variation_seed=v, variation_strength=variation[1])
@@ -589,6 +614,7 @@ class TaiyiPipeline:
             progress=progress,
             image=upscaled,
             strength=hires.strength,
+            clip_skip=job.clip_skip,
         )
 
     def _prepare(
@@ -643,13 +669,14 @@ class TaiyiPipeline:
         progress,
         guidance_end=1.0,
         variation=None,
+        clip_skip=1,
         **kwargs,
     ):
         limit_threads()
         sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
         tag = tuple((lora.hash, lora.scale) for lora in self.loras)  # LoRAs change the text encoder's output
         embeds, negative_embeds = encode_prompts(
-            sd, prompts, negatives, self.device, guidance, cache=self.prompt_cache, cache_tag=tag
+            sd, prompts, negatives, self.device, guidance, cache=self.prompt_cache, cache_tag=tag, clip_skip=clip_skip
         )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         if variation is not None:  # text-to-image: the starting noise, drawn here from the same generators
@@ -714,6 +741,7 @@ class TaiyiPipeline:
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
         emphasis: str = "original",
+        clip_skip: int = 1,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
         hires_scale: float | None = None,
@@ -742,6 +770,8 @@ class TaiyiPipeline:
             emphasis: how ``(words:1.3)``, ``(words)``, ``[words]`` and ``BREAK`` are read, as A1111's option of that
                 name: ``"original"`` (weighted, A1111's default), ``"no-norm"``, or ``"none"`` (they are words); see
                 :func:`taiyi.prompts.read_emphasis`.
+            clip_skip: A1111's "Clip skip": 1 (the default) reads the text encoder's last layer, 2 the one before
+                (for CLIP through its final LayerNorm, as A1111 and diffusers' ``clip_skip=1``), and so on.
             variation_seed: A1111's variation seed: image ``i`` starts from its seed's noise moved toward the noise
                 of ``variation_seed + i`` by ``variation_strength`` (spherical interpolation); None with a strength
                 picks one at random.
@@ -767,8 +797,9 @@ class TaiyiPipeline:
         height = self.default_size if height is None else height
         validate_size(width, height)
         job = self._job(
-            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
-        )
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis,
+            clip_skip,
+        )  # fmt: skip
         rescale = self._guidance_rescale(guidance_rescale)
         if hires is not None:
             validate_size(*hires.size(width, height))
@@ -792,6 +823,7 @@ class TaiyiPipeline:
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
         emphasis: str = "original",
+        clip_skip: int = 1,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Text-to-image for independent rows in one batched call (a server batching requests).
@@ -920,6 +952,7 @@ class TaiyiPipeline:
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
         emphasis: str = "original",
+        clip_skip: int = 1,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Image-to-image: redraw ``image`` following ``prompt``.
@@ -939,8 +972,9 @@ class TaiyiPipeline:
         )
         check_strength(strength, steps)
         job = self._job(
-            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
-        )
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis,
+            clip_skip,
+        )  # fmt: skip
         image, width, height = self._init_image(image, width, height)
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
         pipe = self._sub_pipeline(StableDiffusionImg2ImgPipeline)
@@ -963,6 +997,7 @@ class TaiyiPipeline:
         scheduler: str = DEFAULT_SCHEDULER,
         normalize: bool = True,
         emphasis: str = "original",
+        clip_skip: int = 1,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Redraw the white part of ``mask`` following ``prompt``; everything else is kept.
@@ -991,8 +1026,9 @@ class TaiyiPipeline:
         if feather < 0:
             raise InvalidInputError(f"feather must be 0 or more pixels, not {feather}")
         job = self._job(
-            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis
-        )
+            prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis,
+            clip_skip,
+        )  # fmt: skip
         image, width, height = self._init_image(image, None, None)
         mask, transparent = _mask_picture(mask)
         if mask.size != image.size:
@@ -1045,9 +1081,7 @@ class TaiyiPipeline:
                 f"these parameters use A1111's {', '.join(hires_extras)} (a hires fix taiyi runs only with the first "
                 "pass's prompt, sampler and CFG, at an upscale factor); generate with its prompt instead"
             )
-        unread = [key for key in ("Seed resize from", "Clip skip") if key in params.extras]
-        if "Clip skip" in unread and params.extras["Clip skip"].strip() in ("1", ""):
-            unread.remove("Clip skip")  # the last layer: what taiyi reads anyway
+        unread = [key for key in ("Seed resize from",) if key in params.extras]
         if unread:  # the picture would come back another one without a word
             raise InvalidInputError(
                 f"these parameters use A1111's {' and '.join(unread)}, which taiyi does not run, so --from would draw "
@@ -1093,6 +1127,7 @@ class TaiyiPipeline:
             scheduler=params.scheduler,
             normalize=params.normalize,
             emphasis=params.emphasis,
+            clip_skip=params.clip_skip,
             variation_seed=None if params.variation_seed is None else params.variation_seed - params.batch_pos,
             variation_strength=params.variation_strength,
             **(
