@@ -151,13 +151,13 @@ def test_a_mask_whose_edit_area_is_transparent_says_transparency_is_not_read(pip
         pipe_zh.inpaint(noise_image(), Image.fromarray(rgba), "明月", steps=2, seed=SEED)
 
 
-def test_a_hires_fix_picture_is_refused_for_what_it_is(pipe_zh):
+def test_an_a1111_hires_fix_picture_is_redrawn_with_its_second_pass(pipe_zh):
     params = GenerationParameters.from_text(
         "山水\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 12, Size: 64x64, Denoising strength: 0.7, "
         "Hires upscale: 2, Hires upscaler: Latent"
     )
-    with pytest.raises(InvalidInputError, match="A1111's hires fix"):
-        pipe_zh.rerender(params)
+    result = pipe_zh.rerender(params)  # was refused before taiyi ran the hires fix
+    assert result.images[0].size == (128, 128) and result.parameters[0].hires_scale == 2
 
 
 def test_settings_taiyi_does_not_run_are_refused_not_ignored(pipe_zh):
