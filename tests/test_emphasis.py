@@ -7,11 +7,13 @@ pipeline, the PNG record, ``--from``, prompts files and the server end to end on
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from taiyi.encoding import encode_prompts
 from taiyi.errors import InvalidInputError
@@ -298,3 +300,18 @@ def test_the_server_answers_a_bad_weight_with_400(pipe_zh):
         assert bad.status_code == 400 and "prompt weight 99" in bad.json()["error"]["message"]
         good = client.post("/v1/images/generations", json={"prompt": "(山水:1.5)", "response_format": "b64_json"})
         assert good.status_code == 200, good.text
+        assert "Emphasis: Original" in good.json()["data"][0]["parameters"]
+        words = client.post("/v1/images/generations", json={"prompt": "时间(12:30)", "emphasis": "none"})
+        assert words.status_code == 200, words.text  # brackets as words: no weight of 30
+        assert "Emphasis: None" in words.json()["data"][0]["parameters"]
+        loud = client.post("/v1/images/generations", json={"prompt": "山水", "emphasis": "loud"})
+        assert loud.status_code == 400 and loud.json()["error"]["param"] == "emphasis"
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 120, 200)).save(png, format="PNG")
+        edit = client.post(
+            "/v1/images/edits",
+            data={"prompt": "时间(12:30)", "emphasis": "none", "steps": "4"},
+            files={"image": ("in.png", png.getvalue(), "image/png")},
+        )
+        assert edit.status_code == 200, edit.text
+        assert "Emphasis: None" in edit.json()["data"][0]["parameters"]

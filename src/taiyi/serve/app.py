@@ -57,6 +57,7 @@ from .limits import (
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import GuardMiddleware, JSONErrorCORSMiddleware
 from .schemas import (
+    EMPHASIS_HELP,
     ClipClassifyRequest,
     ClipClassifyResponse,
     ClipScoreRequest,
@@ -434,10 +435,6 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         check_model(body.model, state.model_name)
         check_response_format(body.response_format)
         n = check_int("n", body.n, 1, config.max_n, why=" on this server")
-        revised = check_text("prompt", body.prompt, config.max_prompt_chars, required=True)
-        check_text("negative_prompt", body.negative_prompt, config.max_prompt_chars, required=False)
-        default = state.pipe.default_size
-        width, height = parse_size(body.size or f"{default}x{default}", config.max_side)
         sampling = check_sampling(
             body.steps,
             body.guidance,
@@ -446,7 +443,18 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             pipe=state.pipe,
             guidance_end=body.guidance_end,
             guidance_rescale=body.guidance_rescale,
+            emphasis=body.emphasis,
         )
+        revised = check_text("prompt", body.prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
+        check_text(
+            "negative_prompt",
+            body.negative_prompt,
+            config.max_prompt_chars,
+            required=False,
+            emphasis=sampling.emphasis,
+        )
+        default = state.pipe.default_size
+        width, height = parse_size(body.size or f"{default}x{default}", config.max_side)
         spec = GenerationSpec(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or "",
@@ -494,6 +502,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         guidance: Annotated[float | None, Form()] = None,
         guidance_end: Annotated[float | None, Form()] = None,
         scheduler: Annotated[str | None, Form()] = None,
+        emphasis: Annotated[str | None, Form(description=EMPHASIS_HELP)] = None,
         strength: Annotated[float | None, Form(description="In (0, 1]; default 0.6, or 1.0 with a mask.")] = None,
     ) -> JSONResponse:
         check_form_text(
@@ -505,16 +514,19 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                 "model": model,
                 "user": user,
                 "scheduler": scheduler,
+                "emphasis": emphasis,
             }
         )
         image = _one_edit_image(await request.form())
         check_model(model, state.model_name)
         check_response_format(response_format)
         n = check_int("n", n, 1, config.max_n, why=" on this server")
-        revised = check_text("prompt", prompt, config.max_prompt_chars, required=True)
-        check_text("negative_prompt", negative_prompt, config.max_prompt_chars, required=False)
         sampling = check_sampling(
-            steps, guidance, scheduler, config=config, pipe=state.pipe, guidance_end=guidance_end
+            steps, guidance, scheduler, config=config, pipe=state.pipe, guidance_end=guidance_end, emphasis=emphasis
+        )
+        revised = check_text("prompt", prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
+        check_text(
+            "negative_prompt", negative_prompt, config.max_prompt_chars, required=False, emphasis=sampling.emphasis
         )
         seeds = check_seeds(seed, n)
         target = parse_size(size, config.max_side) if size else None
@@ -538,6 +550,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             guidance=sampling.guidance,
             guidance_end=sampling.guidance_end,
             scheduler=sampling.scheduler,
+            emphasis=sampling.emphasis,
         )
 
         def run(should_abort) -> Any:
@@ -737,7 +750,7 @@ def _static_route(content: bytes, media_type: str):
 # The edit form's fields: taiyi's, and OpenAI's that this server accepts and ignores (it always answers PNGs).
 _EDIT_FIELDS = frozenset(
     {"image", "image[]", "mask", "prompt", "n", "size", "response_format", "model", "user", "negative_prompt"}
-    | {"seed", "steps", "guidance", "guidance_end", "scheduler", "strength"}
+    | {"seed", "steps", "guidance", "guidance_end", "scheduler", "emphasis", "strength"}
 )
 _EDIT_IGNORED = frozenset({"quality", "background", "output_format", "output_compression", "input_fidelity"})
 

@@ -39,7 +39,7 @@ class GenerationSpec:
         s = self.sampling
         return (
             "generate", model, self.width, self.height, s.steps, s.scheduler, s.guidance, s.guidance_end,
-            s.guidance_rescale,
+            s.guidance_rescale, s.emphasis,
         )  # fmt: skip
 
 
@@ -67,6 +67,7 @@ def run_generations(pipe, jobs: list[Job], should_abort: AbortCheck, max_batch: 
             guidance_end=first.sampling.guidance_end,
             guidance_rescale=first.sampling.guidance_rescale,
             scheduler=first.sampling.scheduler,
+            emphasis=first.sampling.emphasis,
             width=first.width,
             height=first.height,
             progress=progress,

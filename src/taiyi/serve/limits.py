@@ -69,8 +69,9 @@ def parse_size(text: str, max_side: int, *, param: str = "size") -> tuple[int, i
     return width, height
 
 
-def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -> str:
-    """A prompt-like field: present when required, within the length cap; returns it normalised."""
+def check_text(name: str, text: str | None, max_chars: int, *, required: bool, emphasis: str = "original") -> str:
+    """A prompt-like field: present when required, within the length cap, its weights readable with ``emphasis``;
+    returns it normalised."""
     from ..prompts import normalize_prompt, prepare_prompt
 
     if text is None or (not required and text == ""):
@@ -80,7 +81,7 @@ def check_text(name: str, text: str | None, max_chars: int, *, required: bool) -
     if len(text) > max_chars:
         raise bad_request(f"{name} is {len(text)} characters long; the limit is {max_chars}", param=name)
     try:
-        prepare_prompt(text, what=name, required=required)  # its words and (words:1.3) weights, as drawn
+        prepare_prompt(text, what=name, required=required, emphasis=emphasis)  # its words and weights, as drawn
         return normalize_prompt(text)
     except InvalidInputError as exc:
         raise bad_request(str(exc), param=name) from None
@@ -145,6 +146,7 @@ class Sampling:
     scheduler: str
     guidance_end: float
     guidance_rescale: float = 0.0  # text-to-image only
+    emphasis: str = "original"
 
 
 def check_sampling(
@@ -156,8 +158,10 @@ def check_sampling(
     pipe,
     guidance_end: float | None = None,
     guidance_rescale: float | None = None,
+    emphasis: str | None = None,
 ) -> Sampling:
     from ..pipeline import DEFAULT_GUIDANCE_END, DEFAULT_STEPS
+    from ..prompts import check_emphasis
 
     steps = check_int("steps", DEFAULT_STEPS if steps is None else steps, 1, config.max_steps, why=" on this server")
     guidance = check_float("guidance", pipe.default_guidance if guidance is None else guidance, 0.0, 100.0)
@@ -165,7 +169,11 @@ def check_sampling(
     end = check_float("guidance_end", end, 0, 1, low_open=True)
     rescale = pipe.default_guidance_rescale if guidance_rescale is None else guidance_rescale
     rescale = check_float("guidance_rescale", rescale, 0.0, 1.0)
-    return Sampling(steps, guidance, check_scheduler(scheduler), end, rescale)
+    try:
+        emphasis = check_emphasis("original" if emphasis is None else emphasis)
+    except InvalidInputError as exc:
+        raise bad_request(str(exc), param="emphasis") from None
+    return Sampling(steps, guidance, check_scheduler(scheduler), end, rescale, emphasis)
 
 
 def check_model(model: str | None, served: str) -> None:

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+EMPHASIS_HELP = (
+    'How (words:1.3), (words), [words] and BREAK are read, as A1111\'s option of that name: "original" (the '
+    'default), "no-norm" or "none" (brackets as words).'
+)
+
 
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations``."""
@@ -31,6 +36,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_rescale: float | None = Field(
         None, description="Guidance rescale φ in [0, 1]; default: 1 for zero-terminal-SNR models, else 0."
     )
+    emphasis: str | None = Field(None, description=EMPHASIS_HELP)
     scheduler: str | None = Field(
         None, description="dpm++-sde-ays (default), dpm++, dpm++-sde, deis, euler-a, pndm, ..."
     )
