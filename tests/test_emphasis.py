@@ -7,6 +7,7 @@ pipeline, the PNG record, ``--from``, prompts files and the server end to end on
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -304,6 +305,14 @@ def test_the_server_answers_a_bad_weight_with_400(pipe_zh):
         words = client.post("/v1/images/generations", json={"prompt": "时间(12:30)", "emphasis": "none"})
         assert words.status_code == 200, words.text  # brackets as words: no weight of 30
         assert "Emphasis: None" in words.json()["data"][0]["parameters"]
+        typed = {"prompt": "山水画（watercolor）", "seed": 4}
+        first = client.post("/v1/images/generations", json=typed).json()["data"][0]
+        assert first["revised_prompt"] == "山水画\\(watercolor\\)"  # normalised, and still punctuation when sent back
+        again = client.post("/v1/images/generations", json={**typed, "prompt": first["revised_prompt"]})
+        pixels = [
+            Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).tobytes() for d in (first, again.json()["data"][0])
+        ]
+        assert pixels[0] == pixels[1]
         loud = client.post("/v1/images/generations", json={"prompt": "山水", "emphasis": "loud"})
         assert loud.status_code == 400 and loud.json()["error"]["param"] == "emphasis"
         png = io.BytesIO()

@@ -87,7 +87,7 @@ def test_layout_and_key_order() -> None:
         batch_pos=1,
         dtype="float32",
         normalize=False,
-        extras={"Hires upscale": "2"},
+        extras={"Model hash": "abc123"},
     )
     prompt, negative, line = params.to_text().split("\n")
     assert prompt == "a cat"
@@ -106,7 +106,7 @@ def test_layout_and_key_order() -> None:
         "Batch pos",
         "Dtype",
         "Prompt normalization",
-        "Hires upscale",
+        "Model hash",
         "Version",
     ]
     assert line.startswith(

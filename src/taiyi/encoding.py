@@ -5,7 +5,7 @@
   A prompt longer than 510 tokens is truncated with a warning naming how many tokens were dropped.
 - CLIP text encoders (77 positions) split a long prompt into chunks of 75 tokens, each encoded
   with its own start/end tokens, and concatenate the chunk embeddings along the sequence axis (the
-  convention of AUTOMATIC1111 and ComfyUI): nothing is dropped. The negative prompt is padded with
+  convention of ComfyUI; A1111 also ends a chunk at its last comma): nothing is dropped. The negative prompt is padded with
   empty chunks to the same length. Prompts that fit one window are encoded exactly as diffusers does.
 - Emphasis (:func:`taiyi.prompts.read_emphasis`, A1111's ``(words:1.3)``): each window is encoded as above, then
   every token's embedding is multiplied by its weight and, for A1111's default "Original" emphasis, the window is
@@ -130,6 +130,11 @@ def _windows(tok, item: str | WeightedPrompt, bert: bool) -> list[tuple[list[int
             ids, weights = ids[:window], weights[:window]
         out += [(ids[i : i + window], weights[i : i + window]) for i in range(0, max(len(ids), 1), window)]
     return out
+
+
+def window_count(sd, item: str | WeightedPrompt) -> int:
+    """How many encoder windows ``item`` takes: 1, or more with BREAKs, or for a long prompt on a CLIP encoder."""
+    return len(_windows(sd.tokenizer, item, is_bert(sd.text_encoder)))
 
 
 def _encode_windows(sd, item: str | WeightedPrompt, device: torch.device, clip_skip: int = 1) -> torch.Tensor:

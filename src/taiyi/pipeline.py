@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet, use_torch_unet
-from .encoding import PromptCache, encode_prompts
+from .encoding import PromptCache, encode_prompts, window_count
 from .errors import InvalidInputError
 from .io import as_picture
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
@@ -875,20 +875,30 @@ class TaiyiPipeline:
             texts += text
             negatives += neg
         seeds = [seeds_for(_plain(s), 1)[0] for s in seeds]
-        images, nsfw = self._run(
-            self.sd,
-            prompts=texts,
-            negatives=negatives,
-            steps=steps,
-            guidance=guidance,
-            guidance_end=guidance_end,
-            scheduler=scheduler,
-            seeds=seeds,
-            progress=progress,
-            width=width,
-            height=height,
-            guidance_rescale=rescale,
-        )
+        # Rows run together only with rows of as many encoder windows (BREAKs, CLIP's long prompts): in one call the
+        # shorter would be padded with empty windows, and drawn otherwise than alone.
+        groups: dict[int, list[int]] = {}
+        for i, (text, negative) in enumerate(zip(texts, negatives, strict=True)):
+            windows = max(window_count(self.sd, text), window_count(self.sd, negative) if guidance > 1 else 1)
+            groups.setdefault(windows, []).append(i)
+        images, nsfw = [None] * n, [False] * n
+        for rows in groups.values():
+            drawn, flagged = self._run(
+                self.sd,
+                prompts=[texts[i] for i in rows],
+                negatives=[negatives[i] for i in rows],
+                steps=steps,
+                guidance=guidance,
+                guidance_end=guidance_end,
+                scheduler=scheduler,
+                seeds=[seeds[i] for i in rows],
+                progress=progress,
+                width=width,
+                height=height,
+                guidance_rescale=rescale,
+            )
+            for i, image, flag in zip(rows, drawn, flagged, strict=True):
+                images[i], nsfw[i] = image, flag
         params = []
         for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True):  # one seed each: one parameter set
             params += self._params(

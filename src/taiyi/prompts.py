@@ -32,7 +32,8 @@ The rules, in the order they are applied:
 
    Some marks are never changed: ``.``, ``,`` and ``:`` (and ``：``) directly between two digits
    (3.5, 1,000, 12:30); a ``.`` inside a token, that is directly after a non-space character and
-   directly before an ASCII letter or digit (v1.5, e.g., example.com, 山水.jpg); two or more
+   directly before an ASCII letter or digit (v1.5, e.g., example.com, 山水.jpg); a ``.`` starting a number, after a
+   space or at the start (.5, as in the weight ``(山水: .5)``; the space before it stays); two or more
    periods in a row (an ellipsis, ``...``); and anything inside a URL with a scheme
    (``https://…``). The enumeration comma ``、`` always stays.
 
@@ -123,12 +124,14 @@ _URL_TRAILING = ".,:;?!'\")]"
 # bracket, a closing bracket, a run of plain text, a lone colon or backslash. A colon may be full-width: the prompt is
 # normalised first, which makes the colon after a Chinese word "：".
 _EMPHASIS_TOKEN_RE = re.compile(r"\\[()\[\]\\]|[(\[]|[:：]\s*([+-]?[\d.]+)\s*\)|[)\]]|[^\\()\[\]:：]+|[:：\\]")
-# A full-width pair with an explicit weight, （山水：1.3）, as a Chinese input method types it; a full-width pair
-# without one is ordinary punctuation and stays text.
-_FULLWIDTH_WEIGHTED_RE = re.compile(r"（([^（）()]*?)[:：]\s*([+-]?[\d.]+)\s*）")
-# BREAK between words: not inside an English word, but directly beside Chinese characters too (where \b is not).
+# A full-width pair with an explicit weight, （山水：1.3）, as a Chinese input method types it (either bracket may be
+# half-width, typed before or after switching the input method); a full-width pair without one is ordinary punctuation
+# and stays text.
+_FULLWIDTH_WEIGHTED_RE = re.compile(r"[（(]([^（）()]*?)[:：]\s*([+-]?[\d.]+)\s*[）)]")
 _WEIGHT_SUFFIX_RE = re.compile(r"[:：]\s*[+-]?[\d.]+\s*$")  # the ":1.2" before a closing bracket
-_BREAK_RE = re.compile(r"\s*(?<![A-Za-z])BREAK(?![A-Za-z])\s*")
+# BREAK between words, as A1111's \bBREAK\b (not beside a letter, digit or _ of an alphabetic script), but directly
+# beside Chinese characters too (where \b sees no boundary).
+_BREAK_RE = re.compile(r"\s*(?<![^\W\u2e80-\U0003134f])BREAK(?![^\W\u2e80-\U0003134f])\s*")
 _ROUND, _SQUARE = 1.1, 1 / 1.1  # A1111's multipliers for (words) and [words]
 MAX_WEIGHT = 10.0
 
@@ -172,10 +175,15 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _latin_parentheses(text: str) -> str:
+def _latin_parentheses(text: str, escape: bool = False) -> str:
+    """（oil painting） → (oil painting); with ``escape``, → \\(oil painting\\) unless it holds a weight, so that
+    emphasis reads the brackets as typed: punctuation, not ×1.1."""
+
     def replace(match: re.Match[str]) -> str:
         content = match.group(1)
         if _LATIN_LETTER_RE.search(content) and not _CJK_SCRIPT_RE.search(content):
+            if escape and not _WEIGHT_SUFFIX_RE.search(content):
+                return f"\\({content}\\)"
             return f"({content})"
         return match.group(0)
 
@@ -196,15 +204,24 @@ def _is_fixed_mark(text: str, i: int) -> bool:
         return True
     if ch == "." and prev and not prev.isspace() and _is_ascii_alnum(nxt):
         return True
+    if _starts_number(text, i):
+        return True
     return ch in _PERIODS and (prev in _PERIODS or nxt in _PERIODS)
+
+
+def _starts_number(text: str, i: int) -> bool:
+    """Whether ``text[i]`` is the point of a number written without its 0 (.5, as in the weight ``(山水: .5)``)."""
+    return text[i] == "." and (i == 0 or text[i - 1].isspace()) and i + 1 < len(text) and _is_digit(text[i + 1])
 
 
 def _left_script(text: str, i: int) -> str | None:
     """The script, ``"han"`` or ``"alphabetic"``, of the left neighbour of the mark at ``text[i]``; None for others."""
     j = i - 1
-    while j >= 0 and (text[j].isspace() or text[j] in _MARKS or text[j] in _CLOSERS):
+    while j >= 0 and (text[j].isspace() or text[j] in _MARKS or text[j] in _CLOSERS or _escapes_closer(text, j)):
         # An emphasis weight, "(流水:1.2)", is looked through with its bracket: the words it weights are the neighbour.
-        weight = _WEIGHT_SUFFIX_RE.search(text, 0, j) if text[j] in ")）" else None
+        # So is an escaped "\\)" (the same text as words: emphasis is read after normalisation, so it must not decide).
+        before = j - 1 if j > 0 and _escapes_closer(text, j - 1) else j
+        weight = _WEIGHT_SUFFIX_RE.search(text, 0, before) if text[j] in ")）" else None
         j = weight.start() - 1 if weight else j - 1
     if j < 0:
         return None
@@ -215,14 +232,18 @@ def _left_script(text: str, i: int) -> str | None:
     return None
 
 
+def _escapes_closer(text: str, j: int) -> bool:
+    return text[j] == "\\" and j + 1 < len(text) and text[j + 1] in _CLOSERS  # the backslash of an escaped bracket
+
+
 def _wants_space_after(ch: str) -> bool:
     # A mark, closing bracket or quote continues the punctuation run, and full-width punctuation never has a space
     # beside it.
     return not (ch.isspace() or ch in _MARKS or ch in _CLOSERS or ch in _FULLWIDTH_PUNCT)
 
 
-def _normalize_punctuation(text: str) -> str:
-    text = _latin_parentheses(text)
+def _normalize_punctuation(text: str, escape_brackets: bool = False) -> str:
+    text = _latin_parentheses(text, escape_brackets)
     n = len(text)
     protected = [False] * n
     for match in _URL_RE.finditer(text):
@@ -246,15 +267,16 @@ def _normalize_punctuation(text: str) -> str:
         if ch == " ":
             # Step 1 left single spaces with a non-space character on each side.
             prev, nxt = chars[i - 1], chars[i + 1]
-            if prev in _FULLWIDTH_PUNCT or nxt in _FULLWIDTH_PUNCT or (nxt in _HALF_MARKS and not protected[i + 1]):
+            mark_after = nxt in _HALF_MARKS and not protected[i + 1] and not _starts_number(text, i + 1)
+            if prev in _FULLWIDTH_PUNCT or nxt in _FULLWIDTH_PUNCT or mark_after:
                 continue
         out.append(ch)
-        if spaced_after[i] and i + 1 < n and _wants_space_after(chars[i + 1]):
+        if spaced_after[i] and i + 1 < n and _wants_space_after(chars[i + 1]) and not _escapes_closer(text, i + 1):
             out.append(" ")
     return "".join(out)
 
 
-def normalize_prompt(text: str, *, to_simplified: bool = True) -> str:
+def normalize_prompt(text: str, *, to_simplified: bool = True, escape_brackets: bool = False) -> str:
     """Normalise one Chinese, English or mixed prompt (or negative prompt) for tokenisation.
 
     The rules are listed in the module documentation. The result is stable: normalising it again
@@ -263,6 +285,8 @@ def normalize_prompt(text: str, *, to_simplified: bool = True) -> str:
     Args:
         text: The prompt as typed by the user.
         to_simplified: Convert Traditional Chinese to Simplified Chinese with OpenCC ``t2s``.
+        escape_brackets: write the full-width brackets made ASCII (``（oil painting）``) as ``\\( \\)``, so that
+            emphasis (:func:`read_emphasis`) reads them as the punctuation typed, not as a weight of 1.1.
 
     Returns:
         The normalised prompt; an empty string stays empty.
@@ -276,7 +300,7 @@ def normalize_prompt(text: str, *, to_simplified: bool = True) -> str:
         # NFC again: the converter's output is not guaranteed to be in normal form.
         text = unicodedata.normalize("NFC", _t2s_converter().convert(text))
     text = " ".join(text.split())
-    return _normalize_punctuation(text)
+    return _normalize_punctuation(text, escape_brackets)
 
 
 def require_text(text: object, what: str = "prompt") -> None:
@@ -369,7 +393,8 @@ def read_emphasis(text: str, emphasis: str = "original") -> str | WeightedPrompt
     """Read AUTOMATIC1111's emphasis syntax in a prompt, as A1111 does.
 
     ``(words)`` multiplies their weight by 1.1, ``[words]`` divides it by 1.1, ``(words:1.3)`` multiplies it by
-    1.3 (also written ``（words：1.3）`` in full width; a full-width pair without a weight is punctuation);
+    1.3 (also written ``（words：1.3）`` in full width, either bracket; a full-width pair without a weight is
+    punctuation);
     brackets nest and multiply; ``\\(`` ``\\)`` ``\\[`` ``\\]`` are the brackets themselves; a bracket never
     closed weights the rest of the prompt, a closing one never opened is text. ``BREAK`` starts a new window of
     the text encoder (the parts on either side are encoded apart).
@@ -430,9 +455,11 @@ def read_emphasis(text: str, emphasis: str = "original") -> str | WeightedPrompt
                 segment[-1] = (segment[-1][0] + piece, weight)
             else:
                 segment.append((piece, weight))
+    if len(segments) > 1 and not "".join(piece for piece, _ in segments[-1]).strip():
+        segments.pop()  # as A1111: a BREAK at the end opens no window; at the start, or twice in a row, an empty one
     if len(segments) == 1 and all(weight == 1.0 for _, weight in segments[0]):
         return "".join(piece for piece, _ in segments[0])
-    return WeightedPrompt(tuple(tuple(s) for s in segments if s) or ((),), restore_mean=mode == "original")
+    return WeightedPrompt(tuple(tuple(s) for s in segments), restore_mean=mode == "original")
 
 
 def prepare_prompt(
@@ -452,20 +479,25 @@ def prepare_prompt(
         InvalidInputError: not text, a malformed weight, or (when required) no words.
     """
     require_text(text, what)
-    read = read_emphasis(normalize_prompt(text) if normalize else text, emphasis)
+    emphasis = check_emphasis(emphasis)
+    # Full-width brackets without a weight are punctuation, also once normalisation has made them ASCII.
+    read = read_emphasis(normalize_prompt(text, escape_brackets=emphasis != "none") if normalize else text, emphasis)
     if required:
         check_prompt(read.text if isinstance(read, WeightedPrompt) else read)
     return read
 
 
-# A1111's prompt editing, [from:to:when] or [to:when], and alternation, [a|b]: not read here
-_UNREAD_RE = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
+# A1111's prompt editing, [from:to:when] or [to:when] (ending in a number), and alternation, [a|b]: not read here.
+# Escaped characters are masked first: \[a:1\] is words to A1111 too.
+_UNREAD_RE = re.compile(r"\[[^\[\]|]*(?:[:：]\s*[+-]?[\d.]+\s*|\|[^\[\]]*)\]")
+_ESCAPED_RE = re.compile(r"\\.")
 
 
 def unread_syntax(text: str) -> list[str]:
     """The parts of ``text`` that A1111 reads as prompt editing (``[a:b:0.5]``) or alternation (``[a|b]``), which
     taiyi does not: there the brackets weight the words inside (÷1.1), colons and bars included."""
-    return list(dict.fromkeys(match.group() for match in _UNREAD_RE.finditer(text)))
+    masked = _ESCAPED_RE.sub("\0\0", text)  # same length: the matches' places are the text's
+    return list(dict.fromkeys(text[m.start() : m.end()] for m in _UNREAD_RE.finditer(masked)))
 
 
 def has_emphasis(text: str) -> bool:

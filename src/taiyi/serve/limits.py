@@ -82,7 +82,7 @@ def check_text(name: str, text: str | None, max_chars: int, *, required: bool, e
         raise bad_request(f"{name} is {len(text)} characters long; the limit is {max_chars}", param=name)
     try:
         prepare_prompt(text, what=name, required=required, emphasis=emphasis)  # its words and weights, as drawn
-        return normalize_prompt(text)
+        return normalize_prompt(text, escape_brackets=emphasis != "none")  # sent back, it reads the same
     except InvalidInputError as exc:
         raise bad_request(str(exc), param=name) from None
 
