@@ -226,6 +226,8 @@ def test_the_picture_records_its_emphasis_and_from_redraws_it(capsys, tmp_path, 
         assert (again == np.asarray(read_png(tmp_path / name))).all()
     code, _, err = run(capsys, "generate", "--from", tmp_path / "w.png", "--emphasis", "none")
     assert_user_error(code, err, "--emphasis cannot change them")
+    code, _, err = run(capsys, "generate", "--from", tmp_path / "n.png", "--emphasis", "original", "--steps", 9)
+    assert_user_error(code, err, "--steps, --emphasis cannot change them")  # given at their defaults: still ignored
 
 
 def read_png(path):

@@ -91,6 +91,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     VariationSeed,
     VariationStrength,
     Width,
+    refuse_given,
 )
 
 DEFAULT_STEPS = 9  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
@@ -200,8 +201,17 @@ def _save(result, output, overwrite, grid) -> None:
         typer.echo(str(path))
 
 
+# generate's options whose value changes the picture: --from draws the picture's own, so giving one is refused.
+_PICTURE_OPTIONS = (
+    "negative_prompt", "steps", "guidance", "guidance_end", "guidance_rescale", "seed", "num_images", "width",
+    "height", "scheduler", "grid", "no_normalize", "emphasis", "clip_skip", "variation_seed", "variation_strength",
+    "hires_scale", "hires_strength", "hires_steps", "hires_upscaler",
+)  # fmt: skip
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str | None, typer.Argument(help="Chinese, English or mixed description.")] = None,
     model: Model = None,
     negative_prompt: Negative = None,
@@ -247,27 +257,7 @@ def generate(
     if from_image is not None:
         from .metadata import read_parameters
 
-        changed = [
-            option
-            for option, value, default in (
-                ("--negative-prompt", negative_prompt, None), ("--steps", steps, DEFAULT_STEPS),
-                ("--guidance", guidance, None), ("--guidance-end", guidance_end, None),
-                ("--guidance-rescale", guidance_rescale, None), ("--seed", seed, None),
-                ("--num-images", num_images, 1), ("--width", width, None), ("--height", height, None),
-                ("--scheduler", scheduler, DEFAULT_SCHEDULER), ("--grid", grid, False),
-                ("--no-normalize", no_normalize, False), ("--emphasis", emphasis, "original"),
-                ("--clip-skip", clip_skip, 1),
-                ("--variation-seed", variation_seed, None), ("--variation-strength", variation_strength, 0.0),
-                ("--hires-scale", hires_scale, None), ("--hires-strength", hires_strength, 0.7),
-                ("--hires-steps", hires_steps, 0), ("--hires-upscaler", hires_upscaler, "Latent"),
-            )
-            if value != default
-        ]  # fmt: skip
-        if changed:  # they would be silently ignored: the picture's own settings redraw it
-            raise InvalidInputError(
-                f"--from redraws the picture with its own settings; {', '.join(changed)} cannot change them "
-                "(to vary them, generate with its prompt instead)"
-            )
+        refuse_given(ctx, _PICTURE_OPTIONS, "taiyi generate")  # they would be silently ignored
         params = read_parameters(from_image)
         if "CLIP guidance scale" in params.extras:  # Disco's own keys: no text-to-image model drew it
             raise InvalidInputError(

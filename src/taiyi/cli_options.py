@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
+
+
+def refuse_given(ctx: typer.Context, names: Iterable[str], command: str) -> None:
+    """With ``--from``, refuse every option among ``names`` (parameter names) typed on the command line — typed at all:
+    ``--steps 9``, the default, would be ignored as silently as ``--steps 20``.
+
+    Raises:
+        InvalidInputError: naming the options as typed, and how to vary them (``command`` with the prompt).
+    """
+    from .errors import InvalidInputError
+
+    try:  # typer >= 0.20 vendors click
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover
+        from click.core import ParameterSource
+
+    flags = {param.name: param.opts[0] for param in ctx.command.params}
+    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    given = [flags[name] for name in names if ctx.get_parameter_source(name) not in unset]
+    if given:
+        raise InvalidInputError(
+            f"--from redraws the picture with its own settings; {', '.join(given)} cannot change them (to vary "
+            f"them, run {command} with its prompt instead)"
+        )
+
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Short name, hub id or local folder.")]
 Negative = Annotated[str | None, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]

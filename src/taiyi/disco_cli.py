@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import AllowPickle, Device, Output, Overwrite
+from .cli_options import AllowPickle, Device, Output, Overwrite, refuse_given
 
 # Disco's own --seed help: the pictures of -k are drawn one after another, each the picture of its own seed.
 Seed = Annotated[
@@ -176,7 +176,7 @@ def disco(
     from .disco import DiscoSettings, disco_samples, disco_seeds, load_uncond, parse_prompts
 
     if from_image is not None:
-        _refuse_changes(ctx)
+        refuse_given(ctx, _PICTURE_OPTIONS, "taiyi disco")
         run = _recorded_run(from_image, init_image)
         prompt, settings, size = run["prompt"], run["settings"], run["size"]
         init_image = init_image or run["init_image"]
@@ -227,31 +227,9 @@ def disco(
 
 # Options whose value changes the picture: --from draws the picture's own, so giving one is refused.
 _PICTURE_OPTIONS = (
-    ("steps", "--steps"), ("sampler", "--sampler"), ("eta", "--eta"),
-    ("clip_guidance_scale", "--clip-guidance-scale"), ("tv_scale", "--tv-scale"), ("range_scale", "--range-scale"),
-    ("sat_scale", "--sat-scale"), ("cutn", "--cutn"), ("cut_batches", "--cut-batches"), ("cut_pow", "--cut-pow"),
-    ("clamp_max", "--clamp-max"), ("skip_steps", "--skip-steps"), ("size", "--size"), ("seed", "--seed"),
-    ("num_images", "--num-images"), ("recurrence", "--recurrence"), ("color_guidance", "--color-guidance"),
+    "steps", "sampler", "eta", "clip_guidance_scale", "tv_scale", "range_scale", "sat_scale", "cutn", "cut_batches",
+    "cut_pow", "clamp_max", "skip_steps", "size", "seed", "num_images", "recurrence", "color_guidance",
 )  # fmt: skip
-
-
-def _refuse_changes(ctx: typer.Context) -> None:
-    """Refuse, with --from, every option given that would change the picture (given at all: ``--steps 50`` would
-    be ignored as silently as ``--steps 20``)."""
-    from .errors import InvalidInputError
-
-    try:  # typer >= 0.20 vendors click
-        from typer._click.core import ParameterSource
-    except ImportError:  # pragma: no cover
-        from click.core import ParameterSource
-
-    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-    given = [option for name, option in _PICTURE_OPTIONS if ctx.get_parameter_source(name) not in unset]
-    if given:
-        raise InvalidInputError(
-            f"--from redraws the picture with its own settings; {', '.join(given)} cannot change them (to vary "
-            "them, run taiyi disco with its prompt instead)"
-        )
 
 
 # The keys of _parameters_text that every picture of taiyi disco records (the CLIP image tower and the init image

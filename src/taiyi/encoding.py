@@ -5,8 +5,8 @@
   A prompt longer than 510 tokens is truncated with a warning naming how many tokens were dropped.
 - CLIP text encoders (77 positions) split a long prompt into chunks of 75 tokens, each encoded
   with its own start/end tokens, and concatenate the chunk embeddings along the sequence axis (the
-  convention of ComfyUI; A1111 also ends a chunk at its last comma): nothing is dropped. The negative prompt is padded with
-  empty chunks to the same length. Prompts that fit one window are encoded exactly as diffusers does.
+  convention of ComfyUI; A1111 also ends a chunk at its last comma): nothing is dropped. The negative prompt is
+  padded with empty chunks to the same length. Prompts that fit one window are encoded exactly as diffusers does.
 - Emphasis (:func:`taiyi.prompts.read_emphasis`, A1111's ``(words:1.3)``): each window is encoded as above, then
   every token's embedding is multiplied by its weight and, for A1111's default "Original" emphasis, the window is
   scaled back to its unweighted mean (per prompt; A1111 takes the mean over its batch, which for a batch of one
