@@ -227,6 +227,8 @@ def run_batch(
 
 def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
     """How the picture ``params`` describes is not image ``pos`` of this row (None when it is)."""
+    from .pipeline import DEFAULT_STEPS, check_hires
+
     expected = {
         "prompt": prompt,
         "negative_prompt": settings.get("negative_prompt") or "",
@@ -246,13 +248,19 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
             if settings.get("variation_strength") and settings.get("variation_seed") is not None
             else None
         ),
-        "variation_strength": settings.get("variation_strength"),
-        "hires_scale": settings.get("hires_scale"),
-        "clip_skip": settings.get("clip_skip"),
-        "strength": settings.get("hires_strength", 0.7) if settings.get("hires_scale") is not None else None,
+        "variation_strength": settings.get("variation_strength", 0.0),
+        "clip_skip": settings.get("clip_skip", 1),
     }  # not the model: one model has several spellings (a short name, a hub id, a folder)
-    for key, value in expected.items():
-        if value is not None and getattr(params, key) != value:
+    hires = check_hires(
+        settings.get("hires_scale"), settings.get("hires_strength", 0.7), settings.get("hires_steps", 0),
+        settings.get("hires_upscaler", "Latent"), steps=settings.get("steps") or DEFAULT_STEPS,
+    )  # fmt: skip
+    # None is "off" here, not "the default": a row drawn with a hires fix is not the same row drawn without one
+    expected_hires = {"hires_scale": None if hires is None else hires.scale}
+    if hires is not None:
+        expected_hires.update(strength=hires.strength, hires_steps=hires.steps, hires_upscaler=hires.upscaler)
+    for key, value in [*expected.items(), *expected_hires.items()]:
+        if (value is not None or key in expected_hires) and getattr(params, key) != value:
             return f"its {key} is {getattr(params, key)!r}, not {value!r}"
     from .lora import HASHES_KEY, lora_extras
 

@@ -92,6 +92,7 @@ from .cli_options import (  # noqa: E402  (after the click import fallback)
     VariationStrength,
     Width,
     refuse_given,
+    typed_options,
 )
 
 DEFAULT_STEPS = 9  # mirrors taiyi.pipeline.DEFAULT_STEPS without importing torch at start-up
@@ -209,6 +210,21 @@ _PICTURE_OPTIONS = (
 )  # fmt: skip
 
 
+# generate's options that only some other setting puts to use: (them, that setting, how to give it)
+_NEEDS_ANOTHER = (
+    (("hires_strength", "hires_steps", "hires_upscaler"), "hires_scale", "--hires-scale (its upscale factor, e.g. 2)"),
+    (("variation_seed",), "variation_strength", "--variation-strength above 0 (e.g. 0.1)"),
+)
+
+
+def _refuse_unused(ctx: typer.Context, settings: dict, rows: list[dict]) -> None:
+    """Refuse a typed option nothing would read (the hires fix's settings without its scale, a variation seed without
+    a strength), unless a row of the prompts file gives what puts it to use."""
+    for names, needed, how in _NEEDS_ANOTHER:
+        if not any(row.get(needed) for row in (settings, *rows)) and (typed := typed_options(ctx, names)):
+            raise InvalidInputError(f"{', '.join(typed)} would change nothing without {how}")
+
+
 @app.command()
 def generate(
     ctx: typer.Context,
@@ -311,6 +327,7 @@ def generate(
         from .batch import check_output_folder, process_group, read_prompts_file, run_batch
 
         rows = read_prompts_file(prompts_file)
+        _refuse_unused(ctx, settings, rows)
         out_dir = Path(output or "outputs/batch")
         if output is None:
             Path("outputs").mkdir(exist_ok=True)  # the default home of pictures, as for one prompt
@@ -330,6 +347,7 @@ def generate(
         who = f" (process {rank} of {world})" if world > 1 else ""
         typer.echo(f"{out_dir}: {counts['written']} written, {counts['skipped']} already there{who}")
         return
+    _refuse_unused(ctx, settings, [])
     model_free = {k: v for k, v in settings.items() if k != "num_images"}
     _precheck(output, overwrite, num_images, grid, prompt=prompt, **model_free)
     pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)

@@ -8,6 +8,18 @@ from typing import Annotated
 import typer
 
 
+def typed_options(ctx: typer.Context, names: Iterable[str]) -> list[str]:
+    """The options among ``names`` (parameter names) typed on the command line, as their flags (``--steps``)."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover
+        from click.core import ParameterSource
+
+    flags = {param.name: param.opts[0] for param in ctx.command.params}
+    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return [flags[name] for name in names if ctx.get_parameter_source(name) not in unset]
+
+
 def refuse_given(ctx: typer.Context, names: Iterable[str], command: str) -> None:
     """With ``--from``, refuse every option among ``names`` (parameter names) typed on the command line — typed at all:
     ``--steps 9``, the default, would be ignored as silently as ``--steps 20``.
@@ -17,15 +29,7 @@ def refuse_given(ctx: typer.Context, names: Iterable[str], command: str) -> None
     """
     from .errors import InvalidInputError
 
-    try:  # typer >= 0.20 vendors click
-        from typer._click.core import ParameterSource
-    except ImportError:  # pragma: no cover
-        from click.core import ParameterSource
-
-    flags = {param.name: param.opts[0] for param in ctx.command.params}
-    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-    given = [flags[name] for name in names if ctx.get_parameter_source(name) not in unset]
-    if given:
+    if given := typed_options(ctx, names):
         raise InvalidInputError(
             f"--from redraws the picture with its own settings; {', '.join(given)} cannot change them (to vary "
             f"them, run {command} with its prompt instead)"

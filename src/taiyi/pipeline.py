@@ -196,6 +196,11 @@ def check_settings(
 def check_clip_skip(clip_skip: int, layers: int | None = None) -> int:
     """A1111's "Clip skip": a whole number from 1 (the last layer) to the text encoder's layer count (``layers``;
     A1111's 12 when it is not known yet)."""
+    if isinstance(clip_skip, int) and not isinstance(clip_skip, bool) and clip_skip < 0:  # ComfyUI's count
+        raise InvalidInputError(
+            f"clip skip counts from the last layer as A1111's, 1 and up, not {clip_skip}: ComfyUI's "
+            f"stop_at_clip_layer {clip_skip} is clip skip {-clip_skip}"
+        )
     _check_range("clip skip", clip_skip, 1, layers or 12)
     return clip_skip
 
@@ -1102,6 +1107,11 @@ class TaiyiPipeline:
                 "these parameters come from an edit or inpaint; re-run taiyi edit/inpaint with "
                 "the source image instead"
             )
+        if params.hires_scale is not None and params.strength is None:  # A1111 writes both; some tools drop one
+            raise InvalidInputError(
+                "these parameters record a hires fix (Hires upscale) without its Denoising strength, so the picture "
+                "cannot be drawn again; generate it with its prompt and --hires-strength"
+            )
         if not 0 <= params.batch_pos < params.batch_size:
             raise InvalidInputError(f"batch position {params.batch_pos} is outside a batch of {params.batch_size}")
         if not params.scheduler:
@@ -1123,6 +1133,9 @@ class TaiyiPipeline:
                 ours.get("Lora hashes", "none"),
                 ours.get("Lora weights", "none"),
             )
+        pos, size = params.batch_pos, params.batch_size
+        if params.seed < pos:  # A1111's variation batches share one seed: no batch of seeds S - pos… holds it
+            pos, size = 0, 1  # drawn alone (their noise is another generator's: no batched rounding to keep)
         result = self.generate(
             params.prompt,
             negative_prompt=params.negative_prompt,
@@ -1130,15 +1143,15 @@ class TaiyiPipeline:
             guidance=params.guidance,
             guidance_end=params.guidance_end,
             guidance_rescale=params.guidance_rescale,
-            seed=params.seed - params.batch_pos,
-            num_images=params.batch_size,
+            seed=params.seed - pos,
+            num_images=size,
             width=params.width,
             height=params.height,
             scheduler=params.scheduler,
             normalize=params.normalize,
             emphasis=params.emphasis,
             clip_skip=params.clip_skip,
-            variation_seed=None if params.variation_seed is None else params.variation_seed - params.batch_pos,
+            variation_seed=None if params.variation_seed is None else params.variation_seed - pos,
             variation_strength=params.variation_strength,
             **(
                 {"hires_scale": params.hires_scale, "hires_strength": params.strength,
@@ -1147,8 +1160,7 @@ class TaiyiPipeline:
             ),
             progress=progress,
         )  # fmt: skip
-        i = params.batch_pos
-        return GenerationResult([result.images[i]], [result.parameters[i]], result.nsfw[i : i + 1])
+        return GenerationResult([result.images[pos]], [result.parameters[pos]], result.nsfw[pos : pos + 1])
 
 
 _CFG_DOUBLED = ("prompt_embeds", "mask", "masked_image_latents")  # [unconditional; conditional] while guiding
