@@ -30,7 +30,7 @@ def test_variation_hires_clip_skip_batch_and_grid_together_redraw_by_from(capsys
     assert code == 0, err
     assert Image.open(tmp_path / "v-grid.png").size == (192, 96)
     params = read_parameters(tmp_path / "v-1.png")
-    assert (params.seed, params.variation_seed, params.variation_strength) == (4, 11, 0.3)
+    assert (params.seed, params.variation_seed, params.variation_strength) == (3, 11, 0.3)  # A1111: one seed
     assert (params.width, params.hires_scale, params.hires_steps, params.hires_upscaler) == (64, 1.5, 2, "Lanczos")
     assert (params.clip_skip, params.strength, params.batch_pos) == (2, 0.7, 1)
     code, _, err = run(capsys, "generate", "--from", tmp_path / "v-1.png", "-o", tmp_path / "again.png")
@@ -67,13 +67,13 @@ def test_a_hires_picture_without_its_denoising_strength_is_refused_in_words(pipe
 
 def test_an_a1111_variation_batch_picture_sharing_a_seed_below_its_batch_pos_is_redrawn(pipe_zh):
     """A1111 gives every image of a variation batch the same seed (only the variation seed counts up), so image 3
-    of seed 1 records Seed 1: its noise is seed 1's toward variation seed 13's, drawn alone."""
+    of seed 1 records Seed 1: its noise is seed 1's toward variation seed 13's, redrawn within its batch."""
     text = A1111.replace("Seed: 5", "Seed: 1") + "Variation seed: 13, Variation seed strength: 0.2, "
     params = GenerationParameters.from_text(text + "Batch size: 4, Batch pos: 3")
     again = pipe_zh.rerender(params)
-    alone = pipe_zh.generate("山水", steps=2, guidance=7, seed=1, scheduler="euler-a", width=64, height=64,
-                             variation_seed=13, variation_strength=0.2)  # fmt: skip
-    assert again.images[0].tobytes() == alone.images[0].tobytes()
+    batch = pipe_zh.generate("山水", steps=2, guidance=7, seed=1, scheduler="euler-a", width=64, height=64,
+                             num_images=4, variation_seed=10, variation_strength=0.2)  # fmt: skip
+    assert again.images[0].tobytes() == batch.images[3].tobytes()
     assert (again.parameters[0].seed, again.parameters[0].variation_seed) == (1, 13)
 
 

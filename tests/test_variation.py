@@ -50,12 +50,16 @@ def test_strength_one_starts_from_the_variation_seeds_noise(pipe_zh):
     assert mid not in (other.images[0].tobytes(), draw(pipe_zh, scheduler="dpm++").images[0].tobytes())
 
 
-def test_image_i_of_a_batch_uses_seed_plus_i_and_variation_seed_plus_i(pipe_zh):
+def test_image_i_of_a_variation_batch_keeps_the_seed_and_uses_variation_seed_plus_i(pipe_zh):
+    """A1111's rule: the images of a variation batch are variants of one picture."""
     batch = draw(pipe_zh, num_images=2, variation_seed=OTHER, variation_strength=0.3)
-    single = draw(pipe_zh, seed=SEED + 1, variation_seed=OTHER + 1, variation_strength=0.3)
+    single = draw(pipe_zh, seed=SEED, variation_seed=OTHER + 1, variation_strength=0.3)
     diff = (torch.tensor(list(batch.images[1].tobytes())) - torch.tensor(list(single.images[0].tobytes()))).abs()
     assert diff.max() <= 1  # a batched UNet call may round differently, as for plain seeds
-    assert [(p.variation_seed, p.variation_strength) for p in batch.parameters] == [(OTHER, 0.3), (OTHER + 1, 0.3)]
+    assert [(p.seed, p.variation_seed, p.variation_strength) for p in batch.parameters] == [
+        (SEED, OTHER, 0.3),
+        (SEED, OTHER + 1, 0.3),
+    ]
 
 
 def test_a_strength_without_a_seed_picks_one_and_records_it(pipe_zh):

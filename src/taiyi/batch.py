@@ -233,7 +233,10 @@ def _differs(params, prompt: str, settings: dict, pos: int, pipe) -> str | None:
         "prompt": prompt,
         "negative_prompt": settings.get("negative_prompt") or "",
         "steps": settings.get("steps"),
-        "seed": None if settings.get("seed") is None else settings["seed"] + pos,
+        # a variation batch keeps its seed (A1111's rule); any other image i has seed + i
+        "seed": None
+        if settings.get("seed") is None
+        else settings["seed"] + (0 if settings.get("variation_strength") else pos),
         "width": settings.get("width"),
         "height": settings.get("height"),
         "scheduler": settings.get("scheduler"),

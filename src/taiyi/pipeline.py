@@ -541,6 +541,8 @@ class TaiyiPipeline:
         _check_progress(progress)
         seeds = seeds_for(seed, len(job.prompts))
         variation_seeds = seeds_for(variation[0], len(seeds)) if variation[1] > 0 else None
+        if variation_seeds:  # A1111: a variation batch keeps one seed, its variation seeds count up
+            seeds = [seeds[0]] * len(seeds)
         first_pass = {}
         if hires is not None:  # the first pass hands over latents or pictures; the second redraws them larger
             first_pass = {"output_type": "latent" if hires.latent else "pil"}
@@ -777,9 +779,9 @@ class TaiyiPipeline:
                 :func:`taiyi.prompts.read_emphasis`.
             clip_skip: A1111's "Clip skip": 1 (the default) reads the text encoder's last layer, 2 the one before
                 (for CLIP through its final LayerNorm, as A1111 and diffusers' ``clip_skip=1``), and so on.
-            variation_seed: A1111's variation seed: image ``i`` starts from its seed's noise moved toward the noise
-                of ``variation_seed + i`` by ``variation_strength`` (spherical interpolation); None with a strength
-                picks one at random.
+            variation_seed: A1111's variation seed: image ``i`` starts from ``seed``'s noise (every image of a
+                variation batch keeps the seed, as in A1111) moved toward the noise of ``variation_seed + i`` by
+                ``variation_strength`` (spherical interpolation); None with a strength picks one at random.
             variation_strength: in [0, 1]; 0 (the default) draws the seed's own picture, 1 the variation seed's
                 noise (with the seed's sampler noise).
             hires_scale: A1111's hires fix: draw at ``width``×``height``, upscale by this factor (1–4; the sides
@@ -1134,8 +1136,10 @@ class TaiyiPipeline:
                 ours.get("Lora weights", "none"),
             )
         pos, size = params.batch_pos, params.batch_size
-        if params.seed < pos:  # A1111's variation batches share one seed: no batch of seeds S - pos… holds it
-            pos, size = 0, 1  # drawn alone (their noise is another generator's: no batched rounding to keep)
+        varied = params.variation_seed is not None and params.variation_strength > 0
+        first_seed = params.seed if varied else params.seed - pos  # a variation batch shares its seed (A1111's rule)
+        if first_seed < 0:  # a batch that could not have been drawn with seeds S + i: drawn alone
+            pos, size, first_seed = 0, 1, params.seed
         result = self.generate(
             params.prompt,
             negative_prompt=params.negative_prompt,
@@ -1143,7 +1147,7 @@ class TaiyiPipeline:
             guidance=params.guidance,
             guidance_end=params.guidance_end,
             guidance_rescale=params.guidance_rescale,
-            seed=params.seed - pos,
+            seed=first_seed,
             num_images=size,
             width=params.width,
             height=params.height,
