@@ -98,15 +98,6 @@ def test_normalisation_looks_through_a_weight_for_the_width_of_the_comma_after_i
     assert pieces(read_emphasis(text)) == [[("小桥，", 1.0), ("流水", 1.2), ("，人家", 1.0)]]
 
 
-def test_a1111_prompt_editing_and_alternation_are_said_not_to_be_read(pipe_zh, log_warnings):
-    pipe_zh.generate("[山水:小桥:0.5]，夜晚", negative_prompt="[模糊|灰暗]", steps=1, seed=SEED)
-    said = [r.getMessage() for r in log_warnings.records if "prompt editing and alternation" in r.getMessage()]
-    assert len(said) == 2 and "[山水:小桥:0.5] in the prompt" in said[0] and "[模糊|灰暗] in the negative" in said[1]
-    log_warnings.clear()
-    pipe_zh.generate("(山水:1.3)，[模糊]，3:2", steps=1, seed=SEED)
-    assert not [r for r in log_warnings.records if "prompt editing" in r.getMessage()]
-
-
 def test_prepare_prompt_refuses_a_prompt_whose_only_words_are_brackets():
     with pytest.raises(InvalidInputError, match="prompt is empty"):
         prepare_prompt("(:1.3) []")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from taiyi.encoding import encode_prompts
-from taiyi.prompts import WeightedPrompt, normalize_prompt, prepare_prompt, read_emphasis, unread_syntax
+from taiyi.prompts import WeightedPrompt, normalize_prompt, prepare_prompt, read_emphasis
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,17 +96,19 @@ def test_break_between_numbers_or_chinese_still_breaks():
 
 
 @pytest.mark.parametrize(
-    ("text", "unread"),
+    ("text", "edited"),
     [
-        ("[(worst quality:1.4)]", []),  # emphasis inside brackets, not prompt editing
-        (r"\[山水:0.5\]", []),  # escaped: words to A1111 too
-        ("[cat: dog]", []),  # no step number: not prompt editing to A1111
-        ("[山水:小桥:0.5]，[a|b]", ["[山水:小桥:0.5]", "[a|b]"]),
-        ("[(a:1.2):b:10]", ["[(a:1.2):b:10]"]),
+        ("[(worst quality:1.4)]", False),  # emphasis inside brackets, not prompt editing
+        (r"\[山水:0.5\]", False),  # escaped: words to A1111 too
+        ("[cat: dog]", False),  # no step number: not prompt editing to A1111
+        ("[山水:小桥:0.5]，[a|b]", True),
+        ("[(a:1.2):b:10]", True),
     ],
 )
-def test_only_what_a1111_reads_as_prompt_editing_or_alternation_is_warned_of(text, unread):
-    assert unread_syntax(text) == unread
+def test_only_what_a1111_reads_as_prompt_editing_or_alternation_is_read_so(text, edited):
+    from taiyi.prompt_editing import ScheduledPrompt, read_schedule
+
+    assert isinstance(read_schedule(text), ScheduledPrompt) is edited
 
 
 def test_a_weight_without_its_leading_zero_draws_as_that_weight(pipe_zh):

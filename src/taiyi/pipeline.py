@@ -33,12 +33,12 @@ from .loading import limit_threads, load_stable_diffusion, select_device, select
 from .lora import LoadedLora, lora_extras, recorded_loras
 from .metadata import GenerationParameters, pnginfo
 from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model, split_revision
+from .prompt_editing import ScheduledPrompt
 from .prompts import (
     WeightedPrompt,
     check_emphasis,
     parameters_line,
     prepare_prompt,
-    unread_syntax,
 )
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, sampling_kwargs, scheduler_spec
 
@@ -188,9 +188,16 @@ def check_settings(
     if hires is not None and width is not None and height is not None:
         validate_size(*hires.size(width, height))
     if prompt is not None:  # its words and weights
-        prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
+        prepare_prompt(prompt, normalize=normalize, emphasis=emphasis, steps=steps)
     if negative_prompt is not None:
-        prepare_prompt(negative_prompt, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False)
+        prepare_prompt(
+            negative_prompt,
+            normalize=normalize,
+            emphasis=emphasis,
+            what="negative prompt",
+            required=False,
+            steps=steps,
+        )
 
 
 def check_clip_skip(clip_skip: int, layers: int | None = None) -> int:
@@ -637,7 +644,7 @@ class TaiyiPipeline:
         emphasis: str = "original",
     ) -> tuple[list[str | WeightedPrompt], list[str | WeightedPrompt]]:
         check_settings(steps=steps, guidance=guidance, scheduler=scheduler, num_images=num_images)
-        text = prepare_prompt(prompt, normalize=normalize, emphasis=emphasis)
+        text = prepare_prompt(prompt, normalize=normalize, emphasis=emphasis, steps=steps)
         if pasted := parameters_line(prompt):  # the picture's parameters would not read back as this prompt
             raise InvalidInputError(
                 f"the prompt holds a line starting {pasted!r}, as pasted generation parameters do; give the prompt "
@@ -646,17 +653,8 @@ class TaiyiPipeline:
             )
         negative = negative_prompt or ""
         negative_read = prepare_prompt(
-            negative, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False
+            negative, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False, steps=steps
         )
-        if emphasis != "none":
-            for what, typed in (("prompt", prompt), ("negative prompt", negative)):
-                if unread := unread_syntax(typed):  # an A1111 habit that would pass silently
-                    logger.warning(
-                        "A1111's prompt editing and alternation are not read: %s in the %s is drawn as its words, "
-                        "weighted ÷1.1 by the brackets",
-                        " ".join(unread),
-                        what,
-                    )
         if negative.strip() and guidance <= 1:  # diffusers drops it without a word
             logger.warning(
                 "the negative prompt has no effect at guidance %s: it steers only when guidance is above 1", guidance
@@ -682,9 +680,19 @@ class TaiyiPipeline:
         limit_threads()
         sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
         tag = tuple((lora.hash, lora.scale) for lora in self.loras)  # LoRAs change the text encoder's output
-        embeds, negative_embeds = encode_prompts(
-            sd, prompts, negatives, self.device, guidance, cache=self.prompt_cache, cache_tag=tag, clip_skip=clip_skip
-        )
+        # A1111's prompt editing: the prompts of step 1 now, of each later step in the callback (as the sampler counts
+        # them, known there); an edit's run takes int(steps × strength) steps.
+        scheduled = any(isinstance(x, ScheduledPrompt) for x in (*prompts, *negatives))
+        planned = min(int(steps * kwargs["strength"]), steps) if "strength" in kwargs else steps
+
+        def encode(step: int, total: int):
+            at = [x.item_at(step, total) if isinstance(x, ScheduledPrompt) else x for x in (*prompts, *negatives)]
+            return encode_prompts(
+                sd, at[: len(prompts)], at[len(prompts) :], self.device, guidance, cache=self.prompt_cache,
+                cache_tag=tag, clip_skip=clip_skip,
+            )  # fmt: skip
+
+        embeds, negative_embeds = encode(1, planned)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         if variation is not None:  # text-to-image: the starting noise, drawn here from the same generators
             kwargs["latents"] = variation_noise(sd, generators, *variation, kwargs["width"], kwargs["height"], embeds)
@@ -699,6 +707,9 @@ class TaiyiPipeline:
                 for name in halved:
                     cb_kwargs[name] = cb_kwargs[name].chunk(2)[1]
                 pipe._guidance_scale = 0.0
+            if scheduled and i + 2 <= total:  # the next step's prompts ([unconditional; conditional] while guiding)
+                pos, neg = encode(i + 2, total)
+                cb_kwargs["prompt_embeds"] = torch.cat([neg, pos]) if pipe.do_classifier_free_guidance else pos
             if progress is not None:
                 progress(i + 1, total)
             return cb_kwargs
@@ -709,8 +720,11 @@ class TaiyiPipeline:
                 negative_prompt_embeds=negative_embeds,
                 guidance_scale=guidance,
                 generator=generators,
-                callback_on_step_end=callback if stop_cfg or progress is not None else None,
-                callback_on_step_end_tensor_inputs=halved if stop_cfg else ["latents"],
+                callback_on_step_end=callback if stop_cfg or scheduled or progress is not None else None,
+                callback_on_step_end_tensor_inputs=[
+                    *(halved if stop_cfg else ["latents"]),
+                    *(["prompt_embeds"] if scheduled and not stop_cfg else []),
+                ],
                 **sampling_kwargs(scheduler, steps),
                 **kwargs,
             )
@@ -884,8 +898,11 @@ class TaiyiPipeline:
         seeds = [seeds_for(_plain(s), 1)[0] for s in seeds]
         # Rows run together only with rows of as many encoder windows (BREAKs, CLIP's long prompts): in one call the
         # shorter would be padded with empty windows, and drawn otherwise than alone.
-        groups: dict[int, list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for i, (text, negative) in enumerate(zip(texts, negatives, strict=True)):
+            if isinstance(text, ScheduledPrompt) or isinstance(negative, ScheduledPrompt):
+                groups[("edited", i)] = [i]  # its windows may change with the step: a call of its own
+                continue
             windows = max(window_count(self.sd, text), window_count(self.sd, negative) if guidance > 1 else 1)
             groups.setdefault(windows, []).append(i)
         images, nsfw = [None] * n, [False] * n

@@ -85,7 +85,6 @@ __all__ = [
     "prepare_prompt",
     "read_emphasis",
     "require_text",
-    "unread_syntax",
 ]
 
 # Invisible format characters that users paste in from web pages; left in, they would split or glue
@@ -218,10 +217,11 @@ def _left_script(text: str, i: int) -> str | None:
     """The script, ``"han"`` or ``"alphabetic"``, of the left neighbour of the mark at ``text[i]``; None for others."""
     j = i - 1
     while j >= 0 and (text[j].isspace() or text[j] in _MARKS or text[j] in _CLOSERS or _escapes_closer(text, j)):
-        # An emphasis weight, "(流水:1.2)", is looked through with its bracket: the words it weights are the neighbour.
-        # So is an escaped "\\)" (the same text as words: emphasis is read after normalisation, so it must not decide).
+        # An emphasis weight, "(流水:1.2)", is looked through with its bracket: the words it weights are the neighbour;
+        # so is a prompt edit's step, "[山水:小桥:0.5]" (its last words are the neighbour). So is an escaped "\\)" (the
+        # same text as words: emphasis is read after normalisation, so it must not decide).
         before = j - 1 if j > 0 and _escapes_closer(text, j - 1) else j
-        weight = _WEIGHT_SUFFIX_RE.search(text, 0, before) if text[j] in ")）" else None
+        weight = _WEIGHT_SUFFIX_RE.search(text, 0, before) if text[j] in ")）]" else None
         j = weight.start() - 1 if weight else j - 1
     if j < 0:
         return None
@@ -463,10 +463,17 @@ def read_emphasis(text: str, emphasis: str = "original") -> str | WeightedPrompt
 
 
 def prepare_prompt(
-    text: str, *, normalize: bool = True, emphasis: str = "original", what: str = "prompt", required: bool = True
-) -> str | WeightedPrompt:
+    text: str,
+    *,
+    normalize: bool = True,
+    emphasis: str = "original",
+    what: str = "prompt",
+    required: bool = True,
+    steps: int = 9,
+):
     """A prompt as the text encoder reads it: normalised (:func:`normalize_prompt`) when ``normalize``, then read
-    with ``emphasis`` (:func:`read_emphasis`; after normalisation, which keeps brackets and weights).
+    for A1111's prompt editing and alternation (:func:`taiyi.prompt_editing.read_schedule`) and with ``emphasis``
+    (:func:`read_emphasis`; after normalisation, which keeps brackets and weights).
 
     Args:
         text: the prompt as given.
@@ -474,30 +481,28 @@ def prepare_prompt(
         emphasis: one of :data:`EMPHASIS_MODES`.
         what: what the text is, for messages ("negative prompt").
         required: refuse a text without words (:func:`check_prompt`).
+        steps: the run's steps, over which an edited prompt's weights are judged.
+
+    Returns:
+        A string or a :class:`WeightedPrompt`; a :class:`~taiyi.prompt_editing.ScheduledPrompt` when the words change
+        with the step (each step's read with ``emphasis`` as it comes).
 
     Raises:
         InvalidInputError: not text, a malformed weight, or (when required) no words.
     """
+    from .prompt_editing import ScheduledPrompt, read_schedule
+
     require_text(text, what)
     emphasis = check_emphasis(emphasis)
     # Full-width brackets without a weight are punctuation, also once normalisation has made them ASCII.
-    read = read_emphasis(normalize_prompt(text, escape_brackets=emphasis != "none") if normalize else text, emphasis)
+    text = normalize_prompt(text, escape_brackets=emphasis != "none") if normalize else text
+    schedule = read_schedule(text, emphasis)
+    steps_read = [schedule.item_at(step, steps) for step in range(1, steps + 1)] if schedule != text else []
+    read = schedule if isinstance(schedule, ScheduledPrompt) else read_emphasis(text, emphasis)
     if required:
-        check_prompt(read.text if isinstance(read, WeightedPrompt) else read)
+        words = [item.text if isinstance(item, WeightedPrompt) else item for item in steps_read or [read]]
+        check_prompt(" ".join(words))
     return read
-
-
-# A1111's prompt editing, [from:to:when] or [to:when] (ending in a number), and alternation, [a|b]: not read here.
-# Escaped characters are masked first: \[a:1\] is words to A1111 too.
-_UNREAD_RE = re.compile(r"\[[^\[\]|]*(?:[:：]\s*[+-]?[\d.]+\s*|\|[^\[\]]*)\]")
-_ESCAPED_RE = re.compile(r"\\.")
-
-
-def unread_syntax(text: str) -> list[str]:
-    """The parts of ``text`` that A1111 reads as prompt editing (``[a:b:0.5]``) or alternation (``[a|b]``), which
-    taiyi does not: there the brackets weight the words inside (÷1.1), colons and bars included."""
-    masked = _ESCAPED_RE.sub("\0\0", text)  # same length: the matches' places are the text's
-    return list(dict.fromkeys(text[m.start() : m.end()] for m in _UNREAD_RE.finditer(masked)))
 
 
 def has_emphasis(text: str) -> bool:
