@@ -53,7 +53,12 @@ GuidanceRescale = Annotated[
         "--guidance-rescale", help="CFG rescale φ in [0, 1] (default: 1 for zero-terminal-SNR models, else 0)."
     ),
 ]
-Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Seed of the first image; image i uses seed+i.")]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", "-s", help="Seed of the first image; image i uses seed+i (all use seed with --variation-strength)."
+    ),
+]
 NumImages = Annotated[int, typer.Option("--num-images", "-k", help="Images per prompt.")]
 Width = Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8, 64-2048.")]
 Height = Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8, 64-2048.")]
