@@ -27,6 +27,7 @@ from PIL import Image, ImageFilter
 
 from .backends import check_backend, resolve_backend, tune_cpu_allocator, use_openvino_unet, use_torch_unet
 from .encoding import PromptCache, encode_prompts, window_count
+from .encoding import logger as encoding_logger
 from .errors import InvalidInputError
 from .io import as_picture
 from .loading import limit_threads, load_stable_diffusion, select_device, select_dtype
@@ -618,6 +619,7 @@ class TaiyiPipeline:
             progress.second_pass()
         return self._run(
             self._sub_pipeline(StableDiffusionImg2ImgPipeline),
+            first_pass=job.steps,
             prompts=job.prompts,
             negatives=job.negatives,
             steps=hires.steps or job.steps,
@@ -675,24 +677,38 @@ class TaiyiPipeline:
         guidance_end=1.0,
         variation=None,
         clip_skip=1,
+        first_pass=None,
         **kwargs,
     ):
         limit_threads()
         sd.scheduler = make_scheduler(scheduler, self._base_scheduler_config)
         tag = tuple((lora.hash, lora.scale) for lora in self.loras)  # LoRAs change the text encoder's output
-        # A1111's prompt editing: the prompts of step 1 now, of each later step in the callback (as the sampler counts
-        # them, known there); an edit's run takes int(steps × strength) steps.
+        # A1111's prompt editing: the prompts of step 1 now, of each later step in the callback; an edit's run takes
+        # int(steps × strength) steps, and the hires fix's second pass (``first_pass``: the first pass's steps) counts
+        # its steps as A1111 since 1.6.
         scheduled = any(isinstance(x, ScheduledPrompt) for x in (*prompts, *negatives))
         planned = min(int(steps * kwargs["strength"]), steps) if "strength" in kwargs else steps
 
-        def encode(step: int, total: int):
-            at = [x.item_at(step, total) if isinstance(x, ScheduledPrompt) else x for x in (*prompts, *negatives)]
-            return encode_prompts(
-                sd, at[: len(prompts)], at[len(prompts) :], self.device, guidance, cache=self.prompt_cache,
-                cache_tag=tag, clip_skip=clip_skip,
-            )  # fmt: skip
+        said: set[str] = set()
 
-        embeds, negative_embeds = encode(1, planned)
+        def once(record: logging.LogRecord) -> bool:  # the encoder's warnings once a run, not once a step
+            new = (message := record.getMessage()) not in said
+            said.add(message)
+            return new
+
+        def encode(step: int):
+            at = [x.item_at(step, planned, first_pass) if isinstance(x, ScheduledPrompt) else x
+                  for x in (*prompts, *negatives)]  # fmt: skip
+            encoding_logger.addFilter(once)
+            try:
+                return encode_prompts(
+                    sd, at[: len(prompts)], at[len(prompts) :], self.device, guidance, cache=self.prompt_cache,
+                    cache_tag=tag, clip_skip=clip_skip,
+                )  # fmt: skip
+            finally:
+                encoding_logger.removeFilter(once)
+
+        embeds, negative_embeds = encode(1)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         if variation is not None:  # text-to-image: the starting noise, drawn here from the same generators
             kwargs["latents"] = variation_noise(sd, generators, *variation, kwargs["width"], kwargs["height"], embeds)
@@ -708,7 +724,8 @@ class TaiyiPipeline:
                     cb_kwargs[name] = cb_kwargs[name].chunk(2)[1]
                 pipe._guidance_scale = 0.0
             if scheduled and i + 2 <= total:  # the next step's prompts ([unconditional; conditional] while guiding)
-                pos, neg = encode(i + 2, total)
+                # PLMS (pndm) makes one call more than its steps, at their start: its first two calls are step 1.
+                pos, neg = encode(max(1, i + 2 - (total - planned)))
                 cb_kwargs["prompt_embeds"] = torch.cat([neg, pos]) if pipe.do_classifier_free_guidance else pos
             if progress is not None:
                 progress(i + 1, total)

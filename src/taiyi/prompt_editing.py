@@ -2,7 +2,9 @@
 
 - ``[from:to:when]`` draws with ``from`` up to step ``when`` and with ``to`` after it; ``[to:when]`` adds ``to``
   after ``when``, ``[from::when]`` removes ``from`` after it. ``when`` written with a point (``0.25``) is a
-  fraction of the steps, a whole number (``10``) a step number (A1111's rule since 1.6).
+  fraction of the steps, a whole number (``10``) a step number (A1111's rule since 1.6). In the hires fix's second
+  pass, as in A1111 since 1.6, a fraction from 1 to 2 is of the second pass's steps (``[a:b:1.5]`` changes halfway
+  through it, ``[a:b:0.5]`` has changed before it) and a whole number counts on from the first pass's steps.
 - ``[a|b|c]`` alternates: ``a`` at step 1, ``b`` at step 2, … (steps counted from 1).
 
 Everything else — emphasis ``(words:1.3)``, ``[words]``, escapes — stays text in each step's prompt, read later by
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 __all__ = ["ScheduledPrompt", "read_schedule"]
 
-_NUMBER_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")
+_NUMBER_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")  # A1111's (lark's) SIGNED_NUMBER
 _COLONS = ":："
 _OPEN_CLOSE = {"[": "]", "(": ")"}
 
@@ -46,37 +48,71 @@ class ScheduledPrompt:
     parts: tuple  # text pieces (str), _Scheduled and _Alternate nodes
     emphasis: str = "original"
 
-    def at_step(self, step: int, steps: int) -> str:
-        """The prompt at ``step`` (1 … ``steps``) of a run of ``steps``, as A1111's ``at_step``."""
-        return _render(self.parts, step, steps)
+    def at_step(self, step: int, steps: int, first_pass: int | None = None) -> str:
+        """The prompt at ``step`` (1 … ``steps``) of a run of ``steps``, as A1111's ``at_step``; ``first_pass`` is
+        the first pass's steps when the run is the hires fix's second pass."""
+        return _render(self.parts, step, steps, first_pass)
 
-    def item_at(self, step: int, steps: int):
+    def item_at(self, step: int, steps: int, first_pass: int | None = None):
         """:meth:`at_step` read with the prompt's emphasis: a string or a :class:`~taiyi.prompts.WeightedPrompt`."""
         from .prompts import read_emphasis
 
-        return read_emphasis(self.at_step(step, steps), self.emphasis)
+        return read_emphasis(self.at_step(step, steps, first_pass), self.emphasis)
 
     def texts(self, steps: int) -> list[str]:
         """The prompt at each step 1 … ``steps`` (index 0 is step 1)."""
         return [self.at_step(step, steps) for step in range(1, steps + 1)]
 
+    def variants(self) -> list[str]:
+        """Prompts that hold every word the prompt can take at some step of some run (each edit before and after its
+        step, each alternation at each of its options): to check them all before drawing."""
+        turns = range(_most_options(self.parts))
+        return list(dict.fromkeys(_fixed(self.parts, before, turn) for before in (True, False) for turn in turns))
 
-def _when(node: _Scheduled, steps: int) -> int:
+
+def _when(node: _Scheduled, steps: int, first_pass: int | None = None) -> int:
+    """The last step of ``before`` (0 or less: none), as A1111's ``collect_steps``."""
     value = float(node.when)
-    at = value * steps if "." in node.when else value
-    return min(steps, int(at))
+    if "." in node.when:  # a fraction: of the first pass from 0 to 1, of the hires fix's second pass from 1 to 2
+        at = (value - (first_pass is not None)) * steps
+    else:  # a step number, counted on over both passes
+        at = value - (first_pass or 0)
+    return int(max(-1.0, min(float(steps), at)))  # clamped first: "[a:b:1e999]" is infinite
 
 
-def _render(parts: tuple, step: int, steps: int) -> str:
+def _render(parts: tuple, step: int, steps: int, first_pass: int | None) -> str:
     out = []
     for part in parts:
         if isinstance(part, str):
             out.append(part)
         elif isinstance(part, _Scheduled):
-            chosen = (part.before or ()) if step <= _when(part, steps) else part.after
-            out.append(_render(chosen, step, steps))
+            chosen = (part.before or ()) if step <= _when(part, steps, first_pass) else part.after
+            out.append(_render(chosen, step, steps, first_pass))
         else:
-            out.append(_render(part.options[(step - 1) % len(part.options)], step, steps))
+            out.append(_render(part.options[(step - 1) % len(part.options)], step, steps, first_pass))
+    return "".join(out)
+
+
+def _most_options(parts: tuple) -> int:
+    most = 1
+    for part in parts:
+        if isinstance(part, _Scheduled):
+            most = max(most, _most_options(part.before or ()), _most_options(part.after))
+        elif isinstance(part, _Alternate):
+            most = max(most, len(part.options), *(_most_options(option) for option in part.options))
+    return most
+
+
+def _fixed(parts: tuple, before: bool, turn: int) -> str:
+    """``parts`` with every edit ``before`` its step or after it, every alternation at option ``turn`` (cycled)."""
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+        elif isinstance(part, _Scheduled):
+            out.append(_fixed((part.before or ()) if before else part.after, before, turn))
+        else:
+            out.append(_fixed(part.options[turn % len(part.options)], before, turn))
     return "".join(out)
 
 

@@ -481,7 +481,8 @@ def prepare_prompt(
         emphasis: one of :data:`EMPHASIS_MODES`.
         what: what the text is, for messages ("negative prompt").
         required: refuse a text without words (:func:`check_prompt`).
-        steps: the run's steps, over which an edited prompt's weights are judged.
+        steps: the run's steps, over which an edited prompt's words are judged (its weights at every step of any
+            run).
 
     Returns:
         A string or a :class:`WeightedPrompt`; a :class:`~taiyi.prompt_editing.ScheduledPrompt` when the words change
@@ -498,6 +499,9 @@ def prepare_prompt(
     text = normalize_prompt(text, escape_brackets=emphasis != "none") if normalize else text
     schedule = read_schedule(text, emphasis)
     steps_read = [schedule.item_at(step, steps) for step in range(1, steps + 1)] if schedule != text else []
+    if isinstance(schedule, ScheduledPrompt):  # the words of later steps too (the hires fix's second pass)
+        for variant in schedule.variants():
+            read_emphasis(variant, emphasis)
     read = schedule if isinstance(schedule, ScheduledPrompt) else read_emphasis(text, emphasis)
     if required:
         words = [item.text if isinstance(item, WeightedPrompt) else item for item in steps_read or [read]]
