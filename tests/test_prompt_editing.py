@@ -131,3 +131,14 @@ def test_a_bad_weight_in_any_steps_prompt_is_refused_before_loading(capsys, tmp_
     assert_user_error(code, err, "prompt weight 99")
     code, _, err = run(capsys, "generate", "[:0.5]", "-m", tmp_path / "none")
     assert_user_error(code, err, "prompt is empty")
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 2000 + "a" + "]" * 2000, "[a " + "(" * 1500 + "b" + ")" * 1500 + ":c:0.5]", "[" * 5000]
+)
+def test_brackets_nested_past_32_are_one_line_not_a_recursion_error(text):
+    from taiyi.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="nests brackets .* deep; at most 32 are read"):
+        read_schedule(text)
+    assert isinstance(read_schedule("[" * 16 + "a:b:0.5" + "]" * 16), ScheduledPrompt)

@@ -21,10 +21,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import InvalidInputError
+
 __all__ = ["ScheduledPrompt", "read_schedule"]
 
 _NUMBER_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")  # A1111's (lark's) SIGNED_NUMBER
 _COLONS = ":："
+MAX_NESTING = 32
 _OPEN_CLOSE = {"[": "]", "(": ")"}
 
 
@@ -202,6 +205,23 @@ def _node(inner: str) -> _Scheduled | _Alternate | None:
     return None
 
 
+def _depth(text: str) -> int:
+    """How deep brackets of either kind nest in ``text`` (escapes skipped, closers of nothing ignored)."""
+    depth = most = i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in "([":
+            depth += 1
+            most = max(most, depth)
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+        i += 1
+    return most
+
+
 def read_schedule(text: str, emphasis: str = "original") -> str | ScheduledPrompt:
     """Read A1111's prompt editing and alternation in ``text``.
 
@@ -211,9 +231,14 @@ def read_schedule(text: str, emphasis: str = "original") -> str | ScheduledPromp
 
     Returns:
         ``text`` itself when it holds neither, else a :class:`ScheduledPrompt`.
+
+    Raises:
+        InvalidInputError: brackets nested more than :data:`MAX_NESTING` deep.
     """
     if "[" not in text:
         return text
+    if (depth := _depth(text)) > MAX_NESTING:  # the parser recurses per level (and rescans what each level holds)
+        raise InvalidInputError(f"the prompt nests brackets {depth} deep; at most {MAX_NESTING} are read")
     parts = _parse(text)
     if all(isinstance(part, str) for part in parts):
         return text
