@@ -372,8 +372,9 @@ class _Job:
 
     prompt: str  # as given (recorded in the metadata)
     negative_prompt: str
-    prompts: list[str | WeightedPrompt]  # normalised and read with emphasis, one per image
-    negatives: list[str | WeightedPrompt]
+    # normalised and read with emphasis (and for prompt editing: a ScheduledPrompt), one per image
+    prompts: list[str | WeightedPrompt | ScheduledPrompt]
+    negatives: list[str | WeightedPrompt | ScheduledPrompt]
     steps: int
     guidance: float
     scheduler: str
@@ -644,7 +645,7 @@ class TaiyiPipeline:
         num_images: int,
         normalize: bool,
         emphasis: str = "original",
-    ) -> tuple[list[str | WeightedPrompt], list[str | WeightedPrompt]]:
+    ) -> tuple[list[str | WeightedPrompt | ScheduledPrompt], list[str | WeightedPrompt | ScheduledPrompt]]:
         check_settings(steps=steps, guidance=guidance, scheduler=scheduler, num_images=num_images)
         text = prepare_prompt(prompt, normalize=normalize, emphasis=emphasis, steps=steps)
         if pasted := parameters_line(prompt):  # the picture's parameters would not read back as this prompt
