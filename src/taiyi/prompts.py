@@ -73,6 +73,8 @@ from .errors import InvalidInputError
 if TYPE_CHECKING:
     import opencc
 
+    from .prompt_editing import ScheduledPrompt
+
 __all__ = [
     "EMPHASIS_MODES",
     "WeightedPrompt",
@@ -470,7 +472,7 @@ def prepare_prompt(
     what: str = "prompt",
     required: bool = True,
     steps: int = 9,
-):
+) -> str | WeightedPrompt | ScheduledPrompt:
     """A prompt as the text encoder reads it: normalised (:func:`normalize_prompt`) when ``normalize``, then read
     for A1111's prompt editing and alternation (:func:`taiyi.prompt_editing.read_schedule`) and with ``emphasis``
     (:func:`read_emphasis`; after normalisation, which keeps brackets and weights).
