@@ -119,33 +119,35 @@ def _fixed(parts: tuple, before: bool, turn: int) -> str:
     return "".join(out)
 
 
+def _unescaped(text: str, start: int = 0):
+    """``(index, character)`` of ``text`` from ``start``, escaped characters (``\\x``) left out."""
+    i = start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        yield i, text[i]
+        i += 1
+
+
 def _closing(text: str, start: int) -> int | None:
     """Where the bracket opened at ``text[start]`` closes (nested pairs and escapes skipped); None if it never does."""
     opener, closer = text[start], _OPEN_CLOSE[text[start]]
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+    depth = 0
+    for i, ch in _unescaped(text, start):
         if ch == opener:
             depth += 1
         elif ch == closer:
             depth -= 1
             if depth == 0:
                 return i
-        i += 1
     return None
 
 
 def _split_top(text: str, separators: str) -> list[str]:
     """``text`` split at the separators outside brackets and escapes."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+    parts, depth, start = [], 0, 0
+    for i, ch in _unescaped(text):
         if ch in "([":
             depth += 1
         elif ch in ")]":
@@ -153,7 +155,6 @@ def _split_top(text: str, separators: str) -> list[str]:
         elif ch in separators and depth == 0:
             parts.append(text[start:i])
             start = i + 1
-        i += 1
     parts.append(text[start:])
     return parts
 
@@ -207,18 +208,13 @@ def _node(inner: str) -> _Scheduled | _Alternate | None:
 
 def _depth(text: str) -> int:
     """How deep brackets of either kind nest in ``text`` (escapes skipped, closers of nothing ignored)."""
-    depth = most = i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+    depth = most = 0
+    for _, ch in _unescaped(text):
         if ch in "([":
             depth += 1
             most = max(most, depth)
         elif ch in ")]":
             depth = max(0, depth - 1)
-        i += 1
     return most
 
 
