@@ -106,3 +106,12 @@ def test_a_prompts_file_row_can_switch_on_what_the_command_line_sets(capsys, tmp
         "-m", tmp_path / "none", "-o", tmp_path / "out",
     )  # fmt: skip
     assert_user_error(code, err, "does not exist")  # past the check: the model is what is missing
+
+
+def test_an_a1111_lora_tag_in_the_prompt_is_said_to_be_drawn_as_words(pipe_zh, log_warnings):
+    pipe_zh.generate("山水 <lora:ink:0.8>，<LORA:ink:0.8>", steps=1, seed=1)
+    said = [r.getMessage() for r in log_warnings.records if "network tags" in r.getMessage()]
+    assert len(said) == 1 and "<lora:ink:0.8> <LORA:ink:0.8> is drawn as words" in said[0] and "--lora" in said[0]
+    log_warnings.clear()
+    pipe_zh.generate("山水 <小桥>", steps=1, seed=1)
+    assert not [r for r in log_warnings.records if "network tags" in r.getMessage()]

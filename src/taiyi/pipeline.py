@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ DEFAULT_GUIDANCE_END = 0.85
 # pure noise (zero terminal SNR, like the embedded models): plain CFG over-saturates them. 1.0 was measured
 # (README: faithfulness of the embedded models, two prompt sets); the paper used 0.7. Other models: 0, as stock.
 ZERO_SNR_GUIDANCE_RESCALE = 1.0
+_NETWORK_TAG_RE = re.compile(r"<(?:lora|lyco|hypernet):[^<>]+>", re.IGNORECASE)  # A1111's <lora:name:0.8>
 _LORA_BACKEND = "LoRAs run on the torch backend; load the model with --backend torch to use them"
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -658,6 +660,12 @@ class TaiyiPipeline:
         negative_read = prepare_prompt(
             negative, normalize=normalize, emphasis=emphasis, what="negative prompt", required=False, steps=steps
         )
+        if tags := _NETWORK_TAG_RE.findall(prompt):  # A1111 loads these; here they would be drawn as words
+            logger.warning(
+                "A1111's network tags are not read from the prompt: %s is drawn as words; load a LoRA with --lora "
+                "FILE:SCALE (lora=)",
+                " ".join(dict.fromkeys(tags)),
+            )
         if negative.strip() and guidance <= 1:  # diffusers drops it without a word
             logger.warning(
                 "the negative prompt has no effect at guidance %s: it steers only when guidance is above 1", guidance
