@@ -272,28 +272,8 @@ class GenerationParameters:
         Raises:
             InvalidInputError: Steps, CFG scale, Seed, Size or another field's value is malformed.
         """
-        # A text whose every line ends in CRLF (written on Windows, or edited there) reads as lines; taiyi's own
-        # texts end the prompt lines in "\n" (a "\r" in a value is quoted), so a "\r" they hold is kept.
-        if "\r\n" in text and text.count("\n") == text.count("\r\n"):
-            text = text.replace("\r\n", "\n")
-        # Only the end is stripped: it is the parameters line, whose values keep their whitespace in quotes.
-        *lines, last = text.rstrip().split("\n")
-        pairs = _PARAM_RE.findall(last)
-        if len(pairs) < _MIN_PARAMS:
-            lines.append(last)
-            pairs = []
-
-        prompt_lines: list[str] = []
-        negative_lines: list[str] | None = None
-        for line in lines:
-            if negative_lines is None and line.startswith(_NEGATIVE_PREFIX):
-                negative = line[len(_NEGATIVE_PREFIX) :]
-                negative_lines = [negative[1:] if negative.startswith(" ") else negative]
-            elif negative_lines is not None:
-                negative_lines.append(line)
-            else:
-                prompt_lines.append(line)
-        params = cls(prompt="\n".join(prompt_lines), negative_prompt="\n".join(negative_lines or []))
+        prompt, negative, pairs = _split_text(text)
+        params = cls(prompt=prompt, negative_prompt=negative)
 
         sampler: dict[str, str] = {}
         extras: dict[str, str] = {}
@@ -366,6 +346,47 @@ class GenerationParameters:
         params.extras = extras
         params.recorded = tuple(keys)
         return params
+
+
+def _split_text(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """A ``parameters`` text → (prompt, negative prompt, the last line's ``(key, raw value)`` pairs), as A1111's
+    ``parse_generation_parameters`` splits it (see :meth:`GenerationParameters.from_text`)."""
+    # A text whose every line ends in CRLF (written on Windows, or edited there) reads as lines; taiyi's own
+    # texts end the prompt lines in "\n" (a "\r" in a value is quoted), so a "\r" they hold is kept.
+    if "\r\n" in text and text.count("\n") == text.count("\r\n"):
+        text = text.replace("\r\n", "\n")
+    # Only the end is stripped: it is the parameters line, whose values keep their whitespace in quotes.
+    *lines, last = text.rstrip().split("\n")
+    pairs = _PARAM_RE.findall(last)
+    if len(pairs) < _MIN_PARAMS:
+        lines.append(last)
+        pairs = []
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for line in lines:
+        if negative_lines is None and line.startswith(_NEGATIVE_PREFIX):
+            negative = line[len(_NEGATIVE_PREFIX) :]
+            negative_lines = [negative[1:] if negative.startswith(" ") else negative]
+        elif negative_lines is not None:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+    return "\n".join(prompt_lines), "\n".join(negative_lines or []), pairs
+
+
+def a1111_fields(text: str) -> dict[str, str]:
+    """A ``parameters`` text as A1111's API shows it (``/sdapi/v1/png-info``'s ``parameters``): ``Prompt``,
+    ``Negative prompt``, then every key with its value as written (unquoted), ``Size`` also as ``Size-1`` (width)
+    and ``Size-2`` (height)."""
+    prompt, negative, pairs = _split_text(text)
+    fields = {"Prompt": prompt, "Negative prompt": negative}
+    for key, raw in pairs:
+        value = _unquote(raw)
+        fields[key] = value
+        size = _SIZE_RE.fullmatch(value.strip()) if key in ("Size", "Hires resize") else None
+        if size is not None:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size[1], size[2]
+    return fields
 
 
 def pnginfo(params: GenerationParameters) -> PngImagePlugin.PngInfo:

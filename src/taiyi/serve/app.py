@@ -8,6 +8,8 @@ Endpoints (all errors are ``{"error": {"message", "type", "param", "code"}}``):
 - ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart): OpenAI's shapes, answered
   with ``b64_json`` PNGs carrying the ``parameters`` chunk, and the seed of every image.
 - ``POST /v1/clip/score``, ``/v1/clip/classify``, ``/v1/clip/search``: when a CLIP model (and index) is configured.
+- ``/sdapi/v1/txt2img``, ``/img2img``, ``/png-info``, ``/progress``, ``/options`` and the lists A1111's clients
+  read: AUTOMATIC1111's web API (:mod:`.a1111`).
 - ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /openapi.json``, ``GET /`` (web page).
 """
 
@@ -19,7 +21,7 @@ import io
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,6 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import TaiyiError
 from ..io import convert
+from . import a1111
+from .a1111 import Progress
 from .config import ServeConfig
 from .errors import APIError, bad_request, default_code, error_body
 from .forms import TextKeepingRoute
@@ -112,6 +116,7 @@ class ServeState:
     clip: Any = None
     clip_name: str | None = None
     index: Any = None
+    progress: Progress = field(default_factory=Progress)  # the running job's steps, for A1111's /progress
 
 
 def public_name(model: str) -> str:
@@ -729,6 +734,8 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
 
     for name, media_type in STATIC_FILES.items():
         app.add_api_route(f"/static/{name}", _static_route(_static(name), media_type), include_in_schema=False)
+
+    a1111.add_routes(app, state, run_job=run_job, dependencies=auth, responses=_ERRORS, version=_version())
 
 
 def _page_headers() -> dict[str, str]:

@@ -6,6 +6,8 @@ client's disconnect and the body arrives chunk by chunk through the byte counter
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import hmac
 import json
@@ -29,7 +31,7 @@ logger = logging.getLogger("taiyi.serve")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("taiyi_request_id", default="-")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-PROTECTED_PREFIXES = ("/v1/", "/metrics")
+PROTECTED_PREFIXES = ("/v1/", "/sdapi/", "/metrics")
 
 
 class PayloadTooLarge(HTTPException):
@@ -171,8 +173,18 @@ class GuardMiddleware:
         if not authorization:
             return "missing_api_key", "this server needs an API key: send the header Authorization: Bearer <key>"
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return "invalid_api_key", "the Authorization header must be: Bearer <key>"
+        if scheme.lower() == "basic" and token.strip():  # A1111's clients (--api-auth user:password): the key
+            try:  # is the password, any user name
+                token = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return "invalid_api_key", "the Authorization header's Basic credentials are not base64 user:password"
+            if not token:
+                return "invalid_api_key", "incorrect API key"
+        elif scheme.lower() != "bearer" or not token.strip():
+            return (
+                "invalid_api_key",
+                "the Authorization header must be: Bearer <key> (or Basic with the key as password)",
+            )
         if not hmac.compare_digest(token.strip().encode("utf-8"), self._key):
             return "invalid_api_key", "incorrect API key"
         return None

@@ -1,0 +1,945 @@
+"""AUTOMATIC1111's web API (``/sdapi/v1/...``) over the served model, for the tools written against it.
+
+``txt2img`` and ``img2img`` take A1111's request bodies field for field and answer as A1111 does (``images``,
+``parameters``, ``info`` as a JSON string); ``png-info``, ``progress``, ``options`` and the lists a client reads
+first (``sd-models``, ``samplers``, ``schedulers``, ``upscalers``, ``latent-upscale-modes``, and the empty lists of
+what taiyi does not have) complete what such clients call.
+
+What differs from A1111, on purpose:
+
+- A field left out takes the served model's default, as the OpenAI endpoints do: its native size (A1111: 512),
+  taiyi's default steps and sampler (A1111: 50, Euler) and the model's guidance (A1111: 7).
+- A field taiyi cannot honour at the value sent (face restoration, tiling, styles, scripts, a refiner, ``eta`` or
+  ``s_*`` noise settings away from the sampler's own, another checkpoint...) is refused with a 400 naming it, never
+  ignored; unknown fields are refused too. Fields that change nothing here (``do_not_save_*``, ``comments``,
+  ``force_task_id``, ``image_cfg_scale`` for a model that is not instruct-pix2pix) are accepted.
+- Masks follow A1111's convention (white, or opaque on a transparent layer, is redrawn), not OpenAI's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image, ImageFilter, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidInputError, TaiyiError
+from .errors import APIError, bad_request
+from .limits import check_float, check_int, check_scheduler, check_text, decode_base64_image
+
+PREFIX = "/sdapi/v1"
+
+# A1111's schedule types by their API names (1.9+); taiyi runs the ones a sampler of SCHEDULERS records
+SCHEDULE_LABELS = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
+
+# override_settings / options keys taiyi reads, and those it accepts at the value that changes nothing here
+READ_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "emphasis")
+NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "samples_format": ("png",),
+    "enable_pnginfo": (True,),
+    "sd_vae": ("Automatic", "None", None),
+    "eta_noise_seed_delta": (0,),
+    "sd_checkpoint_hash": (None, ""),
+}
+
+
+# --- request bodies ---------------------------------------------------------------------------------------
+class _Common(BaseModel):
+    """The fields txt2img and img2img share (A1111 1.10's ``StableDiffusionProcessing``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = Field(None, description="A1111's name (e.g. 'DPM++ 2M') or taiyi's; default taiyi's.")
+    sampler_index: str | None = Field(
+        "Euler", description="A1111's old name for sampler_name (read when that is not sent)."
+    )
+    scheduler: str | None = Field(
+        None, description="A1111's schedule type: 'Automatic', 'Karras', 'Align Your Steps'."
+    )
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int | None = Field(None, description="Default: taiyi's (not A1111's 50).")
+    cfg_scale: float | None = Field(None, description="Default: the model's guidance (not A1111's 7).")
+    width: int | None = Field(None, description="Default: the model's native size (img2img: the picture's).")
+    height: int | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(_Common):
+    """``POST /sdapi/v1/txt2img``."""
+
+    denoising_strength: float | None = Field(0.75, description="The hires fix's second-pass strength.")
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+
+
+class Img2ImgRequest(_Common):
+    """``POST /sdapi/v1/img2img``; with ``mask`` it inpaints."""
+
+    init_images: list[str] | None = Field(None, description="One picture, base64 (PNG, JPEG or WebP).")
+    resize_mode: int = Field(0, description="With width/height: 0 just resize, 1 crop and resize.")
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(None, description="Base64; white (or opaque on a transparent layer) is redrawn.")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(0, description="0 fill, 1 original (2 and 3, latent noise/nothing, are not run).")
+    inpaint_full_res: bool = Field(True, description="'Only masked': redraw the masked area's crop at full size.")
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="A picture, base64 (a data: URL too).")
+
+
+# --- progress ----------------------------------------------------------------------------------------------
+class Progress:
+    """What ``/sdapi/v1/progress`` reports: the running job's steps, set from the worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: tuple[str, float, str] | None = None  # kind, start, A1111's job timestamp
+        self._done = self._total = 0
+        self._count = 0
+
+    def start(self, kind: str, count: int) -> None:
+        with self._lock:
+            self._job = (kind, time.monotonic(), time.strftime("%Y%m%d%H%M%S"))
+            self._done, self._total, self._count = 0, 0, count
+
+    def step(self, done: int, total: int) -> None:
+        with self._lock:
+            self._done, self._total = done, total
+
+    def finish(self) -> None:
+        with self._lock:
+            self._job = None
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            job, done, total, count = self._job, self._done, self._total, self._count
+        fraction = done / total if job is not None and total else 0.0
+        eta = 0.0
+        if job is not None and fraction > 0:
+            elapsed = time.monotonic() - job[1]
+            eta = elapsed / fraction - elapsed
+        return {
+            "progress": round(fraction, 4),
+            "eta_relative": round(eta, 2),
+            "state": {
+                "skipped": False,
+                "interrupted": False,
+                "stopping_generation": False,
+                "job": job[0] if job else "",
+                "job_count": count if job else 0,
+                "job_timestamp": job[2] if job else "0",
+                "job_no": 0,
+                "sampling_step": done if job else 0,
+                "sampling_steps": total if job else 0,
+            },
+            "current_image": None,
+            "textinfo": None,
+        }
+
+
+# --- reading a request --------------------------------------------------------------------------------------
+def _refuse(name: str, why: str) -> APIError:
+    return bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
+
+
+def _side(name: str, value: int, max_side: int) -> int:
+    from ..pipeline import MIN_SIDE
+
+    check_int(name, value, MIN_SIDE, max_side, why=" pixels on this server")
+    if value % 8:
+        raise bad_request(f"{name} must be a multiple of 8, e.g. {max(MIN_SIDE, round(value / 8) * 8)}", param=name)
+    return value
+
+
+def _unsupported(body: _Common) -> None:
+    """Refuse what taiyi cannot do at the value sent, naming the field."""
+    if body.restore_faces:
+        raise _refuse("restore_faces", "taiyi has no face restoration; send false")
+    if body.tiling:
+        raise _refuse("tiling", "taiyi does not draw tiling pictures; send false")
+    if body.styles:
+        raise _refuse("styles", "this server keeps no prompt styles; put the style's words in the prompt")
+    if body.script_name:
+        raise _refuse("script_name", "this server runs no A1111 scripts")
+    if body.alwayson_scripts:
+        names = ", ".join(list(body.alwayson_scripts)[:5])
+        raise _refuse("alwayson_scripts", f"this server runs no A1111 extensions ({names})")
+    if body.refiner_checkpoint not in (None, "", "None"):
+        raise _refuse("refiner_checkpoint", "taiyi has no refiner pass")
+    if body.firstpass_image:
+        raise _refuse("firstpass_image", "a given first pass is not supported; draw the whole picture here")
+    for name in ("seed_resize_from_h", "seed_resize_from_w"):
+        if (getattr(body, name) or 0) > 0:
+            raise _refuse(name, "resizing a seed's noise is not supported; send -1")
+    if body.save_images:
+        raise _refuse("save_images", "this server keeps no pictures; save the ones it returns")
+    neutral = {"s_min_uncond": (0,), "s_churn": (0,), "s_tmin": (0,), "s_noise": (1,), "s_tmax": (0, math.inf)}
+    for name, values in neutral.items():
+        value = getattr(body, name)
+        if value is not None and value not in values:
+            raise _refuse(name, f"taiyi's samplers take no {name}; send {values[0]} or leave it out")
+
+
+def _check_eta(eta: float | None, scheduler: str) -> None:
+    """``eta`` only at the value taiyi's sampler draws with: 0 for DDIM, 1 for the ancestral and SDE ones; A1111's
+    other samplers ignore it, as taiyi's do."""
+    if eta is None:
+        return
+    own = {"ddim": 0.0, "euler-a": 1.0, "dpm++-sde": 1.0, "dpm++-sde-ays": 1.0}.get(scheduler)
+    if own is not None and eta != own:
+        raise _refuse("eta", f"the {scheduler} sampler draws with eta {own:g} here; send {own:g} or leave it out")
+
+
+def _scheduler(body: _Common) -> str:
+    """taiyi's scheduler for A1111's sampler name (``sampler_index`` when ``sampler_name`` is not sent) and
+    schedule type; a schedule type taiyi does not run with that sampler is refused, not dropped."""
+    from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+    name = body.sampler_name
+    if name is None and "sampler_index" in body.model_fields_set:
+        name = body.sampler_index
+    if not name:
+        if body.scheduler not in (None, "", "automatic", "Automatic"):
+            raise _refuse("scheduler", "a schedule type needs its sampler_name")
+        return DEFAULT_SCHEDULER
+    base = check_scheduler(name)
+    schedule = (body.scheduler or "automatic").strip()
+    key = schedule.lower().replace(" ", "_")
+    if key not in SCHEDULE_LABELS:
+        raise bad_request(
+            f"scheduler {schedule!r} is not one of A1111's schedule types ({', '.join(SCHEDULE_LABELS.values())})",
+            param="scheduler",
+        )
+    if key == "automatic":
+        return base
+    spec = SCHEDULERS[base]
+    label = SCHEDULE_LABELS[key]
+    for candidate in SCHEDULERS.values():
+        if candidate.a1111_sampler == spec.a1111_sampler and candidate.a1111_schedule == label:
+            return candidate.name
+    if spec.a1111_schedule == label:
+        return base
+    runs = [s.a1111_schedule for s in SCHEDULERS.values() if s.a1111_sampler == spec.a1111_sampler]
+    raise _refuse("scheduler", f"taiyi runs {spec.a1111_sampler} with {' or '.join(runs)} only, not {label}")
+
+
+def _options(body: _Common, defaults: dict[str, Any], model: str) -> dict[str, Any]:
+    """The request's A1111 settings: the server's options, then its override_settings."""
+    settings = dict(defaults)
+    for key, value in (body.override_settings or {}).items():
+        settings[key] = check_option(key, value, model)
+    return settings
+
+
+def check_option(key: str, value: Any, model: str) -> Any:
+    """One A1111 setting (``override_settings`` or ``POST /options``), as taiyi reads it."""
+    from ..pipeline import check_clip_skip
+    from ..prompts import check_emphasis
+
+    name = f"override_settings.{key}"
+    if key == "sd_model_checkpoint":
+        if not served_model(value, model):
+            raise APIError(
+                404, f"model {value!r} is not served here; this server serves {model!r}", code="model_not_found",
+                param=name,
+            )  # fmt: skip
+        return model
+    if key == "CLIP_stop_at_last_layers":
+        try:
+            return check_clip_skip(value)
+        except InvalidInputError as exc:
+            raise bad_request(f"{key}: {exc}", param=name) from None
+    if key == "emphasis":
+        try:
+            return check_emphasis(value)
+        except InvalidInputError as exc:
+            raise bad_request(f"{key}: {exc}", param=name) from None
+    if key in NEUTRAL_OPTIONS:
+        if value not in NEUTRAL_OPTIONS[key]:
+            raise _refuse(name, f"taiyi keeps {NEUTRAL_OPTIONS[key][0]!r} here")
+        return value
+    raise _refuse(
+        name,
+        f"taiyi reads {', '.join(READ_OPTIONS)} (and accepts {', '.join(NEUTRAL_OPTIONS)} at their usual values); "
+        f"{key!r} is not one of them",
+    )
+
+
+def served_model(name: Any, model: str) -> bool:
+    """Whether an A1111 checkpoint name (``model_name``, a title ``name [hash]``, a file name) is the served model."""
+    if not isinstance(name, str):
+        return False
+    text = name.strip()
+    if text.endswith("]") and " [" in text:
+        text = text[: text.rindex(" [")]
+    for suffix in (".safetensors", ".ckpt"):
+        text = text.removesuffix(suffix)
+    return text in (model, model.rsplit("/", 1)[-1])
+
+
+@dataclass
+class Plan:
+    """A validated request: the pipeline call each batch makes and what ``info`` reports."""
+
+    kind: str  # "txt2img", "img2img", "inpaint"
+    prompt: str
+    negative_prompt: str
+    scheduler: str
+    steps: int
+    guidance: float
+    emphasis: str
+    clip_skip: int
+    batch_size: int
+    n_iter: int
+    seed: int
+    subseed: int
+    subseed_strength: float
+    width: int | None = None
+    height: int | None = None
+    denoising_strength: float | None = None
+    call: dict[str, Any] = field(default_factory=dict)  # the other keyword arguments of the pipeline's call
+
+    def batches(self, max_batch: int) -> list[tuple[int, int]]:
+        """(index of the first image, images) of every pipeline call: each A1111 batch, split at ``max_batch``."""
+        calls = []
+        for k in range(self.n_iter):
+            for start in range(0, self.batch_size, max_batch):
+                calls.append((k * self.batch_size + start, min(max_batch, self.batch_size - start)))
+        return calls
+
+    def seeds(self, index: int) -> tuple[int, int | None]:
+        """Image ``index``'s seed and variation seed, A1111's way: with a variation strength every image keeps the
+        seed and the variation seed counts up; without, the seed counts up."""
+        if self.subseed_strength > 0:
+            return self.seed, self.subseed + index
+        return self.seed + index, None
+
+
+def read_common(body: _Common, *, state, options: dict[str, Any], strength: float | None) -> Plan:
+    """Checks shared by txt2img and img2img; returns the plan without the kind-specific call arguments."""
+    from ..pipeline import MAX_SEED, seeds_for
+
+    config, pipe = state.config, state.pipe
+    _unsupported(body)
+    settings = _options(body, options, state.model_name)
+    emphasis = settings.get("emphasis", "original")
+    clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
+    batch_size = check_int("batch_size", body.batch_size, 1, config.max_n, why=" on this server")
+    n_iter = check_int("n_iter", body.n_iter, 1, config.max_n, why=" on this server")
+    total = batch_size * n_iter
+    if total > config.max_n:
+        raise bad_request(
+            f"batch_size {batch_size} × n_iter {n_iter} asks for {total} images; this server draws at most "
+            f"{config.max_n} a request",
+            param="n_iter",
+        )
+    from ..pipeline import DEFAULT_STEPS
+
+    steps = check_int("steps", DEFAULT_STEPS if body.steps is None else body.steps, 1, config.max_steps,
+                      why=" on this server")  # fmt: skip
+    guidance = check_float("cfg_scale", pipe.default_guidance if body.cfg_scale is None else body.cfg_scale, 0, 100)
+    scheduler = _scheduler(body)
+    _check_eta(body.eta, scheduler)
+    prompt = body.prompt
+    check_text("prompt", prompt, config.max_prompt_chars, required=True, emphasis=emphasis)
+    negative = body.negative_prompt or ""
+    check_text("negative_prompt", negative, config.max_prompt_chars, required=False, emphasis=emphasis)
+    seed = check_int("seed", body.seed, -1, MAX_SEED - total, why="; -1 picks one at random")
+    seed = seeds_for(None, 1)[0] if seed == -1 else seed
+    subseed_strength = check_float("subseed_strength", body.subseed_strength, 0, 1)
+    subseed = check_int("subseed", body.subseed, -1, MAX_SEED - total, why="; -1 picks one at random")
+    subseed = seeds_for(None, 1)[0] if subseed == -1 else subseed
+    if strength is not None:
+        strength = check_float("denoising_strength", strength, 0, 1, low_open=True)
+    return Plan(
+        kind="txt2img", prompt=prompt, negative_prompt=negative, scheduler=scheduler, steps=steps, guidance=guidance,
+        emphasis=emphasis, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter, seed=seed, subseed=subseed,
+        subseed_strength=subseed_strength, denoising_strength=strength,
+    )  # fmt: skip
+
+
+def read_txt2img(body: Txt2ImgRequest, *, state, options: dict[str, Any]) -> Plan:
+    from ..pipeline import check_hires
+
+    config, pipe = state.config, state.pipe
+    plan = read_common(
+        body, state=state, options=options, strength=body.denoising_strength if body.enable_hr else None
+    )
+    width = _side("width", pipe.default_size if body.width is None else body.width, config.max_side)
+    height = _side("height", pipe.default_size if body.height is None else body.height, config.max_side)
+    plan.width, plan.height = width, height
+    plan.call = {"width": width, "height": height}
+    if plan.subseed_strength > 0:
+        plan.call["variation_strength"] = plan.subseed_strength
+    if not body.enable_hr:
+        return plan
+    if body.firstphase_width or body.firstphase_height:
+        raise _refuse("firstphase_width", "A1111's pre-1.0 hires fix is not supported; use hr_scale")
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint") and not served_model(
+        body.hr_checkpoint_name, state.model_name
+    ):
+        raise _refuse("hr_checkpoint_name", "the second pass runs the served model; leave it out")
+    for name, same in (("hr_sampler_name", "Use same sampler"), ("hr_scheduler", "Use same scheduler")):
+        value = getattr(body, name)
+        if value not in (None, "", same) and not (
+            name == "hr_sampler_name" and check_scheduler(value) == plan.scheduler
+        ):
+            raise _refuse(name, "the second pass runs the first pass's sampler here; leave it out")
+    for name, same in (("hr_prompt", plan.prompt), ("hr_negative_prompt", plan.negative_prompt)):
+        if getattr(body, name) not in (None, "", same):
+            raise _refuse(name, "the second pass draws the first pass's prompt here; leave it out")
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        scale = _resize_scale(body, width, height)
+    try:
+        hires = check_hires(
+            scale, plan.denoising_strength, body.hr_second_pass_steps, body.hr_upscaler or "Latent", steps=plan.steps
+        )
+        size = hires.size(width, height)
+    except InvalidInputError as exc:
+        raise bad_request(str(exc), param="hr_scale") from None
+    for name, side in zip(("width", "height"), size, strict=True):
+        if side > config.max_side:
+            raise bad_request(
+                f"the hires pass would draw {size[0]}x{size[1]}; the {name} must be at most {config.max_side} pixels "
+                "on this server",
+                param="hr_scale",
+            )
+    plan.call.update(
+        hires_scale=hires.scale, hires_strength=hires.strength, hires_steps=hires.steps, hires_upscaler=hires.upscaler
+    )
+    return plan
+
+
+def _resize_scale(body: Txt2ImgRequest, width: int, height: int) -> float:
+    """The scale ``hr_resize_x`` / ``hr_resize_y`` ask for, when they keep the first pass's shape (A1111 would crop
+    otherwise, which taiyi does not)."""
+    x, y = body.hr_resize_x, body.hr_resize_y
+    scale = x / width if x else y / height
+    target = (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)
+    if (x and target[0] != x) or (y and target[1] != y):
+        raise _refuse(
+            "hr_resize_x",
+            f"{x or '-'}x{y or '-'} is not {width}x{height} scaled (it would be {target[0]}x{target[1]}); "
+            "taiyi does not crop: send hr_scale",
+        )
+    return scale
+
+
+def read_img2img(
+    body: Img2ImgRequest, *, state, options: dict[str, Any]
+) -> tuple[Plan, Image.Image, Image.Image | None]:
+    """The plan, the picture and taiyi's mask (white = redraw; None: image-to-image)."""
+    config = state.config
+    if body.subseed_strength:
+        raise _refuse("subseed_strength", "variation seeds are for txt2img here")
+    plan = read_common(body, state=state, options=options, strength=body.denoising_strength)
+    if plan.denoising_strength is None:
+        plan.denoising_strength = 0.75
+    if int(plan.steps * plan.denoising_strength) < 1:
+        raise bad_request(
+            f"denoising_strength {plan.denoising_strength:g} × {plan.steps} steps leaves no denoising step; "
+            "raise either",
+            param="denoising_strength",
+        )
+    if not body.init_images:
+        raise bad_request(
+            "init_images is required: one picture, base64", param="init_images", code="missing_parameter"
+        )
+    if len(body.init_images) > 1:
+        raise bad_request(
+            f"{len(body.init_images)} init_images were sent; this server edits one picture a request",
+            param="init_images",
+        )
+    if body.latent_mask:
+        raise _refuse("latent_mask", "a separate latent mask is not supported")
+    if body.initial_noise_multiplier not in (None, 1, 1.0):
+        raise _refuse("initial_noise_multiplier", "taiyi adds the sampler's own noise; send 1 or leave it out")
+    if body.resize_mode not in (0, 1):
+        raise _refuse("resize_mode", "taiyi resizes with 0 (just resize) or 1 (crop and resize)")
+    for name in ("width", "height"):
+        if getattr(body, name) is not None:
+            _side(name, getattr(body, name), config.max_side)
+    picture = decode_base64_image(body.init_images[0], param="init_images[0]")
+    mask = None
+    if body.mask:
+        if body.inpainting_fill not in (0, 1):
+            raise _refuse("inpainting_fill", "taiyi starts the masked area from the picture: 0 (fill) or 1 (original)")
+        if body.inpainting_mask_invert not in (0, 1):
+            raise bad_request("inpainting_mask_invert must be 0 or 1", param="inpainting_mask_invert")
+        blur = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x, body.mask_blur_y)
+        if blur[0] != blur[1]:
+            raise _refuse("mask_blur_x", "taiyi blurs a mask's edge alike both ways; send mask_blur")
+        check_int("mask_blur", blur[0], 0, 64)
+        check_int("inpaint_full_res_padding", body.inpaint_full_res_padding, 0, 256)
+        mask = a1111_mask(decode_base64_image(body.mask, param="mask"), invert=bool(body.inpainting_mask_invert))
+        plan.kind = "inpaint"
+        plan.call = {"feather": float(blur[0])}
+    else:
+        plan.kind = "img2img"
+    return plan, picture, mask
+
+
+def a1111_mask(image: Image.Image, *, invert: bool = False) -> Image.Image:
+    """An A1111 mask → taiyi's (mode L, white = redraw): a picture with transparency is read by its alpha (opaque
+    strokes on a transparent layer are redrawn), any other by its brightness (white is redrawn)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            mask = alpha.point(lambda a: 255 if a > 128 else 0)
+            return ImageOps.invert(mask) if invert else mask
+    mask = image.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    return ImageOps.invert(mask) if invert else mask
+
+
+# --- pictures ----------------------------------------------------------------------------------------------
+def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's resize mode 1: scaled to cover ``width``×``height``, centred, the overflow cut."""
+    scale = max(width / image.width, height / image.height)
+    scaled = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                          Image.LANCZOS)  # fmt: skip
+    left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+    return scaled.crop((left, top, left + width, top + height))
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" start for the masked area: the picture's surroundings blurred into it, from wide to narrow
+    blurs, so the redraw starts from the colours around the hole rather than what it held."""
+    keep = ImageOps.invert(mask)
+    layer = Image.new("RGBa", image.size)
+    layer.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
+    filled = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            filled.alpha_composite(blurred)
+    out = image.convert("RGB").copy()
+    out.paste(filled.convert("RGB"), mask=mask)
+    return out
+
+
+def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """A1111's "only masked" crop: the mask's bounding box grown by ``padding``, then widened or heightened to
+    ``width``:``height``'s shape, all within the picture."""
+    x1, y1, x2, y2 = mask.getbbox()
+    x1, y1 = max(0, x1 - padding), max(0, y1 - padding)
+    x2, y2 = min(mask.width, x2 + padding), min(mask.height, y2 + padding)
+    ratio = width / height
+    w, h = x2 - x1, y2 - y1
+    if w / h < ratio:  # too tall: widen
+        grow = min(mask.width, round(h * ratio)) - w
+        x1 = max(0, x1 - grow // 2)
+        x2 = min(mask.width, x1 + w + grow)
+        x1 = max(0, x2 - (w + grow))
+    else:  # too wide: heighten
+        grow = min(mask.height, round(w / ratio)) - h
+        y1 = max(0, y1 - grow // 2)
+        y2 = min(mask.height, y1 + h + grow)
+        y1 = max(0, y2 - (h + grow))
+    return x1, y1, x2, y2
+
+
+# --- running -----------------------------------------------------------------------------------------------
+def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, int], None]):
+    """Every batch of ``plan`` through the pipeline (on the worker thread); a GenerationResult of all images."""
+    from ..pipeline import GenerationResult, feather_mask
+
+    pipe, config = state.pipe, state.config
+    common = dict(
+        negative_prompt=plan.negative_prompt or None, steps=plan.steps, guidance=plan.guidance,
+        scheduler=plan.scheduler, emphasis=plan.emphasis, clip_skip=plan.clip_skip, progress=progress,
+    )  # fmt: skip
+    images, params, nsfw = [], [], []
+    region = None
+    if plan.kind == "img2img":
+        width, height = body.width, body.height
+        if body.resize_mode == 1 and (width or height):
+            picture = crop_and_resize(picture, width or picture.width, height or picture.height)
+        common.update(width=width, height=height, strength=plan.denoising_strength)
+    elif plan.kind == "inpaint":
+        if mask.size != picture.size:
+            mask = mask.resize(picture.size, Image.NEAREST)
+        if not mask.getbbox():
+            raise InvalidInputError("the mask marks nothing to redraw: paint the area white (or opaque)")
+        source = picture.convert("RGB")
+        if body.inpainting_fill == 0:
+            picture = fill_masked(source, mask)
+        if body.inpaint_full_res:
+            size = pipe.default_size
+            width, height = body.width or size, body.height or size
+            region = crop_region(mask, body.inpaint_full_res_padding, width, height)
+            picture = picture.crop(region).resize((width, height), Image.LANCZOS)
+            work_mask = (
+                mask.crop(region).resize((width, height), Image.LANCZOS).point(lambda v: 255 if v >= 128 else 0)
+            )
+            if not work_mask.getbbox():
+                raise InvalidInputError("the mask's area is too small to redraw at this size; draw it larger")
+        else:
+            work_mask = mask
+            if body.width or body.height:
+                target = (body.width or picture.width, body.height or picture.height)
+                picture, source = picture.resize(target, Image.LANCZOS), source.resize(target, Image.LANCZOS)
+                mask = work_mask = mask.resize(target, Image.NEAREST)
+        # the pipeline's paste-back is hard-edged here: the feather is laid against the untouched picture below
+        common.update(strength=plan.denoising_strength, feather=0.0)
+    else:
+        common.update(plan.call)
+    for first, count in plan.batches(config.max_batch):
+        seed, variation = plan.seeds(first)
+        if plan.kind == "txt2img":
+            result = pipe.generate(plan.prompt, seed=seed, num_images=count, variation_seed=variation, **common)
+        elif plan.kind == "img2img":
+            result = pipe.edit(picture, plan.prompt, seed=seed, num_images=count, **common)
+        else:
+            result = pipe.inpaint(picture, work_mask, plan.prompt, seed=seed, num_images=count, **common)
+        for image, p in zip(result.images, result.parameters, strict=True):
+            p.extras = {**p.extras, **_inpaint_keys(plan, body)}
+            if region is not None:  # back into the picture, through the mask, feathered inward
+                image = _paste(source, image, mask, region, plan.call.get("feather", 4.0), feather_mask)
+            elif plan.kind == "inpaint":
+                image = _paste(source, image, mask, None, plan.call.get("feather", 4.0), feather_mask)
+            images.append(image)
+            params.append(p)
+        nsfw += result.nsfw or [False] * len(result.images)
+    return GenerationResult(images, params, nsfw)
+
+
+def _inpaint_keys(plan: Plan, body) -> dict[str, str]:
+    """A1111's infotext keys of an inpainting picture."""
+    if plan.kind != "inpaint":
+        return {}
+    keys = {"Mask blur": f"{plan.call.get('feather', 4.0):g}"}
+    if body.inpaint_full_res:
+        keys.update({"Inpaint area": "Only masked", "Masked area padding": str(body.inpaint_full_res_padding)})
+    keys["Masked content"] = "fill" if body.inpainting_fill == 0 else "original"
+    return keys
+
+
+def _paste(source, image, mask, region, feather, feather_mask) -> Image.Image:
+    """``image`` (the redrawn crop ``region``, or the whole picture) over ``source`` where ``mask`` is white,
+    feathered ``feather`` pixels inward; every other pixel is the source's own."""
+    if region is not None:
+        x1, y1, x2, y2 = region
+        placed = source.copy()
+        placed.paste(image.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        image = placed
+    alpha = feather_mask(mask, feather)[..., None]
+    blended = np.asarray(source, np.float32) * (1 - alpha) + np.asarray(image, np.float32) * alpha
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+# --- answering ----------------------------------------------------------------------------------------------
+def encode_png(image: Image.Image, params) -> str:
+    from ..metadata import pnginfo
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo(params))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def a1111_sampler_name(scheduler: str) -> tuple[str, str]:
+    from ..schedulers import SCHEDULERS
+
+    spec = SCHEDULERS[scheduler]
+    return spec.a1111_sampler, spec.a1111_schedule
+
+
+def info_json(plan: Plan, result, *, model: str, version: str) -> str:
+    """A1111's ``info``: the batch's settings and every image's seeds and parameters text."""
+    params = result.parameters
+    texts = [p.to_text() for p in params]
+    sampler, schedule = a1111_sampler_name(plan.scheduler)
+    seeds = [p.seed for p in params]
+    subseeds = [p.variation_seed if p.variation_seed is not None else plan.subseed for p in params]
+    first = params[0] if params else None
+    info = {
+        "prompt": plan.prompt,
+        "all_prompts": [plan.prompt] * len(params),
+        "negative_prompt": plan.negative_prompt,
+        "all_negative_prompts": [plan.negative_prompt] * len(params),
+        "seed": seeds[0] if seeds else plan.seed,
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else plan.subseed,
+        "all_subseeds": subseeds,
+        "subseed_strength": plan.subseed_strength,
+        "width": first.width if first else plan.width,
+        "height": first.height if first else plan.height,
+        "sampler_name": sampler,
+        "scheduler": schedule,
+        "cfg_scale": plan.guidance,
+        "steps": plan.steps,
+        "batch_size": plan.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": plan.denoising_strength,
+        "extra_generation_params": {k: v for k, v in (first.extras if first else {}).items()},
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": plan.clip_skip,
+        "is_using_inpainting_conditioning": plan.kind == "inpaint",
+        "version": version,
+    }
+    return json.dumps(info, ensure_ascii=False)
+
+
+def echo(body: _Common) -> dict[str, Any]:
+    """A1111's ``parameters``: the request as read, its pictures only with ``include_init_images``."""
+    data = body.model_dump(mode="json")
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        data["init_images"], data["mask"] = None, None
+    return data
+
+
+def png_info(image_bytes_b64: str) -> dict[str, Any]:
+    """``/png-info``: the picture's ``parameters`` text, its other text chunks, and the text's fields."""
+    from ..metadata import PARAMETERS_KEY, a1111_fields
+
+    image = decode_base64_image(image_bytes_b64, param="image")
+    texts = {k: v for k, v in getattr(image, "text", image.info).items() if isinstance(v, str)}
+    text = texts.pop(PARAMETERS_KEY, "")
+    if not text:
+        return {"info": "", "items": texts, "parameters": {}}
+    try:
+        fields = a1111_fields(text)
+    except TaiyiError:
+        fields = {"Prompt": text}
+    return {"info": text, "items": texts, "parameters": fields}
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+def add_routes(app, state, *, run_job, dependencies, responses, version: str) -> None:
+    """Mount ``/sdapi/v1/...`` on ``app``; ``run_job`` queues a :class:`~taiyi.serve.worker.Job` and waits for it."""
+    from .worker import Job
+
+    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "emphasis": "original"}
+    options_lock = threading.Lock()
+    tags = ["a1111"]
+
+    def current_options() -> dict[str, Any]:
+        with options_lock:
+            return dict(options)
+
+    async def answer(request, body: _Common, plan: Plan, picture=None, mask=None) -> JSONResponse:
+        progress = state.progress
+
+        def run(should_abort) -> Any:
+            from .jobs import abort_progress
+
+            stop = abort_progress(should_abort)
+
+            def step(done: int, total: int) -> None:
+                progress.step(done, total)
+                stop(done, total)
+
+            progress.start(plan.kind, plan.batch_size * plan.n_iter)
+            try:
+                return run_plan(state, plan, picture, mask, body, step)
+            finally:
+                progress.finish()
+
+        result = await run_job(request, state, Job(plan.kind, run, rows=plan.batch_size * plan.n_iter))
+
+        def encode() -> dict[str, Any]:
+            images = [encode_png(i, p) for i, p in zip(result.images, result.parameters, strict=True)]
+            return {
+                "images": images if body.send_images else [],
+                "parameters": echo(body),
+                "info": info_json(plan, result, model=state.model_name, version=version),
+            }
+
+        data = await anyio.to_thread.run_sync(encode)
+        state.metrics.images.inc(len(result.images))
+        return JSONResponse(data)
+
+    @app.post(f"{PREFIX}/txt2img", dependencies=dependencies, responses=responses, tags=tags,
+              summary="Text to image (A1111's API)")  # fmt: skip
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> JSONResponse:
+        plan = read_txt2img(body, state=state, options=current_options())
+        return await answer(request, body, plan)
+
+    @app.post(f"{PREFIX}/img2img", dependencies=dependencies, responses=responses, tags=tags,
+              summary="Image to image, or inpainting with a mask (A1111's API)")  # fmt: skip
+    async def img2img(body: Img2ImgRequest, request: Request) -> JSONResponse:
+        plan, picture, mask = await anyio.to_thread.run_sync(
+            lambda: read_img2img(body, state=state, options=current_options())
+        )
+        return await answer(request, body, plan, picture, mask)
+
+    @app.post(f"{PREFIX}/png-info", dependencies=dependencies, responses=responses, tags=tags,
+              summary="A picture's generation parameters")  # fmt: skip
+    async def png_info_route(body: PngInfoRequest) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(png_info, body.image)
+
+    @app.get(f"{PREFIX}/progress", dependencies=dependencies, tags=tags, summary="The running job's progress")
+    async def progress_route(skip_current_image: bool = False) -> dict[str, Any]:  # noqa: ARG001 (A1111's query)
+        return state.progress.snapshot()
+
+    @app.get(f"{PREFIX}/options", dependencies=dependencies, tags=tags, summary="The settings taiyi reads")
+    async def get_options() -> dict[str, Any]:
+        from ..prompts import EMPHASIS_MODES
+
+        current = current_options()
+        return {
+            "sd_model_checkpoint": state.model_name,
+            "CLIP_stop_at_last_layers": current["CLIP_stop_at_last_layers"],
+            "emphasis": EMPHASIS_MODES[current["emphasis"]],
+            "samples_format": "png",
+            "enable_pnginfo": True,
+            "sd_vae": "Automatic",
+            "eta_noise_seed_delta": 0,
+        }
+
+    @app.post(f"{PREFIX}/options", dependencies=dependencies, responses=responses, tags=tags,
+              summary="Set the server's defaults for later requests (clip skip, emphasis)")  # fmt: skip
+    async def set_options(body: dict[str, Any]) -> None:
+        checked = {key: check_option(key, value, state.model_name) for key, value in body.items()}
+        with options_lock:
+            options.update({k: v for k, v in checked.items() if k in ("CLIP_stop_at_last_layers", "emphasis")})
+
+    @app.get(f"{PREFIX}/sd-models", dependencies=dependencies, tags=tags, summary="The served model")
+    async def sd_models() -> list[dict[str, Any]]:
+        name = state.model_name
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+
+    @app.get(f"{PREFIX}/samplers", dependencies=dependencies, tags=tags, summary="The samplers, by A1111's names")
+    async def samplers() -> list[dict[str, Any]]:
+        from ..schedulers import SCHEDULERS
+
+        by_name: dict[str, list[str]] = {}
+        for spec in SCHEDULERS.values():
+            by_name.setdefault(spec.a1111_sampler, []).append(spec.name)
+        return [{"name": name, "aliases": aliases, "options": {}} for name, aliases in by_name.items()]
+
+    @app.get(f"{PREFIX}/schedulers", dependencies=dependencies, tags=tags, summary="The schedule types taiyi runs")
+    async def schedulers() -> list[dict[str, Any]]:
+        from ..schedulers import SCHEDULERS
+
+        labels = {spec.a1111_schedule for spec in SCHEDULERS.values()}
+        return [
+            {"name": key, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for key, label in SCHEDULE_LABELS.items()
+            if label in labels
+        ]
+
+    @app.get(f"{PREFIX}/upscalers", dependencies=dependencies, tags=tags, summary="The hires fix's picture upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        from ..pipeline import HIRES_UPSCALERS
+
+        return [
+            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+            for name in HIRES_UPSCALERS
+            if not name.startswith("Latent")
+        ]
+
+    @app.get(f"{PREFIX}/latent-upscale-modes", dependencies=dependencies, tags=tags,
+             summary="The hires fix's latent upscalers")  # fmt: skip
+    async def latent_modes() -> list[dict[str, Any]]:
+        from ..pipeline import HIRES_UPSCALERS
+
+        return [{"name": name} for name in HIRES_UPSCALERS if name.startswith("Latent")]
+
+    empty: dict[str, Any] = {
+        "sd-vae": [], "loras": [], "prompt-styles": [], "hypernetworks": [], "face-restorers": [],
+        "realesrgan-models": [], "embeddings": {"loaded": {}, "skipped": {}},
+        "scripts": {"txt2img": [], "img2img": []},
+    }  # fmt: skip
+    for path, value in empty.items():
+        app.add_api_route(
+            f"{PREFIX}/{path}", _constant(value), methods=["GET"], dependencies=dependencies, tags=tags,
+            summary="Empty: taiyi has none",
+        )  # fmt: skip
+
+
+def _constant(value: Any):
+    async def constant() -> Any:
+        return value
+
+    return constant
