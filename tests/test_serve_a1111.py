@@ -342,3 +342,39 @@ def test_webuiapi_the_python_client_draws_edits_and_reads_pictures(pipe_zh):
         assert api.util_get_current_model() == name
         assert "Euler a" in api.util_get_sampler_names()
         api.util_wait_for_ready(check_interval=0.1)
+
+
+@pytest.mark.parametrize(("what", "seeds"), [("skip", [20, 22]), ("interrupt", [20])])
+def test_skip_ends_the_running_batch_and_interrupt_the_job_with_the_pictures_finished(pipe_zh, what, seeds):
+    class Stopping(Progress):
+        def step(self, done, total):
+            if self._batch == 1 and done == 2:
+                self.request(what)  # as POST /sdapi/v1/skip or /interrupt between two steps of the second batch
+            super().step(done, total)
+
+    app = create_app(ServeConfig(), pipeline=pipe_zh)
+    app.state.taiyi.progress = Stopping()
+    with TestClient(app) as c:
+        response = c.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 20, "steps": 3, "n_iter": 3})
+        got = pictures(response)
+        assert c.post(f"/sdapi/v1/{what}").json() == {}  # no job running: nothing to stop, as in A1111
+    assert info_of(response)["all_seeds"] == seeds
+    assert np.array_equal(pixels(got[-1]), pixels(pipe_zh.generate(PROMPT, seed=seeds[-1], steps=3).images[0]))
+
+
+def test_infotext_fills_the_fields_not_sent_and_redraws_the_picture(client):
+    first = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": PROMPT, "negative_prompt": "雾", "seed": 8, "steps": 3, "sampler_name": "Euler",
+              "subseed": 2, "subseed_strength": 0.3, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6,
+              "override_settings": {"CLIP_stop_at_last_layers": 2}},
+    )  # fmt: skip
+    text = info_of(first)["infotexts"][0]
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    assert np.array_equal(pixels(pictures(again)[0]), pixels(pictures(first)[0]))
+    assert info_of(again)["infotexts"][0] == text
+    other = client.post("/sdapi/v1/txt2img", json={"infotext": text, "seed": 9, "steps": 2})
+    params = GenerationParameters.from_text(info_of(other)["infotexts"][0])
+    assert (params.seed, params.steps, params.scheduler, params.clip_skip) == (9, 2, "euler", 2)
+    failure = error(client.post("/sdapi/v1/txt2img", json={"infotext": "山\nSteps: x, Seed: 1, Size: 8x8"}))
+    assert failure["param"] == "infotext"

@@ -168,31 +168,65 @@ class PngInfoRequest(BaseModel):
 
 
 # --- progress ----------------------------------------------------------------------------------------------
+class Skipped(Exception):
+    """``/skip``: the running batch ends; the job goes on with the next."""
+
+
+class Interrupted(Exception):
+    """``/interrupt``: the running job ends; its finished pictures are the answer."""
+
+
 class Progress:
-    """What ``/sdapi/v1/progress`` reports: the running job's steps, set from the worker thread."""
+    """What ``/sdapi/v1/progress`` reports (the running job's steps, set from the worker thread), and the
+    ``/skip`` and ``/interrupt`` requests that job reads between its steps."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._job: tuple[str, float, str] | None = None  # kind, start, A1111's job timestamp
         self._done = self._total = 0
-        self._count = 0
+        self._count = self._batch = 0
+        self._stop: str | None = None  # "skip" or "interrupt", asked for and not yet acted on
 
     def start(self, kind: str, count: int) -> None:
         with self._lock:
             self._job = (kind, time.monotonic(), time.strftime("%Y%m%d%H%M%S"))
-            self._done, self._total, self._count = 0, 0, count
+            self._done, self._total, self._count, self._batch, self._stop = 0, 0, count, 0, None
+
+    def batch(self, number: int) -> None:
+        with self._lock:
+            self._batch, self._done, self._total = number, 0, 0
+            if self._stop == "skip":  # asked for between two batches: it skipped nothing yet
+                self._stop = None
 
     def step(self, done: int, total: int) -> None:
+        """Record a step; raise :class:`Skipped` / :class:`Interrupted` when asked for."""
         with self._lock:
             self._done, self._total = done, total
+            stop, self._stop = self._stop, (None if self._stop == "skip" else self._stop)
+        if stop == "skip":
+            raise Skipped()
+        if stop == "interrupt":
+            raise Interrupted()
+
+    def request(self, what: str) -> bool:
+        """Ask the running job to ``"skip"`` its batch or ``"interrupt"``; False when no job runs (a no-op, as
+        in A1111)."""
+        with self._lock:
+            if self._job is None:
+                return False
+            if self._stop != "interrupt":
+                self._stop = what
+            return True
 
     def finish(self) -> None:
         with self._lock:
-            self._job = None
+            self._job, self._stop = None, None
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            job, done, total, count = self._job, self._done, self._total, self._count
+            job, done, total, count, batch, stop = (
+                self._job, self._done, self._total, self._count, self._batch, self._stop,
+            )  # fmt: skip
         fraction = done / total if job is not None and total else 0.0
         eta = 0.0
         if job is not None and fraction > 0:
@@ -202,13 +236,13 @@ class Progress:
             "progress": round(fraction, 4),
             "eta_relative": round(eta, 2),
             "state": {
-                "skipped": False,
-                "interrupted": False,
+                "skipped": stop == "skip",
+                "interrupted": stop == "interrupt",
                 "stopping_generation": False,
                 "job": job[0] if job else "",
                 "job_count": count if job else 0,
                 "job_timestamp": job[2] if job else "0",
-                "job_no": 0,
+                "job_no": batch if job else 0,
                 "sampling_step": done if job else 0,
                 "sampling_steps": total if job else 0,
             },
@@ -393,6 +427,53 @@ class Plan:
         if self.subseed_strength > 0:
             return self.seed, self.subseed + index
         return self.seed + index, None
+
+
+def apply_infotext(body: _Common) -> _Common:
+    """A1111 1.7's ``infotext``: a picture's parameters text fills every field the request did not send (a field
+    sent wins), as A1111 reads it; keys that name no field here (``Model``, ``Version``...) are left."""
+    from ..metadata import GenerationParameters
+    from ..prompts import EMPHASIS_MODES
+
+    if not body.infotext:
+        return body
+    try:
+        params = GenerationParameters.from_text(body.infotext)
+    except InvalidInputError as exc:
+        raise bad_request(f"infotext: {exc}", param="infotext") from None
+    recorded = set(params.recorded or ())
+    found: dict[str, Any] = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+    if "Steps" in recorded:
+        found["steps"] = params.steps
+    if "CFG scale" in recorded:
+        found["cfg_scale"] = params.guidance
+    if "Seed" in recorded:
+        found["seed"] = params.seed
+    if "Size" in recorded:
+        found["width"], found["height"] = params.width, params.height
+    if "Sampler" in recorded:
+        if not params.scheduler:
+            raise bad_request(
+                f"infotext: {params.extras.get('Sampler')!r} is not a sampler taiyi runs", param="infotext"
+            )
+        sampler, schedule = a1111_sampler_name(params.scheduler)
+        found["sampler_name"], found["scheduler"] = sampler, schedule
+    if params.variation_seed is not None and params.variation_strength > 0:
+        found["subseed"], found["subseed_strength"] = params.variation_seed, params.variation_strength
+    if params.strength is not None:
+        found["denoising_strength"] = params.strength
+    if isinstance(body, Txt2ImgRequest) and params.hires_scale is not None:
+        found.update(enable_hr=True, hr_scale=params.hires_scale, hr_upscaler=params.hires_upscaler,
+                     hr_second_pass_steps=params.hires_steps)  # fmt: skip
+    settings = {}
+    if "Clip skip" in recorded:
+        settings["CLIP_stop_at_last_layers"] = params.clip_skip
+    if "Emphasis" in recorded:
+        settings["emphasis"] = EMPHASIS_MODES[params.emphasis]
+    if settings:
+        found["override_settings"] = {**settings, **(body.override_settings or {})}
+    update = {k: v for k, v in found.items() if k not in body.model_fields_set or k == "override_settings"}
+    return body.model_copy(update=update)
 
 
 def read_common(body: _Common, *, state, options: dict[str, Any], strength: float | None) -> Plan:
@@ -664,14 +745,20 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
         common.update(strength=plan.denoising_strength, feather=0.0)
     else:
         common.update(plan.call)
-    for first, count in plan.batches(config.max_batch):
+    for number, (first, count) in enumerate(plan.batches(config.max_batch)):
+        state.progress.batch(number)
         seed, variation = plan.seeds(first)
-        if plan.kind == "txt2img":
-            result = pipe.generate(plan.prompt, seed=seed, num_images=count, variation_seed=variation, **common)
-        elif plan.kind == "img2img":
-            result = pipe.edit(picture, plan.prompt, seed=seed, num_images=count, **common)
-        else:
-            result = pipe.inpaint(picture, work_mask, plan.prompt, seed=seed, num_images=count, **common)
+        try:
+            if plan.kind == "txt2img":
+                result = pipe.generate(plan.prompt, seed=seed, num_images=count, variation_seed=variation, **common)
+            elif plan.kind == "img2img":
+                result = pipe.edit(picture, plan.prompt, seed=seed, num_images=count, **common)
+            else:
+                result = pipe.inpaint(picture, work_mask, plan.prompt, seed=seed, num_images=count, **common)
+        except Skipped:
+            continue
+        except Interrupted:
+            break
         for image, p in zip(result.images, result.parameters, strict=True):
             p.extras = {**p.extras, **_inpaint_keys(plan, body)}
             if region is not None:  # back into the picture, through the mask, feathered inward
@@ -842,12 +929,14 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
     @app.post(f"{PREFIX}/txt2img", dependencies=dependencies, responses=responses, tags=tags,
               summary="Text to image (A1111's API)")  # fmt: skip
     async def txt2img(body: Txt2ImgRequest, request: Request) -> JSONResponse:
+        body = apply_infotext(body)
         plan = read_txt2img(body, state=state, options=current_options())
         return await answer(request, body, plan)
 
     @app.post(f"{PREFIX}/img2img", dependencies=dependencies, responses=responses, tags=tags,
               summary="Image to image, or inpainting with a mask (A1111's API)")  # fmt: skip
     async def img2img(body: Img2ImgRequest, request: Request) -> JSONResponse:
+        body = apply_infotext(body)
         plan, picture, mask = await anyio.to_thread.run_sync(
             lambda: read_img2img(body, state=state, options=current_options())
         )
@@ -861,6 +950,23 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
     @app.get(f"{PREFIX}/progress", dependencies=dependencies, tags=tags, summary="The running job's progress")
     async def progress_route(skip_current_image: bool = False) -> dict[str, Any]:  # noqa: ARG001 (A1111's query)
         return state.progress.snapshot()
+
+    @app.post(f"{PREFIX}/interrupt", dependencies=dependencies, tags=tags,
+              summary="End the running job; its request answers with the pictures finished so far")  # fmt: skip
+    async def interrupt() -> dict[str, Any]:
+        state.progress.request("interrupt")
+        return {}
+
+    @app.post(f"{PREFIX}/skip", dependencies=dependencies, tags=tags,
+              summary="End the running job's batch; the job goes on with the next")  # fmt: skip
+    async def skip() -> dict[str, Any]:
+        state.progress.request("skip")
+        return {}
+
+    @app.post(f"{PREFIX}/refresh-checkpoints", dependencies=dependencies, tags=tags,
+              summary="Nothing to refresh: one model is served")  # fmt: skip
+    async def refresh_checkpoints() -> None:
+        return None
 
     @app.get(f"{PREFIX}/options", dependencies=dependencies, tags=tags, summary="The settings taiyi reads")
     async def get_options() -> dict[str, Any]:
