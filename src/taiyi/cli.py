@@ -484,6 +484,70 @@ def inpaint(
 
 
 @app.command()
+def outpaint(
+    image: Annotated[Path, typer.Argument(help="Picture to grow.")],
+    prompt: Annotated[str, typer.Argument(help="What the whole grown picture shows.")],
+    left: Annotated[int | None, typer.Option("--left", help="Pixels to add on the left.")] = None,
+    top: Annotated[int | None, typer.Option("--top", help="Pixels to add at the top.")] = None,
+    right: Annotated[int | None, typer.Option("--right", help="Pixels to add on the right.")] = None,
+    bottom: Annotated[int | None, typer.Option("--bottom", help="Pixels to add at the bottom.")] = None,
+    extend: Annotated[int, typer.Option("--extend", help="Pixels to add on every side not given its own.")] = 0,
+    strength: Annotated[float, typer.Option("--strength", help="How much to redraw the margin, in (0, 1].")] = 1.0,
+    feather: Annotated[float, typer.Option("--feather", help="Seam softness, pixels into the margin.")] = 4.0,
+    model: Model = None,
+    negative_prompt: Negative = None,
+    steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = None,
+    guidance_end: GuidanceEnd = None,
+    seed: Seed = None,
+    num_images: NumImages = 1,
+    scheduler: Scheduler = DEFAULT_SCHEDULER,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    output: Output = None,
+    grid: Grid = False,
+    overwrite: Overwrite = False,
+    no_safety_checker: NoSafety = False,
+    no_normalize: NoNormalize = False,
+    emphasis: Emphasis = "original",
+    clip_skip: ClipSkip = 1,
+    allow_pickle: AllowPickle = False,
+    lora: Lora = None,
+    memory: Memory = "auto",
+    backend: Backend = "auto",
+) -> None:
+    """Outpainting (扩图): grow IMAGE by pixels on some sides and draw the new margin following PROMPT; the
+    picture itself is kept pixel for pixel."""
+    from .io import load_image
+    from .outpaint import check_margins
+    from .pipeline import MAX_SIDE, check_strength
+
+    margins = [extend if side is None else side for side in (left, top, right, bottom)]
+    check_margins(*margins)
+    init = load_image(image)
+    grown = (init.width + margins[0] + margins[2], init.height + margins[1] + margins[3])
+    if max(grown) > MAX_SIDE:
+        raise InvalidInputError(
+            f"the grown picture would be {grown[0]}x{grown[1]}; sides are at most {MAX_SIDE} pixels"
+        )
+    check_strength(strength, steps)
+    _precheck(
+        output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
+        scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt, normalize=not no_normalize,
+        emphasis=emphasis, clip_skip=clip_skip,
+    )  # fmt: skip
+    pipe = _load(model, dtype, device, no_safety_checker, allow_pickle, lora, memory, backend)
+    with _Progress("outpainting") as bar:
+        result = pipe.outpaint(
+            init, prompt, left=margins[0], top=margins[1], right=margins[2], bottom=margins[3], strength=strength,
+            feather=feather, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+            guidance_end=guidance_end, seed=seed, num_images=num_images, scheduler=scheduler,
+            normalize=not no_normalize, emphasis=emphasis, clip_skip=clip_skip, progress=bar,
+        )  # fmt: skip
+    _save(result, output, overwrite, grid)
+
+
+@app.command()
 def info(
     image: Annotated[Path, typer.Argument(help="A PNG written by taiyi or another SD tool.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the parsed parameters as JSON.")] = False,

@@ -1130,6 +1130,61 @@ class TaiyiPipeline:
             result.images[k] = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
         return result
 
+    def outpaint(
+        self,
+        image: Image.Image | str | os.PathLike,
+        prompt: str,
+        *,
+        left: int = 0,
+        top: int = 0,
+        right: int = 0,
+        bottom: int = 0,
+        strength: float = 1.0,
+        feather: float = 4.0,
+        negative_prompt: str | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | None = None,
+        guidance_end: float | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        normalize: bool = True,
+        emphasis: str = "original",
+        clip_skip: int = 1,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Outpainting (扩图): grow the picture's canvas by ``left``, ``top``, ``right`` and ``bottom`` pixels and
+        draw the new margin following ``prompt``; the picture itself is kept pixel for pixel.
+
+        The margin starts from the picture's edge colours blurred outward (A1111's "fill"; it shows below strength
+        1), is redrawn by :meth:`inpaint` and pasted back feathered ``feather`` pixels into the margin. The
+        parameters record an inpaint of the grown canvas, with the margins under ``Outpaint``.
+
+        Args:
+            image: the picture (PIL image, path, or uint8 numpy array (H, W[, C])).
+            prompt: what the whole grown picture shows.
+            left: pixels added on the left, 0 to 1024; the same for ``top``, ``right`` and ``bottom`` (at least
+                one above 0; the grown canvas at most 2048 a side).
+            Other arguments as :meth:`inpaint`.
+        """
+        from .outpaint import outpaint_canvas
+
+        left, top, right, bottom = map(_plain, (left, top, right, bottom))
+        picture = as_picture(image, "RGB", "image")
+        canvas, mask = outpaint_canvas(picture, left, top, right, bottom)
+        if max(canvas.size) > MAX_SIDE:
+            raise InvalidInputError(
+                f"the grown picture would be {canvas.width}x{canvas.height}; sides are at most {MAX_SIDE} pixels"
+            )
+        result = self.inpaint(
+            canvas, mask, prompt, strength=strength, feather=feather, negative_prompt=negative_prompt, steps=steps,
+            guidance=guidance, guidance_end=guidance_end, seed=seed, num_images=num_images, scheduler=scheduler,
+            normalize=normalize, emphasis=emphasis, clip_skip=clip_skip, progress=progress,
+        )  # fmt: skip
+        for params in result.parameters:
+            params.extras = {**params.extras, "Outpaint": f"left {left} top {top} right {right} bottom {bottom}"}
+        return result
+
     def rerender(self, params: GenerationParameters, *, progress: ProgressCallback | None = None) -> GenerationResult:
         """Draw again the text-to-image picture ``params`` describes (bit-identical on the same machine).
 
