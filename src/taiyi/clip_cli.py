@@ -134,6 +134,47 @@ def score(
         typer.echo(f"{row['similarity']:.4f}  {row['cosine']:.4f}  {row['text']}")
 
 
+@clip_app.command()
+def interrogate(
+    images: Annotated[list[Path], typer.Argument(help="Pictures to read.")],
+    vocabulary: Annotated[
+        str | None,
+        typer.Option(
+            "--vocabulary",
+            help='general, shanshui (the embedded CLIP\'s default), or a JSON file {"category": ["word", ...]}.',
+        ),
+    ] = None,
+    min_probability: Annotated[
+        float | None, typer.Option("--min-probability", help="A category's word joins at this probability.")
+    ] = None,
+    model: Model = DEFAULT_CLIP_MODEL,
+    image_tower: ImageTower = None,
+    device: Device = "auto",
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+) -> None:
+    """Prompt interrogation (提示词反推): a Chinese prompt for each picture, one word a category of the vocabulary
+    that the CLIP is sure of (A1111's "Interrogate CLIP", in Chinese)."""
+    from .interrogate import interrogate as read
+    from .interrogate import load_vocabulary, vocabulary_for
+    from .io import load_image
+
+    vocabulary = vocabulary or vocabulary_for(model)
+    load_vocabulary(vocabulary)  # a bad file is said before any picture or model is read
+    if min_probability is not None and not 0 < min_probability <= 1:
+        raise InvalidInputError(f"--min-probability must be in (0, 1], not {min_probability}")
+    pictures = [load_image(path) for path in images]
+    clip = _load(model, image_tower, device, allow_pickle)
+    readings = read(clip, pictures, vocabulary, min_probability=min_probability)
+    if as_json:
+        _echo_json(
+            [{"image": str(p), "prompt": r.prompt, "picks": r.picks} for p, r in zip(images, readings, strict=True)]
+        )
+        return
+    for path, reading in zip(images, readings, strict=True):
+        typer.echo(f"{path}\t{reading.prompt}")
+
+
 def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
     from .evaluation import check_labels
 
