@@ -126,7 +126,8 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Serve the OpenAI-compatible images API, the CLIP API and the web page at http://HOST:PORT/."""
+    """Serve the OpenAI-compatible images API, AUTOMATIC1111's web API (/sdapi/v1), the CLIP API and the web page at
+    http://HOST:PORT/."""
     from .serve.config import ServeConfig
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-shaped image API, CLIP API, health, metrics and the web page.
+"""The FastAPI application: OpenAI-shaped image API, AUTOMATIC1111's API, CLIP API, health, metrics and the web page.
 
 :func:`create_app` builds it around one loaded pipeline (and optionally a Chinese CLIP and a CLIP index);
 :func:`make_server` wraps it in uvicorn with a shutdown that drains or rejects queued work explicitly.
@@ -211,7 +211,10 @@ def create_app(
 
     app = FastAPI(
         title="taiyi",
-        summary="Chinese-native text-to-image: OpenAI-compatible images API, Chinese CLIP, and a web page.",
+        summary=(
+            "Chinese-native text-to-image: OpenAI-compatible images API, AUTOMATIC1111's web API, Chinese CLIP, and a "
+            "web page."
+        ),
         version=_version(),
         lifespan=lifespan,
         docs_url=None,  # Swagger UI loads from a CDN; the schema itself is at /openapi.json
