@@ -91,3 +91,33 @@ def test_interrogate_command_prints_each_pictures_prompt(capsys, tmp_path, mini_
     ]:
         code, _, err = run(capsys, "clip", "interrogate", paths[0], *args)
         assert_user_error(code, err, words)
+
+
+def test_the_server_interrogates_with_the_clips_own_vocabulary_or_one_sent_never_a_server_file(pipe_zh, mini_clip):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    pytest.importorskip("httpx2", reason="httpx2 (FastAPI's TestClient transport) is not installed")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from taiyi.serve import ServeConfig, create_app
+
+    drawn, images = scenes(2)
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    app = create_app(ServeConfig(clip_model="taiyi-mini-clip"), pipeline=pipe_zh, clip=mini_clip)
+    with TestClient(app) as c:
+        body = c.post("/v1/clip/interrogate", json={"images": encoded}).json()
+        assert body["vocabulary"] == "shanshui" and body["model"] == "taiyi-mini-clip"
+        assert [d["prompt"] for d in body["data"]] == [r.prompt for r in interrogate(mini_clip, images, "shanshui")]
+        own = c.post("/v1/clip/interrogate", json={"images": encoded[:1], "vocabulary": {"画风": ["水墨", "油画"]}})
+        assert own.json()["vocabulary"] == "custom" and len(own.json()["data"][0]["picks"]) == 1
+        for vocabulary in ["/etc/passwd", {"画风": ["水墨"]}]:
+            refused = c.post("/v1/clip/interrogate", json={"images": encoded[:1], "vocabulary": vocabulary})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "vocabulary"
+        refused = c.post("/v1/clip/interrogate", json={"images": encoded[:1], "min_probability": 2})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_probability"

@@ -116,3 +116,38 @@ def test_draw_a_mask_and_inpaint_changes_only_the_painted_area(page):
     changed = np.any(np.asarray(edited) != np.asarray(source), axis=-1)  # (64, 64)
     assert changed.any(), "nothing was redrawn"
     assert not changed[:16].any() and not changed[-16:].any(), "pixels far from the stroke changed"
+
+
+def test_interrogate_fills_the_edit_prompt_with_what_the_clip_reads(browser, pipe_zh):
+    from taiyi.clip import load_clip
+    from taiyi.data import shanshui
+    from taiyi.interrogate import interrogate
+    from taiyi.serve import ServeConfig, create_app
+    from taiyi.serve.testing import running_server
+
+    clip = load_clip("taiyi-mini-clip", device="cpu")
+    scene = shanshui.sample_scene(np.random.default_rng(3), "heldout")
+    picture = shanshui.render(scene, 64, [3, 0])
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"taiyi-interrogate-{os.getpid()}.png")
+    picture.save(path)
+    app = create_app(ServeConfig(clip_model="taiyi-mini-clip"), pipeline=pipe_zh, clip=clip)
+    with running_server(app) as live:
+        context = browser.new_context(viewport={"width": 1100, "height": 1200})
+        page = context.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        page.click("#tab-btn-edit")
+        page.set_input_files("#edit-file", path)
+        page.locator("#canvas-wrap").wait_for(state="visible")
+        page.click("#interrogate-run")
+        page.locator("#status").filter(has_text="完成").wait_for(timeout=30_000)  # the page's CSP forbids eval
+        prompt = page.input_value("#edit-prompt")
+        context.close()
+    os.remove(path)
+    assert prompt == interrogate(clip, [picture], "shanshui")[0].prompt  # the canvas holds the picture unchanged
+    assert scene.time in prompt.split("，")
+
+
+def test_without_a_clip_the_interrogate_button_is_hidden(page):
+    page.click("#tab-btn-edit")
+    assert not page.locator("#interrogate-run").is_visible()

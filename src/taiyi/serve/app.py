@@ -64,6 +64,8 @@ from .schemas import (
     EMPHASIS_HELP,
     ClipClassifyRequest,
     ClipClassifyResponse,
+    ClipInterrogateRequest,
+    ClipInterrogateResponse,
     ClipScoreRequest,
     ClipScoreResponse,
     ClipSearchRequest,
@@ -655,6 +657,49 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             {"index": i, "label": body.labels[int(row.argmax())], "probs": row.tolist()} for i, row in enumerate(probs)
         ]
         return {"model": state.clip_name, "labels": body.labels, "data": data}
+
+    @app.post(
+        "/v1/clip/interrogate",
+        response_model=ClipInterrogateResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["clip"],
+        summary="A Chinese prompt for each image (提示词反推)",
+    )
+    async def clip_interrogate(body: ClipInterrogateRequest, request: Request) -> dict[str, Any]:
+        require_clip()
+        vocabulary, name = interrogation_vocabulary(body.vocabulary)
+        if body.min_probability is not None:
+            check_float("min_probability", body.min_probability, 0, 1, low_open=True)
+        images = await decode_all(body.images)
+        clip = state.clip
+
+        def run(should_abort) -> Any:
+            from ..interrogate import interrogate
+
+            return interrogate(clip, images, vocabulary, min_probability=body.min_probability)
+
+        readings = await run_job(request, state, Job("clip", run, rows=len(images)))
+        data = [{"index": i, "prompt": r.prompt, "picks": r.picks} for i, r in enumerate(readings)]
+        return {"model": state.clip_name, "vocabulary": name, "data": data}
+
+    def interrogation_vocabulary(value) -> tuple[Any, str]:
+        """A client's vocabulary: a shipped one by name, or its own categories inline — never a server path."""
+        from ..interrogate import VOCABULARIES, load_vocabulary, vocabulary_for
+
+        if value is None:
+            value = vocabulary_for(state.clip_name or "")
+        if isinstance(value, str) and value not in VOCABULARIES:
+            raise bad_request(
+                f"vocabulary {value[:100]!r} is not one of {', '.join(VOCABULARIES)}; or send the categories as "
+                '{"category": ["word", ...]}',
+                param="vocabulary",
+            )
+        try:
+            load_vocabulary(value)
+        except TaiyiError as exc:
+            raise bad_request(str(exc), param="vocabulary") from None
+        return value, value if isinstance(value, str) else "custom"
 
     @app.post(
         "/v1/clip/search",

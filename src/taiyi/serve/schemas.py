@@ -102,6 +102,39 @@ class ClipClassifyResponse(BaseModel):
     data: list[ClipClassification]
 
 
+class ClipInterrogateRequest(BaseModel):
+    """``POST /v1/clip/interrogate``: a Chinese prompt for each image (提示词反推)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(description="Images as base64 (PNG/JPEG/WebP), optionally as data: URLs.")
+    vocabulary: str | dict[str, list[str]] | None = Field(
+        None,
+        description='"general", "shanshui", or {"category": ["word", ...]}; default: the CLIP\'s own ("shanshui" '
+        "for the embedded one).",
+    )
+    min_probability: float | None = Field(None, description="A word joins at this probability; default 2× chance.")
+
+
+class ClipPick(BaseModel):
+    category: str
+    word: str = Field(description="The category's most probable word.")
+    probability: float
+    kept: bool = Field(description="Whether it joined the prompt.")
+
+
+class ClipInterrogation(BaseModel):
+    index: int
+    prompt: str
+    picks: list[ClipPick]
+
+
+class ClipInterrogateResponse(BaseModel):
+    model: str
+    vocabulary: str = Field(description='The vocabulary\'s name, or "custom".')
+    data: list[ClipInterrogation]
+
+
 class ClipSearchRequest(BaseModel):
     """``POST /v1/clip/search``: the indexed images closest to a Chinese text."""
 

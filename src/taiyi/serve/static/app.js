@@ -353,6 +353,25 @@
     });
   }
 
+  // 提示词反推: the CLIP reads the picture being edited into a Chinese prompt
+  async function runInterrogate() {
+    if ($("canvas-wrap").hidden) {
+      setStatus("请先上传图片，或在画廊中点「编辑」", true);
+      return;
+    }
+    await busy($("interrogate-run"), "反推中", async () => {
+      const image = editCanvas().toDataURL("image/png");
+      const result = await api("/v1/clip/interrogate", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ images: [image] }),
+      });
+      const prompt = result.data[0].prompt;
+      if (!prompt) throw new Error("CLIP 对这张图没有把握，未得出提示词");
+      $("edit-prompt").value = prompt;
+    });
+  }
+
   // --- CLIP search -------------------------------------------------------------------------------------
   async function search(event) {
     event.preventDefault();
@@ -406,6 +425,7 @@
       const option = new Option(`${w} × ${h}${w === d && h === d ? "（模型默认）" : ""}`, value);
       $("size").add(option);
     }
+    $("interrogate-run").hidden = !info.clip;
     for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
     $("scheduler").value = info.default_scheduler;
     for (const id of ["steps", "edit-steps"]) {
@@ -433,6 +453,7 @@
     $("key-box").addEventListener("submit", (event) => event.preventDefault());
     $("gen-form").addEventListener("submit", generate);
     $("edit-run").addEventListener("click", runEdit);
+    $("interrogate-run").addEventListener("click", runInterrogate);
     $("search-form").addEventListener("submit", search);
     $("strength").addEventListener("input", () => {
       strengthTouched = true;
