@@ -88,3 +88,34 @@ def test_outpaint_command_writes_the_grown_picture_and_refuses_bad_margins(capsy
     ]:
         code, _, err = run(capsys, "outpaint", source, "山", "-m", tiny_zh, *args)
         assert_user_error(code, err, words)
+
+
+def test_the_server_outpaints_and_refuses_margins_in_one_line(pipe_zh):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    pytest.importorskip("httpx2", reason="httpx2 (FastAPI's TestClient transport) is not installed")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from taiyi.serve import ServeConfig, create_app
+
+    picture = pipe_zh.generate("小桥流水人家", seed=1, steps=2).images[0]
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    encoded = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with TestClient(create_app(ServeConfig(max_side=128), pipeline=pipe_zh)) as c:
+        body = {"image": encoded, "prompt": "小桥流水人家", "right": 16, "top": 8, "seed": 3, "steps": 3, "n": 2}
+        response = c.post("/v1/images/outpaint", json=body)
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        want = pipe_zh.outpaint(picture, "小桥流水人家", right=16, top=8, seed=3, steps=3, num_images=2)
+        for item, image in zip(data, want.images, strict=True):
+            got = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+            assert np.array_equal(np.asarray(got), np.asarray(image))
+            assert "Outpaint: left 0 top 8 right 16 bottom 0" in item["parameters"]
+        assert [item["seed"] for item in data] == [3, 4]
+        for extra, param in [({"right": 0}, "left"), ({"bottom": -8}, "bottom"), ({"right": 72}, "image"),
+                             ({"strength": 0}, "strength"), ({"image": "bm90"}, "image")]:  # fmt: skip
+            failure = c.post("/v1/images/outpaint", json={**body, "top": 0, **extra})
+            assert failure.status_code in (400, 415) and failure.json()["error"]["param"] == param, failure.text

@@ -151,3 +151,19 @@ def test_interrogate_fills_the_edit_prompt_with_what_the_clip_reads(browser, pip
 def test_without_a_clip_the_interrogate_button_is_hidden(page):
     page.click("#tab-btn-edit")
     assert not page.locator("#interrogate-run").is_visible()
+
+
+def test_outpaint_grows_the_picture_and_keeps_it(page):
+    generate(page, "江南水乡", seed=9)
+    source = data_url_image(page.locator("#gallery figure img").first.get_attribute("src")).convert("RGB")
+    page.click("#gallery figure:first-child button:text-is('编辑')")
+    page.locator("#canvas-wrap").wait_for(state="visible")
+    page.fill("#edit-prompt", "江南水乡")
+    page.fill("#edit-steps", "3")
+    page.fill("#out-right", "16")
+    page.click("#outpaint-run")
+    page.locator("#gallery figure").nth(1).wait_for(timeout=60_000)
+    assert "扩图" in page.locator("#gallery figure").first.inner_text()
+    grown = data_url_image(page.locator("#gallery figure img").first.get_attribute("src")).convert("RGB")
+    assert grown.size == (source.width + 16, source.height)
+    assert np.array_equal(np.asarray(grown)[:, : source.width], np.asarray(source))

@@ -73,6 +73,7 @@ from .schemas import (
     ErrorResponse,
     ImageGenerationRequest,
     ImagesResponse,
+    OutpaintRequest,
 )
 from .worker import Aborted, Job, QueueFull, ShuttingDown, Worker
 
@@ -574,6 +575,66 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             return run_chunked(call, seeds, config.max_batch)
 
         result = await run_job(request, state, Job("edit" if redraw is None else "inpaint", run, rows=n))
+        return await _images_response(state, result, revised)
+
+    @app.post(
+        "/v1/images/outpaint",
+        response_model=ImagesResponse,
+        responses=_ERRORS,
+        dependencies=auth,
+        tags=["images"],
+        summary="Grow a picture's canvas and draw the margin (扩图; taiyi's own)",
+    )
+    async def outpaint_images(body: OutpaintRequest, request: Request) -> JSONResponse:
+        from ..outpaint import check_margins
+
+        check_model(body.model, state.model_name)
+        n = check_int("n", body.n, 1, config.max_n, why=" on this server")
+        sampling = check_sampling(
+            body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe,
+            guidance_end=body.guidance_end, emphasis=body.emphasis,
+        )  # fmt: skip
+        revised = check_text("prompt", body.prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
+        check_text(
+            "negative_prompt", body.negative_prompt, config.max_prompt_chars, required=False,
+            emphasis=sampling.emphasis,
+        )  # fmt: skip
+        seeds = check_seeds(body.seed, n)
+        strength = check_float("strength", 1.0 if body.strength is None else body.strength, 0, 1, low_open=True)
+        if int(sampling.steps * strength) < 1:
+            raise bad_request(
+                f"strength {strength:g} × {sampling.steps} steps leaves no denoising step; raise either",
+                param="strength",
+            )
+        margins = (body.left, body.top, body.right, body.bottom)
+        try:
+            check_margins(*margins)
+        except TaiyiError as exc:
+            side = next((name for name in ("top", "right", "bottom") if f"the {name} margin" in str(exc)), "left")
+            raise bad_request(str(exc), param=side) from None
+        picture = await anyio.to_thread.run_sync(
+            lambda: convert(decode_base64_image(body.image, param="image"), "RGB")
+        )
+        grown = (picture.width + body.left + body.right, picture.height + body.top + body.bottom)
+        if max(grown) > config.max_side:
+            raise bad_request(
+                f"the picture is {picture.width}x{picture.height} and would grow to {grown[0]}x{grown[1]}; sides are "
+                f"at most {config.max_side} pixels on this server",
+                param="image",
+            )
+        pipe = state.pipe
+
+        def run(should_abort) -> Any:
+            progress = abort_progress(should_abort)
+            call = lambda **kw: pipe.outpaint(  # noqa: E731
+                picture, body.prompt, left=body.left, top=body.top, right=body.right, bottom=body.bottom,
+                strength=strength, negative_prompt=body.negative_prompt or None, steps=sampling.steps,
+                guidance=sampling.guidance, guidance_end=sampling.guidance_end, scheduler=sampling.scheduler,
+                emphasis=sampling.emphasis, progress=progress, **kw,
+            )  # fmt: skip
+            return run_chunked(call, seeds, config.max_batch)
+
+        result = await run_job(request, state, Job("outpaint", run, rows=n))
         return await _images_response(state, result, revised)
 
     def require_clip(index: bool = False) -> None:

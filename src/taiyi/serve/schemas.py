@@ -42,6 +42,29 @@ class ImageGenerationRequest(BaseModel):
     )
 
 
+class OutpaintRequest(BaseModel):
+    """``POST /v1/images/outpaint`` (taiyi's own): grow a picture's canvas and draw the margin (扩图)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="The picture, base64 (PNG/JPEG/WebP), optionally as a data: URL.")
+    prompt: str = Field(description="What the whole grown picture shows.")
+    left: int = Field(0, description="Pixels to add on the left (0-1024); the same for top, right, bottom.")
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    model: str | None = None
+    n: int = 1
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_end: float | None = None
+    scheduler: str | None = None
+    emphasis: str | None = Field(None, description=EMPHASIS_HELP)
+    strength: float | None = Field(None, description="How much the margin is redrawn, in (0, 1]; default 1.")
+
+
 class ImageData(BaseModel):
     b64_json: str = Field(description="PNG, base64; carries the A1111 'parameters' text chunk.")
     revised_prompt: str = Field(description="The prompt as the model read it (after Chinese normalisation).")

@@ -177,7 +177,7 @@
 
   // --- gallery ---------------------------------------------------------------------------------------
   let shown = 0; // pictures put in the gallery so far: numbers the downloads, which a reused seed would collide
-  const KIND_NAMES = { 文生图: "generate", 图生图: "edit", 局部重绘: "inpaint" };
+  const KIND_NAMES = { 文生图: "generate", 图生图: "edit", 局部重绘: "inpaint", 扩图: "outpaint" };
 
   function addToGallery(item, kind) {
     shown += 1;
@@ -353,6 +353,44 @@
     });
   }
 
+  // 扩图: the picture being edited on a grown canvas, the margin drawn by the server
+  async function runOutpaint() {
+    if ($("canvas-wrap").hidden) {
+      setStatus("请先上传图片，或在画廊中点「编辑」", true);
+      return;
+    }
+    const prompt = $("edit-prompt").value.trim();
+    if (!prompt) {
+      setStatus("请输入提示词（描述扩展后的整幅画面）", true);
+      return;
+    }
+    const sides = {};
+    for (const side of ["left", "top", "right", "bottom"]) {
+      const value = intOrNull($("out-" + side).value);
+      sides[side] = value === null ? 0 : Number(value);
+    }
+    if (!Object.values(sides).some((v) => v > 0)) {
+      setStatus("请至少在一边填入要扩展的像素数", true);
+      return;
+    }
+    await busy($("outpaint-run"), "扩图中", async () => {
+      const body = { image: editCanvas().toDataURL("image/png"), prompt, ...sides };
+      body.n = Number($("edit-n").value) || 1;
+      const steps = intOrNull($("edit-steps").value);
+      if (steps !== null) body.steps = Number(steps);
+      const seed = intOrNull($("edit-seed").value);
+      if (seed !== null) body.seed = seed; // as text, like the generate form: seeds past 2^53 stay exact
+      const negative = $("edit-negative").value.trim();
+      if (negative) body.negative_prompt = negative;
+      const result = await api("/v1/images/outpaint", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      itemsOf(result).slice().reverse().forEach((item) => addToGallery(item, "扩图"));
+    });
+  }
+
   // 提示词反推: the CLIP reads the picture being edited into a Chinese prompt
   async function runInterrogate() {
     if ($("canvas-wrap").hidden) {
@@ -454,6 +492,7 @@
     $("gen-form").addEventListener("submit", generate);
     $("edit-run").addEventListener("click", runEdit);
     $("interrogate-run").addEventListener("click", runInterrogate);
+    $("outpaint-run").addEventListener("click", runOutpaint);
     $("search-form").addEventListener("submit", search);
     $("strength").addEventListener("input", () => {
       strengthTouched = true;
