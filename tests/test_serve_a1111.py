@@ -291,7 +291,9 @@ def test_progress_reports_the_running_jobs_steps(pipe_zh):
         pictures(c.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "batch_size": 2}))
         idle = c.get("/sdapi/v1/progress").json()
     assert [s["state"]["sampling_step"] for s in seen] == [1, 2, 3]
-    assert [s["progress"] for s in seen][-1] == 1.0 and seen[0]["state"]["job_count"] == 2
+    assert [s["progress"] for s in seen][-1] == 1.0 and seen[0]["state"][
+        "job_count"
+    ] == 1  # A1111 counts batches (its n_iter)
     assert seen[0]["state"]["job"] == "txt2img" and seen[0]["progress"] == pytest.approx(1 / 3, abs=1e-3)
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0  # webuiapi's util_wait_for_ready
 
@@ -378,3 +380,20 @@ def test_infotext_fills_the_fields_not_sent_and_redraws_the_picture(client):
     assert (params.seed, params.steps, params.scheduler, params.clip_skip) == (9, 2, "euler", 2)
     failure = error(client.post("/sdapi/v1/txt2img", json={"infotext": "山\nSteps: x, Seed: 1, Size: 8x8"}))
     assert failure["param"] == "infotext"
+
+
+def test_interrogate_reads_the_picture_with_the_served_chinese_clip(pipe_zh, client):
+    from taiyi.clip import load_clip
+    from taiyi.data import shanshui
+    from taiyi.interrogate import interrogate
+
+    clip = load_clip("taiyi-mini-clip", device="cpu")
+    picture = shanshui.render(shanshui.sample_scene(np.random.default_rng(2), "heldout"), 64, [2, 0])
+    with TestClient(create_app(ServeConfig(clip_model="taiyi-mini-clip"), pipeline=pipe_zh, clip=clip)) as c:
+        caption = c.post("/sdapi/v1/interrogate", json={"image": b64(picture)}).json()["caption"]
+        assert caption == interrogate(clip, [picture], "shanshui")[0].prompt and caption
+        other = c.post("/sdapi/v1/interrogate", json={"image": b64(picture), "model": "deepdanbooru"})
+        assert error(other, 404)["code"] == "model_not_found"
+    assert error(client.post("/sdapi/v1/interrogate", json={"image": b64(picture)}), 404)["code"] == (
+        "clip_not_configured"
+    )

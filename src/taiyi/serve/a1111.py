@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import math
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,10 +33,11 @@ import anyio
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..errors import InvalidInputError, TaiyiError
+from ..outpaint import fill_masked
 from .errors import APIError, bad_request
 from .limits import check_float, check_int, check_scheduler, check_text, decode_base64_image
 
@@ -119,6 +121,8 @@ class _Common(BaseModel):
     alwayson_scripts: dict[str, Any] | None = None
     force_task_id: str | None = None
     infotext: str | None = None
+    # what the infotext records that no A1111 field carries (CFG end...): keyword arguments of the pipeline's call
+    _drawing: dict[str, Any] = PrivateAttr(default_factory=dict)
 
 
 class Txt2ImgRequest(_Common):
@@ -161,6 +165,13 @@ class Img2ImgRequest(_Common):
     include_init_images: bool = False
 
 
+class InterrogateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="A picture, base64 (a data: URL too).")
+    model: str = Field("clip", description='"clip": the served Chinese CLIP (taiyi serve --clip-model).')
+
+
 class PngInfoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -185,16 +196,23 @@ class Progress:
         self._job: tuple[str, float, str] | None = None  # kind, start, A1111's job timestamp
         self._done = self._total = 0
         self._count = self._batch = 0
+        self._batches = 0  # pipeline calls of the running job: A1111's job_count
+        self._span = (0, 0)  # the running batch's first image and images: the job's progress counts them
         self._stop: str | None = None  # "skip" or "interrupt", asked for and not yet acted on
 
-    def start(self, kind: str, count: int) -> None:
+    def start(self, kind: str, count: int, batches: int = 1) -> None:
+        """A job of ``count`` images in ``batches`` pipeline calls starts (A1111's job count is its batches)."""
         with self._lock:
             self._job = (kind, time.monotonic(), time.strftime("%Y%m%d%H%M%S"))
             self._done, self._total, self._count, self._batch, self._stop = 0, 0, count, 0, None
+            self._batches = batches
+            self._span = (0, count)
 
-    def batch(self, number: int) -> None:
+    def batch(self, number: int, first: int = 0, images: int | None = None) -> None:
+        """Batch ``number`` starts: images ``first`` to ``first + images`` of the job (default: all of them)."""
         with self._lock:
             self._batch, self._done, self._total = number, 0, 0
+            self._span = (first, self._count if images is None else images)
             if self._stop == "skip":  # asked for between two batches: it skipped nothing yet
                 self._stop = None
 
@@ -224,10 +242,11 @@ class Progress:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            job, done, total, count, batch, stop = (
-                self._job, self._done, self._total, self._count, self._batch, self._stop,
+            job, done, total, count, batch, stop, (first, images), batches = (
+                self._job, self._done, self._total, self._count, self._batch, self._stop, self._span, self._batches,
             )  # fmt: skip
-        fraction = done / total if job is not None and total else 0.0
+        # A1111's progress is the whole job's: the batches before this one, and this one's share of its steps
+        fraction = (first + images * (done / total if total else 0)) / count if job is not None and count else 0.0
         eta = 0.0
         if job is not None and fraction > 0:
             elapsed = time.monotonic() - job[1]
@@ -240,7 +259,7 @@ class Progress:
                 "interrupted": stop == "interrupt",
                 "stopping_generation": False,
                 "job": job[0] if job else "",
-                "job_count": count if job else 0,
+                "job_count": batches if job else 0,
                 "job_timestamp": job[2] if job else "0",
                 "job_no": batch if job else 0,
                 "sampling_step": done if job else 0,
@@ -412,6 +431,7 @@ class Plan:
     height: int | None = None
     denoising_strength: float | None = None
     call: dict[str, Any] = field(default_factory=dict)  # the other keyword arguments of the pipeline's call
+    drawing: dict[str, Any] = field(default_factory=dict)  # those the infotext records (CFG end, CFG rescale...)
 
     def batches(self, max_batch: int) -> list[tuple[int, int]]:
         """(index of the first image, images) of every pipeline call: each A1111 batch, split at ``max_batch``."""
@@ -429,10 +449,33 @@ class Plan:
         return self.seed + index, None
 
 
+# infotext keys of what taiyi does not run (the request's field that would ask for it); with a value, only away
+# from it: A1111 writes most of them only when they change the picture
+UNHONOURED_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Face restoration": ("restore_faces", ()),
+    "Tiling": ("tiling", ("False",)),
+    "Hires prompt": ("hr_prompt", ()),
+    "Hires negative prompt": ("hr_negative_prompt", ()),
+    "Hires sampler": ("hr_sampler_name", ()),
+    "Hires schedule type": ("hr_scheduler", ()),
+    "Hires checkpoint": ("hr_checkpoint_name", ()),
+    "Hires CFG Scale": ("hr_cfg", ()),
+    "Seed resize from": ("seed_resize_from_w", ("-1x-1",)),
+    "Refiner": ("refiner_checkpoint", ()),
+    "Noise multiplier": ("initial_noise_multiplier", ("1", "1.0")),
+    "ENSD": ("eta_noise_seed_delta", ("0",)),
+    "Styles array": ("styles", ("[]",)),
+}
+INPAINT_FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
+
+
 def apply_infotext(body: _Common) -> _Common:
     """A1111 1.7's ``infotext``: a picture's parameters text fills every field the request did not send (a field
-    sent wins), as A1111 reads it; keys that name no field here (``Model``, ``Version``...) are left."""
-    from ..metadata import GenerationParameters
+    sent wins), as A1111 reads it; keys that name no field here (``Model``, ``Version``...) are left, and keys of
+    what taiyi does not run (``Face restoration``...) are refused. What a taiyi text records that no A1111 field
+    carries (``CFG end``, ``CFG rescale``, ``Prompt normalization``) is drawn as recorded, so the text redraws its
+    picture."""
+    from ..metadata import GenerationParameters, a1111_fields
     from ..prompts import EMPHASIS_MODES
 
     if not body.infotext:
@@ -442,6 +485,26 @@ def apply_infotext(body: _Common) -> _Common:
     except InvalidInputError as exc:
         raise bad_request(f"infotext: {exc}", param="infotext") from None
     recorded = set(params.recorded or ())
+    for key, (name, neutral) in UNHONOURED_KEYS.items():
+        if key in params.extras and params.extras[key].strip() not in neutral:
+            raise bad_request(
+                f"infotext records A1111's {key}: {params.extras[key]} ({name}), which taiyi does not run; "
+                "take it out of the text",
+                param="infotext",
+            )
+    # a taiyi text leaves out what is at its default (CFG end 1, CFG rescale 0, normalization on); another tool's
+    # records none of them, so the served model's defaults stay, as for any field left out
+    own = a1111_fields(body.infotext).get("Version", "").startswith("taiyi ")
+    drawing: dict[str, Any] = {}
+    if own or "CFG end" in recorded:
+        drawing["guidance_end"] = params.guidance_end
+    if own or "Prompt normalization" in recorded:
+        drawing["normalize"] = params.normalize
+    if own or "CFG rescale" in recorded:
+        if isinstance(body, Txt2ImgRequest):
+            drawing["guidance_rescale"] = params.guidance_rescale
+        elif params.guidance_rescale > 0:
+            raise bad_request("infotext: CFG rescale is drawn for txt2img only here", param="infotext")
     found: dict[str, Any] = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
     if "Steps" in recorded:
         found["steps"] = params.steps
@@ -462,9 +525,19 @@ def apply_infotext(body: _Common) -> _Common:
         found["subseed"], found["subseed_strength"] = params.variation_seed, params.variation_strength
     if params.strength is not None:
         found["denoising_strength"] = params.strength
-    if isinstance(body, Txt2ImgRequest) and params.hires_scale is not None:
-        found.update(enable_hr=True, hr_scale=params.hires_scale, hr_upscaler=params.hires_upscaler,
-                     hr_second_pass_steps=params.hires_steps)  # fmt: skip
+    if isinstance(body, Txt2ImgRequest) and (params.hires_scale is not None or "Hires resize" in params.extras):
+        found.update(enable_hr=True, hr_upscaler=params.hires_upscaler, hr_second_pass_steps=params.hires_steps)
+        if params.hires_scale is not None:
+            found["hr_scale"] = params.hires_scale
+        else:  # A1111 writes the size asked for instead of a scale
+            size = params.extras["Hires resize"].strip().split("x")
+            if len(size) != 2 or not all(side.isdigit() for side in size):
+                raise bad_request(
+                    f"infotext: Hires resize {params.extras['Hires resize']!r} is not WxH", param="infotext"
+                )
+            found["hr_resize_x"], found["hr_resize_y"] = int(size[0]), int(size[1])
+    if isinstance(body, Img2ImgRequest):
+        found.update(_inpaint_fields(params.extras, body))
     settings = {}
     if "Clip skip" in recorded:
         settings["CLIP_stop_at_last_layers"] = params.clip_skip
@@ -473,7 +546,29 @@ def apply_infotext(body: _Common) -> _Common:
     if settings:
         found["override_settings"] = {**settings, **(body.override_settings or {})}
     update = {k: v for k, v in found.items() if k not in body.model_fields_set or k == "override_settings"}
-    return body.model_copy(update=update)
+    body = body.model_copy(update=update)
+    body._drawing = drawing
+    return body
+
+
+def _inpaint_fields(extras: dict[str, str], body: Img2ImgRequest) -> dict[str, Any]:
+    """The inpainting fields an infotext records, as A1111 reads them."""
+    found: dict[str, Any] = {}
+    try:
+        if "Mask blur" in extras and not {"mask_blur", "mask_blur_x", "mask_blur_y"} & body.model_fields_set:
+            found["mask_blur"] = round(float(extras["Mask blur"]))
+        if "Masked area padding" in extras:
+            found["inpaint_full_res_padding"] = int(extras["Masked area padding"])
+    except ValueError:
+        raise bad_request("infotext: its Mask blur or Masked area padding is not a number", param="infotext") from None
+    if "Inpaint area" in extras:
+        found["inpaint_full_res"] = extras["Inpaint area"].strip() == "Only masked"
+    if "Masked content" in extras:
+        fill = extras["Masked content"].strip()
+        if fill not in INPAINT_FILLS:
+            raise bad_request(f"infotext: Masked content {fill!r} is not one of A1111's", param="infotext")
+        found["inpainting_fill"] = INPAINT_FILLS[fill]
+    return found
 
 
 def read_common(body: _Common, *, state, options: dict[str, Any], strength: float | None) -> Plan:
@@ -515,7 +610,7 @@ def read_common(body: _Common, *, state, options: dict[str, Any], strength: floa
     return Plan(
         kind="txt2img", prompt=prompt, negative_prompt=negative, scheduler=scheduler, steps=steps, guidance=guidance,
         emphasis=emphasis, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter, seed=seed, subseed=subseed,
-        subseed_strength=subseed_strength, denoising_strength=strength,
+        subseed_strength=subseed_strength, denoising_strength=strength, drawing=dict(body._drawing),
     )  # fmt: skip
 
 
@@ -553,12 +648,19 @@ def read_txt2img(body: Txt2ImgRequest, *, state, options: dict[str, Any]) -> Pla
     if body.hr_resize_x or body.hr_resize_y:
         scale = _resize_scale(body, width, height)
     try:
-        hires = check_hires(
-            scale, plan.denoising_strength, body.hr_second_pass_steps, body.hr_upscaler or "Latent", steps=plan.steps
-        )
+        upscaler = body.hr_upscaler or "Latent"
+        if upscaler.strip().lower() == "none":  # A1111's "None" upscaler resizes the picture with Lanczos
+            upscaler = "Lanczos"
+        hires = check_hires(scale, plan.denoising_strength, body.hr_second_pass_steps, upscaler, steps=plan.steps)
         size = hires.size(width, height)
-    except InvalidInputError as exc:
-        raise bad_request(str(exc), param="hr_scale") from None
+    except InvalidInputError as exc:  # the library's message names the setting: so does the answer
+        words = {
+            "hires upscaler": "hr_upscaler",
+            "hires steps": "hr_second_pass_steps",
+            "strength": "denoising_strength",
+        }
+        param = next((name for word, name in words.items() if str(exc).startswith(word)), "hr_scale")
+        raise bad_request(str(exc), param=param) from None
     for name, side in zip(("width", "height"), size, strict=True):
         if side > config.max_side:
             raise bad_request(
@@ -633,50 +735,65 @@ def read_img2img(
             raise _refuse("mask_blur_x", "taiyi blurs a mask's edge alike both ways; send mask_blur")
         check_int("mask_blur", blur[0], 0, 64)
         check_int("inpaint_full_res_padding", body.inpaint_full_res_padding, 0, 256)
-        mask = a1111_mask(decode_base64_image(body.mask, param="mask"), invert=bool(body.inpainting_mask_invert))
+        mask_image = decode_base64_image(body.mask, param="mask")
+        if not body.mask_round and any(mask_channel(mask_image).histogram()[1:255]):
+            raise _refuse("mask_round", "taiyi redraws a pixel wholly or not at all (above 128 of 255); send true")
+        mask = a1111_mask(mask_image, invert=bool(body.inpainting_mask_invert))
+        if mask.size != picture.size:  # A1111 stretches the mask over the picture
+            mask = mask.resize(picture.size, Image.NEAREST)
+        if not mask.getbbox():
+            raise bad_request(
+                "the mask marks nothing to redraw: paint the area white (or opaque)", param="mask", code="invalid_mask"
+            )
         plan.kind = "inpaint"
         plan.call = {"feather": float(blur[0])}
     else:
         plan.kind = "img2img"
+    if mask is None or not body.inpaint_full_res:  # drawn at the picture's own size where width/height are not sent
+        _check_picture_size(picture, body, config.max_side)
     return plan, picture, mask
 
 
-def a1111_mask(image: Image.Image, *, invert: bool = False) -> Image.Image:
-    """An A1111 mask → taiyi's (mode L, white = redraw): a picture with transparency is read by its alpha (opaque
-    strokes on a transparent layer are redrawn), any other by its brightness (white is redrawn)."""
+def _check_picture_size(picture: Image.Image, body: Img2ImgRequest, max_side: int) -> None:
+    """A side the request leaves to the picture must be one this server draws (the library would draw up to its
+    own limit, or stretch a small picture without a word)."""
+    from ..pipeline import MIN_SIDE
+
+    for given, own in ((body.width, picture.width), (body.height, picture.height)):
+        if given is None and not MIN_SIDE <= own <= max_side:
+            raise bad_request(
+                f"init_images[0] is {picture.width}x{picture.height}; each side must be {MIN_SIDE} to {max_side} "
+                "pixels on this server: send width and height to resize it",
+                param="init_images[0]",
+                code="invalid_image",
+            )
+
+
+def mask_channel(image: Image.Image) -> Image.Image:
+    """What A1111 reads of a mask (mode L): a picture with transparency its alpha (opaque strokes on a transparent
+    layer), any other its brightness."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema() != (255, 255):
-            mask = alpha.point(lambda a: 255 if a > 128 else 0)
-            return ImageOps.invert(mask) if invert else mask
-    mask = image.convert("L").point(lambda v: 255 if v >= 128 else 0)
+            return alpha
+    return image.convert("L")
+
+
+def a1111_mask(image: Image.Image, *, invert: bool = False) -> Image.Image:
+    """An A1111 mask → taiyi's (mode L, white = redraw): what :func:`mask_channel` reads, above 128 as A1111
+    rounds it (white, or opaque on a transparent layer, is redrawn)."""
+    mask = mask_channel(image).point(lambda v: 255 if v > 128 else 0)
     return ImageOps.invert(mask) if invert else mask
 
 
 # --- pictures ----------------------------------------------------------------------------------------------
-def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+def crop_and_resize(image: Image.Image, width: int, height: int, resample: int = Image.LANCZOS) -> Image.Image:
     """A1111's resize mode 1: scaled to cover ``width``×``height``, centred, the overflow cut."""
     scale = max(width / image.width, height / image.height)
     scaled = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                          Image.LANCZOS)  # fmt: skip
+                          resample)  # fmt: skip
     left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
     return scaled.crop((left, top, left + width, top + height))
-
-
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's "fill" start for the masked area: the picture's surroundings blurred into it, from wide to narrow
-    blurs, so the redraw starts from the colours around the hole rather than what it held."""
-    keep = ImageOps.invert(mask)
-    layer = Image.new("RGBa", image.size)
-    layer.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
-    filled = Image.new("RGBA", image.size)
-    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
-        blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
-        for _ in range(repeats):
-            filled.alpha_composite(blurred)
-    out = image.convert("RGB").copy()
-    out.paste(filled.convert("RGB"), mask=mask)
-    return out
 
 
 def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
@@ -708,7 +825,7 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
     pipe, config = state.pipe, state.config
     common = dict(
         negative_prompt=plan.negative_prompt or None, steps=plan.steps, guidance=plan.guidance,
-        scheduler=plan.scheduler, emphasis=plan.emphasis, clip_skip=plan.clip_skip, progress=progress,
+        scheduler=plan.scheduler, emphasis=plan.emphasis, clip_skip=plan.clip_skip, progress=progress, **plan.drawing,
     )  # fmt: skip
     images, params, nsfw = [], [], []
     region = None
@@ -718,13 +835,9 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
             picture = crop_and_resize(picture, width or picture.width, height or picture.height)
         common.update(width=width, height=height, strength=plan.denoising_strength)
     elif plan.kind == "inpaint":
-        if mask.size != picture.size:
-            mask = mask.resize(picture.size, Image.NEAREST)
-        if not mask.getbbox():
-            raise InvalidInputError("the mask marks nothing to redraw: paint the area white (or opaque)")
         source = picture.convert("RGB")
         if body.inpainting_fill == 0:
-            picture = fill_masked(source, mask)
+            picture = fill_masked(source, mask)  # A1111's "fill": the hole starts from its surroundings
         if body.inpaint_full_res:
             size = pipe.default_size
             width, height = body.width or size, body.height or size
@@ -739,14 +852,18 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
             work_mask = mask
             if body.width or body.height:
                 target = (body.width or picture.width, body.height or picture.height)
-                picture, source = picture.resize(target, Image.LANCZOS), source.resize(target, Image.LANCZOS)
-                mask = work_mask = mask.resize(target, Image.NEAREST)
+                if body.resize_mode == 1:  # picture and mask cut alike
+                    picture, source = crop_and_resize(picture, *target), crop_and_resize(source, *target)
+                    mask = work_mask = crop_and_resize(mask, *target, Image.NEAREST)
+                else:
+                    picture, source = picture.resize(target, Image.LANCZOS), source.resize(target, Image.LANCZOS)
+                    mask = work_mask = mask.resize(target, Image.NEAREST)
         # the pipeline's paste-back is hard-edged here: the feather is laid against the untouched picture below
         common.update(strength=plan.denoising_strength, feather=0.0)
     else:
         common.update(plan.call)
     for number, (first, count) in enumerate(plan.batches(config.max_batch)):
-        state.progress.batch(number)
+        state.progress.batch(number, first, count)
         seed, variation = plan.seeds(first)
         try:
             if plan.kind == "txt2img":
@@ -778,6 +895,8 @@ def _inpaint_keys(plan: Plan, body) -> dict[str, str]:
     keys = {"Mask blur": f"{plan.call.get('feather', 4.0):g}"}
     if body.inpaint_full_res:
         keys.update({"Inpaint area": "Only masked", "Masked area padding": str(body.inpaint_full_res_padding)})
+    else:  # A1111 leaves its default out, but the request's default here is "Only masked": the text must say
+        keys["Inpaint area"] = "Whole picture"
     keys["Masked content"] = "fill" if body.inpainting_fill == 0 else "original"
     return keys
 
@@ -817,7 +936,8 @@ def info_json(plan: Plan, result, *, model: str, version: str) -> str:
     texts = [p.to_text() for p in params]
     sampler, schedule = a1111_sampler_name(plan.scheduler)
     seeds = [p.seed for p in params]
-    subseeds = [p.variation_seed if p.variation_seed is not None else plan.subseed for p in params]
+    # A1111 counts the variation seed up with the image, used or not (an image's index: its seed's offset)
+    subseeds = [plan.subseed + p.seed - plan.seed if p.variation_seed is None else p.variation_seed for p in params]
     first = params[0] if params else None
     info = {
         "prompt": plan.prompt,
@@ -859,10 +979,23 @@ def info_json(plan: Plan, result, *, model: str, version: str) -> str:
 
 def echo(body: _Common) -> dict[str, Any]:
     """A1111's ``parameters``: the request as read, its pictures only with ``include_init_images``."""
-    data = body.model_dump(mode="json")
+    data = json.loads(body.model_dump_json())  # as JSON writes it: an unused "inf" or "nan" field echoes null
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         data["init_images"], data["mask"] = None, None
     return data
+
+
+def exif_comment(image: Image.Image) -> str:
+    """Where A1111 keeps a JPEG's or WebP's parameters: the EXIF UserComment, as piexif writes it (an 8-byte
+    character code, then the text); "" when there is none."""
+    try:
+        raw = image.getexif().get_ifd(0x8769).get(0x9286)  # the Exif IFD's UserComment
+    except (SyntaxError, ValueError, OSError, struct.error):  # a broken EXIF block: the picture still reads
+        return ""
+    if not isinstance(raw, bytes) or len(raw) <= 8:
+        return ""
+    codec = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii"}.get(raw[:8], "utf-8")
+    return raw[8:].decode(codec, errors="replace").rstrip("\0")
 
 
 def png_info(image_bytes_b64: str) -> dict[str, Any]:
@@ -871,7 +1004,7 @@ def png_info(image_bytes_b64: str) -> dict[str, Any]:
 
     image = decode_base64_image(image_bytes_b64, param="image")
     texts = {k: v for k, v in getattr(image, "text", image.info).items() if isinstance(v, str)}
-    text = texts.pop(PARAMETERS_KEY, "")
+    text = texts.pop(PARAMETERS_KEY, "") or exif_comment(image)
     if not text:
         return {"info": "", "items": texts, "parameters": {}}
     try:
@@ -906,13 +1039,17 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
                 progress.step(done, total)
                 stop(done, total)
 
-            progress.start(plan.kind, plan.batch_size * plan.n_iter)
+            progress.start(plan.kind, plan.batch_size * plan.n_iter, len(plan.batches(state.config.max_batch)))
             try:
                 return run_plan(state, plan, picture, mask, body, step)
             finally:
                 progress.finish()
 
         result = await run_job(request, state, Job(plan.kind, run, rows=plan.batch_size * plan.n_iter))
+        if not body.override_settings_restore_afterwards:  # A1111 keeps the request's settings for later ones
+            drawn = {"CLIP_stop_at_last_layers": plan.clip_skip, "emphasis": plan.emphasis}
+            with options_lock:
+                options.update({k: v for k, v in drawn.items() if k in (body.override_settings or {})})
 
         def encode() -> dict[str, Any]:
             images = [encode_png(i, p) for i, p in zip(result.images, result.parameters, strict=True)]
@@ -946,6 +1083,27 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
               summary="A picture's generation parameters")  # fmt: skip
     async def png_info_route(body: PngInfoRequest) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(png_info, body.image)
+
+    @app.post(f"{PREFIX}/interrogate", dependencies=dependencies, responses=responses, tags=tags,
+              summary="A Chinese prompt for a picture, read by the served CLIP (提示词反推)")  # fmt: skip
+    async def interrogate_route(body: InterrogateRequest, request: Request) -> dict[str, Any]:
+        from ..interrogate import interrogate, vocabulary_for
+
+        if body.model != "clip":
+            raise APIError(
+                404, f"interrogation model {body.model[:100]!r} is not here; taiyi reads pictures with its Chinese "
+                'CLIP only: send "clip"', code="model_not_found", param="model",
+            )  # fmt: skip
+        if state.clip is None:
+            raise APIError(
+                404, "CLIP is not enabled on this server; start it with --clip-model (a Chinese CLIP folder or name)",
+                code="clip_not_configured",
+            )  # fmt: skip
+        picture = await anyio.to_thread.run_sync(lambda: decode_base64_image(body.image, param="image").convert("RGB"))
+        vocabulary = vocabulary_for(state.clip_name or "")
+        run = lambda should_abort: interrogate(state.clip, [picture], vocabulary)[0]  # noqa: E731
+        reading = await run_job(request, state, Job("clip", run, rows=1))
+        return {"caption": reading.prompt}
 
     @app.get(f"{PREFIX}/progress", dependencies=dependencies, tags=tags, summary="The running job's progress")
     async def progress_route(skip_current_image: bool = False) -> dict[str, Any]:  # noqa: ARG001 (A1111's query)

@@ -227,6 +227,7 @@ def decode_base64_image(text: str, *, param: str) -> Image.Image:
         raise bad_request(f"{param} must be a base64 string", param=param, code="invalid_image")
     if text.startswith("data:"):
         text = text.partition(",")[2]
+    text = "".join(text.split())  # the line breaks base64 and MIME wrap it with are not data
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
