@@ -167,3 +167,14 @@ def test_outpaint_grows_the_picture_and_keeps_it(page):
     grown = data_url_image(page.locator("#gallery figure img").first.get_attribute("src")).convert("RGB")
     assert grown.size == (source.width + 16, source.height)
     assert np.array_equal(np.asarray(grown)[:, : source.width], np.asarray(source))
+
+
+def test_outpaint_past_the_servers_side_limit_is_said_before_sending(page):
+    generate(page, "江南水乡", seed=9)
+    page.click("#gallery figure:first-child button:text-is('编辑')")
+    page.locator("#canvas-wrap").wait_for(state="visible")
+    page.fill("#edit-prompt", "江南水乡")
+    page.fill("#out-left", "1024")
+    page.click("#outpaint-run")
+    assert "超出服务器上限 1024 像素" in page.locator("#status").inner_text()
+    assert page.locator("#gallery figure").count() == 1  # nothing was drawn

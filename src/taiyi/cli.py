@@ -528,9 +528,12 @@ def outpaint(
     grown = (init.width + margins[0] + margins[2], init.height + margins[1] + margins[3])
     if max(grown) > MAX_SIDE:
         raise InvalidInputError(
-            f"the grown picture would be {grown[0]}x{grown[1]}; sides are at most {MAX_SIDE} pixels"
+            f"the grown picture would be {grown[0]}x{grown[1]}; sides are at most {MAX_SIDE} pixels: resize the "
+            "picture first, or grow it less"
         )
     check_strength(strength, steps)
+    if feather < 0:
+        raise InvalidInputError(f"--feather must be 0 or more pixels, not {feather:g}")
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
         scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt, normalize=not no_normalize,

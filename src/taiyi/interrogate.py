@@ -52,6 +52,8 @@ VOCABULARIES: dict[str, dict[str, tuple[str, ...]]] = {
 TEMPLATES: dict[str, tuple[str, ...] | None] = {"shanshui": ("{}", "一幅{}的山水画", "{}的风景"), "general": None}
 EMBEDDED_CLIP = "taiyi-mini-clip"
 MAX_WORDS = 200
+MAX_WORD_CHARS = 100  # a word is read by the text tower in every template: one of a million characters never ends
+MAX_FILE_BYTES = 1 << 20  # 200 words of 100 characters are far less; a bigger file is not a vocabulary
 
 
 @dataclass
@@ -81,12 +83,30 @@ def load_vocabulary(source: str | os.PathLike | dict) -> tuple[dict[str, tuple[s
             f"vocabulary {name!r} is neither one of {', '.join(VOCABULARIES)} nor a JSON file "
             '({"category": ["word", ...], ...})'
         )
+    if os.path.getsize(name) > MAX_FILE_BYTES:
+        raise InvalidInputError(
+            f"the vocabulary {name} is over {MAX_FILE_BYTES >> 20} MB; a vocabulary holds at most {MAX_WORDS} "
+            f"words of {MAX_WORD_CHARS} characters"
+        )
+    from .data.decode import SkipSample, decode_text
+
     try:
-        with open(name, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(name, "rb") as f:
+            text = decode_text(f.read())  # UTF-8 with or without a BOM (Windows Notepad), UTF-16, GB18030
+        data = json.loads(text, object_pairs_hook=_categories)
+    except (OSError, SkipSample, ValueError) as exc:  # ValueError: bad JSON, a category named twice
         raise InvalidInputError(f"cannot read the vocabulary {name}: {exc}") from None
     return _check(data, name), None
+
+
+def _categories(pairs: list[tuple]) -> dict:
+    """A JSON object, refused when it names a key twice (json would keep the last one without a word)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"category {key!r} is named twice; give each category once, with all its words")
+        seen[key] = value
+    return seen
 
 
 def _check(data, where: str) -> dict[str, tuple[str, ...]]:
@@ -98,6 +118,11 @@ def _check(data, where: str) -> dict[str, tuple[str, ...]]:
             raise InvalidInputError(f"{where}: category {category!r} needs a list of at least two words")
         if any(not isinstance(w, str) or not w.strip() for w in words):
             raise InvalidInputError(f"{where}: category {category!r} holds an empty or non-text word")
+        if long := next((w for w in words if len(w.strip()) > MAX_WORD_CHARS), None):
+            raise InvalidInputError(
+                f"{where}: category {category!r} holds a word of {len(long.strip())} characters; at most "
+                f"{MAX_WORD_CHARS}"
+            )
         words = tuple(w.strip() for w in words)
         if len(set(words)) < len(words):
             raise InvalidInputError(f"{where}: category {category!r} repeats a word")
@@ -126,7 +151,7 @@ def interrogate(
 
     Args:
         clip: a :class:`~taiyi.clip.ChineseCLIP` (Chinese text tower).
-        images: PIL images (one image is a list of one).
+        images: PIL images, file paths or uint8 arrays; one of them alone is a list of one.
         vocabulary: a name of :data:`VOCABULARIES`, a JSON file, or a dict ``{category: [words]}``.
         min_probability: in (0, 1]: the probability a category's best word needs to join the prompt; None takes
             :func:`default_threshold` of each category.
@@ -137,7 +162,9 @@ def interrogate(
     if min_probability is not None and not 0 < min_probability <= 1:
         raise InvalidInputError(f"the least probability must be in (0, 1], not {min_probability}")
     categories, templates = load_vocabulary(vocabulary)
-    images = [images] if not isinstance(images, Sequence) else list(images)
+    # one picture as itself: a path string is a Sequence too, and would be read as one file per character
+    one = isinstance(images, str | os.PathLike) or not isinstance(images, Sequence)
+    images = [images] if one else list(images)
     image_embeds = clip.encode_image(images)  # (N, D), normalised
     readings = [Interrogation("") for _ in images]
     for category, words in categories.items():
@@ -147,6 +174,6 @@ def interrogate(
         best = probs.max(dim=-1)
         for reading, p, j in zip(readings, best.values.tolist(), best.indices.tolist(), strict=True):
             reading.picks.append({"category": category, "word": words[j], "probability": p, "kept": p >= least})
-    for reading in readings:
-        reading.prompt = separator.join(pick["word"] for pick in reading.picks if pick["kept"])
+    for reading in readings:  # a word two categories share is said once
+        reading.prompt = separator.join(dict.fromkeys(pick["word"] for pick in reading.picks if pick["kept"]))
     return readings

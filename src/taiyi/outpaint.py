@@ -7,7 +7,7 @@ surroundings rather than from blank.
 
 from __future__ import annotations
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 from .errors import InvalidInputError
 
@@ -44,7 +44,8 @@ def outpaint_canvas(
 
 def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     """``image`` with its masked area (white in ``mask``) filled by the colours around it: the unmasked pixels
-    blurred from wide to narrow radii and laid over one another (A1111's "fill"); unmasked pixels unchanged."""
+    blurred from wide to narrow radii and laid over one another (A1111's "fill"), fading to their mean colour where
+    the blurs hardly reach; unmasked pixels unchanged."""
     keep = ImageOps.invert(mask.convert("L"))
     layer = Image.new("RGBa", image.size)
     layer.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
@@ -53,6 +54,12 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
         blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
         for _ in range(repeats):
             filled.alpha_composite(blurred)
+    # The blurs reach a few hundred pixels: beyond, the layers are transparent and their colour black (it shows below
+    # strength 1 on a wide margin), and where they are nearly so their 8-bit colour is off. There the fill fades to
+    # the kept pixels' mean colour; where they cover an eighth or more it is A1111's.
+    mean = ImageStat.Stat(image.convert("RGB"), keep).mean
+    cover = filled.getchannel("A").point(lambda a: min(255, 8 * a))
+    filled = Image.composite(filled.convert("RGB"), Image.new("RGB", image.size, tuple(round(c) for c in mean)), cover)
     out = image.convert("RGB")
-    out.paste(filled.convert("RGB"), mask=mask.convert("L"))
+    out.paste(filled, mask=mask.convert("L"))
     return out

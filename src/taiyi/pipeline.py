@@ -1174,7 +1174,8 @@ class TaiyiPipeline:
         canvas, mask = outpaint_canvas(picture, left, top, right, bottom)
         if max(canvas.size) > MAX_SIDE:
             raise InvalidInputError(
-                f"the grown picture would be {canvas.width}x{canvas.height}; sides are at most {MAX_SIDE} pixels"
+                f"the grown picture would be {canvas.width}x{canvas.height}; sides are at most {MAX_SIDE} pixels: "
+                "resize the picture first, or grow it less"
             )
         result = self.inpaint(
             canvas, mask, prompt, strength=strength, feather=feather, negative_prompt=negative_prompt, steps=steps,
@@ -1201,6 +1202,11 @@ class TaiyiPipeline:
             raise InvalidInputError(
                 f"these parameters use A1111's {' and '.join(unread)}, which taiyi does not run, so --from would draw "
                 "another picture; generate with its prompt instead"
+            )
+        if "Outpaint" in params.extras:
+            raise InvalidInputError(
+                f"these parameters come from an outpaint ({params.extras['Outpaint']}); re-run taiyi outpaint with "
+                "the source picture and those margins instead"
             )
         if params.strength is not None and params.hires_scale is None:
             raise InvalidInputError(

@@ -7,6 +7,8 @@ refused (400, ``unknown_parameter``) rather than ignored, so a typo such as ``ne
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 EMPHASIS_HELP = (
@@ -131,7 +133,7 @@ class ClipInterrogateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(description="Images as base64 (PNG/JPEG/WebP), optionally as data: URLs.")
-    vocabulary: str | dict[str, list[str]] | None = Field(
+    vocabulary: str | dict[str, Any] | None = Field(
         None,
         description='"general", "shanshui", or {"category": ["word", ...]}; default: the CLIP\'s own ("shanshui" '
         "for the embedded one).",

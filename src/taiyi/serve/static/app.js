@@ -373,6 +373,13 @@
       setStatus("请至少在一边填入要扩展的像素数", true);
       return;
     }
+    const most = info.limits.max_side;
+    const grownWidth = editCanvas().width + sides.left + sides.right;
+    const grownHeight = editCanvas().height + sides.top + sides.bottom;
+    if (grownWidth > most || grownHeight > most) {
+      setStatus(`扩图后为 ${grownWidth} × ${grownHeight}，超出服务器上限 ${most} 像素：请减少扩展的像素数`, true);
+      return;
+    }
     await busy($("outpaint-run"), "扩图中", async () => {
       const body = { image: editCanvas().toDataURL("image/png"), prompt, ...sides };
       body.n = Number($("edit-n").value) || 1;
