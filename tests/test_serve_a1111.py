@@ -397,3 +397,12 @@ def test_interrogate_reads_the_picture_with_the_served_chinese_clip(pipe_zh, cli
     assert error(client.post("/sdapi/v1/interrogate", json={"image": b64(picture)}), 404)["code"] == (
         "clip_not_configured"
     )
+
+
+def test_null_fields_take_their_defaults_as_a1111s_optional_fields_do(client, pipe_zh):
+    body = {"prompt": PROMPT, "steps": 2, "seed": None, "batch_size": None, "cfg_scale": None, "width": None,
+            "sampler_name": None, "override_settings": None, "styles": None, "enable_hr": None}  # fmt: skip
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    info = info_of(response)
+    assert len(pictures(response)) == 1 and info["cfg_scale"] == pipe_zh.default_guidance
+    assert 0 <= info["seed"] < 2**32  # a random seed, as A1111 draws one for -1

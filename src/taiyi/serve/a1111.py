@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..errors import InvalidInputError, TaiyiError
 from ..outpaint import fill_masked
@@ -75,6 +75,15 @@ class _Common(BaseModel):
     """The fields txt2img and img2img share (A1111 1.10's ``StableDiffusionProcessing``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        """A1111's fields are all optional: ``null`` takes the field's default (a null seed is a random one), as
+        clients that write every field, set or not, expect."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     prompt: str = ""
     negative_prompt: str | None = ""
