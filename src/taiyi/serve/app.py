@@ -478,6 +478,25 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         result = await run_job(request, state, job)
         return await _images_response(state, result, revised)
 
+    def check_picture_job(model, n, prompt, negative, seed, steps, guidance, scheduler, guidance_end, emphasis):
+        """The checks every picture-editing request shares: (n, sampling, the prompt as read, the seeds)."""
+        check_model(model, state.model_name)
+        n = check_int("n", n, 1, config.max_n, why=" on this server")
+        sampling = check_sampling(
+            steps, guidance, scheduler, config=config, pipe=state.pipe, guidance_end=guidance_end, emphasis=emphasis
+        )
+        revised = check_text("prompt", prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
+        check_text("negative_prompt", negative, config.max_prompt_chars, required=False, emphasis=sampling.emphasis)
+        return n, sampling, revised, check_seeds(seed, n)
+
+    def check_redraw_strength(strength: float | None, default: float, steps: int) -> float:
+        strength = check_float("strength", default if strength is None else strength, 0, 1, low_open=True)
+        if int(steps * strength) < 1:
+            raise bad_request(
+                f"strength {strength:g} × {steps} steps leaves no denoising step; raise either", param="strength"
+            )
+        return strength
+
     @app.post(
         "/v1/images/edits",
         response_model=ImagesResponse,
@@ -529,31 +548,19 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             }
         )
         image = _one_edit_image(await request.form())
-        check_model(model, state.model_name)
         check_response_format(response_format)
-        n = check_int("n", n, 1, config.max_n, why=" on this server")
-        sampling = check_sampling(
-            steps, guidance, scheduler, config=config, pipe=state.pipe, guidance_end=guidance_end, emphasis=emphasis
+        n, sampling, revised, seeds = check_picture_job(
+            model, n, prompt, negative_prompt, seed, steps, guidance, scheduler, guidance_end, emphasis
         )
-        revised = check_text("prompt", prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
-        check_text(
-            "negative_prompt", negative_prompt, config.max_prompt_chars, required=False, emphasis=sampling.emphasis
-        )
-        seeds = check_seeds(seed, n)
         target = parse_size(size, config.max_side) if size else None
         image_bytes = await image.read()
         mask_bytes = await mask.read() if mask is not None else None
         picture, redraw = await anyio.to_thread.run_sync(
             _prepare_edit, image_bytes, mask_bytes, target, config.max_side
         )
-        if strength is None:
-            strength = 1.0 if redraw is not None else 0.6  # the library's defaults for inpaint / edit
-        strength = check_float("strength", strength, 0, 1, low_open=True)
-        if int(sampling.steps * strength) < 1:
-            raise bad_request(
-                f"strength {strength:g} × {sampling.steps} steps leaves no denoising step; raise either",
-                param="strength",
-            )
+        strength = check_redraw_strength(
+            strength, 1.0 if redraw is not None else 0.6, sampling.steps
+        )  # the library's defaults for inpaint / edit
         pipe = state.pipe
         common = dict(
             negative_prompt=negative_prompt or None,
@@ -588,24 +595,11 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     async def outpaint_images(body: OutpaintRequest, request: Request) -> JSONResponse:
         from ..outpaint import check_margins
 
-        check_model(body.model, state.model_name)
-        n = check_int("n", body.n, 1, config.max_n, why=" on this server")
-        sampling = check_sampling(
-            body.steps, body.guidance, body.scheduler, config=config, pipe=state.pipe,
-            guidance_end=body.guidance_end, emphasis=body.emphasis,
+        n, sampling, revised, seeds = check_picture_job(
+            body.model, body.n, body.prompt, body.negative_prompt, body.seed, body.steps, body.guidance,
+            body.scheduler, body.guidance_end, body.emphasis,
         )  # fmt: skip
-        revised = check_text("prompt", body.prompt, config.max_prompt_chars, required=True, emphasis=sampling.emphasis)
-        check_text(
-            "negative_prompt", body.negative_prompt, config.max_prompt_chars, required=False,
-            emphasis=sampling.emphasis,
-        )  # fmt: skip
-        seeds = check_seeds(body.seed, n)
-        strength = check_float("strength", 1.0 if body.strength is None else body.strength, 0, 1, low_open=True)
-        if int(sampling.steps * strength) < 1:
-            raise bad_request(
-                f"strength {strength:g} × {sampling.steps} steps leaves no denoising step; raise either",
-                param="strength",
-            )
+        strength = check_redraw_strength(body.strength, 1.0, sampling.steps)
         margins = (body.left, body.top, body.right, body.bottom)
         try:
             check_margins(*margins)
