@@ -406,3 +406,23 @@ def test_null_fields_take_their_defaults_as_a1111s_optional_fields_do(client, pi
     info = info_of(response)
     assert len(pictures(response)) == 1 and info["cfg_scale"] == pipe_zh.default_guidance
     assert 0 <= info["seed"] < 2**32  # a random seed, as A1111 draws one for -1
+
+
+def test_the_openai_endpoint_takes_a1111s_settings_as_taiyis_extra_fields(client, pipe_zh):
+    body = {"prompt": PROMPT, "n": 3, "seed": 6, "steps": 3, "variation_seed": 30, "variation_strength": 0.5,
+            "hires_scale": 1.5, "hires_strength": 0.6, "hires_upscaler": "Lanczos", "clip_skip": 2}  # fmt: skip
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    want = pipe_zh.generate(PROMPT, seed=6, steps=3, num_images=3, variation_seed=30, variation_strength=0.5,
+                            hires_scale=1.5, hires_strength=0.6, hires_upscaler="Lanczos", clip_skip=2)  # fmt: skip
+    for item, image in zip(data, want.images, strict=True):
+        got = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        assert np.array_equal(pixels(got), pixels(image))
+    assert [item["seed"] for item in data] == [6, 6, 6]  # a variation batch keeps its seed (A1111's rule)
+    assert "Variation seed: 32" in data[2]["parameters"] and "Clip skip: 2" in data[2]["parameters"]
+    for extra, param in [({"variation_seed": 5}, "variation_seed"), ({"variation_strength": 2}, "variation_strength"),
+                         ({"hires_strength": 0.5}, "hires_scale"), ({"hires_scale": 20}, "hires_scale"),
+                         ({"clip_skip": -2}, "clip_skip")]:  # fmt: skip
+        failure = client.post("/v1/images/generations", json={"prompt": PROMPT, **extra})
+        assert error(failure)["param"] == param

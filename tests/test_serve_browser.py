@@ -178,3 +178,13 @@ def test_outpaint_past_the_servers_side_limit_is_said_before_sending(page):
     page.click("#outpaint-run")
     assert "超出服务器上限 1024 像素" in page.locator("#status").inner_text()
     assert page.locator("#gallery figure").count() == 1  # nothing was drawn
+
+
+def test_the_hires_fix_box_draws_a_larger_picture_recording_it(page):
+    page.check("#hires")
+    page.fill("#hires-scale", "1.5")
+    generate(page, "小桥流水人家", seed=5)
+    image = page.locator("#gallery figure img").first
+    assert data_url_image(image.get_attribute("src")).size == (96, 96)
+    parameters = page.locator("#gallery figure pre").first.inner_text()
+    assert "Hires upscale: 1.5" in parameters and "Size: 64x64" in parameters  # A1111 records the first pass's

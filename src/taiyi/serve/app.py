@@ -34,7 +34,7 @@ from fastapi.security import HTTPBearer
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import TaiyiError
+from ..errors import InvalidInputError, TaiyiError
 from ..io import convert
 from . import a1111
 from .a1111 import Progress
@@ -474,9 +474,83 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             width=width,
             height=height,
         )
-        job = Job("generate", spec, rows=n, key=spec.key(state.model_name))
+        extras = check_a1111_settings(body, spec)
+        if extras:  # drawn alone: the batched call has none of these
+            job = Job("generate-alone", lambda should_abort: draw_alone(spec, extras, should_abort), rows=n)
+        else:
+            job = Job("generate", spec, rows=n, key=spec.key(state.model_name))
         result = await run_job(request, state, job)
         return await _images_response(state, result, revised)
+
+    def check_a1111_settings(body: ImageGenerationRequest, spec: GenerationSpec) -> dict[str, Any]:
+        """The library's keyword arguments for the request's variation seed, hires fix and clip skip (none: {})."""
+        from ..pipeline import check_clip_skip, check_hires, check_variation, seeds_for
+
+        extras: dict[str, Any] = {}
+        if body.variation_seed is not None and not body.variation_strength:
+            raise bad_request(
+                "variation_seed changes nothing without a variation_strength above 0", param="variation_seed"
+            )
+        if body.variation_strength:
+            variation_seed = seeds_for(body.variation_seed, len(spec.seeds))[0]  # random: one for the whole request
+            try:
+                check_variation(variation_seed, body.variation_strength, len(spec.seeds))
+            except InvalidInputError as exc:
+                raise bad_request(str(exc), param="variation_strength") from None
+            extras.update(variation_seed=variation_seed, variation_strength=body.variation_strength)
+        if body.hires_scale is not None or any(
+            v is not None for v in (body.hires_strength, body.hires_steps, body.hires_upscaler)
+        ):
+            if body.hires_scale is None:
+                raise bad_request(
+                    "hires_strength, hires_steps and hires_upscaler need hires_scale", param="hires_scale"
+                )
+            strength = 0.7 if body.hires_strength is None else body.hires_strength
+            try:
+                hires = check_hires(body.hires_scale, strength, body.hires_steps or 0, body.hires_upscaler or "Latent",
+                                    steps=spec.sampling.steps)  # fmt: skip
+            except InvalidInputError as exc:
+                raise bad_request(str(exc), param="hires_scale") from None
+            size = hires.size(spec.width, spec.height)
+            if max(size) > config.max_side:
+                raise bad_request(
+                    f"the hires pass would draw {size[0]}x{size[1]}; sides are at most {config.max_side} pixels on "
+                    "this server",
+                    param="hires_scale",
+                )
+            extras.update(hires_scale=hires.scale, hires_strength=hires.strength, hires_steps=hires.steps,
+                          hires_upscaler=hires.upscaler)  # fmt: skip
+        if body.clip_skip is not None and body.clip_skip != 1:
+            try:
+                extras["clip_skip"] = check_clip_skip(body.clip_skip)
+            except InvalidInputError as exc:
+                raise bad_request(str(exc), param="clip_skip") from None
+        return extras
+
+    def draw_alone(spec: GenerationSpec, extras: dict[str, Any], should_abort) -> Any:
+        """One request with A1111's settings, in calls of at most ``max_batch`` images; a variation batch keeps its
+        seed and counts the variation seed up (A1111's rule), as the library's own batch does."""
+        from ..pipeline import GenerationResult
+
+        s = spec.sampling
+        images, params, nsfw = [], [], []
+        variation = "variation_seed" in extras
+        for start in range(0, len(spec.seeds), config.max_batch):
+            count = min(config.max_batch, len(spec.seeds) - start)
+            kwargs = dict(extras)
+            if variation:
+                kwargs["variation_seed"] += start
+            seed = spec.seeds[0] if variation else spec.seeds[start]
+            result = state.pipe.generate(
+                spec.prompt, negative_prompt=spec.negative_prompt or None, steps=s.steps, guidance=s.guidance,
+                guidance_end=s.guidance_end, guidance_rescale=s.guidance_rescale, scheduler=s.scheduler,
+                emphasis=s.emphasis, width=spec.width, height=spec.height, num_images=count, seed=seed,
+                progress=abort_progress(should_abort), **kwargs,
+            )  # fmt: skip
+            images += result.images
+            params += result.parameters
+            nsfw += result.nsfw or [False] * len(result.images)
+        return GenerationResult(images, params, nsfw)
 
     def check_picture_job(model, n, prompt, negative, seed, steps, guidance, scheduler, guidance_end, emphasis):
         """The checks every picture-editing request shares: (n, sampling, the prompt as read, the seeds)."""

@@ -165,6 +165,11 @@
     if (seed !== null) body.seed = seed;
     const guidance = $("guidance").value.trim();
     if (guidance !== "") body.guidance = Number(guidance);
+    if ($("hires").checked) {
+      // A1111's hires fix: drawn at the chosen size, upscaled, and redrawn at this strength
+      body.hires_scale = Number($("hires-scale").value) || 2;
+      body.hires_strength = Number($("hires-strength").value) || 0.5;
+    }
     await busy($("generate"), "生成中", async () => {
       const result = await api("/v1/images/generations", {
         method: "POST",
