@@ -1,9 +1,10 @@
 """AUTOMATIC1111's web API (``/sdapi/v1/...``) over the served model, for the tools written against it.
 
 ``txt2img`` and ``img2img`` take A1111's request bodies field for field and answer as A1111 does (``images``,
-``parameters``, ``info`` as a JSON string); ``png-info``, ``progress``, ``options`` and the lists a client reads
-first (``sd-models``, ``samplers``, ``schedulers``, ``upscalers``, ``latent-upscale-modes``, and the empty lists of
-what taiyi does not have) complete what such clients call.
+``parameters``, ``info`` as a JSON string), ``infotext`` included; ``png-info``, ``interrogate`` (the served
+Chinese CLIP), ``progress``, ``interrupt``, ``skip``, ``options`` and the lists a client reads first (``sd-models``,
+``samplers``, ``schedulers``, ``upscalers``, ``latent-upscale-modes``, and the empty lists of what taiyi does not
+have) complete what such clients call.
 
 What differs from A1111, on purpose:
 
