@@ -18,8 +18,9 @@ pytest.importorskip("httpx2", reason="httpx2 (FastAPI's TestClient transport) is
 from fastapi.testclient import TestClient  # noqa: E402
 
 from taiyi.metadata import GenerationParameters  # noqa: E402
+from taiyi.pipeline import crop_region  # noqa: E402
 from taiyi.serve import ServeConfig, create_app  # noqa: E402
-from taiyi.serve.a1111 import Progress, a1111_mask, crop_region  # noqa: E402
+from taiyi.serve.a1111 import Progress, a1111_mask  # noqa: E402
 
 PROMPT = "小桥流水人家"
 

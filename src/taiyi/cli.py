@@ -426,6 +426,15 @@ def inpaint(
     prompt: Annotated[str, typer.Argument(help="What the masked area should show.")],
     strength: Annotated[float, typer.Option("--strength", help="How much to redraw, in (0, 1].")] = 1.0,
     feather: Annotated[float, typer.Option("--feather", help="Paste-back edge softness, pixels.")] = 4.0,
+    only_masked: Annotated[
+        bool,
+        typer.Option(
+            "--only-masked", help="A1111's 'Only masked': draw the mask's box (and padding) at the model's full size."
+        ),
+    ] = False,
+    padding: Annotated[
+        int, typer.Option("--padding", help="Pixels around the mask's box with --only-masked (0-256).")
+    ] = 32,
     model: Model = None,
     negative_prompt: Negative = None,
     steps: Steps = DEFAULT_STEPS,
@@ -455,6 +464,10 @@ def inpaint(
     # the mask as stored: its transparent pixels count as black (see TaiyiPipeline.inpaint)
     init, mask_image = load_image(image), load_image(mask, mode=None, what="mask")
     check_strength(strength, steps)
+    if not 0 <= padding <= 256:
+        raise InvalidInputError(f"--padding must be 0 to 256 pixels, not {padding}")
+    if padding != 32 and not only_masked:
+        raise InvalidInputError("--padding changes nothing without --only-masked")
     _precheck(
         output, overwrite, num_images, grid, steps=steps, guidance=guidance, guidance_end=guidance_end, seed=seed,
         scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt, normalize=not no_normalize,
@@ -478,6 +491,8 @@ def inpaint(
             normalize=not no_normalize,
             emphasis=emphasis,
             clip_skip=clip_skip,
+            only_masked=only_masked,
+            padding=padding,
             progress=bar,
         )
     _save(result, output, overwrite, grid)

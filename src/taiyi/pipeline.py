@@ -51,6 +51,7 @@ MIN_SIDE = 64
 MAX_STEPS = 1000  # the models' training timesteps: more steps cannot add anything
 MAX_IMAGES = 64
 MAX_SEED = 2**63 - 1
+MAX_MASK_PADDING = 256  # pixels around an only-masked inpainting's box
 DEFAULT_STEPS = 9  # with DEFAULT_SCHEDULER and DEFAULT_GUIDANCE_END: chosen by measured faithfulness (README)
 # The fraction of the steps that run classifier-free guidance: the first ceil(end × steps) do, so at the
 # default 9 steps the first 8 are guided and the last is one conditional call.
@@ -356,6 +357,27 @@ def feather_mask(mask: Image.Image, radius: float) -> np.ndarray:
         return binary
     blurred = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)))
     return binary * blurred.astype(np.float32) / 255.0
+
+
+def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """A1111's "only masked" crop: the mask's bounding box grown by ``padding``, then widened or heightened to
+    ``width``:``height``'s shape, all within the picture."""
+    x1, y1, x2, y2 = mask.getbbox()
+    x1, y1 = max(0, x1 - padding), max(0, y1 - padding)
+    x2, y2 = min(mask.width, x2 + padding), min(mask.height, y2 + padding)
+    ratio = width / height
+    w, h = x2 - x1, y2 - y1
+    if w / h < ratio:  # too tall: widen
+        grow = min(mask.width, round(h * ratio)) - w
+        x1 = max(0, x1 - grow // 2)
+        x2 = min(mask.width, x1 + w + grow)
+        x1 = max(0, x2 - (w + grow))
+    else:  # too wide: heighten
+        grow = min(mask.height, round(w / ratio)) - h
+        y1 = max(0, y1 - grow // 2)
+        y2 = min(mask.height, y1 + h + grow)
+        y1 = max(0, y2 - (h + grow))
+    return x1, y1, x2, y2
 
 
 def _check_progress(progress) -> None:
@@ -1058,6 +1080,10 @@ class TaiyiPipeline:
         normalize: bool = True,
         emphasis: str = "original",
         clip_skip: int = 1,
+        only_masked: bool = False,
+        padding: int = 32,
+        width: int | None = None,
+        height: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """Redraw the white part of ``mask`` following ``prompt``; everything else is kept.
@@ -1074,6 +1100,12 @@ class TaiyiPipeline:
                 True = redraw).
             strength: in (0, 1]; 1 redraws the masked area from noise.
             feather: blur radius in pixels of the paste-back edge (inside the mask only).
+            only_masked: A1111's "Inpaint area: Only masked": only the mask's bounding box grown by ``padding``
+                pixels (widened to the drawing's shape) is drawn, at ``width``×``height`` (default: the model's
+                native size), and pasted back — small areas get the model's whole resolution. Recorded as A1111's
+                "Inpaint area" and "Masked area padding".
+            padding: pixels around the mask's box, 0 to 256 (A1111's "Only masked padding").
+            width: the crop's drawing size with ``only_masked`` (multiples of 8); the same for ``height``.
             Other arguments as :meth:`generate`.
         """
         from diffusers import StableDiffusionInpaintPipeline
@@ -1089,7 +1121,7 @@ class TaiyiPipeline:
             prompt, negative_prompt, steps, guidance, scheduler, num_images, normalize, guidance_end, emphasis,
             clip_skip,
         )  # fmt: skip
-        image, width, height = self._init_image(image, None, None)
+        image, image_width, image_height = self._init_image(image, None, None)
         mask, transparent = _mask_picture(mask)
         if mask.size != image.size:
             raise InvalidInputError(
@@ -1106,25 +1138,46 @@ class TaiyiPipeline:
                 f"and black what to keep ({why})"
             )
         pipe = self._sub_pipeline(StableDiffusionInpaintPipeline)
-        size = (width, height)
-        work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
-        work_mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
+        region = None
+        if only_masked:
+            width, height, region = self._masked_region(mask, padding, width, height)
+            work_image = image.crop(region).resize((width, height), Image.LANCZOS)
+            work_mask = (
+                mask.crop(region).resize((width, height), Image.LANCZOS).point(lambda v: 255 if v >= 128 else 0)
+            )
+            if not work_mask.getbbox():
+                raise InvalidInputError("the mask's area is too small to redraw at this size; paint it larger")
+        else:
+            if width is not None or height is not None:
+                raise InvalidInputError("width and height choose the drawing size of only_masked inpainting only")
+            size = (width, height) = image_width, image_height
+            work_image = image.resize(size, Image.LANCZOS) if image.size != size else image
+            work_mask = mask.resize(size, Image.NEAREST) if mask.size != size else mask
         result = self._draw(
             job,
             pipe,
             seed,
             progress,
-            size=image.size,
+            size=(width, height) if only_masked else image.size,
             strength=strength,
             image=work_image,
             mask_image=work_mask,
             width=width,
             height=height,
         )
+        if only_masked:
+            for params in result.parameters:
+                params.extras = {**params.extras, "Inpaint area": "Only masked", "Masked area padding": str(padding)}
         alpha = feather_mask(mask, feather)[..., None]  # (H, W, 1), 0 outside the mask
         original = np.asarray(image, dtype=np.float32)
         for k, generated in enumerate(result.images):
-            if generated.size != image.size:
+            if region is not None:  # the drawn crop, back in its place in the picture
+                placed = image.copy()
+                placed.paste(
+                    generated.resize((region[2] - region[0], region[3] - region[1]), Image.LANCZOS), region[:2]
+                )
+                generated = placed
+            elif generated.size != image.size:
                 generated = generated.resize(image.size, Image.LANCZOS)
             blended = original * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
             result.images[k] = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
@@ -1185,6 +1238,15 @@ class TaiyiPipeline:
         for params in result.parameters:
             params.extras = {**params.extras, "Outpaint": f"left {left} top {top} right {right} bottom {bottom}"}
         return result
+
+    def _masked_region(self, mask: Image.Image, padding: int, width: int | None, height: int | None):
+        """ "Only masked" inpainting's drawing size and crop: (width, height, (x1, y1, x2, y2))."""
+        width, height, padding = map(_plain, (width, height, padding))
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        validate_size(width, height)
+        _check_range("padding", padding, 0, MAX_MASK_PADDING)
+        return width, height, crop_region(mask, padding, width, height)
 
     def rerender(self, params: GenerationParameters, *, progress: ProgressCallback | None = None) -> GenerationResult:
         """Draw again the text-to-image picture ``params`` describes (bit-identical on the same machine).

@@ -806,27 +806,6 @@ def crop_and_resize(image: Image.Image, width: int, height: int, resample: int =
     return scaled.crop((left, top, left + width, top + height))
 
 
-def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """A1111's "only masked" crop: the mask's bounding box grown by ``padding``, then widened or heightened to
-    ``width``:``height``'s shape, all within the picture."""
-    x1, y1, x2, y2 = mask.getbbox()
-    x1, y1 = max(0, x1 - padding), max(0, y1 - padding)
-    x2, y2 = min(mask.width, x2 + padding), min(mask.height, y2 + padding)
-    ratio = width / height
-    w, h = x2 - x1, y2 - y1
-    if w / h < ratio:  # too tall: widen
-        grow = min(mask.width, round(h * ratio)) - w
-        x1 = max(0, x1 - grow // 2)
-        x2 = min(mask.width, x1 + w + grow)
-        x1 = max(0, x2 - (w + grow))
-    else:  # too wide: heighten
-        grow = min(mask.height, round(w / ratio)) - h
-        y1 = max(0, y1 - grow // 2)
-        y2 = min(mask.height, y1 + h + grow)
-        y1 = max(0, y2 - (h + grow))
-    return x1, y1, x2, y2
-
-
 # --- running -----------------------------------------------------------------------------------------------
 def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, int], None]):
     """Every batch of ``plan`` through the pipeline (on the worker thread); a GenerationResult of all images."""
@@ -838,7 +817,6 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
         scheduler=plan.scheduler, emphasis=plan.emphasis, clip_skip=plan.clip_skip, progress=progress, **plan.drawing,
     )  # fmt: skip
     images, params, nsfw = [], [], []
-    region = None
     if plan.kind == "img2img":
         width, height = body.width, body.height
         if body.resize_mode == 1 and (width or height):
@@ -848,16 +826,11 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
         source = picture.convert("RGB")
         if body.inpainting_fill == 0:
             picture = fill_masked(source, mask)  # A1111's "fill": the hole starts from its surroundings
-        if body.inpaint_full_res:
+        if body.inpaint_full_res:  # "only masked": the library crops, draws at width × height and pastes back
+            work_mask = mask
             size = pipe.default_size
-            width, height = body.width or size, body.height or size
-            region = crop_region(mask, body.inpaint_full_res_padding, width, height)
-            picture = picture.crop(region).resize((width, height), Image.LANCZOS)
-            work_mask = (
-                mask.crop(region).resize((width, height), Image.LANCZOS).point(lambda v: 255 if v >= 128 else 0)
-            )
-            if not work_mask.getbbox():
-                raise InvalidInputError("the mask's area is too small to redraw at this size; draw it larger")
+            common.update(only_masked=True, padding=body.inpaint_full_res_padding, width=body.width or size,
+                          height=body.height or size)  # fmt: skip
         else:
             work_mask = mask
             if body.width or body.height:
@@ -888,10 +861,8 @@ def run_plan(state, plan: Plan, picture, mask, body, progress: Callable[[int, in
             break
         for image, p in zip(result.images, result.parameters, strict=True):
             p.extras = {**p.extras, **_inpaint_keys(plan, body)}
-            if region is not None:  # back into the picture, through the mask, feathered inward
-                image = _paste(source, image, mask, region, plan.call.get("feather", 4.0), feather_mask)
-            elif plan.kind == "inpaint":
-                image = _paste(source, image, mask, None, plan.call.get("feather", 4.0), feather_mask)
+            if plan.kind == "inpaint":  # through the mask over the untouched picture, feathered inward
+                image = _paste(source, image, mask, plan.call.get("feather", 4.0), feather_mask)
             images.append(image)
             params.append(p)
         nsfw += result.nsfw or [False] * len(result.images)
@@ -911,14 +882,9 @@ def _inpaint_keys(plan: Plan, body) -> dict[str, str]:
     return keys
 
 
-def _paste(source, image, mask, region, feather, feather_mask) -> Image.Image:
-    """``image`` (the redrawn crop ``region``, or the whole picture) over ``source`` where ``mask`` is white,
-    feathered ``feather`` pixels inward; every other pixel is the source's own."""
-    if region is not None:
-        x1, y1, x2, y2 = region
-        placed = source.copy()
-        placed.paste(image.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
-        image = placed
+def _paste(source, image, mask, feather, feather_mask) -> Image.Image:
+    """``image`` over ``source`` where ``mask`` is white, feathered ``feather`` pixels inward; every other pixel is
+    the source's own."""
     alpha = feather_mask(mask, feather)[..., None]
     blended = np.asarray(source, np.float32) * (1 - alpha) + np.asarray(image, np.float32) * alpha
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
