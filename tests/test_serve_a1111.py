@@ -144,7 +144,11 @@ def test_txt2img_reads_the_legacy_sampler_index_and_hr_resize(client, pipe_zh):
         ({"sampler_name": "Heun"}, "scheduler", "unknown scheduler"),
         ({"override_settings": {"sd_vae": "kl-f8-anime2.ckpt"}}, "override_settings.sd_vae", "Automatic"),
         ({"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps", "not one"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 13}}, "override_settings.CLIP_stop_at_last_layers", "12"),
+        (
+            {"override_settings": {"CLIP_stop_at_last_layers": 13}},
+            "override_settings.CLIP_stop_at_last_layers",
+            "between 1 and",
+        ),
         ({"enable_hr": True, "hr_resize_x": 100}, "hr_resize_x", "hr_scale"),
         ({"enable_hr": True, "hr_prompt": "别的"}, "hr_prompt", "first pass's prompt"),
         ({"enable_hr": True, "hr_scale": 9}, "hr_scale", "between 1 and 4"),
@@ -427,3 +431,20 @@ def test_the_openai_endpoint_takes_a1111s_settings_as_taiyis_extra_fields(client
                          ({"clip_skip": -2}, "clip_skip")]:  # fmt: skip
         failure = client.post("/v1/images/generations", json={"prompt": PROMPT, **extra})
         assert error(failure)["param"] == param
+
+
+def test_hires_steps_and_clip_skip_are_held_to_the_server_and_the_model(pipe_zh):
+    layers = pipe_zh.sd.text_encoder.config.num_hidden_layers
+    with TestClient(create_app(ServeConfig(max_steps=20), pipeline=pipe_zh)) as c:
+        body = {
+            "prompt": PROMPT,
+            "steps": 2,
+            "enable_hr": True,
+            "hr_second_pass_steps": 400,
+            "denoising_strength": 0.5,
+        }
+        assert error(c.post("/sdapi/v1/txt2img", json=body))["param"] == "hr_second_pass_steps"
+        over = {"CLIP_stop_at_last_layers": layers + 1}
+        failure = error(c.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "override_settings": over}))
+        assert failure["param"] == "override_settings.CLIP_stop_at_last_layers" and str(layers) in failure["message"]
+        assert error(c.post("/sdapi/v1/options", json=over))["param"] == "override_settings.CLIP_stop_at_last_layers"

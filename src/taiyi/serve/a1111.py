@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from ..errors import InvalidInputError, TaiyiError
 from ..outpaint import fill_masked
 from .errors import APIError, bad_request
-from .limits import check_float, check_int, check_scheduler, check_text, decode_base64_image
+from .limits import check_float, check_int, check_scheduler, check_text, decode_base64_image, text_layers
 
 PREFIX = "/sdapi/v1"
 
@@ -366,16 +366,17 @@ def _scheduler(body: _Common) -> str:
     raise _refuse("scheduler", f"taiyi runs {spec.a1111_sampler} with {' or '.join(runs)} only, not {label}")
 
 
-def _options(body: _Common, defaults: dict[str, Any], model: str) -> dict[str, Any]:
+def _options(body: _Common, defaults: dict[str, Any], model: str, layers: int | None) -> dict[str, Any]:
     """The request's A1111 settings: the server's options, then its override_settings."""
     settings = dict(defaults)
     for key, value in (body.override_settings or {}).items():
-        settings[key] = check_option(key, value, model)
+        settings[key] = check_option(key, value, model, layers)
     return settings
 
 
-def check_option(key: str, value: Any, model: str) -> Any:
-    """One A1111 setting (``override_settings`` or ``POST /options``), as taiyi reads it."""
+def check_option(key: str, value: Any, model: str, layers: int | None = None) -> Any:
+    """One A1111 setting (``override_settings`` or ``POST /options``), as taiyi reads it; ``layers``: the served text
+    encoder's, clip skip's bound."""
     from ..pipeline import check_clip_skip
     from ..prompts import check_emphasis
 
@@ -389,7 +390,7 @@ def check_option(key: str, value: Any, model: str) -> Any:
         return model
     if key == "CLIP_stop_at_last_layers":
         try:
-            return check_clip_skip(value)
+            return check_clip_skip(value, layers)
         except InvalidInputError as exc:
             raise bad_request(f"{key}: {exc}", param=name) from None
     if key == "emphasis":
@@ -587,7 +588,7 @@ def read_common(body: _Common, *, state, options: dict[str, Any], strength: floa
 
     config, pipe = state.config, state.pipe
     _unsupported(body)
-    settings = _options(body, options, state.model_name)
+    settings = _options(body, options, state.model_name, text_layers(state.pipe))
     emphasis = settings.get("emphasis", "original")
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
     batch_size = check_int("batch_size", body.batch_size, 1, config.max_n, why=" on this server")
@@ -654,6 +655,7 @@ def read_txt2img(body: Txt2ImgRequest, *, state, options: dict[str, Any]) -> Pla
     for name, same in (("hr_prompt", plan.prompt), ("hr_negative_prompt", plan.negative_prompt)):
         if getattr(body, name) not in (None, "", same):
             raise _refuse(name, "the second pass draws the first pass's prompt here; leave it out")
+    check_int("hr_second_pass_steps", body.hr_second_pass_steps, 0, config.max_steps, why=" on this server")
     scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
         scale = _resize_scale(body, width, height)
@@ -1120,7 +1122,8 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
     @app.post(f"{PREFIX}/options", dependencies=dependencies, responses=responses, tags=tags,
               summary="Set the server's defaults for later requests (clip skip, emphasis)")  # fmt: skip
     async def set_options(body: dict[str, Any]) -> None:
-        checked = {key: check_option(key, value, state.model_name) for key, value in body.items()}
+        layers = text_layers(state.pipe)
+        checked = {key: check_option(key, value, state.model_name, layers) for key, value in body.items()}
         with options_lock:
             options.update({k: v for k, v in checked.items() if k in ("CLIP_stop_at_last_layers", "emphasis")})
 

@@ -57,6 +57,7 @@ from .limits import (
     has_transparency,
     mask_from_upload,
     parse_size,
+    text_layers,
 )
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import GuardMiddleware, JSONErrorCORSMiddleware
@@ -483,20 +484,26 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         return await _images_response(state, result, revised)
 
     def check_a1111_settings(body: ImageGenerationRequest, spec: GenerationSpec) -> dict[str, Any]:
-        """The library's keyword arguments for the request's variation seed, hires fix and clip skip (none: {})."""
-        from ..pipeline import check_clip_skip, check_hires, check_variation, seeds_for
+        """The library's keyword arguments for the request's variation seed, hires fix and clip skip (none: {});
+        each refusal names its own field."""
+        from ..pipeline import MAX_SEED, check_clip_skip, check_hires, check_variation, seeds_for
 
+        n = len(spec.seeds)
         extras: dict[str, Any] = {}
         if body.variation_seed is not None and not body.variation_strength:
             raise bad_request(
                 "variation_seed changes nothing without a variation_strength above 0", param="variation_seed"
             )
         if body.variation_strength:
-            variation_seed = seeds_for(body.variation_seed, len(spec.seeds))[0]  # random: one for the whole request
+            if body.variation_seed is not None:  # image i uses variation_seed + i
+                check_int(
+                    "variation_seed", body.variation_seed, 0, MAX_SEED - n, why=" (leave it out for a random one)"
+                )
             try:
-                check_variation(variation_seed, body.variation_strength, len(spec.seeds))
+                check_variation(None, body.variation_strength)
             except InvalidInputError as exc:
                 raise bad_request(str(exc), param="variation_strength") from None
+            variation_seed = seeds_for(body.variation_seed, n)[0]  # random: one for the whole request
             extras.update(variation_seed=variation_seed, variation_strength=body.variation_strength)
         if body.hires_scale is not None or any(
             v is not None for v in (body.hires_strength, body.hires_steps, body.hires_upscaler)
@@ -506,11 +513,16 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                     "hires_strength, hires_steps and hires_upscaler need hires_scale", param="hires_scale"
                 )
             strength = 0.7 if body.hires_strength is None else body.hires_strength
+            steps_2 = check_int("hires_steps", body.hires_steps or 0, 0, config.max_steps,
+                                why=" on this server (0: the first pass's steps)")  # fmt: skip
             try:
-                hires = check_hires(body.hires_scale, strength, body.hires_steps or 0, body.hires_upscaler or "Latent",
+                hires = check_hires(body.hires_scale, strength, steps_2, body.hires_upscaler or "Latent",
                                     steps=spec.sampling.steps)  # fmt: skip
-            except InvalidInputError as exc:
-                raise bad_request(str(exc), param="hires_scale") from None
+            except InvalidInputError as exc:  # the library's words name the setting: so does the answer
+                words = {"hires upscaler": "hires_upscaler", "strength": "hires_strength"}
+                param = next((name for word, name in words.items() if str(exc).startswith(word)), "hires_scale")
+                message = str(exc) if str(exc).startswith("hires") else f"{param}: {exc}"  # not the edit's strength
+                raise bad_request(message, param=param) from None
             size = hires.size(spec.width, spec.height)
             if max(size) > config.max_side:
                 raise bad_request(
@@ -522,9 +534,9 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                           hires_upscaler=hires.upscaler)  # fmt: skip
         if body.clip_skip is not None and body.clip_skip != 1:
             try:
-                extras["clip_skip"] = check_clip_skip(body.clip_skip)
+                extras["clip_skip"] = check_clip_skip(body.clip_skip, text_layers(state.pipe))
             except InvalidInputError as exc:
-                raise bad_request(str(exc), param="clip_skip") from None
+                raise bad_request(f"clip_skip: {exc}", param="clip_skip") from None
         return extras
 
     def draw_alone(spec: GenerationSpec, extras: dict[str, Any], should_abort) -> Any:

@@ -176,6 +176,12 @@ def check_sampling(
     return Sampling(steps, guidance, check_scheduler(scheduler), end, rescale, emphasis)
 
 
+def text_layers(pipe) -> int | None:
+    """The text encoder's layer count, clip skip's upper bound (None where the pipeline does not show it)."""
+    config = getattr(getattr(getattr(pipe, "sd", None), "text_encoder", None), "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
 def check_model(model: str | None, served: str) -> None:
     if model is not None and model != served:
         raise APIError(

@@ -46,7 +46,7 @@ class ImageGenerationRequest(BaseModel):
     variation_strength: float | None = Field(None, description="In [0, 1]; with a variation seed, default 0.")
     hires_scale: float | None = Field(None, description="A1111's hires fix: upscale factor 1-4 (off when null).")
     hires_strength: float | None = Field(None, description="The hires pass's denoising strength, (0, 1]; 0.7.")
-    hires_steps: int | None = Field(None, description="The hires pass's steps (0: the first pass's).")
+    hires_steps: int | None = Field(None, description="The hires pass's steps (0: the first pass's), to --max-steps.")
     hires_upscaler: str | None = Field(None, description="Latent (default), Lanczos, Nearest, Latent (bicubic)...")
     clip_skip: int | None = Field(None, description="A1111's clip skip: 1 (the last layer, default), 2, ...")
 

@@ -40,6 +40,21 @@
     return text !== "" && Number.isSafeInteger(number) && number >= 0 ? String(number) : null;
   }
 
+  // A whole-number field of the 图生图 tab, which is no form (the browser checks nothing there): its value as text,
+  // `empty` when blank; past its min or max, an error that says so in Chinese (never silently another value).
+  function wholeField(id, name, empty) {
+    const input = $(id);
+    if (input.value.trim() === "" && !input.validity.badInput) return empty;
+    const value = intOrNull(input.value);
+    const low = Number(input.min || 0);
+    const high = input.max === "" ? Infinity : Number(input.max);
+    if (value === null || Number(value) < low || Number(value) > high) {
+      const range = high === Infinity ? `${low} 或更大的整数` : `${low} 到 ${high} 之间的整数`;
+      throw new Error(`${name}须为 ${range}，不是「${input.value || "无法识别的内容"}」`);
+    }
+    return value;
+  }
+
   // What each HTTP status means, in words, before the server's own (English) message.
   const STATUS_WORDS = {
     400: "请求有误",
@@ -167,8 +182,15 @@
     if (guidance !== "") body.guidance = Number(guidance);
     if ($("hires").checked) {
       // A1111's hires fix: drawn at the chosen size, upscaled, and redrawn at this strength
-      body.hires_scale = Number($("hires-scale").value) || 2;
-      body.hires_strength = Number($("hires-strength").value) || 0.5;
+      const scale = $("hires-scale").value.trim() === "" ? 2 : Number($("hires-scale").value);
+      const strength = $("hires-strength").value.trim() === "" ? 0.5 : Number($("hires-strength").value);
+      const problem = hiresProblem(scale, strength, body.steps || info.default_steps, body.size);
+      if (problem) {
+        setStatus(problem, true);
+        return;
+      }
+      body.hires_scale = scale;
+      body.hires_strength = strength;
     }
     await busy($("generate"), "生成中", async () => {
       const result = await api("/v1/images/generations", {
@@ -178,6 +200,27 @@
       });
       itemsOf(result).slice().reverse().forEach((item) => addToGallery(item, "文生图"));
     });
+  }
+
+  // What the server would refuse in the hires fix, said before sending (null: nothing)
+  function hiresProblem(scale, strength, steps, size) {
+    if (!(scale >= 1 && scale <= 4)) return `放大倍数须在 1 到 4 之间（2 即长宽各放大一倍），不是 ${scale}`;
+    if (!(strength > 0 && strength <= 1)) return `高清修复的重绘强度须大于 0、不超过 1，不是 ${strength}`;
+    if (Math.floor(steps * strength) < 1) {
+      return `高清修复的重绘强度 ${strength} × 步数 ${steps} 不足一步：请提高重绘强度或步数`;
+    }
+    const [width, height] = size.split("x").map(Number);
+    const grown = (side) => Math.floor(Math.floor(side * scale) / 8) * 8; // the server's rounding: down to 8s
+    const most = info.limits.max_side;
+    if (grown(width) > most || grown(height) > most) {
+      return `高清修复后为 ${grown(width)} × ${grown(height)}，超出服务器上限 ${most} 像素：请减小放大倍数或尺寸`;
+    }
+    return null;
+  }
+
+  function syncHires() {
+    // unused fields are disabled: the browser then neither checks them nor blocks 生成 over them
+    for (const id of ["hires-scale", "hires-strength"]) $(id).disabled = !$("hires").checked;
   }
 
   // --- gallery ---------------------------------------------------------------------------------------
@@ -328,6 +371,14 @@
       setStatus("请输入编辑提示词", true);
       return;
     }
+    let n, steps;
+    try {
+      n = wholeField("edit-n", "数量", "1");
+      steps = wholeField("edit-steps", "步数", null);
+    } catch (err) {
+      setStatus(err.message, true);
+      return;
+    }
     await busy($("edit-run"), "编辑中", async () => {
       const form = new FormData();
       form.append("image", await toBlob(editCanvas()), "image.png");
@@ -346,8 +397,7 @@
       }
       form.append("prompt", prompt);
       form.append("strength", $("strength").value);
-      form.append("n", String(Number($("edit-n").value) || 1));
-      const steps = intOrNull($("edit-steps").value);
+      form.append("n", n);
       if (steps !== null) form.append("steps", steps);
       const seed = intOrNull($("edit-seed").value);
       if (seed !== null) form.append("seed", seed);
@@ -370,9 +420,16 @@
       return;
     }
     const sides = {};
-    for (const side of ["left", "top", "right", "bottom"]) {
-      const value = intOrNull($("out-" + side).value);
-      sides[side] = value === null ? 0 : Number(value);
+    let n, steps;
+    try {
+      for (const [side, name] of Object.entries({ left: "左", top: "上", right: "右", bottom: "下" })) {
+        sides[side] = Number(wholeField("out-" + side, `扩图的「${name}」`, "0"));
+      }
+      n = wholeField("edit-n", "数量", "1");
+      steps = wholeField("edit-steps", "步数", null);
+    } catch (err) {
+      setStatus(err.message, true);
+      return;
     }
     if (!Object.values(sides).some((v) => v > 0)) {
       setStatus("请至少在一边填入要扩展的像素数", true);
@@ -387,8 +444,7 @@
     }
     await busy($("outpaint-run"), "扩图中", async () => {
       const body = { image: editCanvas().toDataURL("image/png"), prompt, ...sides };
-      body.n = Number($("edit-n").value) || 1;
-      const steps = intOrNull($("edit-steps").value);
+      body.n = Number(n);
       if (steps !== null) body.steps = Number(steps);
       const seed = intOrNull($("edit-seed").value);
       if (seed !== null) body.seed = seed; // as text, like the generate form: seeds past 2^53 stay exact
@@ -416,7 +472,7 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ images: [image] }),
       });
-      const prompt = result.data[0].prompt;
+      const prompt = itemsOf(result)[0].prompt;
       if (!prompt) throw new Error("CLIP 对这张图没有把握，未得出提示词");
       $("edit-prompt").value = prompt;
     });
@@ -502,6 +558,8 @@
     $("api-key").addEventListener("change", () => sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
     $("key-box").addEventListener("submit", (event) => event.preventDefault());
     $("gen-form").addEventListener("submit", generate);
+    $("hires").addEventListener("change", syncHires);
+    syncHires();
     $("edit-run").addEventListener("click", runEdit);
     $("interrogate-run").addEventListener("click", runInterrogate);
     $("outpaint-run").addEventListener("click", runOutpaint);
