@@ -61,3 +61,37 @@ def test_inpaint_command_only_masked(capsys, tmp_path, tiny_zh):
     assert np.array_equal(np.asarray(Image.open(out))[keep], np.asarray(picture)[keep])
     code, _, err = run(capsys, *args, "--padding", 4)
     assert_user_error(code, err, "--padding changes nothing without --only-masked")
+
+
+def test_the_edits_endpoint_inpaints_only_the_masked_area_when_asked(pipe_zh):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    pytest.importorskip("httpx2", reason="httpx2 (FastAPI's TestClient transport) is not installed")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from taiyi.serve import ServeConfig, create_app
+
+    picture, mask = picture_and_mask()
+
+    def png(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    files = {"image": ("in.png", png(picture), "image/png"), "mask": ("m.png", png(mask), "image/png")}
+    with TestClient(create_app(ServeConfig(), pipeline=pipe_zh)) as c:
+        fields = {"prompt": "湖泊", "steps": "3", "seed": "2", "only_masked": "true", "padding": "8"}
+        response = c.post("/v1/images/edits", data=fields, files=files)
+        assert response.status_code == 200, response.text
+        item = response.json()["data"][0]
+        got = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        want = pipe_zh.inpaint(picture, mask, "湖泊", seed=2, steps=3, only_masked=True, padding=8)
+        assert np.array_equal(np.asarray(got), np.asarray(want.images[0]))
+        assert "Inpaint area: Only masked" in item["parameters"]
+        refused = c.post("/v1/images/edits", data={"prompt": "湖泊", "padding": "8"}, files=files)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "padding"
+        alone = {"image": files["image"]}
+        refused = c.post("/v1/images/edits", data={"prompt": "湖泊", "only_masked": "true"}, files=alone)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "only_masked"

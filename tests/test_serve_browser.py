@@ -188,3 +188,20 @@ def test_the_hires_fix_box_draws_a_larger_picture_recording_it(page):
     assert data_url_image(image.get_attribute("src")).size == (96, 96)
     parameters = page.locator("#gallery figure pre").first.inner_text()
     assert "Hires upscale: 1.5" in parameters and "Size: 64x64" in parameters  # A1111 records the first pass's
+
+
+def test_only_masked_box_inpaints_the_painted_area_at_full_size(page):
+    generate(page, "江南水乡", seed=11)
+    page.click("#gallery figure:first-child button:text-is('编辑')")
+    page.locator("#canvas-wrap").wait_for(state="visible")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=4)
+    page.mouse.up()
+    page.check("#only-masked")
+    page.fill("#edit-prompt", "一轮明月")
+    page.fill("#edit-steps", "3")
+    page.click("#edit-run")
+    page.locator("#gallery figure").nth(1).wait_for(timeout=60_000)
+    assert "Inpaint area: Only masked" in page.locator("#gallery figure pre").first.inner_text()

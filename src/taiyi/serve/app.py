@@ -620,6 +620,10 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         scheduler: Annotated[str | None, Form()] = None,
         emphasis: Annotated[str | None, Form(description=EMPHASIS_HELP)] = None,
         strength: Annotated[float | None, Form(description="In (0, 1]; default 0.6, or 1.0 with a mask.")] = None,
+        only_masked: Annotated[
+            bool, Form(description="With a mask: draw only its box (and padding) at the model's size (A1111's).")
+        ] = False,
+        padding: Annotated[int | None, Form(description="Pixels around the mask's box with only_masked (32).")] = None,
     ) -> JSONResponse:
         check_form_text(
             {
@@ -647,6 +651,13 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         strength = check_redraw_strength(
             strength, 1.0 if redraw is not None else 0.6, sampling.steps
         )  # the library's defaults for inpaint / edit
+        masked = {}
+        if only_masked or padding is not None:
+            if redraw is None:
+                raise bad_request("only_masked and padding need a mask", param="only_masked")
+            if not only_masked:
+                raise bad_request("padding changes nothing without only_masked", param="padding")
+            masked = {"only_masked": True, "padding": check_int("padding", 32 if padding is None else padding, 0, 256)}
         pipe = state.pipe
         common = dict(
             negative_prompt=negative_prompt or None,
@@ -663,7 +674,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                 call = lambda **kw: pipe.edit(picture, prompt, strength=strength, progress=progress, **common, **kw)  # noqa: E731
             else:
                 call = lambda **kw: pipe.inpaint(  # noqa: E731
-                    picture, redraw, prompt, strength=strength, progress=progress, **common, **kw
+                    picture, redraw, prompt, strength=strength, progress=progress, **common, **masked, **kw
                 )
             return run_chunked(call, seeds, config.max_batch)
 
@@ -946,7 +957,7 @@ def _static_route(content: bytes, media_type: str):
 # The edit form's fields: taiyi's, and OpenAI's that this server accepts and ignores (it always answers PNGs).
 _EDIT_FIELDS = frozenset(
     {"image", "image[]", "mask", "prompt", "n", "size", "response_format", "model", "user", "negative_prompt"}
-    | {"seed", "steps", "guidance", "guidance_end", "scheduler", "emphasis", "strength"}
+    | {"seed", "steps", "guidance", "guidance_end", "scheduler", "emphasis", "strength", "only_masked", "padding"}
 )
 _EDIT_IGNORED = frozenset({"quality", "background", "output_format", "output_compression", "input_fidelity"})
 

@@ -394,6 +394,7 @@
         ctx.globalCompositeOperation = "destination-out";
         ctx.drawImage(maskCanvas(), 0, 0);
         form.append("mask", await toBlob(canvas), "mask.png");
+        if ($("only-masked").checked) form.append("only_masked", "true"); // A1111's "Inpaint area: Only masked"
       }
       form.append("prompt", prompt);
       form.append("strength", $("strength").value);
