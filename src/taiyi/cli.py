@@ -9,7 +9,9 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -695,6 +697,10 @@ def _run_app(argv: list[str] | None) -> int:
 
 def _exit(code: int, argv: list[str] | None) -> int:
     if argv is None:  # called as the console script
+        if code == 130 and threading.current_thread() is threading.main_thread():
+            # interrupted and leaving: a second Ctrl-C while the process winds down (a pool's workers ending) would
+            # kill it by the signal instead of this exit status
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(code)
     return code
 
