@@ -348,6 +348,8 @@ def test_webuiapi_the_python_client_draws_edits_and_reads_pictures(pipe_zh):
         assert api.png_info(edited.image).parameters["Inpaint area"] == "Only masked"
         assert api.util_get_current_model() == name
         assert "Euler a" in api.util_get_sampler_names()
+        upscaled = api.extra_single_image(result.image, upscaler_1="Lanczos", upscaling_resize=2)
+        assert upscaled.image.size == (2 * size, 2 * size) and "Postprocess upscaler: Lanczos" in upscaled.info
         api.util_wait_for_ready(check_interval=0.1)
 
 
@@ -448,3 +450,30 @@ def test_hires_steps_and_clip_skip_are_held_to_the_server_and_the_model(pipe_zh)
         failure = error(c.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "override_settings": over}))
         assert failure["param"] == "override_settings.CLIP_stop_at_last_layers" and str(layers) in failure["message"]
         assert error(c.post("/sdapi/v1/options", json=over))["param"] == "override_settings.CLIP_stop_at_last_layers"
+
+
+def test_extras_upscale_resizes_as_a1111s_lanczos_and_keeps_the_pictures_parameters(client, pipe_zh):
+    drawn = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 3, "steps": 2})
+    sent = drawn.json()["images"][0]  # the PNG as drawn, its parameters chunk in it
+    picture = pictures(drawn)[0]
+    size = pipe_zh.default_size
+
+    def upscale(**fields) -> Image.Image:
+        body = client.post("/sdapi/v1/extra-single-image", json={"image": sent, **fields}).json()
+        return Image.open(io.BytesIO(base64.b64decode(body["image"])))
+
+    out = upscale(upscaling_resize=2)
+    assert out.size == (2 * size, 2 * size)
+    assert np.array_equal(pixels(out), pixels(picture.convert("RGB").resize(out.size, Image.LANCZOS)))
+    want = picture.text["parameters"] + ", Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    assert out.text["parameters"] == want
+    wide = upscale(resize_mode=1, upscaling_resize_w=3 * size, upscaling_resize_h=size, upscaler_1="Nearest")
+    assert wide.size == (3 * size, size)  # scaled to cover, the overflow cut
+    for extra, param in [
+        ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
+        ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"),
+        ({"upscaling_resize": 100}, "upscaling_resize"),
+        ({"resize_mode": 2}, "resize_mode"),
+    ]:
+        failure = client.post("/sdapi/v1/extra-single-image", json={"image": sent, **extra})
+        assert error(failure)["param"] == param

@@ -182,6 +182,27 @@ class InterrogateRequest(BaseModel):
     model: str = Field("clip", description='"clip": the served Chinese CLIP (taiyi serve --clip-model).')
 
 
+class ExtrasSingleImageRequest(BaseModel):
+    """``POST /sdapi/v1/extra-single-image``: A1111's "Extras" upscale, with the resizing upscalers taiyi has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="A picture, base64 (a data: URL too).")
+    resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w × _h.")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    upscaling_resize: float = 2
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = Field("None", description="None or Lanczos (a Lanczos resize, as A1111's), or Nearest.")
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0
+    upscale_first: bool = False
+
+
 class PngInfoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -976,6 +997,70 @@ def exif_comment(image: Image.Image) -> str:
     return raw[8:].decode(codec, errors="replace").rstrip("\0")
 
 
+RESIZERS = {
+    "none": ("Lanczos", Image.LANCZOS),
+    "lanczos": ("Lanczos", Image.LANCZOS),
+    "nearest": ("Nearest", Image.NEAREST),
+}
+MAX_UPSCALED_SIDE = 4096
+
+
+def upscale_extras(body: ExtrasSingleImageRequest) -> dict[str, Any]:
+    """A1111's Extras upscale of one picture: its parameters text kept, with A1111's postprocessing keys added."""
+    from ..metadata import PARAMETERS_KEY
+
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name):
+            raise _refuse(name, "taiyi has no face restoration; send 0")
+    resizers = []
+    for name, value in (("upscaler_1", body.upscaler_1), ("upscaler_2", body.upscaler_2)):
+        resizer = RESIZERS.get(str(value).strip().lower())
+        if resizer is None:
+            raise _refuse(name, f"taiyi upscales with None or Lanczos (a Lanczos resize, as A1111's) or Nearest only, "
+                                f"not {str(value)[:100]!r}")  # fmt: skip
+        resizers.append(resizer)
+    second = check_float("extras_upscaler_2_visibility", body.extras_upscaler_2_visibility, 0, 1)
+    if body.resize_mode not in (0, 1):
+        raise bad_request("resize_mode must be 0 (scale by upscaling_resize) or 1 (to a size)", param="resize_mode")
+    picture = decode_base64_image(body.image, param="image")
+    text = picture.info.get(PARAMETERS_KEY) if isinstance(picture.info.get(PARAMETERS_KEY), str) else None
+    picture = picture.convert("RGBA" if picture.mode in ("RGBA", "LA", "PA") else "RGB")
+    if body.resize_mode == 0:
+        scale = check_float("upscaling_resize", body.upscaling_resize, 0, 8, low_open=True)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        target = None
+    else:
+        width = check_int("upscaling_resize_w", body.upscaling_resize_w, 1, MAX_UPSCALED_SIDE)
+        height = check_int("upscaling_resize_h", body.upscaling_resize_h, 1, MAX_UPSCALED_SIDE)
+        scale = max(width / picture.width, height / picture.height)
+        size = (round(picture.width * scale), round(picture.height * scale))
+        target = (width, height) if body.upscaling_crop else None
+    if max(size) > MAX_UPSCALED_SIDE:
+        raise bad_request(
+            f"the upscaled picture would be {size[0]}x{size[1]}; sides are at most {MAX_UPSCALED_SIDE} pixels",
+            param="upscaling_resize" if body.resize_mode == 0 else "upscaling_resize_w",
+        )
+    out = picture.resize(size, resizers[0][1])
+    if second > 0:
+        out = Image.blend(out, picture.resize(size, resizers[1][1]), second)
+    if target is not None and out.size != target:  # centred, the overflow cut
+        left, top = (out.width - target[0]) // 2, (out.height - target[1]) // 2
+        out = out.crop((left, top, left + target[0], top + target[1]))
+    info = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {resizers[0][0]}"
+    if second > 0:
+        info += f", Postprocess upscaler 2: {resizers[1][0]}"
+    buffer = io.BytesIO()
+    pnginfo = None
+    if text:  # as A1111's Extras: the picture's own parameters, its postprocessing on the last line
+        from PIL import PngImagePlugin
+
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text(PARAMETERS_KEY, f"{text.rstrip()}, {info}")
+    out.save(buffer, format="PNG", pnginfo=pnginfo)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {"html_info": f"<p>{info}</p>", "image": encoded if body.show_extras_results else None}
+
+
 def png_info(image_bytes_b64: str) -> dict[str, Any]:
     """``/png-info``: the picture's ``parameters`` text, its other text chunks, and the text's fields."""
     from ..metadata import PARAMETERS_KEY, a1111_fields
@@ -1056,6 +1141,11 @@ def add_routes(app, state, *, run_job, dependencies, responses, version: str) ->
             lambda: read_img2img(body, state=state, options=current_options())
         )
         return await answer(request, body, plan, picture, mask)
+
+    @app.post(f"{PREFIX}/extra-single-image", dependencies=dependencies, responses=responses, tags=tags,
+              summary="Upscale a picture with a resizing upscaler (A1111's Extras)")  # fmt: skip
+    async def extra_single_image(body: ExtrasSingleImageRequest) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(upscale_extras, body)
 
     @app.post(f"{PREFIX}/png-info", dependencies=dependencies, responses=responses, tags=tags,
               summary="A picture's generation parameters")  # fmt: skip
