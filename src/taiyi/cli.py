@@ -536,18 +536,12 @@ def outpaint(
     """Outpainting (扩图): grow IMAGE by pixels on some sides and draw the new margin following PROMPT; the
     picture itself is kept pixel for pixel."""
     from .io import load_image
-    from .outpaint import check_margins
+    from .outpaint import check_grown, check_margins
     from .pipeline import MAX_SIDE, check_strength
 
-    margins = [extend if side is None else side for side in (left, top, right, bottom)]
-    check_margins(*margins)
+    margins = check_margins(*(extend if side is None else side for side in (left, top, right, bottom)))
     init = load_image(image)
-    grown = (init.width + margins[0] + margins[2], init.height + margins[1] + margins[3])
-    if max(grown) > MAX_SIDE:
-        raise InvalidInputError(
-            f"the grown picture would be {grown[0]}x{grown[1]}; sides are at most {MAX_SIDE} pixels: resize the "
-            "picture first, or grow it less"
-        )
+    check_grown(init.width, init.height, margins, MAX_SIDE)
     check_strength(strength, steps)
     if feather < 0:
         raise InvalidInputError(f"--feather must be 0 or more pixels, not {feather:g}")

@@ -27,6 +27,17 @@ def check_margins(left: int, top: int, right: int, bottom: int) -> tuple[int, in
     return margins
 
 
+def check_grown(width: int, height: int, margins: tuple[int, int, int, int], max_side: int, where: str = "") -> None:
+    """The grown picture's sides are at most ``max_side`` (``where``: e.g. " on this server")."""
+    left, top, right, bottom = margins
+    grown = (width + left + right, height + top + bottom)
+    if max(grown) > max_side:
+        raise InvalidInputError(
+            f"the picture is {width}x{height} and would grow to {grown[0]}x{grown[1]}; sides are at most {max_side} "
+            f"pixels{where}: resize the picture first, or grow it less"
+        )
+
+
 def outpaint_canvas(
     image: Image.Image, left: int, top: int, right: int, bottom: int
 ) -> tuple[Image.Image, Image.Image]:

@@ -1220,16 +1220,12 @@ class TaiyiPipeline:
                 one above 0; the grown canvas at most 2048 a side).
             Other arguments as :meth:`inpaint`.
         """
-        from .outpaint import outpaint_canvas
+        from .outpaint import check_grown, check_margins, outpaint_canvas
 
         left, top, right, bottom = map(_plain, (left, top, right, bottom))
         picture = as_picture(image, "RGB", "image")
+        check_grown(picture.width, picture.height, check_margins(left, top, right, bottom), MAX_SIDE)
         canvas, mask = outpaint_canvas(picture, left, top, right, bottom)
-        if max(canvas.size) > MAX_SIDE:
-            raise InvalidInputError(
-                f"the grown picture would be {canvas.width}x{canvas.height}; sides are at most {MAX_SIDE} pixels: "
-                "resize the picture first, or grow it less"
-            )
         result = self.inpaint(
             canvas, mask, prompt, strength=strength, feather=feather, negative_prompt=negative_prompt, steps=steps,
             guidance=guidance, guidance_end=guidance_end, seed=seed, num_images=num_images, scheduler=scheduler,

@@ -40,7 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from ..errors import InvalidInputError, TaiyiError
 from ..outpaint import fill_masked
 from .errors import APIError, bad_request
-from .limits import check_float, check_int, check_scheduler, check_text, decode_base64_image, text_layers
+from .limits import (
+    check_float,
+    check_hires_fix,
+    check_int,
+    check_scheduler,
+    check_text,
+    decode_base64_image,
+    text_layers,
+)
 
 PREFIX = "/sdapi/v1"
 
@@ -647,7 +655,6 @@ def read_common(body: _Common, *, state, options: dict[str, Any], strength: floa
 
 
 def read_txt2img(body: Txt2ImgRequest, *, state, options: dict[str, Any]) -> Plan:
-    from ..pipeline import check_hires
 
     config, pipe = state.config, state.pipe
     plan = read_common(
@@ -676,31 +683,16 @@ def read_txt2img(body: Txt2ImgRequest, *, state, options: dict[str, Any]) -> Pla
     for name, same in (("hr_prompt", plan.prompt), ("hr_negative_prompt", plan.negative_prompt)):
         if getattr(body, name) not in (None, "", same):
             raise _refuse(name, "the second pass draws the first pass's prompt here; leave it out")
-    check_int("hr_second_pass_steps", body.hr_second_pass_steps, 0, config.max_steps, why=" on this server")
-    scale = body.hr_scale
-    if body.hr_resize_x or body.hr_resize_y:
-        scale = _resize_scale(body, width, height)
-    try:
-        upscaler = body.hr_upscaler or "Latent"
-        if upscaler.strip().lower() == "none":  # A1111's "None" upscaler resizes the picture with Lanczos
-            upscaler = "Lanczos"
-        hires = check_hires(scale, plan.denoising_strength, body.hr_second_pass_steps, upscaler, steps=plan.steps)
-        size = hires.size(width, height)
-    except InvalidInputError as exc:  # the library's message names the setting: so does the answer
-        words = {
-            "hires upscaler": "hr_upscaler",
-            "hires steps": "hr_second_pass_steps",
-            "strength": "denoising_strength",
-        }
-        param = next((name for word, name in words.items() if str(exc).startswith(word)), "hr_scale")
-        raise bad_request(str(exc), param=param) from None
-    for name, side in zip(("width", "height"), size, strict=True):
-        if side > config.max_side:
-            raise bad_request(
-                f"the hires pass would draw {size[0]}x{size[1]}; the {name} must be at most {config.max_side} pixels "
-                "on this server",
-                param="hr_scale",
-            )
+    scale = _resize_scale(body, width, height) if body.hr_resize_x or body.hr_resize_y else body.hr_scale
+    upscaler = body.hr_upscaler or "Latent"
+    if upscaler.strip().lower() == "none":  # A1111's "None" upscaler resizes the picture with Lanczos
+        upscaler = "Lanczos"
+    names = {"scale": "hr_scale", "strength": "denoising_strength", "steps": "hr_second_pass_steps",
+             "upscaler": "hr_upscaler"}  # fmt: skip
+    hires = check_hires_fix(
+        names, scale, plan.denoising_strength, body.hr_second_pass_steps, upscaler, steps=plan.steps,
+        size=(width, height), config=config,
+    )  # fmt: skip
     plan.call.update(
         hires_scale=hires.scale, hires_strength=hires.strength, hires_steps=hires.steps, hires_upscaler=hires.upscaler
     )

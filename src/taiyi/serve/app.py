@@ -45,6 +45,7 @@ from .jobs import GenerationSpec, abort_progress, run_chunked, run_generations
 from .limits import (
     check_float,
     check_form_text,
+    check_hires_fix,
     check_int,
     check_labels,
     check_model,
@@ -486,7 +487,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     def check_a1111_settings(body: ImageGenerationRequest, spec: GenerationSpec) -> dict[str, Any]:
         """The library's keyword arguments for the request's variation seed, hires fix and clip skip (none: {});
         each refusal names its own field."""
-        from ..pipeline import MAX_SEED, check_clip_skip, check_hires, check_variation, seeds_for
+        from ..pipeline import MAX_SEED, check_clip_skip, check_variation, seeds_for
 
         n = len(spec.seeds)
         extras: dict[str, Any] = {}
@@ -512,24 +513,13 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
                 raise bad_request(
                     "hires_strength, hires_steps and hires_upscaler need hires_scale", param="hires_scale"
                 )
-            strength = 0.7 if body.hires_strength is None else body.hires_strength
-            steps_2 = check_int("hires_steps", body.hires_steps or 0, 0, config.max_steps,
-                                why=" on this server (0: the first pass's steps)")  # fmt: skip
-            try:
-                hires = check_hires(body.hires_scale, strength, steps_2, body.hires_upscaler or "Latent",
-                                    steps=spec.sampling.steps)  # fmt: skip
-            except InvalidInputError as exc:  # the library's words name the setting: so does the answer
-                words = {"hires upscaler": "hires_upscaler", "strength": "hires_strength"}
-                param = next((name for word, name in words.items() if str(exc).startswith(word)), "hires_scale")
-                message = str(exc) if str(exc).startswith("hires") else f"{param}: {exc}"  # not the edit's strength
-                raise bad_request(message, param=param) from None
-            size = hires.size(spec.width, spec.height)
-            if max(size) > config.max_side:
-                raise bad_request(
-                    f"the hires pass would draw {size[0]}x{size[1]}; sides are at most {config.max_side} pixels on "
-                    "this server",
-                    param="hires_scale",
-                )
+            names = {"scale": "hires_scale", "strength": "hires_strength", "steps": "hires_steps",
+                     "upscaler": "hires_upscaler"}  # fmt: skip
+            hires = check_hires_fix(
+                names, body.hires_scale, 0.7 if body.hires_strength is None else body.hires_strength,
+                body.hires_steps or 0, body.hires_upscaler or "Latent", steps=spec.sampling.steps,
+                size=(spec.width, spec.height), config=config,
+            )  # fmt: skip
             extras.update(hires_scale=hires.scale, hires_strength=hires.strength, hires_steps=hires.steps,
                           hires_upscaler=hires.upscaler)  # fmt: skip
         if body.clip_skip is not None and body.clip_skip != 1:
@@ -690,29 +680,27 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         summary="Grow a picture's canvas and draw the margin (扩图; taiyi's own)",
     )
     async def outpaint_images(body: OutpaintRequest, request: Request) -> JSONResponse:
-        from ..outpaint import check_margins
+        from ..outpaint import MAX_MARGIN, check_grown, check_margins
 
         n, sampling, revised, seeds = check_picture_job(
             body.model, body.n, body.prompt, body.negative_prompt, body.seed, body.steps, body.guidance,
             body.scheduler, body.guidance_end, body.emphasis,
         )  # fmt: skip
         strength = check_redraw_strength(body.strength, 1.0, sampling.steps)
-        margins = (body.left, body.top, body.right, body.bottom)
+        margins = tuple(
+            check_int(name, getattr(body, name), 0, MAX_MARGIN) for name in ("left", "top", "right", "bottom")
+        )
         try:
-            check_margins(*margins)
+            check_margins(*margins)  # at least one side grows
         except TaiyiError as exc:
-            side = next((name for name in ("top", "right", "bottom") if f"the {name} margin" in str(exc)), "left")
-            raise bad_request(str(exc), param=side) from None
+            raise bad_request(str(exc), param="left") from None
         picture = await anyio.to_thread.run_sync(
             lambda: convert(decode_base64_image(body.image, param="image"), "RGB")
         )
-        grown = (picture.width + body.left + body.right, picture.height + body.top + body.bottom)
-        if max(grown) > config.max_side:
-            raise bad_request(
-                f"the picture is {picture.width}x{picture.height} and would grow to {grown[0]}x{grown[1]}; sides are "
-                f"at most {config.max_side} pixels on this server",
-                param="image",
-            )
+        try:
+            check_grown(picture.width, picture.height, margins, config.max_side, " on this server")
+        except TaiyiError as exc:
+            raise bad_request(str(exc), param="image") from None
         pipe = state.pipe
 
         def run(should_abort) -> Any:

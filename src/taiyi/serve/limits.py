@@ -176,6 +176,31 @@ def check_sampling(
     return Sampling(steps, guidance, check_scheduler(scheduler), end, rescale, emphasis)
 
 
+def check_hires_fix(names: dict[str, str], scale, strength, steps_2: int, upscaler: str, *, steps: int, size,
+                    config: ServeConfig):  # fmt: skip
+    """A request's hires fix as the library takes it (:func:`taiyi.pipeline.check_hires`), its second pass held to
+    this server's steps and sides; ``names`` maps ``scale``, ``strength``, ``steps``, ``upscaler`` to the request's
+    fields, which each refusal names."""
+    from ..pipeline import check_hires
+
+    check_int(names["steps"], steps_2, 0, config.max_steps, why=" on this server (0: the first pass's steps)")
+    try:
+        hires = check_hires(scale, strength, steps_2, upscaler, steps=steps)
+    except InvalidInputError as exc:  # the library's words name the setting: so does the answer
+        message = str(exc)
+        kind = next((k for k in ("upscaler", "strength", "steps") if message.startswith(("hires " + k, k))), "scale")
+        param = names[kind]
+        raise bad_request(message if message.startswith("hires") else f"{param}: {message}", param=param) from None
+    drawn = hires.size(*size)
+    if max(drawn) > config.max_side:
+        raise bad_request(
+            f"the hires pass would draw {drawn[0]}x{drawn[1]}; sides are at most {config.max_side} pixels on this "
+            "server",
+            param=names["scale"],
+        )
+    return hires
+
+
 def text_layers(pipe) -> int | None:
     """The text encoder's layer count, clip skip's upper bound (None where the pipeline does not show it)."""
     config = getattr(getattr(getattr(pipe, "sd", None), "text_encoder", None), "config", None)
